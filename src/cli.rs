@@ -1,0 +1,435 @@
+//! The `ackloop` command line: argument parsing, one function per subcommand, and the one place
+//! where errors become exit codes.
+
+use std::fmt::Write as _;
+use std::process::ExitCode;
+use std::str::FromStr;
+use std::time::{Duration, Instant};
+
+use ackloop::{
+    Backoff, Channels, NewUser, SignupError, Signups, SignupsConfig, StatusReport, Worker, WorkerConfig,
+    WorkerError,
+};
+use clap::{Args, Parser, Subcommand};
+use serde_json::json;
+use sqlx::PgPool;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use tokio_util::sync::CancellationToken;
+
+/// Hand work from one service to another through PostgreSQL, and know it was done.
+#[derive(Debug, Parser)]
+#[command(name = "ackloop", version, about)]
+#[command(after_help = EXIT_CODES)]
+pub struct Cli {
+    #[command(flatten)]
+    pub connection: ConnectionArgs,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Where the database is, and which channels to use.
+#[derive(Debug, Args)]
+pub struct ConnectionArgs {
+    /// PostgreSQL URL, e.g. postgres://user:pass@host/db or postgres://user@localhost/db?host=/run/postgresql (a Unix socket)
+    #[arg(long, env = "DATABASE_URL", global = true, hide_env_values = true)]
+    database_url: Option<String>,
+    /// A separate URL for the LISTEN connection, when DATABASE_URL goes through a
+    /// transaction-mode pooler (pgbouncer), which cannot carry LISTEN
+    #[arg(long, env = "ACKLOOP_LISTEN_URL", global = true, hide_env_values = true)]
+    listen_url: Option<String>,
+    /// Channel that wakes workers
+    #[arg(long, env = "ACKLOOP_JOBS_CHANNEL", global = true, default_value = ackloop::DEFAULT_JOBS_CHANNEL)]
+    jobs_channel: String,
+    /// Channel that confirms jobs to waiting callers
+    #[arg(long, env = "ACKLOOP_DONE_CHANNEL", global = true, default_value = ackloop::DEFAULT_DONE_CHANNEL)]
+    done_channel: String,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Apply the embedded schema migrations that the database does not have yet
+    Migrate,
+    /// Sign a user up and wait for their player
+    ///
+    /// Example: ackloop signup --email ada@example.com --display-name Ada --timeout 5s
+    Signup {
+        /// The user's email (unique, compared without case)
+        #[arg(long)]
+        email: String,
+        /// The user's and player's display name (1 to 64 characters)
+        #[arg(long)]
+        display_name: String,
+        /// How long to wait for the player: 500ms, 5s, 2m. On timeout the job still completes
+        #[arg(long, default_value = "5s", value_parser = parse_duration)]
+        timeout: Duration,
+        /// Print one JSON object instead of text
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run the player worker until SIGINT or SIGTERM, then finish in-flight jobs and exit 0
+    ///
+    /// A second signal exits at once; jobs in flight roll back and stay pending.
+    Worker {
+        /// Processing loops (each with at most one transaction open)
+        #[arg(long, default_value_t = WorkerConfig::default().concurrency)]
+        concurrency: usize,
+        /// Jobs claimed and completed per transaction
+        #[arg(long, default_value_t = WorkerConfig::default().batch_size)]
+        batch_size: u16,
+        /// How often to look for jobs when no notification arrives
+        #[arg(long, default_value = "2s", value_parser = parse_duration)]
+        poll_interval: Duration,
+        /// Attempts before a job is marked failed
+        #[arg(long, default_value_t = WorkerConfig::default().max_attempts)]
+        max_attempts: u32,
+        /// Wait after the first failed attempt; doubles each time, up to 5m
+        #[arg(long, default_value = "1s", value_parser = parse_duration)]
+        retry_backoff: Duration,
+        /// On shutdown, how long in-flight batches may take before they are abandoned
+        #[arg(long, default_value = "30s", value_parser = parse_duration)]
+        shutdown_timeout: Duration,
+    },
+    /// Show job counts by status, the oldest pending job's age, and recent failures
+    Status {
+        /// Print one JSON object instead of text
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+const EXIT_CODES: &str = "\
+Exit codes:
+  0  success
+  1  unexpected database error
+  2  usage error
+  3  invalid input (the message names the field)
+  4  email already registered
+  5  timed out: the signup is committed and its job will still complete
+  6  the job failed (the message gives the recorded error)
+  7  cannot reach the database, or DATABASE_URL is missing or malformed
+  8  the schema is missing: run `ackloop migrate`";
+
+/// Everything a subcommand can fail with, each mapped to one exit code in [`Failure::exit_code`].
+#[derive(Debug, thiserror::Error)]
+enum Failure {
+    #[error("DATABASE_URL is not set: pass --database-url or set DATABASE_URL")]
+    NoDatabaseUrl,
+    #[error("invalid {which}")]
+    BadUrl {
+        which: &'static str,
+        #[source]
+        source: sqlx::Error,
+    },
+    #[error("cannot connect to the database")]
+    Connect(#[source] sqlx::Error),
+    #[error(transparent)]
+    Channel(#[from] ackloop::InvalidChannelName),
+    #[error(transparent)]
+    Signup(#[from] SignupError),
+    #[error(transparent)]
+    Worker(#[from] WorkerError),
+    #[error("migration failed")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("cannot read the queue")]
+    Query(#[source] sqlx::Error),
+}
+
+impl Failure {
+    fn exit_code(&self) -> u8 {
+        match self {
+            Self::Signup(SignupError::Invalid(_)) | Self::Channel(_) => 3,
+            Self::Signup(SignupError::EmailTaken) => 4,
+            Self::Signup(SignupError::TimedOut { .. }) => 5,
+            Self::Signup(SignupError::JobFailed { .. }) => 6,
+            Self::NoDatabaseUrl
+            | Self::BadUrl { .. }
+            | Self::Connect(_)
+            | Self::Signup(SignupError::Unavailable { .. })
+            | Self::Worker(WorkerError::Listen { .. }) => 7,
+            _ if self.is_missing_schema() => 8,
+            Self::Worker(WorkerError::Config(_)) => 2,
+            _ => 1,
+        }
+    }
+
+    /// An undefined table (42P01) means the migrations were never applied.
+    fn is_missing_schema(&self) -> bool {
+        let sqlx_error = match self {
+            Self::Signup(SignupError::Database(err)) | Self::Query(err) => err,
+            _ => return false,
+        };
+        sqlx_error
+            .as_database_error()
+            .and_then(|err| err.code())
+            .is_some_and(|code| code == "42P01")
+    }
+
+    /// A short machine-readable name for `--json` output.
+    fn kind(&self) -> &'static str {
+        match self.exit_code() {
+            3 => "invalid_input",
+            4 => "email_taken",
+            5 => "timed_out",
+            6 => "job_failed",
+            7 => "unavailable",
+            8 => "schema_missing",
+            _ => "error",
+        }
+    }
+
+    /// The error and its chain of causes, one line.
+    fn message(&self) -> String {
+        let mut message = self.to_string();
+        let mut source = std::error::Error::source(self);
+        while let Some(cause) = source {
+            let _ = write!(message, ": {cause}");
+            source = cause.source();
+        }
+        if self.is_missing_schema() {
+            message.push_str(" (run `ackloop migrate`)");
+        }
+        message
+    }
+}
+
+/// Runs the parsed command and returns the process's exit code.
+pub async fn run(cli: Cli) -> ExitCode {
+    let json = matches!(
+        cli.command,
+        Command::Signup { json: true, .. } | Command::Status { json: true }
+    );
+    match dispatch(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(failure) => {
+            if json {
+                let mut object = json!({ "error": failure.kind(), "message": failure.message() });
+                if let Failure::Signup(err) = &failure
+                    && let Some(job_id) = err.job_id()
+                {
+                    object["job_id"] = json!(job_id);
+                }
+                println!("{object}");
+            }
+            eprintln!("error: {}", failure.message());
+            ExitCode::from(failure.exit_code())
+        }
+    }
+}
+
+async fn dispatch(cli: Cli) -> Result<(), Failure> {
+    let connection = cli.connection;
+    match cli.command {
+        Command::Migrate => migrate(&connection).await,
+        Command::Signup {
+            email,
+            display_name,
+            timeout,
+            json,
+        } => signup(&connection, email, display_name, timeout, json).await,
+        Command::Worker {
+            concurrency,
+            batch_size,
+            poll_interval,
+            max_attempts,
+            retry_backoff,
+            shutdown_timeout,
+        } => {
+            let config = WorkerConfig {
+                concurrency,
+                batch_size,
+                poll_interval,
+                max_attempts,
+                backoff: Backoff {
+                    base: retry_backoff,
+                    ..Backoff::default()
+                },
+                channels: connection.channels()?,
+                listen_options: connection.listen_options()?,
+                shutdown_timeout,
+            };
+            worker(&connection, config).await
+        }
+        Command::Status { json } => status(&connection, json).await,
+    }
+}
+
+impl ConnectionArgs {
+    fn connect_options(&self) -> Result<PgConnectOptions, Failure> {
+        let url = self.database_url.as_deref().ok_or(Failure::NoDatabaseUrl)?;
+        parse_url(url, "DATABASE_URL")
+    }
+
+    fn listen_options(&self) -> Result<Option<PgConnectOptions>, Failure> {
+        self.listen_url
+            .as_deref()
+            .map(|url| parse_url(url, "ACKLOOP_LISTEN_URL"))
+            .transpose()
+    }
+
+    fn channels(&self) -> Result<Channels, Failure> {
+        Ok(Channels::new(&self.jobs_channel, &self.done_channel)?)
+    }
+
+    /// A pool of at most `connections`, connected (so a bad URL fails here, clearly).
+    async fn pool(&self, connections: u32) -> Result<PgPool, Failure> {
+        let options = self.connect_options()?;
+        PgPoolOptions::new()
+            .max_connections(connections)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect_with(options)
+            .await
+            .map_err(Failure::Connect)
+    }
+}
+
+fn parse_url(url: &str, which: &'static str) -> Result<PgConnectOptions, Failure> {
+    // The parse error never repeats the URL, so no password reaches the terminal or the logs.
+    PgConnectOptions::from_str(url).map_err(|source| Failure::BadUrl { which, source })
+}
+
+async fn migrate(connection: &ConnectionArgs) -> Result<(), Failure> {
+    let pool = connection.pool(1).await?;
+    ackloop::run_migrations(&pool).await?;
+    println!("migrations applied");
+    Ok(())
+}
+
+async fn signup(
+    connection: &ConnectionArgs,
+    email: String,
+    display_name: String,
+    timeout: Duration,
+    json: bool,
+) -> Result<(), Failure> {
+    // Validate before connecting: bad input is reported the same with or without a database.
+    let new_user = NewUser::new(email, display_name).map_err(SignupError::from)?;
+    let pool = connection.pool(2).await?;
+    let config = SignupsConfig {
+        channels: connection.channels()?,
+        listen_options: connection.listen_options()?,
+    };
+    let signups = Signups::connect_with(pool, config).await?;
+    let started = Instant::now();
+    let player = signups.create_user_and_await_player(&new_user, timeout).await?;
+    let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
+    if json {
+        println!("{}", json!({ "player": player, "elapsed_ms": elapsed_ms }));
+    } else {
+        println!(
+            "player {} ({:?}) created for user {}, confirmed in {elapsed_ms:.1} ms",
+            player.id, player.display_name, player.user_id
+        );
+    }
+    Ok(())
+}
+
+async fn worker(connection: &ConnectionArgs, config: WorkerConfig) -> Result<(), Failure> {
+    let connections = u32::try_from(config.concurrency)
+        .unwrap_or(u32::MAX)
+        .saturating_add(1);
+    let pool = connection.pool(connections).await?;
+    let shutdown = CancellationToken::new();
+    tokio::spawn(cancel_on_signal(shutdown.clone()));
+    Worker::new(pool, config).run(shutdown).await?;
+    Ok(())
+}
+
+/// Cancels `shutdown` on the first SIGINT or SIGTERM (the worker drains in-flight jobs), and
+/// exits at once on the second (in-flight transactions roll back; their jobs stay pending).
+async fn cancel_on_signal(shutdown: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut interrupt), Ok(mut terminate)) =
+        (signal(SignalKind::interrupt()), signal(SignalKind::terminate()))
+    else {
+        tracing::error!("cannot install signal handlers; stop the worker with SIGKILL");
+        return;
+    };
+    tokio::select! {
+        _ = interrupt.recv() => {}
+        _ = terminate.recv() => {}
+    }
+    tracing::info!("shutting down: finishing in-flight jobs (signal again to exit now)");
+    shutdown.cancel();
+    tokio::select! {
+        _ = interrupt.recv() => {}
+        _ = terminate.recv() => {}
+    }
+    tracing::warn!("second signal: exiting now; in-flight jobs roll back and stay pending");
+    std::process::exit(130);
+}
+
+async fn status(connection: &ConnectionArgs, json: bool) -> Result<(), Failure> {
+    let pool = connection.pool(1).await?;
+    let report = StatusReport::read(&pool).await.map_err(Failure::Query)?;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string(&report).expect("a status report always serialises")
+        );
+        return Ok(());
+    }
+    println!("{:<8} {:>10}", "pending", report.pending);
+    println!("{:<8} {:>10}", "done", report.done);
+    println!("{:<8} {:>10}", "failed", report.failed);
+    match report.oldest_pending_secs {
+        Some(secs) => println!("oldest pending job: {secs:.1}s old"),
+        None => println!("oldest pending job: none"),
+    }
+    if !report.recent_failures.is_empty() {
+        println!("\nrecent failures:");
+        for failure in &report.recent_failures {
+            println!(
+                "  {}  user {}  {} attempts  {}",
+                failure.job_id,
+                failure.user_id,
+                failure.attempts,
+                failure.last_error.as_deref().unwrap_or("-")
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Reads `500ms`, `5s`, `2m`, `1h`, or a bare number of seconds.
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration like 500ms, 5s or 2m"))?;
+    let seconds = match unit {
+        "ms" => value / 1000.0,
+        "" | "s" => value,
+        "m" => value * 60.0,
+        "h" => value * 3600.0,
+        _ => return Err(format!("unknown unit {unit:?}: use ms, s, m or h")),
+    };
+    Duration::try_from_secs_f64(seconds).map_err(|err| format!("{text:?}: {err}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_with_units() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
+        assert_eq!(parse_duration("5"), Ok(Duration::from_secs(5)));
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert!(parse_duration("soon").is_err());
+        assert!(parse_duration("5 parsecs").is_err());
+        assert!(parse_duration("-1s").is_err());
+    }
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

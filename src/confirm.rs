@@ -1,0 +1,246 @@
+//! Confirmations: one LISTEN connection per process on the done channel, routing finished jobs
+//! to the callers waiting for them.
+//!
+//! A notification only says "look at job X". The outcome handed to a caller is always read from
+//! the tables, so a forged or early notification cannot make a signup report success. Several
+//! notifications that arrive together are confirmed with one query.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use sqlx::PgPool;
+use sqlx::postgres::PgConnectOptions;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use uuid::Uuid;
+
+use crate::channel::{ChannelName, Event, Subscription, parse_job_id};
+use crate::job::{JobId, JobStatus};
+use crate::signup::Player;
+use crate::store::{self, JobOutcomeRow};
+
+/// How a finished job ended, as the tables say.
+#[derive(Debug, Clone)]
+pub(crate) enum Outcome {
+    Done(Player),
+    Failed(String),
+}
+
+/// What a final look at the tables found.
+#[derive(Debug)]
+pub(crate) enum Checked {
+    Finished(Outcome),
+    Pending,
+    /// No job has this id.
+    Missing,
+}
+
+type Senders = Vec<(u64, oneshot::Sender<Outcome>)>;
+
+struct Shared {
+    pool: PgPool,
+    /// Callers waiting, by job id; a job may have several (a signup and an `await` on it).
+    waiters: Mutex<HashMap<JobId, Senders>>,
+    next_token: AtomicU64,
+}
+
+/// The process's confirmation router. Dropping it stops its listener task.
+pub(crate) struct Confirmations {
+    shared: Arc<Shared>,
+    listener: JoinHandle<()>,
+}
+
+impl Drop for Confirmations {
+    fn drop(&mut self) {
+        self.listener.abort();
+    }
+}
+
+impl Confirmations {
+    /// Connects the listener and returns once it is listening, so that a job committed after this
+    /// returns is confirmed by notification.
+    pub(crate) async fn start(
+        pool: PgPool,
+        listen_options: PgConnectOptions,
+        channel: ChannelName,
+    ) -> Result<Self, sqlx::Error> {
+        let subscription = Subscription::connect(listen_options, channel.clone()).await?;
+        let shared = Arc::new(Shared {
+            pool,
+            waiters: Mutex::new(HashMap::new()),
+            next_token: AtomicU64::new(0),
+        });
+        let span = tracing::info_span!("listener", channel = %channel);
+        let listener = tokio::spawn(tracing::Instrument::instrument(
+            route(Arc::clone(&shared), subscription),
+            span,
+        ));
+        Ok(Self { shared, listener })
+    }
+
+    /// Starts waiting for `job_id`. Register before the job can commit (or check the tables after
+    /// registering, see [`Waiter::check`]), so that its confirmation cannot slip by unseen.
+    pub(crate) fn register(&self, job_id: JobId) -> Waiter {
+        let token = self.shared.next_token.fetch_add(1, Ordering::Relaxed);
+        let (sender, receiver) = oneshot::channel();
+        self.shared
+            .lock_waiters()
+            .entry(job_id)
+            .or_default()
+            .push((token, sender));
+        Waiter {
+            job_id,
+            token,
+            receiver,
+            shared: Arc::clone(&self.shared),
+        }
+    }
+}
+
+/// One caller's wait for one job. Dropping it (a cancelled caller) unregisters it.
+pub(crate) struct Waiter {
+    job_id: JobId,
+    token: u64,
+    receiver: oneshot::Receiver<Outcome>,
+    shared: Arc<Shared>,
+}
+
+impl Drop for Waiter {
+    fn drop(&mut self) {
+        let mut waiters = self.shared.lock_waiters();
+        if let Some(senders) = waiters.get_mut(&self.job_id) {
+            senders.retain(|(token, _)| *token != self.token);
+            if senders.is_empty() {
+                waiters.remove(&self.job_id);
+            }
+        }
+    }
+}
+
+impl Waiter {
+    /// Waits for the job's confirmation until `deadline`; then looks at the tables one last time,
+    /// so a confirmation lost with a dropped connection still counts.
+    pub(crate) async fn outcome(mut self, deadline: Instant) -> Result<Checked, sqlx::Error> {
+        if let Ok(Ok(outcome)) = tokio::time::timeout_at(deadline, &mut self.receiver).await {
+            return Ok(Checked::Finished(outcome));
+        }
+        self.check().await
+    }
+
+    /// The job's state from the tables, now.
+    pub(crate) async fn check(&self) -> Result<Checked, sqlx::Error> {
+        let rows = store::job_outcomes(&self.shared.pool, &[self.job_id.as_uuid()]).await?;
+        Ok(match rows.first() {
+            None => Checked::Missing,
+            Some(row) => outcome_of(row).map_or(Checked::Pending, Checked::Finished),
+        })
+    }
+}
+
+impl Shared {
+    fn lock_waiters(&self) -> std::sync::MutexGuard<'_, HashMap<JobId, Senders>> {
+        // A panic while holding this lock cannot leave the map half-updated (every change is one
+        // call), so a poisoned lock is still safe to use.
+        self.waiters
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn is_waited(&self, job_id: &JobId) -> bool {
+        self.lock_waiters().contains_key(job_id)
+    }
+
+    fn waited_ids(&self) -> Vec<Uuid> {
+        self.lock_waiters().keys().map(JobId::as_uuid).collect()
+    }
+
+    fn deliver(&self, job_id: JobId, outcome: &Outcome) {
+        let senders = self.lock_waiters().remove(&job_id).unwrap_or_default();
+        for (_, sender) in senders {
+            // The caller may have given up a moment ago; nothing is lost, the row stays.
+            let _ = sender.send(outcome.clone());
+        }
+    }
+}
+
+/// The listener task: turns notifications (and reconnects) into table checks and deliveries.
+async fn route(shared: Arc<Shared>, mut subscription: Subscription) {
+    loop {
+        let (ids, from_notifications) = match subscription.next().await {
+            Event::Notification(first) => {
+                let mut ids = Vec::new();
+                collect_waited(&shared, first.payload(), &mut ids);
+                while let Some(next) = subscription.next_buffered() {
+                    collect_waited(&shared, next.payload(), &mut ids);
+                }
+                (ids, true)
+            }
+            // Confirmations sent while we were away are gone: check every waiter's job.
+            Event::Resubscribed => (shared.waited_ids(), false),
+        };
+        if ids.is_empty() {
+            continue;
+        }
+        match store::job_outcomes(&shared.pool, &ids).await {
+            Ok(rows) => {
+                for row in &rows {
+                    match outcome_of(row) {
+                        Some(outcome) => shared.deliver(row.id, &outcome),
+                        None if from_notifications => tracing::warn!(
+                            job.id = %row.id,
+                            "ignored a confirmation for a job the tables say is not finished"
+                        ),
+                        None => {}
+                    }
+                }
+            }
+            Err(err) => tracing::warn!(
+                error = %err,
+                jobs = ids.len(),
+                "cannot read job outcomes; waiting callers will check again before they time out"
+            ),
+        }
+    }
+}
+
+fn collect_waited(shared: &Shared, payload: &str, ids: &mut Vec<Uuid>) {
+    match parse_job_id(payload) {
+        Ok(job_id) if shared.is_waited(&job_id) => {
+            if !ids.contains(&job_id.as_uuid()) {
+                ids.push(job_id.as_uuid());
+            }
+        }
+        // Another process's caller, or a caller that gave up: not ours to confirm.
+        Ok(_) => {}
+        Err(err) => tracing::warn!(error = %err, "ignored a payload on the done channel"),
+    }
+}
+
+/// The outcome of a finished job, or `None` while it is pending.
+fn outcome_of(row: &JobOutcomeRow) -> Option<Outcome> {
+    match row.status() {
+        Ok(JobStatus::Pending) => None,
+        Ok(JobStatus::Done) => Some(
+            match (row.player_id, &row.player_display_name, row.player_created_at) {
+                (Some(id), Some(display_name), Some(created_at)) => Outcome::Done(Player {
+                    id,
+                    user_id: row.user_id,
+                    display_name: display_name.clone(),
+                    created_at,
+                }),
+                _ => Outcome::Failed("the job is done but its player no longer exists".to_owned()),
+            },
+        ),
+        Ok(JobStatus::Failed) => Some(Outcome::Failed(
+            row.last_error
+                .clone()
+                .unwrap_or_else(|| "no error recorded".to_owned()),
+        )),
+        Err(err) => {
+            tracing::warn!(job.id = %row.id, error = %err, "job has a status this version does not know");
+            None
+        }
+    }
+}

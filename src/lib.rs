@@ -1,0 +1,82 @@
+//! ackloop hands work from one service to another through PostgreSQL, and tells the sender
+//! when it is done.
+//!
+//! The flagship use: an auth service signs a user up; a player service creates that user's
+//! player; the signup call returns once the player exists, or fails clearly within a timeout.
+//!
+//! ```text
+//!  auth service                       PostgreSQL                          player worker
+//!  ────────────                       ──────────                          ─────────────
+//!  create_user_and_await_player
+//!   │ register waiter (job id)
+//!   │ one transaction: ─────────────▶ users + player_creation_jobs
+//!   │   insert user, insert job       pg_notify(player_jobs, job id) ───▶ wake up
+//!   │   notify job id                                                     one transaction:
+//!   │                                 players ◀────────────────────────── claim (SKIP LOCKED),
+//!   │                                 job status = done                   insert player,
+//!   │ ◀────── player_jobs_done ────── pg_notify(player_jobs_done, id) ◀── mark done, notify id
+//!   │ read outcome from the tables
+//!   ▼ Player, or TimedOut { job_id } / JobFailed { reason }
+//! ```
+//!
+//! # Guarantees
+//! - **Commit means everything or nothing.** The user, the job and the wake-up are one
+//!   transaction: after an error nothing was written and no worker was woken.
+//! - **A committed job is completed**, by whichever worker gets to it, whenever one runs:
+//!   notifications only save time; workers also look at the table on start, after every
+//!   reconnect and on a poll.
+//! - **One player per user, exactly.** Claim, player and completion are one transaction; a worker
+//!   that dies mid-job rolls back and the job is claimed again. A unique constraint backs this up.
+//! - **A timeout is not a failure.** [`SignupError::TimedOut`] carries the job id; the job stays
+//!   and will complete; [`Signups::await_player`] waits again.
+//! - **Success is read from the tables.** Payloads on either channel are untrusted hints; a forged
+//!   confirmation cannot make a signup report a player that does not exist.
+//! - **No ordering** between jobs is promised.
+//!
+//! # Use
+//! - Auth side: [`Signups::connect`] once per process, then
+//!   [`Signups::create_user_and_await_player`] per signup; or [`create_user`] inside your own
+//!   transaction and [`Signups::await_player`] after commit.
+//! - Player side: [`Worker::run`], or `ackloop worker`.
+//! - Schema: [`MIGRATOR`] (or `sqlx migrate run` on `migrations/`).
+
+#![warn(missing_docs)]
+#![forbid(unsafe_code)]
+
+mod channel;
+mod confirm;
+mod job;
+mod signup;
+mod status;
+mod store;
+mod worker;
+
+pub use channel::{
+    BadPayload, ChannelName, Channels, DEFAULT_DONE_CHANNEL, DEFAULT_JOBS_CHANNEL, InvalidChannelName,
+    parse_job_id,
+};
+pub use job::{Backoff, JobId, JobStatus, PlayerId, UnknownStatus, UserId};
+pub use signup::{
+    Field, InvalidInput, MAX_DISPLAY_NAME_CHARS, MAX_EMAIL_CHARS, NewUser, Player, Rule, Signup, SignupError,
+    Signups, SignupsConfig, create_user,
+};
+pub use status::{FailedJob, StatusReport};
+pub use worker::{Worker, WorkerConfig, WorkerError};
+
+/// The schema migrations, embedded: `MIGRATOR.run(&pool)` applies those not yet applied.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// Applies the embedded migrations that `pool`'s database does not have yet.
+///
+/// # Errors
+/// The migrator's error: the database is unreachable, a migration failed, or the database has
+/// migrations this binary does not know (it is newer) or whose checksum differs.
+///
+/// ```no_run
+/// # async fn demo(pool: sqlx::PgPool) -> Result<(), sqlx::migrate::MigrateError> {
+/// ackloop::run_migrations(&pool).await?;
+/// # Ok(()) }
+/// ```
+pub async fn run_migrations(pool: &sqlx::PgPool) -> Result<(), sqlx::migrate::MigrateError> {
+    MIGRATOR.run(pool).await
+}

@@ -1,0 +1,584 @@
+//! The auth side: validate a signup, write the user and its job in one transaction, and wait for
+//! the worker's confirmation.
+
+use std::fmt;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use sqlx::postgres::PgConnectOptions;
+use sqlx::{PgConnection, PgPool};
+use tokio::time::Instant;
+
+use crate::channel::Channels;
+use crate::confirm::{Checked, Confirmations, Outcome};
+use crate::job::{JobId, PlayerId, UserId};
+use crate::store;
+
+/// Longest email accepted (RFC 5321's limit on a forward path); the schema checks it too.
+pub const MAX_EMAIL_CHARS: usize = 254;
+/// Longest local part (before the `@`) accepted, per RFC 5321.
+const MAX_EMAIL_LOCAL_CHARS: usize = 64;
+/// Longest display name accepted; the schema checks it too.
+pub const MAX_DISPLAY_NAME_CHARS: usize = 64;
+
+/// A signup's input, validated: construct it with [`NewUser::new`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewUser {
+    email: String,
+    display_name: String,
+}
+
+impl NewUser {
+    /// Validates an email and a display name. Both are stored exactly as given, never trimmed or
+    /// case-folded (email uniqueness ignores case in the database).
+    ///
+    /// # Errors
+    /// [`InvalidInput`] naming the first field that breaks a rule, and the rule.
+    ///
+    /// ```
+    /// use ackloop::{Field, NewUser};
+    ///
+    /// assert!(NewUser::new("ada@example.com", "Ada").is_ok());
+    /// let err = NewUser::new("ada@example.com", "   ").unwrap_err();
+    /// assert_eq!(err.field, Field::DisplayName);
+    /// ```
+    pub fn new(email: impl Into<String>, display_name: impl Into<String>) -> Result<Self, InvalidInput> {
+        let email = email.into();
+        let display_name = display_name.into();
+        check_email(&email).map_err(|rule| InvalidInput {
+            field: Field::Email,
+            rule,
+        })?;
+        check_display_name(&display_name).map_err(|rule| InvalidInput {
+            field: Field::DisplayName,
+            rule,
+        })?;
+        Ok(Self { email, display_name })
+    }
+
+    /// The email, as given.
+    pub fn email(&self) -> &str {
+        &self.email
+    }
+
+    /// The display name, as given.
+    pub fn display_name(&self) -> &str {
+        &self.display_name
+    }
+}
+
+fn check_email(email: &str) -> Result<(), Rule> {
+    let chars = email.chars().count();
+    if chars == 0 {
+        return Err(Rule::Empty);
+    }
+    if chars > MAX_EMAIL_CHARS {
+        return Err(Rule::TooLong { max: MAX_EMAIL_CHARS });
+    }
+    if email.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(Rule::WhitespaceOrControl);
+    }
+    let Some((local, domain)) = email.split_once('@') else {
+        return Err(Rule::EmailShape("must contain one '@'"));
+    };
+    if domain.contains('@') {
+        return Err(Rule::EmailShape("must contain only one '@'"));
+    }
+    if local.is_empty() || local.chars().count() > MAX_EMAIL_LOCAL_CHARS {
+        return Err(Rule::EmailShape("needs 1 to 64 characters before the '@'"));
+    }
+    if local.chars().any(|c| "<>()[]\\,;:\"".contains(c)) {
+        return Err(Rule::EmailShape("has a character not allowed before the '@'"));
+    }
+    let labels: Vec<&str> = domain.split('.').collect();
+    if labels.len() < 2 {
+        return Err(Rule::EmailShape("needs a domain with a dot, like example.com"));
+    }
+    let label_ok = |label: &&str| {
+        !label.is_empty()
+            && !label.starts_with('-')
+            && !label.ends_with('-')
+            && label.chars().all(|c| c.is_alphanumeric() || c == '-')
+    };
+    if !labels.iter().all(label_ok) {
+        return Err(Rule::EmailShape("has an invalid domain"));
+    }
+    Ok(())
+}
+
+fn check_display_name(name: &str) -> Result<(), Rule> {
+    let chars = name.chars().count();
+    if chars == 0 {
+        return Err(Rule::Empty);
+    }
+    if chars > MAX_DISPLAY_NAME_CHARS {
+        return Err(Rule::TooLong {
+            max: MAX_DISPLAY_NAME_CHARS,
+        });
+    }
+    if name.trim().is_empty() {
+        return Err(Rule::Blank);
+    }
+    if name.chars().any(char::is_control) {
+        return Err(Rule::Control);
+    }
+    if name.trim() != name {
+        return Err(Rule::SurroundingWhitespace);
+    }
+    Ok(())
+}
+
+/// The input field a signup was refused for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Field {
+    /// The user's email.
+    Email,
+    /// The user's (and player's) display name.
+    DisplayName,
+}
+
+impl fmt::Display for Field {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Email => "email",
+            Self::DisplayName => "display name",
+        })
+    }
+}
+
+/// The rule an input broke.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Rule {
+    /// Nothing was given.
+    #[error("must not be empty")]
+    Empty,
+    /// Only whitespace was given.
+    #[error("must not be only whitespace")]
+    Blank,
+    /// More characters than allowed.
+    #[error("must be at most {max} characters")]
+    TooLong {
+        /// The limit, in characters (Unicode scalar values).
+        max: usize,
+    },
+    /// Leading or trailing whitespace, which would be stored and shown as given.
+    #[error("must not start or end with whitespace")]
+    SurroundingWhitespace,
+    /// Whitespace or control characters inside an email.
+    #[error("must not contain spaces or control characters")]
+    WhitespaceOrControl,
+    /// Control characters (newlines, NUL, escapes) in a name.
+    #[error("must not contain control characters")]
+    Control,
+    /// Not shaped like an address.
+    #[error("{0}")]
+    EmailShape(&'static str),
+}
+
+/// A signup refused before anything was written: which field, and which rule it broke.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid {field}: {rule}")]
+pub struct InvalidInput {
+    /// The field that was refused.
+    pub field: Field,
+    /// The rule it broke.
+    pub rule: Rule,
+}
+
+/// A player, as the worker created it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Player {
+    /// The player's id.
+    pub id: PlayerId,
+    /// The user it belongs to.
+    pub user_id: UserId,
+    /// Copied from the user at creation.
+    pub display_name: String,
+    /// When the worker created it.
+    pub created_at: DateTime<Utc>,
+}
+
+/// A committed signup: the user and the job that will create its player.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Signup {
+    /// The new user.
+    pub user_id: UserId,
+    /// The job creating the user's player; wait on it with [`Signups::await_player`].
+    pub job_id: JobId,
+}
+
+/// Why a signup, or a wait for its player, did not return a player.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SignupError {
+    /// The input broke a rule; nothing was written.
+    #[error(transparent)]
+    Invalid(#[from] InvalidInput),
+    /// Another user has this email (compared without case); nothing was written.
+    #[error("email already registered")]
+    EmailTaken,
+    /// The signup committed but no worker finished its job in time. Nothing is lost: the job is
+    /// durable and will be completed; wait again with [`Signups::await_player`].
+    #[error("job {job_id} still pending after {waited:.1?}; it will complete when a worker takes it")]
+    TimedOut {
+        /// The pending job.
+        job_id: JobId,
+        /// The user, who exists already.
+        user_id: Option<UserId>,
+        /// How long the caller waited.
+        waited: Duration,
+    },
+    /// The worker gave up on the job after its last attempt.
+    #[error("job {job_id} failed: {reason}")]
+    JobFailed {
+        /// The failed job; `ackloop status` lists it.
+        job_id: JobId,
+        /// The error recorded with the job.
+        reason: String,
+    },
+    /// No job has this id.
+    #[error("no job {0}")]
+    UnknownJob(JobId),
+    /// The database could not be reached. With a job id, the signup may have committed before the
+    /// connection broke: look the job up (or wait on it) before signing up again.
+    #[error("database unavailable{}", job_hint(.job_id))]
+    Unavailable {
+        /// The job that may or may not have been committed.
+        job_id: Option<JobId>,
+        /// What the driver reported.
+        #[source]
+        source: sqlx::Error,
+    },
+    /// Any other database error: a schema that is missing or newer, a permission, a bug.
+    #[error("database error")]
+    Database(#[source] sqlx::Error),
+}
+
+fn job_hint(job_id: &Option<JobId>) -> String {
+    job_id.map_or_else(String::new, |id| format!(" (job {id} may have been committed)"))
+}
+
+impl SignupError {
+    /// The job concerned, when there is one: wait on it or look it up.
+    pub fn job_id(&self) -> Option<JobId> {
+        match self {
+            Self::TimedOut { job_id, .. } | Self::JobFailed { job_id, .. } => Some(*job_id),
+            Self::UnknownJob(job_id) => Some(*job_id),
+            Self::Unavailable { job_id, .. } => *job_id,
+            _ => None,
+        }
+    }
+}
+
+/// Sorts a driver error into what a caller can act on. `job_id` is the job whose commit the error
+/// leaves uncertain, if any.
+fn classify(err: sqlx::Error, job_id: Option<JobId>) -> SignupError {
+    if let Some(db_err) = err.as_database_error()
+        && db_err.is_unique_violation()
+        && db_err.constraint() == Some("users_email_key")
+    {
+        return SignupError::EmailTaken;
+    }
+    if store::is_unavailable(&err) {
+        // A request that never left the pool cannot have committed anything.
+        let job_id = job_id.filter(|_| !matches!(err, sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed));
+        return SignupError::Unavailable { job_id, source: err };
+    }
+    SignupError::Database(err)
+}
+
+/// Writes a validated signup on `conn`: the user, its job, and the wake-up for the workers.
+///
+/// On a plain connection this is its own transaction. Inside your own transaction (pass
+/// `&mut *tx`), everything, the wake-up included, happens when you commit, and nothing if you
+/// roll back. Then wait for the player with [`Signups::await_player`].
+///
+/// # Errors
+/// [`SignupError::EmailTaken`], [`SignupError::Unavailable`] or [`SignupError::Database`]; the
+/// statement is atomic, so on any error nothing was written.
+///
+/// ```no_run
+/// # async fn demo(pool: sqlx::PgPool) -> Result<(), Box<dyn std::error::Error>> {
+/// use ackloop::{Channels, NewUser, create_user};
+///
+/// let mut tx = pool.begin().await?;
+/// // ... the auth service's own writes ...
+/// let signup = create_user(&mut *tx, &Channels::default(), &NewUser::new("ada@example.com", "Ada")?).await?;
+/// tx.commit().await?;
+/// println!("job {} will create the player of user {}", signup.job_id, signup.user_id);
+/// # Ok(()) }
+/// ```
+pub async fn create_user(
+    conn: &mut PgConnection,
+    channels: &Channels,
+    new_user: &NewUser,
+) -> Result<Signup, SignupError> {
+    let job_id = JobId::new();
+    let user_id = store::insert_user_and_job(
+        conn,
+        &new_user.email,
+        &new_user.display_name,
+        job_id,
+        &channels.jobs,
+    )
+    .await
+    .map_err(|err| classify(err, Some(job_id)))?;
+    Ok(Signup { user_id, job_id })
+}
+
+/// Options for [`Signups::connect_with`].
+#[derive(Debug, Clone, Default)]
+pub struct SignupsConfig {
+    /// The channels shared with the workers.
+    pub channels: Channels,
+    /// Where the confirmation listener connects, when the pool's server is not right for LISTEN
+    /// (a transaction-mode pgbouncer, say). Defaults to the pool's own connect options.
+    pub listen_options: Option<PgConnectOptions>,
+}
+
+/// The auth side's handle: signs users up and waits for their players.
+///
+/// Make one per process and share it (it is cheap to borrow from many tasks): it holds the one
+/// LISTEN connection through which every caller in the process is confirmed.
+pub struct Signups {
+    pool: PgPool,
+    channels: Channels,
+    confirmations: Confirmations,
+}
+
+impl Signups {
+    /// Starts listening for confirmations on the default channels, through a connection of its
+    /// own made with the pool's connect options.
+    ///
+    /// # Errors
+    /// [`SignupError::Unavailable`] or [`SignupError::Database`] when the listener cannot connect.
+    ///
+    /// ```no_run
+    /// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+    /// use std::time::Duration;
+    /// use ackloop::{NewUser, Signups};
+    ///
+    /// let pool = sqlx::PgPool::connect("postgres://localhost/app").await?;
+    /// let signups = Signups::connect(pool).await?;
+    /// let user = NewUser::new("ada@example.com", "Ada")?;
+    /// let player = signups.create_user_and_await_player(&user, Duration::from_secs(5)).await?;
+    /// println!("player {} is ready", player.id);
+    /// # Ok(()) }
+    /// ```
+    pub async fn connect(pool: PgPool) -> Result<Self, SignupError> {
+        Self::connect_with(pool, SignupsConfig::default()).await
+    }
+
+    /// Like [`Signups::connect`], with channels and a listener connection of your choosing.
+    ///
+    /// # Errors
+    /// As [`Signups::connect`].
+    pub async fn connect_with(pool: PgPool, config: SignupsConfig) -> Result<Self, SignupError> {
+        let listen_options = config
+            .listen_options
+            .unwrap_or_else(|| (*pool.connect_options()).clone());
+        let confirmations = Confirmations::start(pool.clone(), listen_options, config.channels.done.clone())
+            .await
+            .map_err(|err| classify(err, None))?;
+        Ok(Self {
+            pool,
+            channels: config.channels,
+            confirmations,
+        })
+    }
+
+    /// The pool this handle writes through.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// The channels this handle uses.
+    pub fn channels(&self) -> &Channels {
+        &self.channels
+    }
+
+    /// Signs a user up and returns their player once a worker has created it.
+    ///
+    /// The user, the job and the workers' wake-up commit together or not at all. Then the call
+    /// waits, up to `timeout`, for the worker's confirmation, which it checks against the tables.
+    ///
+    /// # Errors
+    /// - [`SignupError::Invalid`] is not returned here: [`NewUser::new`] validated the input.
+    /// - [`SignupError::EmailTaken`]: nothing was written.
+    /// - [`SignupError::TimedOut`]: the user and job are committed and the job will complete;
+    ///   wait again with [`Signups::await_player`].
+    /// - [`SignupError::JobFailed`]: the worker gave up on the job; the user exists.
+    /// - [`SignupError::Unavailable`], [`SignupError::Database`].
+    ///
+    /// ```no_run
+    /// # async fn demo(signups: ackloop::Signups) -> Result<(), Box<dyn std::error::Error>> {
+    /// use std::time::Duration;
+    /// use ackloop::{NewUser, SignupError};
+    ///
+    /// let user = NewUser::new("ada@example.com", "Ada")?;
+    /// match signups.create_user_and_await_player(&user, Duration::from_secs(5)).await {
+    ///     Ok(player) => println!("player {}", player.id),
+    ///     Err(SignupError::TimedOut { job_id, .. }) => println!("accepted; job {job_id} pending"),
+    ///     Err(err) => return Err(err.into()),
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn create_user_and_await_player(
+        &self,
+        new_user: &NewUser,
+        timeout: Duration,
+    ) -> Result<Player, SignupError> {
+        let started = Instant::now();
+        let job_id = JobId::new();
+        // Registered before the commit, so the confirmation cannot arrive before anyone waits.
+        let waiter = self.confirmations.register(job_id);
+        let user_id = store::insert_user_and_job(
+            &self.pool,
+            &new_user.email,
+            &new_user.display_name,
+            job_id,
+            &self.channels.jobs,
+        )
+        .await
+        .map_err(|err| classify(err, Some(job_id)))?;
+        tracing::debug!(job.id = %job_id, user.id = %user_id, "signup committed");
+        let checked = waiter
+            .outcome(started + timeout)
+            .await
+            .map_err(|err| classify(err, Some(job_id)))?;
+        finish(job_id, Some(user_id), checked, started)
+    }
+
+    /// Waits, up to `timeout`, for the player of a signup that is already committed: one whose
+    /// first wait timed out, or one written with [`create_user`] inside your own transaction.
+    ///
+    /// # Errors
+    /// [`SignupError::UnknownJob`], [`SignupError::TimedOut`], [`SignupError::JobFailed`],
+    /// [`SignupError::Unavailable`], [`SignupError::Database`].
+    ///
+    /// ```no_run
+    /// # async fn demo(signups: ackloop::Signups, job_id: ackloop::JobId) -> Result<(), ackloop::SignupError> {
+    /// let player = signups.await_player(job_id, std::time::Duration::from_secs(30)).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn await_player(&self, job_id: JobId, timeout: Duration) -> Result<Player, SignupError> {
+        let started = Instant::now();
+        let waiter = self.confirmations.register(job_id);
+        // Registered first, then checked: a job finished before registration is seen here, one
+        // finished after it is delivered to the waiter.
+        match waiter.check().await.map_err(|err| classify(err, Some(job_id)))? {
+            Checked::Pending => {}
+            checked => return finish(job_id, None, checked, started),
+        }
+        let checked = waiter
+            .outcome(started + timeout)
+            .await
+            .map_err(|err| classify(err, Some(job_id)))?;
+        finish(job_id, None, checked, started)
+    }
+}
+
+fn finish(
+    job_id: JobId,
+    user_id: Option<UserId>,
+    checked: Checked,
+    started: Instant,
+) -> Result<Player, SignupError> {
+    match checked {
+        Checked::Finished(Outcome::Done(player)) => Ok(player),
+        Checked::Finished(Outcome::Failed(reason)) => Err(SignupError::JobFailed { job_id, reason }),
+        Checked::Pending => Err(SignupError::TimedOut {
+            job_id,
+            user_id,
+            waited: started.elapsed(),
+        }),
+        Checked::Missing => Err(SignupError::UnknownJob(job_id)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn email_rule(email: &str) -> Option<Rule> {
+        check_email(email).err()
+    }
+
+    #[test]
+    fn accepts_ordinary_and_international_addresses() {
+        for email in [
+            "ada@example.com",
+            "Ada.Lovelace+tag@mail.example.co.uk",
+            "o'brien@example.ie",
+            "用户@例子.广告",
+            "a@b.co",
+        ] {
+            assert_eq!(email_rule(email), None, "{email}");
+        }
+    }
+
+    #[test]
+    fn refuses_malformed_addresses_with_a_reason() {
+        for email in [
+            "",
+            "plain",
+            "a@b",
+            "@example.com",
+            "a@@example.com",
+            "a@b@example.com",
+            "a b@example.com",
+            " ada@example.com",
+            "ada@example.com\n",
+            "a\0@example.com",
+            "a@-example.com",
+            "a@example..com",
+            "a@exa_mple.com",
+            "a;drop@example.com",
+        ] {
+            assert!(email_rule(email).is_some(), "{email:?} should be refused");
+        }
+        let long_local = format!("{}@example.com", "a".repeat(65));
+        assert!(email_rule(&long_local).is_some());
+        let too_long = format!("a@{}.com", "b".repeat(MAX_EMAIL_CHARS));
+        assert_eq!(
+            email_rule(&too_long),
+            Some(Rule::TooLong { max: MAX_EMAIL_CHARS })
+        );
+    }
+
+    #[test]
+    fn display_names_are_kept_as_given_or_refused() {
+        for ok in [
+            "Ada",
+            "Ada Lovelace",
+            "ǅemal 🎮",
+            "'; drop table users; --",
+            &"é".repeat(64),
+        ] {
+            assert_eq!(check_display_name(ok), Ok(()), "{ok:?}");
+        }
+        assert_eq!(check_display_name(""), Err(Rule::Empty));
+        assert_eq!(check_display_name("   "), Err(Rule::Blank));
+        assert_eq!(check_display_name("\u{3000}"), Err(Rule::Blank));
+        assert_eq!(check_display_name(" Ada"), Err(Rule::SurroundingWhitespace));
+        assert_eq!(check_display_name("Ada\nLovelace"), Err(Rule::Control));
+        assert_eq!(check_display_name("a\0b"), Err(Rule::Control));
+        assert_eq!(
+            check_display_name(&"é".repeat(65)),
+            Err(Rule::TooLong {
+                max: MAX_DISPLAY_NAME_CHARS
+            })
+        );
+    }
+
+    #[test]
+    fn invalid_input_names_field_and_rule() {
+        let err = NewUser::new("ada@example.com", "").unwrap_err();
+        assert_eq!(err.to_string(), "invalid display name: must not be empty");
+        let err = NewUser::new("nope", "Ada").unwrap_err();
+        assert_eq!(err.field, Field::Email);
+    }
+}

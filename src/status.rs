@@ -1,0 +1,76 @@
+//! A snapshot of the queue for operators: `ackloop status`.
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use sqlx::PgPool;
+
+use crate::job::{JobId, UserId};
+use crate::store;
+
+/// How many recent failures a report lists.
+const RECENT_FAILURES: i64 = 10;
+
+/// Job counts, the oldest pending job's age, and the latest failures.
+#[derive(Debug, Clone, Serialize)]
+pub struct StatusReport {
+    /// Jobs waiting for a worker (including those waiting for a retry).
+    pub pending: i64,
+    /// Jobs whose player exists.
+    pub done: i64,
+    /// Jobs that ran out of attempts.
+    pub failed: i64,
+    /// Seconds since the oldest pending job was created; `None` when nothing is pending. A value
+    /// that keeps growing means no worker is running, or workers cannot keep up.
+    pub oldest_pending_secs: Option<f64>,
+    /// The most recent failures, newest first.
+    pub recent_failures: Vec<FailedJob>,
+}
+
+/// A job that ran out of attempts.
+#[derive(Debug, Clone, Serialize)]
+pub struct FailedJob {
+    /// The job.
+    pub job_id: JobId,
+    /// Its user, who has no player.
+    pub user_id: UserId,
+    /// Attempts made.
+    pub attempts: i32,
+    /// The last attempt's error.
+    pub last_error: Option<String>,
+    /// When it was marked failed.
+    pub failed_at: Option<DateTime<Utc>>,
+}
+
+impl StatusReport {
+    /// Reads the report from the tables.
+    ///
+    /// # Errors
+    /// The driver's error when the database cannot be read.
+    ///
+    /// ```no_run
+    /// # async fn demo(pool: sqlx::PgPool) -> Result<(), sqlx::Error> {
+    /// let report = ackloop::StatusReport::read(&pool).await?;
+    /// println!("{} pending", report.pending);
+    /// # Ok(()) }
+    /// ```
+    pub async fn read(pool: &PgPool) -> Result<Self, sqlx::Error> {
+        let counts = store::job_counts(pool).await?;
+        let failures = store::recent_failures(pool, RECENT_FAILURES).await?;
+        Ok(Self {
+            pending: counts.pending,
+            done: counts.done,
+            failed: counts.failed,
+            oldest_pending_secs: counts.oldest_pending_secs,
+            recent_failures: failures
+                .into_iter()
+                .map(|row| FailedJob {
+                    job_id: row.id,
+                    user_id: row.user_id,
+                    attempts: row.attempts,
+                    last_error: row.last_error,
+                    failed_at: row.failed_at,
+                })
+                .collect(),
+        })
+    }
+}

@@ -1,0 +1,378 @@
+//! Every SQL statement the crate runs, each behind a named function.
+//!
+//! Nothing here begins or commits a transaction: the callers in `signup.rs` and `worker.rs`
+//! decide the transaction boundaries, because that is where the atomicity argument is made.
+//! `docs/protocol.md` repeats the statements that another language needs to take part.
+
+use chrono::{DateTime, Utc};
+use sqlx::{PgConnection, PgExecutor};
+use uuid::Uuid;
+
+use crate::channel::ChannelName;
+use crate::job::{JobId, JobStatus, PlayerId, UnknownStatus, UserId};
+
+/// Inserts a user and its player-creation job and notifies the jobs channel with the job id, in
+/// one statement: in autocommit that is one transaction and one round trip; inside a caller's
+/// transaction, everything (the notification included) happens at that transaction's commit.
+pub(crate) async fn insert_user_and_job(
+    executor: impl PgExecutor<'_>,
+    email: &str,
+    display_name: &str,
+    job_id: JobId,
+    jobs_channel: &ChannelName,
+) -> Result<UserId, sqlx::Error> {
+    sqlx::query_scalar!(
+        r#"
+        with new_user as (
+            insert into users (email, display_name)
+            values ($1, $2)
+            returning id
+        ),
+        new_job as (
+            insert into player_creation_jobs (id, user_id)
+            select $3, id
+            from new_user
+            returning id, user_id
+        )
+        select new_job.user_id as "user_id!: UserId"
+        from new_job
+        cross join lateral pg_notify($4, new_job.id::text) as notified
+        "#,
+        email,
+        display_name,
+        job_id.as_uuid(),
+        jobs_channel.as_str(),
+    )
+    .fetch_one(executor)
+    .await
+}
+
+/// Claims up to `limit` due jobs, creates their players, marks them done and notifies each id on
+/// the done channel, in one statement. Returns the ids completed; fewer than `limit` means the
+/// queue had no more due jobs that nobody else holds.
+///
+/// Any failure fails the whole batch and leaves every job as it was; the worker then falls back
+/// to [`claim_due_jobs`] and one savepoint per job to find the culprit.
+pub(crate) async fn complete_due_jobs(
+    executor: impl PgExecutor<'_>,
+    limit: i64,
+    done_channel: &ChannelName,
+) -> Result<Vec<JobId>, sqlx::Error> {
+    sqlx::query_scalar!(
+        r#"
+        with claimed as (
+            select id, user_id
+            from player_creation_jobs
+            where status = 'pending'
+              and run_after <= now()
+            order by run_after, id
+            limit $1
+            for update skip locked
+        ),
+        new_players as (
+            insert into players (user_id, display_name)
+            select users.id, users.display_name
+            from claimed
+            join users on users.id = claimed.user_id
+            on conflict (user_id) do nothing
+            returning user_id
+        ),
+        completed as (
+            update player_creation_jobs
+            set status = 'done',
+                attempts = player_creation_jobs.attempts + 1,
+                last_error = null,
+                updated_at = now(),
+                completed_at = now()
+            from claimed
+            where player_creation_jobs.id = claimed.id
+            returning player_creation_jobs.id
+        )
+        select completed.id as "id!: JobId"
+        from completed
+        cross join lateral pg_notify($2, completed.id::text) as notified
+        "#,
+        limit,
+        done_channel.as_str(),
+    )
+    .fetch_all(executor)
+    .await
+}
+
+/// A job locked by the current transaction, its attempt already counted.
+#[derive(Debug)]
+pub(crate) struct ClaimedJob {
+    pub(crate) id: JobId,
+    pub(crate) user_id: UserId,
+    /// Attempts including this one.
+    pub(crate) attempts: i32,
+}
+
+/// Locks up to `limit` due jobs for this transaction (skipping any another worker holds) and
+/// counts the attempt. The lock lasts until the transaction ends; if it rolls back, or the
+/// connection dies, the jobs are pending again with their attempt uncounted.
+pub(crate) async fn claim_due_jobs(
+    conn: &mut PgConnection,
+    limit: i64,
+) -> Result<Vec<ClaimedJob>, sqlx::Error> {
+    sqlx::query_as!(
+        ClaimedJob,
+        r#"
+        with claimed as (
+            select id
+            from player_creation_jobs
+            where status = 'pending'
+              and run_after <= now()
+            order by run_after, id
+            limit $1
+            for update skip locked
+        )
+        update player_creation_jobs
+        set attempts = player_creation_jobs.attempts + 1,
+            updated_at = now()
+        from claimed
+        where player_creation_jobs.id = claimed.id
+        returning
+            player_creation_jobs.id as "id: JobId",
+            player_creation_jobs.user_id as "user_id: UserId",
+            player_creation_jobs.attempts
+        "#,
+        limit,
+    )
+    .fetch_all(conn)
+    .await
+}
+
+/// Creates the user's player from the user's display name. A player that already exists is left
+/// as it is: the effect is in place, so the job can be marked done.
+pub(crate) async fn insert_player(conn: &mut PgConnection, user_id: UserId) -> Result<(), sqlx::Error> {
+    sqlx::query!(
+        r#"
+        insert into players (user_id, display_name)
+        select id, display_name
+        from users
+        where id = $1
+        on conflict (user_id) do nothing
+        "#,
+        user_id.get(),
+    )
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Marks a claimed job done and notifies its id on the done channel (delivered at commit).
+pub(crate) async fn mark_job_done(
+    conn: &mut PgConnection,
+    job_id: JobId,
+    done_channel: &ChannelName,
+) -> Result<(), sqlx::Error> {
+    sqlx::query!(
+        r#"
+        with completed as (
+            update player_creation_jobs
+            set status = 'done',
+                last_error = null,
+                updated_at = now(),
+                completed_at = now()
+            where id = $1
+            returning id
+        )
+        select completed.id
+        from completed
+        cross join lateral pg_notify($2, completed.id::text) as notified
+        "#,
+        job_id.as_uuid(),
+        done_channel.as_str(),
+    )
+    .fetch_one(conn)
+    .await?;
+    Ok(())
+}
+
+/// Marks a claimed job failed for good and notifies its id on the done channel, so a waiting
+/// caller learns of the failure at once instead of timing out.
+pub(crate) async fn mark_job_failed(
+    conn: &mut PgConnection,
+    job_id: JobId,
+    error: &str,
+    done_channel: &ChannelName,
+) -> Result<(), sqlx::Error> {
+    sqlx::query!(
+        r#"
+        with failed as (
+            update player_creation_jobs
+            set status = 'failed',
+                last_error = $2,
+                updated_at = now(),
+                completed_at = now()
+            where id = $1
+            returning id
+        )
+        select failed.id
+        from failed
+        cross join lateral pg_notify($3, failed.id::text) as notified
+        "#,
+        job_id.as_uuid(),
+        error,
+        done_channel.as_str(),
+    )
+    .fetch_one(conn)
+    .await?;
+    Ok(())
+}
+
+/// Leaves a claimed job pending with its error, not to be claimed again before `delay_ms` from now.
+pub(crate) async fn schedule_retry(
+    conn: &mut PgConnection,
+    job_id: JobId,
+    error: &str,
+    delay_ms: i64,
+) -> Result<(), sqlx::Error> {
+    sqlx::query!(
+        r#"
+        update player_creation_jobs
+        set last_error = $2,
+            run_after = now() + make_interval(secs => $3::bigint / 1000.0),
+            updated_at = now()
+        where id = $1
+        "#,
+        job_id.as_uuid(),
+        error,
+        delay_ms,
+    )
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// A job's state as the tables tell it, with its player when there is one.
+#[derive(Debug, Clone)]
+pub(crate) struct JobOutcomeRow {
+    pub(crate) id: JobId,
+    pub(crate) user_id: UserId,
+    pub(crate) status: String,
+    pub(crate) last_error: Option<String>,
+    pub(crate) player_id: Option<PlayerId>,
+    pub(crate) player_display_name: Option<String>,
+    pub(crate) player_created_at: Option<DateTime<Utc>>,
+}
+
+impl JobOutcomeRow {
+    pub(crate) fn status(&self) -> Result<JobStatus, UnknownStatus> {
+        self.status.parse()
+    }
+}
+
+/// Reads the state of each of `ids` that exists (ids of no job are simply absent).
+pub(crate) async fn job_outcomes(
+    executor: impl PgExecutor<'_>,
+    ids: &[Uuid],
+) -> Result<Vec<JobOutcomeRow>, sqlx::Error> {
+    sqlx::query_as!(
+        JobOutcomeRow,
+        r#"
+        select
+            jobs.id as "id!: JobId",
+            jobs.user_id as "user_id!: UserId",
+            jobs.status as "status!",
+            jobs.last_error,
+            players.id as "player_id?: PlayerId",
+            players.display_name as "player_display_name?",
+            players.created_at as "player_created_at?"
+        from player_creation_jobs as jobs
+        left join players on players.user_id = jobs.user_id
+        where jobs.id = any($1)
+        "#,
+        ids,
+    )
+    .fetch_all(executor)
+    .await
+}
+
+/// Job counts by status and the age of the oldest pending job.
+#[derive(Debug, Clone)]
+pub(crate) struct JobCounts {
+    pub(crate) pending: i64,
+    pub(crate) done: i64,
+    pub(crate) failed: i64,
+    pub(crate) oldest_pending_secs: Option<f64>,
+}
+
+pub(crate) async fn job_counts(executor: impl PgExecutor<'_>) -> Result<JobCounts, sqlx::Error> {
+    sqlx::query_as!(
+        JobCounts,
+        r#"
+        select
+            count(*) filter (where status = 'pending') as "pending!",
+            count(*) filter (where status = 'done') as "done!",
+            count(*) filter (where status = 'failed') as "failed!",
+            extract(epoch from now() - min(created_at) filter (where status = 'pending'))::float8
+                as oldest_pending_secs
+        from player_creation_jobs
+        "#,
+    )
+    .fetch_one(executor)
+    .await
+}
+
+/// A failed job, for the status report.
+#[derive(Debug, Clone)]
+pub(crate) struct FailedJobRow {
+    pub(crate) id: JobId,
+    pub(crate) user_id: UserId,
+    pub(crate) attempts: i32,
+    pub(crate) last_error: Option<String>,
+    pub(crate) failed_at: Option<DateTime<Utc>>,
+}
+
+/// The `limit` most recently failed jobs, newest first.
+pub(crate) async fn recent_failures(
+    executor: impl PgExecutor<'_>,
+    limit: i64,
+) -> Result<Vec<FailedJobRow>, sqlx::Error> {
+    sqlx::query_as!(
+        FailedJobRow,
+        r#"
+        select
+            id as "id: JobId",
+            user_id as "user_id: UserId",
+            attempts,
+            last_error,
+            completed_at as failed_at
+        from player_creation_jobs
+        where status = 'failed'
+        order by completed_at desc
+        limit $1
+        "#,
+        limit,
+    )
+    .fetch_all(executor)
+    .await
+}
+
+/// Whether `err` means the database could not be reached (as opposed to refusing a statement):
+/// worth retrying later, and reported to callers as "unavailable".
+pub(crate) fn is_unavailable(err: &sqlx::Error) -> bool {
+    match err {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(db_err) => db_err.code().is_some_and(|code| {
+            // 08: connection exceptions; 57P01-03: the server is shutting down, crashed or
+            // starting; 53300: too many connections.
+            code.starts_with("08") || matches!(&*code, "57P01" | "57P02" | "57P03" | "53300")
+        }),
+        _ => false,
+    }
+}
+
+/// Whether a failed attempt cannot succeed by being tried again as it is: the data breaks a
+/// constraint or a type (SQLSTATE classes 22 and 23).
+pub(crate) fn is_permanent(err: &sqlx::Error) -> bool {
+    err.as_database_error()
+        .and_then(|db_err| db_err.code())
+        .is_some_and(|code| code.starts_with("22") || code.starts_with("23"))
+}

@@ -1,0 +1,401 @@
+//! The player side: claim pending jobs, create their players, mark them done and confirm them.
+//!
+//! One listener task turns notifications on the jobs channel into wake-ups; `concurrency`
+//! processing loops each claim and complete batches until the queue is empty, then wait for a
+//! wake-up, a retry coming due, or the poll tick that catches anything a lost notification hid.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::postgres::PgConnectOptions;
+use sqlx::{Acquire, PgConnection, PgPool};
+use tokio::sync::Notify;
+use tokio::task::JoinSet;
+use tokio::time::{Instant, MissedTickBehavior};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::channel::{Channels, Event, Subscription, parse_job_id};
+use crate::job::{Backoff, JobId};
+use crate::store::{self, ClaimedJob};
+
+/// Waits after the database could not be reached, before trying again.
+const UNAVAILABLE_BACKOFF: Backoff = Backoff {
+    base: Duration::from_millis(100),
+    max: Duration::from_secs(5),
+};
+
+/// How a [`Worker`] runs. `WorkerConfig::default()` suits most deployments.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// Processing loops in this process, each with at most one transaction open. Claiming in
+    /// batches, a few loops keep a server busy; many only contend for the same rows.
+    pub concurrency: usize,
+    /// Jobs claimed and completed per transaction. Commits (and their fsyncs) are the cost, so
+    /// larger batches mean more jobs per second under load, at no cost when the queue is short.
+    pub batch_size: u16,
+    /// How often to look for jobs when no notification came: the bound on how late a job whose
+    /// notification was lost is picked up.
+    pub poll_interval: Duration,
+    /// Attempts before a job is marked failed. Errors that retrying cannot fix (a constraint or
+    /// data error) fail the job at once.
+    pub max_attempts: u32,
+    /// The wait between attempts.
+    pub backoff: Backoff,
+    /// The channels shared with the signup side.
+    pub channels: Channels,
+    /// Where the wake-up listener connects, when the pool's server is not right for LISTEN (a
+    /// transaction-mode pgbouncer). Defaults to the pool's own connect options.
+    pub listen_options: Option<PgConnectOptions>,
+    /// On shutdown, how long in-flight batches may take to finish before they are abandoned
+    /// (their transactions roll back and the jobs are pending again for the next worker).
+    pub shutdown_timeout: Duration,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        Self {
+            concurrency: 2,
+            batch_size: 32,
+            poll_interval: Duration::from_secs(2),
+            max_attempts: 5,
+            backoff: Backoff::default(),
+            channels: Channels::default(),
+            listen_options: None,
+            shutdown_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// What stops a worker from running. A failing *job* is not one of these: it is recorded in its
+/// row, logged, and retried or marked failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum WorkerError {
+    /// A setting is out of range.
+    #[error("invalid worker configuration: {0}")]
+    Config(&'static str),
+    /// The worker could not start listening for jobs (bad URL, server down, no permission).
+    #[error("cannot listen on channel {channel}")]
+    Listen {
+        /// The jobs channel.
+        channel: String,
+        /// What the driver reported.
+        #[source]
+        source: sqlx::Error,
+    },
+}
+
+/// The player worker. Run it with [`Worker::run`] as a service of its own (`ackloop worker`) or
+/// inside another tokio service.
+pub struct Worker {
+    pool: PgPool,
+    config: WorkerConfig,
+}
+
+impl Worker {
+    /// A worker that claims jobs through `pool`. Size the pool for `config.concurrency`
+    /// connections (the listener has one of its own).
+    pub fn new(pool: PgPool, config: WorkerConfig) -> Self {
+        Self { pool, config }
+    }
+
+    /// Processes jobs until `shutdown` is cancelled, then lets in-flight batches finish (up to
+    /// `shutdown_timeout`) and returns. The database going away is not an error: the worker logs,
+    /// waits and carries on when it is back.
+    ///
+    /// # Errors
+    /// [`WorkerError::Config`] for a setting out of range; [`WorkerError::Listen`] when the first
+    /// connection to listen for jobs fails.
+    ///
+    /// ```no_run
+    /// # async fn demo(pool: sqlx::PgPool) -> Result<(), ackloop::WorkerError> {
+    /// use ackloop::{Worker, WorkerConfig};
+    /// use tokio_util::sync::CancellationToken;
+    ///
+    /// let shutdown = CancellationToken::new();
+    /// let worker = tokio::spawn(Worker::new(pool, WorkerConfig::default()).run(shutdown.clone()));
+    /// // ... later, when the service stops:
+    /// shutdown.cancel();
+    /// worker.await.expect("worker panicked")?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), WorkerError> {
+        let config = self.config;
+        if config.concurrency == 0 {
+            return Err(WorkerError::Config("concurrency must be at least 1"));
+        }
+        if config.batch_size == 0 {
+            return Err(WorkerError::Config("batch size must be at least 1"));
+        }
+        if config.max_attempts == 0 {
+            return Err(WorkerError::Config("max attempts must be at least 1"));
+        }
+        if config.poll_interval.is_zero() {
+            return Err(WorkerError::Config("poll interval must be more than zero"));
+        }
+        let listen_options = config
+            .listen_options
+            .clone()
+            .unwrap_or_else(|| (*self.pool.connect_options()).clone());
+        let subscription = Subscription::connect(listen_options, config.channels.jobs.clone())
+            .await
+            .map_err(|source| WorkerError::Listen {
+                channel: config.channels.jobs.to_string(),
+                source,
+            })?;
+
+        let processor = Arc::new(Processor {
+            pool: self.pool,
+            wake: Notify::new(),
+            config,
+        });
+        let listener = tokio::spawn(
+            wake_on_notifications(subscription, Arc::clone(&processor), shutdown.clone())
+                .instrument(tracing::info_span!("listener", channel = %processor.config.channels.jobs)),
+        );
+        let mut loops = JoinSet::new();
+        for index in 0..processor.config.concurrency {
+            spawn_loop(&mut loops, &processor, &shutdown, index);
+        }
+        tracing::info!(
+            concurrency = processor.config.concurrency,
+            batch.size = processor.config.batch_size,
+            "worker started"
+        );
+
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                Some(ended) = loops.join_next_with_id() => {
+                    // Loops only return on shutdown; anything else is a panic. Keep the worker at
+                    // full strength: its transaction rolled back, so no job was harmed.
+                    if let Err(err) = ended {
+                        tracing::error!(error = %err, "processing loop panicked; starting another");
+                        spawn_loop(&mut loops, &processor, &shutdown, 0);
+                    }
+                }
+            }
+        }
+
+        listener.abort();
+        let drained = tokio::time::timeout(processor.config.shutdown_timeout, async {
+            while loops.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!(
+                loops = loops.len(),
+                "in-flight batches did not finish in time; abandoning them (their jobs are pending again)"
+            );
+            loops.shutdown().await;
+        }
+        tracing::info!("worker stopped");
+        Ok(())
+    }
+}
+
+fn spawn_loop(
+    loops: &mut JoinSet<()>,
+    processor: &Arc<Processor>,
+    shutdown: &CancellationToken,
+    index: usize,
+) {
+    let span = tracing::info_span!("loop", index);
+    loops.spawn(
+        Arc::clone(processor)
+            .process_until(shutdown.clone())
+            .instrument(span),
+    );
+}
+
+/// Turns notifications into wake-ups. The payload is checked only to tell garbage from job ids;
+/// which jobs to take is decided by the claim, from the table.
+async fn wake_on_notifications(
+    mut subscription: Subscription,
+    processor: Arc<Processor>,
+    shutdown: CancellationToken,
+) {
+    let loops = processor.config.concurrency;
+    loop {
+        let event = tokio::select! {
+            () = shutdown.cancelled() => return,
+            event = subscription.next() => event,
+        };
+        let wake_ups = match event {
+            Event::Notification(first) => {
+                let mut jobs = usize::from(is_job_id(first.payload()));
+                while let Some(next) = subscription.next_buffered() {
+                    jobs += usize::from(is_job_id(next.payload()));
+                }
+                jobs.min(loops)
+            }
+            // Jobs committed while we were away sent their notifications to nobody.
+            Event::Resubscribed => loops,
+        };
+        for _ in 0..wake_ups {
+            processor.wake.notify_one();
+        }
+    }
+}
+
+fn is_job_id(payload: &str) -> bool {
+    match parse_job_id(payload) {
+        Ok(_) => true,
+        Err(err) => {
+            tracing::warn!(error = %err, "ignored a payload on the jobs channel");
+            false
+        }
+    }
+}
+
+struct Processor {
+    pool: PgPool,
+    wake: Notify,
+    config: WorkerConfig,
+}
+
+/// What one pass over the queue did.
+struct Pass {
+    claimed: usize,
+    /// The earliest retry this pass scheduled.
+    retry_at: Option<Instant>,
+}
+
+impl Processor {
+    /// One processing loop: drain the queue, then wait for a reason to look again.
+    async fn process_until(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut poll = tokio::time::interval_at(
+            Instant::now() + self.config.poll_interval,
+            self.config.poll_interval,
+        );
+        poll.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut next_retry: Option<Instant> = None;
+        let mut unavailable = 0;
+        loop {
+            // Drain: on start, after every wake-up and tick, until a batch comes back short.
+            while !shutdown.is_cancelled() {
+                match self.pass().await {
+                    Ok(pass) => {
+                        unavailable = 0;
+                        next_retry = earliest(next_retry, pass.retry_at);
+                        if pass.claimed < usize::from(self.config.batch_size) {
+                            break;
+                        }
+                    }
+                    Err(err) => {
+                        unavailable += 1;
+                        let delay = UNAVAILABLE_BACKOFF.delay(unavailable);
+                        tracing::warn!(
+                            error = %err,
+                            retry_in_ms = delay.as_millis() as u64,
+                            "cannot process jobs; retrying"
+                        );
+                        tokio::select! {
+                            () = shutdown.cancelled() => return,
+                            () = tokio::time::sleep(delay) => {}
+                        }
+                    }
+                }
+            }
+            let retry_due = async {
+                match next_retry {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                biased;
+                () = shutdown.cancelled() => return,
+                () = self.wake.notified() => {}
+                () = retry_due => next_retry = None,
+                _ = poll.tick() => {}
+            }
+        }
+    }
+
+    /// Claims and completes one batch in one statement. If that fails, something in the batch is
+    /// bad: go through a batch again one job per savepoint, to complete the good jobs and record
+    /// the bad one's error.
+    async fn pass(&self) -> Result<Pass, sqlx::Error> {
+        let limit = i64::from(self.config.batch_size);
+        match store::complete_due_jobs(&self.pool, limit, &self.config.channels.done).await {
+            Ok(done) => {
+                if !done.is_empty() {
+                    tracing::debug!(jobs = done.len(), "batch done");
+                }
+                Ok(Pass {
+                    claimed: done.len(),
+                    retry_at: None,
+                })
+            }
+            Err(err) if store::is_unavailable(&err) => Err(err),
+            Err(err) => {
+                tracing::debug!(error = %err, "batch failed; completing its jobs one at a time");
+                self.pass_one_by_one(limit).await
+            }
+        }
+    }
+
+    async fn pass_one_by_one(&self, limit: i64) -> Result<Pass, sqlx::Error> {
+        let mut tx = self.pool.begin().await?;
+        let jobs = store::claim_due_jobs(&mut tx, limit).await?;
+        let mut retry_at = None;
+        for job in &jobs {
+            let span = tracing::debug_span!("process_job", job.id = %job.id, attempt = job.attempts);
+            let mut savepoint = tx.begin().await?;
+            let result = self.complete(&mut savepoint, job).instrument(span).await;
+            match result {
+                Ok(()) => savepoint.commit().await?,
+                Err(err) if store::is_unavailable(&err) => return Err(err),
+                Err(err) => {
+                    savepoint.rollback().await?;
+                    retry_at = earliest(retry_at, self.record_failure(&mut tx, job, &err).await?);
+                }
+            }
+        }
+        tx.commit().await?;
+        Ok(Pass {
+            claimed: jobs.len(),
+            retry_at,
+        })
+    }
+
+    async fn complete(&self, conn: &mut PgConnection, job: &ClaimedJob) -> Result<(), sqlx::Error> {
+        store::insert_player(conn, job.user_id).await?;
+        store::mark_job_done(conn, job.id, &self.config.channels.done).await
+    }
+
+    /// Marks the job failed (and tells its caller) or schedules its retry. Returns when the retry
+    /// is due.
+    async fn record_failure(
+        &self,
+        conn: &mut PgConnection,
+        job: &ClaimedJob,
+        err: &sqlx::Error,
+    ) -> Result<Option<Instant>, sqlx::Error> {
+        let error = err.to_string();
+        let attempts = u32::try_from(job.attempts).unwrap_or(u32::MAX);
+        if store::is_permanent(err) || attempts >= self.config.max_attempts {
+            store::mark_job_failed(conn, job.id, &error, &self.config.channels.done).await?;
+            log_failed(job.id, attempts, &error);
+            return Ok(None);
+        }
+        let delay = self.config.backoff.delay(attempts);
+        let delay_ms = i64::try_from(delay.as_millis()).unwrap_or(i64::MAX);
+        store::schedule_retry(conn, job.id, &error, delay_ms).await?;
+        tracing::warn!(job.id = %job.id, attempt = attempts, retry_in_ms = delay_ms, error = %error, "job attempt failed; will retry");
+        Ok(Some(Instant::now() + delay))
+    }
+}
+
+fn log_failed(job_id: JobId, attempts: u32, error: &str) {
+    tracing::error!(job.id = %job_id, attempts, error, "job failed");
+}
+
+fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
