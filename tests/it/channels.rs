@@ -1,0 +1,163 @@
+//! Untrusted payloads, forged confirmations, custom channel names, and lost listener connections.
+
+use std::time::Duration;
+
+use ackloop::{Channels, DEFAULT_DONE_CHANNEL, DEFAULT_JOBS_CHANNEL, JobId, SignupError, WorkerConfig};
+use sqlx::PgPool;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+
+use crate::common::*;
+
+#[sqlx::test]
+async fn garbage_on_both_channels_is_ignored_and_the_loop_keeps_working(
+    options: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let pool = pool(options, connect, 6).await;
+    let worker = spawn_worker(&pool, worker_config());
+    let signups = signups(&pool).await;
+    let unknown = JobId::new().to_string();
+    let huge = "x".repeat(7999);
+    let garbage = [
+        "",
+        "hello",
+        "42",
+        "'; drop table users; --",
+        unknown.as_str(),
+        huge.as_str(),
+    ];
+
+    for round in 0..3 {
+        for payload in garbage {
+            notify(&pool, DEFAULT_JOBS_CHANNEL, payload).await;
+            notify(&pool, DEFAULT_DONE_CHANNEL, payload).await;
+        }
+        signups
+            .create_user_and_await_player(&user(round), DEADLINE)
+            .await
+            .expect("signups still confirmed after garbage");
+    }
+
+    assert_eq!(counts(&pool).await.players, 3);
+    worker.stop().await;
+}
+
+#[sqlx::test]
+async fn a_forged_confirmation_does_not_make_a_signup_succeed(pool: PgPool) {
+    // No worker: the job stays pending whatever arrives on the done channel.
+    let signups = signups(&pool).await;
+    let waiting = async {
+        signups
+            .create_user_and_await_player(&user(1), Duration::from_secs(2))
+            .await
+    };
+    let forge = async {
+        wait_until("the job is committed", || async {
+            count_jobs_with_status(&pool, "pending").await == 1
+        })
+        .await;
+        let job_id: uuid::Uuid = sqlx::query_scalar!("select id from player_creation_jobs")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        notify(&pool, DEFAULT_DONE_CHANNEL, &job_id.to_string()).await;
+    };
+
+    let (result, ()) = tokio::join!(waiting, forge);
+
+    assert!(
+        matches!(result, Err(SignupError::TimedOut { .. })),
+        "got {result:?}"
+    );
+    assert_eq!(counts(&pool).await.players, 0);
+}
+
+#[sqlx::test]
+async fn custom_channels_carry_the_loop(options: PgPoolOptions, connect: PgConnectOptions) {
+    let pool = pool(options, connect, 6).await;
+    let channels = Channels::new("signup_jobs", "signup_jobs_done").unwrap();
+    let config = WorkerConfig {
+        channels: channels.clone(),
+        ..worker_config()
+    };
+    let worker = spawn_worker(&pool, config);
+    let signups = signups_on(&pool, channels).await;
+    let mut default_jobs = listen_on(&pool, DEFAULT_JOBS_CHANNEL).await;
+
+    signups
+        .create_user_and_await_player(&user(1), DEADLINE)
+        .await
+        .expect("confirmed over the custom channels");
+
+    assert_nothing_sent_before_marker(&pool, &mut default_jobs, DEFAULT_JOBS_CHANNEL).await;
+    worker.stop().await;
+}
+
+/// Terminates every backend of this test's database that is listening (the worker's and the
+/// signup handle's listeners), and returns how many it terminated.
+async fn terminate_listeners(pool: &PgPool) -> i64 {
+    sqlx::query_scalar!(
+        r#"
+        select count(pg_terminate_backend(pid)) as "terminated!"
+        from pg_stat_activity
+        where datname = current_database()
+          and query ilike 'listen%'
+          and pid <> pg_backend_pid()
+        "#
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+#[sqlx::test]
+async fn terminated_listeners_reconnect_and_check_the_tables(
+    options: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let pool = pool(options, connect, 6).await;
+    let worker = spawn_worker(&pool, worker_config());
+    let signups = signups(&pool).await;
+    signups
+        .create_user_and_await_player(&user(0), DEADLINE)
+        .await
+        .expect("first signup");
+
+    for round in 1..=3 {
+        assert_eq!(
+            terminate_listeners(&pool).await,
+            2,
+            "both listeners were connected"
+        );
+        // The poll is an hour away and the caller waits 30s: a prompt confirmation proves both
+        // listeners came back (or checked the tables) by themselves.
+        let confirmed = tokio::time::timeout(
+            Duration::from_secs(15),
+            signups.create_user_and_await_player(&user(round), DEADLINE),
+        )
+        .await;
+        confirmed
+            .expect("confirmed promptly after the listeners were terminated")
+            .expect("signup after reconnect");
+        wait_until("both listeners are back", || async {
+            listening_backends(&pool).await == 2
+        })
+        .await;
+    }
+    assert_eq!(counts(&pool).await.players, 4);
+    worker.stop().await;
+}
+
+async fn listening_backends(pool: &PgPool) -> i64 {
+    sqlx::query_scalar!(
+        r#"
+        select count(*) as "count!"
+        from pg_stat_activity
+        where datname = current_database()
+          and query ilike 'listen%'
+        "#
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}

@@ -1,0 +1,172 @@
+//! Helpers shared by the integration tests: workers, waits with deadlines, listeners, row counts.
+
+use std::future::Future;
+use std::time::Duration;
+
+use ackloop::{Backoff, Channels, NewUser, Signups, SignupsConfig, Worker, WorkerConfig};
+use sqlx::PgPool;
+use sqlx::postgres::{PgConnectOptions, PgListener, PgNotification, PgPoolOptions};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// How long any awaited event may take before the test fails: generous, because a loaded 2-core
+/// CI machine is slow, and a correct run never waits this long.
+pub const DEADLINE: Duration = Duration::from_secs(30);
+
+/// A pool of `connections` on the test's database.
+pub async fn pool(options: PgPoolOptions, connect: PgConnectOptions, connections: u32) -> PgPool {
+    options
+        .max_connections(connections)
+        .connect_with(connect)
+        .await
+        .expect("connect to the test database")
+}
+
+/// A worker config for tests: quick retries, and a poll so slow that only notifications (or the
+/// sweep on start) can explain a job being picked up promptly.
+pub fn worker_config() -> WorkerConfig {
+    WorkerConfig {
+        poll_interval: Duration::from_secs(3600),
+        backoff: Backoff {
+            base: Duration::from_millis(20),
+            max: Duration::from_millis(200),
+        },
+        shutdown_timeout: Duration::from_secs(10),
+        ..WorkerConfig::default()
+    }
+}
+
+/// A running worker; stop it with [`RunningWorker::stop`].
+pub struct RunningWorker {
+    shutdown: CancellationToken,
+    task: JoinHandle<Result<(), ackloop::WorkerError>>,
+}
+
+impl RunningWorker {
+    /// Cancels the worker and waits for it to drain and return.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        tokio::time::timeout(DEADLINE, self.task)
+            .await
+            .expect("worker did not stop after shutdown")
+            .expect("worker panicked")
+            .expect("worker returned an error");
+    }
+}
+
+pub fn spawn_worker(pool: &PgPool, config: WorkerConfig) -> RunningWorker {
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(Worker::new(pool.clone(), config).run(shutdown.clone()));
+    RunningWorker { shutdown, task }
+}
+
+pub async fn signups(pool: &PgPool) -> Signups {
+    Signups::connect(pool.clone())
+        .await
+        .expect("start the signup listener")
+}
+
+pub async fn signups_on(pool: &PgPool, channels: Channels) -> Signups {
+    let config = SignupsConfig {
+        channels,
+        ..SignupsConfig::default()
+    };
+    Signups::connect_with(pool.clone(), config)
+        .await
+        .expect("start the signup listener")
+}
+
+pub fn user(n: usize) -> NewUser {
+    NewUser::new(format!("user{n}@example.com"), format!("Player {n}")).expect("valid test user")
+}
+
+/// Polls `condition` until it holds; fails the test, naming `what`, after [`DEADLINE`].
+pub async fn wait_until<F, Fut>(what: &str, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    tokio::time::timeout(DEADLINE, async {
+        while !condition().await {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("timed out waiting until {what}"));
+}
+
+/// Awaits `future`, failing the test, naming `what`, after [`DEADLINE`].
+pub async fn within<T>(what: &str, future: impl Future<Output = T>) -> T {
+    tokio::time::timeout(DEADLINE, future)
+        .await
+        .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+}
+
+/// A listener on `channel` of the test's database, listening when this returns.
+pub async fn listen_on(pool: &PgPool, channel: &str) -> PgListener {
+    let mut listener = PgListener::connect_with(pool).await.expect("listener connects");
+    listener.listen(channel).await.expect("listen");
+    listener
+}
+
+pub async fn next_notification(listener: &mut PgListener) -> PgNotification {
+    within("a notification", listener.recv())
+        .await
+        .expect("listener receives")
+}
+
+/// Sends a marker on `channel` and asserts it is the first thing `listener` receives: delivery
+/// follows commit order, so this proves nothing was sent before it, without a waiting window.
+pub async fn assert_nothing_sent_before_marker(pool: &PgPool, listener: &mut PgListener, channel: &str) {
+    notify(pool, channel, "marker").await;
+    let first = next_notification(listener).await;
+    assert_eq!(
+        first.payload(),
+        "marker",
+        "something was notified before the marker"
+    );
+}
+
+pub async fn notify(pool: &PgPool, channel: &str, payload: &str) {
+    sqlx::query("select pg_notify($1, $2)")
+        .bind(channel)
+        .bind(payload)
+        .execute(pool)
+        .await
+        .expect("notify");
+}
+
+/// Rows in users, player_creation_jobs and players.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Counts {
+    pub users: i64,
+    pub jobs: i64,
+    pub players: i64,
+}
+
+pub async fn counts(pool: &PgPool) -> Counts {
+    let (users, jobs, players): (i64, i64, i64) = sqlx::query_as(
+        "select (select count(*) from users), (select count(*) from player_creation_jobs), \
+         (select count(*) from players)",
+    )
+    .fetch_one(pool)
+    .await
+    .expect("count rows");
+    Counts { users, jobs, players }
+}
+
+pub async fn count_jobs_with_status(pool: &PgPool, status: &str) -> i64 {
+    sqlx::query_scalar("select count(*) from player_creation_jobs where status = $1")
+        .bind(status)
+        .fetch_one(pool)
+        .await
+        .expect("count jobs")
+}
+
+/// Runs statements that set up a fault (a constraint, a trigger) in the test's own database.
+pub async fn execute(pool: &PgPool, sql: &'static str) {
+    sqlx::raw_sql(sql)
+        .execute(pool)
+        .await
+        .expect("set up the test's fault");
+}

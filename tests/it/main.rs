@@ -1,0 +1,10 @@
+//! Integration tests, in one binary to keep link time down. Each test gets its own freshly
+//! migrated database from `#[sqlx::test]`, so they run in parallel without interfering, and
+//! notifications (which are per database) cannot cross between them.
+
+mod channels;
+mod cli;
+mod common;
+mod concurrency;
+mod signup;
+mod worker;
