@@ -12,8 +12,8 @@ use ackloop::{
 };
 use clap::{Args, Parser, Subcommand};
 use serde_json::json;
-use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{ConnectOptions, Connection, PgPool};
 use tokio_util::sync::CancellationToken;
 
 /// Hand work from one service to another through PostgreSQL, and know it was done.
@@ -97,6 +97,9 @@ pub enum Command {
         json: bool,
     },
 }
+
+/// How long to wait for the database before giving up with exit code 7.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 const EXIT_CODES: &str = "\
 Exit codes:
@@ -183,7 +186,11 @@ impl Failure {
         let mut message = self.to_string();
         let mut source = std::error::Error::source(self);
         while let Some(cause) = source {
-            let _ = write!(message, ": {cause}");
+            // Many errors already print their source in their own message; say each thing once.
+            let text = cause.to_string();
+            if !message.contains(&text) {
+                let _ = write!(message, ": {text}");
+            }
             source = cause.source();
         }
         if self.is_missing_schema() {
@@ -271,15 +278,22 @@ impl ConnectionArgs {
         Ok(Channels::new(&self.jobs_channel, &self.done_channel)?)
     }
 
-    /// A pool of at most `connections`, connected (so a bad URL fails here, clearly).
+    /// A pool of at most `connections`. One direct connection is made first: the pool would retry
+    /// a refused connection until its timeout and then report only that it timed out, where a
+    /// user needs the reason at once.
     async fn pool(&self, connections: u32) -> Result<PgPool, Failure> {
         let options = self.connect_options()?;
-        PgPoolOptions::new()
-            .max_connections(connections)
-            .acquire_timeout(Duration::from_secs(10))
-            .connect_with(options)
+        let probe = tokio::time::timeout(CONNECT_TIMEOUT, options.connect())
             .await
-            .map_err(Failure::Connect)
+            .map_err(|_| Failure::Connect(sqlx::Error::PoolTimedOut))?
+            .map_err(Failure::Connect)?;
+        let pool = PgPoolOptions::new()
+            .max_connections(connections)
+            .acquire_timeout(CONNECT_TIMEOUT)
+            .connect_lazy_with(options);
+        // Hand the probe to nobody: closing it keeps the pool's connection count honest.
+        let _ = probe.close().await;
+        Ok(pool)
     }
 }
 

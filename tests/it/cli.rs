@@ -1,1 +1,212 @@
-// filled next
+//! The `ackloop` binary, run for real against the test's database: output, exit codes, rows.
+
+use std::process::{Output, Stdio};
+
+use serde_json::Value;
+use sqlx::ConnectOptions;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use tokio::process::Command;
+
+use crate::common::*;
+
+fn ackloop(url: &str) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_ackloop"));
+    command
+        .env("DATABASE_URL", url)
+        .env_remove("ACKLOOP_LISTEN_URL")
+        .env("RUST_LOG", "ackloop=debug")
+        .kill_on_drop(true);
+    command
+}
+
+async fn run(url: &str, args: &[&str]) -> Output {
+    within("the ackloop command to exit", ackloop(url).args(args).output())
+        .await
+        .expect("run ackloop")
+}
+
+fn stdout_json(output: &Output) -> Value {
+    let text = String::from_utf8_lossy(&output.stdout);
+    serde_json::from_str(text.trim())
+        .unwrap_or_else(|err| panic!("stdout is not one JSON object ({err}): {text}"))
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+#[sqlx::test]
+async fn worker_and_signup_commands_close_the_loop(options: PgPoolOptions, connect: PgConnectOptions) {
+    let url = connect.to_url_lossy().to_string();
+    let pool = pool(options, connect, 2).await;
+    let worker = ackloop(&url)
+        .args(["worker", "--concurrency", "2"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the worker");
+
+    let output = run(
+        &url,
+        &[
+            "signup",
+            "--email",
+            "ada@example.com",
+            "--display-name",
+            "Ada",
+            "--timeout",
+            "30s",
+            "--json",
+        ],
+    )
+    .await;
+
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    let json = stdout_json(&output);
+    assert_eq!(json["player"]["display_name"], "Ada");
+    assert!(json["elapsed_ms"].as_f64().is_some_and(|ms| ms > 0.0));
+    let player_id = sqlx::query_scalar!("select id from players")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(json["player"]["id"], player_id);
+
+    // SIGTERM: the worker drains and exits 0.
+    let pid = worker.id().expect("worker is running").to_string();
+    let killed = Command::new("kill").args(["-TERM", &pid]).status().await.unwrap();
+    assert!(killed.success());
+    let exited = within("the worker to exit after SIGTERM", worker.wait_with_output())
+        .await
+        .unwrap();
+    let log = String::from_utf8_lossy(&exited.stderr);
+    assert_eq!(exited.status.code(), Some(0), "{log}");
+    assert!(log.contains("worker stopped"), "{log}");
+    assert!(
+        !log.contains("ada@example.com"),
+        "the worker must not log emails: {log}"
+    );
+}
+
+#[sqlx::test]
+async fn signup_command_exit_codes_tell_what_happened(options: PgPoolOptions, connect: PgConnectOptions) {
+    let url = connect.to_url_lossy().to_string();
+    let pool = pool(options, connect, 2).await;
+
+    let invalid = run(
+        &url,
+        &[
+            "signup",
+            "--email",
+            "not-an-email",
+            "--display-name",
+            "Ada",
+            "--json",
+        ],
+    )
+    .await;
+    assert_eq!(invalid.status.code(), Some(3), "{}", stderr(&invalid));
+    assert_eq!(stdout_json(&invalid)["error"], "invalid_input");
+    assert!(stderr(&invalid).contains("invalid email"), "{}", stderr(&invalid));
+    let blank = run(
+        &url,
+        &["signup", "--email", "a@example.com", "--display-name", "  "],
+    )
+    .await;
+    assert_eq!(blank.status.code(), Some(3));
+    assert!(
+        stderr(&blank).contains("invalid display name"),
+        "{}",
+        stderr(&blank)
+    );
+    assert_eq!(counts(&pool).await.users, 0, "bad input writes nothing");
+
+    // No worker runs: the signup commits and times out, and says the job will still complete.
+    let timed_out = run(
+        &url,
+        &[
+            "signup",
+            "--email",
+            "ada@example.com",
+            "--display-name",
+            "Ada",
+            "--timeout",
+            "200ms",
+            "--json",
+        ],
+    )
+    .await;
+    assert_eq!(timed_out.status.code(), Some(5), "{}", stderr(&timed_out));
+    let json = stdout_json(&timed_out);
+    assert_eq!(json["error"], "timed_out");
+    let job_id: uuid::Uuid =
+        sqlx::query_scalar!("select id from player_creation_jobs where status = 'pending'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(json["job_id"], job_id.to_string());
+
+    let taken = run(
+        &url,
+        &["signup", "--email", "Ada@Example.com", "--display-name", "Ada"],
+    )
+    .await;
+    assert_eq!(taken.status.code(), Some(4));
+    assert!(stderr(&taken).contains("email already registered"));
+
+    let status = run(&url, &["status", "--json"]).await;
+    assert_eq!(status.status.code(), Some(0), "{}", stderr(&status));
+    let report = stdout_json(&status);
+    assert_eq!(report["pending"], 1);
+    assert_eq!(report["done"], 0);
+    assert!(report["oldest_pending_secs"].as_f64().is_some());
+}
+
+#[sqlx::test]
+async fn bad_database_urls_exit_7_without_leaking_the_password(_pool: sqlx::PgPool) {
+    for url in [
+        "not a url",
+        "postgres://ackloop:hunter2@localhost:1/nowhere?connect_timeout=2",
+        "postgres://ackloop:hunter2@localhost/db?host=/nonexistent/socket/dir",
+    ] {
+        let output = run(url, &["status"]).await;
+        assert_eq!(output.status.code(), Some(7), "{url}: {}", stderr(&output));
+        assert!(!stderr(&output).contains("hunter2"), "{}", stderr(&output));
+    }
+    let mut no_url = ackloop("unused");
+    no_url.env_remove("DATABASE_URL").arg("status");
+    let output = within("ackloop to exit", no_url.output()).await.unwrap();
+    assert_eq!(output.status.code(), Some(7));
+    assert!(
+        stderr(&output).contains("DATABASE_URL is not set"),
+        "{}",
+        stderr(&output)
+    );
+}
+
+#[sqlx::test(migrations = false)]
+async fn missing_schema_says_to_migrate_and_migrate_fixes_it(
+    _options: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let url = connect.to_url_lossy().to_string();
+
+    let before = run(
+        &url,
+        &["signup", "--email", "ada@example.com", "--display-name", "Ada"],
+    )
+    .await;
+    assert_eq!(before.status.code(), Some(8), "{}", stderr(&before));
+    assert!(stderr(&before).contains("ackloop migrate"), "{}", stderr(&before));
+
+    let migrate = run(&url, &["migrate"]).await;
+    assert_eq!(migrate.status.code(), Some(0), "{}", stderr(&migrate));
+    let again = run(&url, &["migrate"]).await;
+    assert_eq!(
+        again.status.code(),
+        Some(0),
+        "migrate is idempotent: {}",
+        stderr(&again)
+    );
+
+    let status = run(&url, &["status"]).await;
+    assert_eq!(status.status.code(), Some(0), "{}", stderr(&status));
+}

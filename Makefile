@@ -1,0 +1,80 @@
+# ackloop: `make` lists the targets.
+#
+# With DATABASE_URL unset, every target that needs a database starts a private, throwaway
+# PostgreSQL cluster in .pg/ (git-ignored, Unix socket only; scripts/pg installs the server with
+# apt when it is missing) and points DATABASE_URL at it. With DATABASE_URL set, that server is
+# used instead, and must let the user create databases (the tests make one per test).
+
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+SQLX_CLI_VERSION := 0.9.0
+# The query macros read .sqlx/, never a live database, so every build checks the committed cache.
+export SQLX_OFFLINE := true
+
+ifeq ($(strip $(DATABASE_URL)),)
+EMBEDDED_PG := yes
+DATABASE_URL := $(shell scripts/pg url)
+endif
+export DATABASE_URL
+
+BIN := target/debug/ackloop
+
+.PHONY: help
+help: ## Show this help
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-12s %s\n", $$1, $$2}'
+
+.PHONY: db
+db: ## Start the private PostgreSQL cluster (unless DATABASE_URL was given)
+ifeq ($(EMBEDDED_PG),yes)
+	@scripts/pg start
+else
+	@echo "using DATABASE_URL from the environment"
+endif
+
+.PHONY: db-stop
+db-stop: ## Stop the private cluster
+	@scripts/pg stop
+
+.PHONY: db-clean
+db-clean: db-stop ## Stop the private cluster and delete its data
+	@target=$$(readlink .pg || true); rm -rf .pg; [ -z "$$target" ] || rm -rf "$$target"
+
+.PHONY: build
+build: ## Build the library and the ackloop binary
+	cargo build
+
+.PHONY: sqlx-cli
+sqlx-cli: ## Install the pinned sqlx-cli if it is missing (for migrate, prepare, lint)
+	@if ! cargo sqlx --version 2>/dev/null | grep -q ' $(SQLX_CLI_VERSION)$$'; then \
+	  echo "installing sqlx-cli $(SQLX_CLI_VERSION) (a few minutes, once)"; \
+	  cargo install sqlx-cli --version $(SQLX_CLI_VERSION) --locked --no-default-features --features postgres,rustls; \
+	fi
+
+.PHONY: migrate
+migrate: db sqlx-cli ## Apply migrations/ with sqlx-cli (`sqlx migrate run`)
+	cargo sqlx migrate run
+
+.PHONY: demo
+demo: db build ## Migrate, start a worker, sign a user up, print the confirmed player
+	@$(BIN) migrate
+	@$(BIN) worker 2>.demo-worker.log & worker=$$!; \
+	  trap 'kill -TERM $$worker 2>/dev/null; wait $$worker 2>/dev/null || true' EXIT; \
+	  $(BIN) signup --email "demo-$$(date +%s%N)@example.com" --display-name "Demo Player" --timeout 10s
+	@rm -f .demo-worker.log
+
+.PHONY: test
+test: db ## Run the whole test suite against a real PostgreSQL
+	cargo test --all-targets
+	cargo test --doc
+
+.PHONY: lint
+lint: db sqlx-cli ## rustfmt, clippy -D warnings, and the .sqlx offline cache check
+	cargo fmt --check
+	cargo clippy --all-targets -- -D warnings
+	SQLX_OFFLINE=false cargo sqlx prepare --check -- --all-targets
+
+.PHONY: prepare
+prepare: db sqlx-cli ## Refresh the .sqlx offline query cache after changing a query
+	SQLX_OFFLINE=false cargo sqlx prepare -- --all-targets
