@@ -70,11 +70,11 @@ test: db ## Run the whole test suite against a real PostgreSQL
 	cargo test --doc
 
 .PHONY: lint
-lint: db sqlx-cli ## rustfmt, clippy -D warnings, and the .sqlx offline cache check
+lint: migrate ## rustfmt, clippy -D warnings, and the .sqlx offline cache check
 	cargo fmt --check
 	cargo clippy --all-targets -- -D warnings
 	SQLX_OFFLINE=false cargo sqlx prepare --check -- --all-targets
 
 .PHONY: prepare
-prepare: db sqlx-cli ## Refresh the .sqlx offline query cache after changing a query
+prepare: migrate ## Refresh the .sqlx offline query cache after changing a query
 	SQLX_OFFLINE=false cargo sqlx prepare -- --all-targets
