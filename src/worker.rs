@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::channel::{Channels, Event, Subscription, parse_job_id};
-use crate::job::{Backoff, JobId};
+use crate::job::Backoff;
 use crate::store::{self, ClaimedJob};
 
 /// Waits after the database could not be reached, before trying again.
@@ -378,7 +378,7 @@ impl Processor {
         let attempts = u32::try_from(job.attempts).unwrap_or(u32::MAX);
         if store::is_permanent(err) || attempts >= self.config.max_attempts {
             store::mark_job_failed(conn, job.id, &error, &self.config.channels.done).await?;
-            log_failed(job.id, attempts, &error);
+            tracing::error!(job.id = %job.id, attempts, error, "job failed");
             return Ok(None);
         }
         let delay = self.config.backoff.delay(attempts);
@@ -387,10 +387,6 @@ impl Processor {
         tracing::warn!(job.id = %job.id, attempt = attempts, retry_in_ms = delay_ms, error = %error, "job attempt failed; will retry");
         Ok(Some(Instant::now() + delay))
     }
-}
-
-fn log_failed(job_id: JobId, attempts: u32, error: &str) {
-    tracing::error!(job.id = %job_id, attempts, error, "job failed");
 }
 
 fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {

@@ -25,6 +25,13 @@ async fn run(url: &str, args: &[&str]) -> Output {
         .expect("run ackloop")
 }
 
+/// `ackloop signup` for `email` and `display_name`, plus `extra` flags.
+async fn signup(url: &str, email: &str, display_name: &str, extra: &[&str]) -> Output {
+    let mut args = vec!["signup", "--email", email, "--display-name", display_name];
+    args.extend_from_slice(extra);
+    run(url, &args).await
+}
+
 fn stdout_json(output: &Output) -> Value {
     let text = String::from_utf8_lossy(&output.stdout);
     serde_json::from_str(text.trim())
@@ -45,20 +52,7 @@ async fn worker_and_signup_commands_close_the_loop(options: PgPoolOptions, conne
         .spawn()
         .expect("start the worker");
 
-    let output = run(
-        &url,
-        &[
-            "signup",
-            "--email",
-            "ada@example.com",
-            "--display-name",
-            "Ada",
-            "--timeout",
-            "30s",
-            "--json",
-        ],
-    )
-    .await;
+    let output = signup(&url, "ada@example.com", "Ada", &["--timeout", "30s", "--json"]).await;
 
     assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
     let json = stdout_json(&output);
@@ -91,26 +85,11 @@ async fn signup_command_exit_codes_tell_what_happened(options: PgPoolOptions, co
     let url = connect.to_url_lossy().to_string();
     let pool = pool(options, connect, 2).await;
 
-    let invalid = run(
-        &url,
-        &[
-            "signup",
-            "--email",
-            "not-an-email",
-            "--display-name",
-            "Ada",
-            "--json",
-        ],
-    )
-    .await;
+    let invalid = signup(&url, "not-an-email", "Ada", &["--json"]).await;
     assert_eq!(invalid.status.code(), Some(3), "{}", stderr(&invalid));
     assert_eq!(stdout_json(&invalid)["error"], "invalid_input");
     assert!(stderr(&invalid).contains("invalid email"), "{}", stderr(&invalid));
-    let blank = run(
-        &url,
-        &["signup", "--email", "a@example.com", "--display-name", "  "],
-    )
-    .await;
+    let blank = signup(&url, "a@example.com", "  ", &[]).await;
     assert_eq!(blank.status.code(), Some(3));
     assert!(
         stderr(&blank).contains("invalid display name"),
@@ -120,20 +99,7 @@ async fn signup_command_exit_codes_tell_what_happened(options: PgPoolOptions, co
     assert_eq!(counts(&pool).await.users, 0, "bad input writes nothing");
 
     // No worker runs: the signup commits and times out, and says the job will still complete.
-    let timed_out = run(
-        &url,
-        &[
-            "signup",
-            "--email",
-            "ada@example.com",
-            "--display-name",
-            "Ada",
-            "--timeout",
-            "200ms",
-            "--json",
-        ],
-    )
-    .await;
+    let timed_out = signup(&url, "ada@example.com", "Ada", &["--timeout", "200ms", "--json"]).await;
     assert_eq!(timed_out.status.code(), Some(5), "{}", stderr(&timed_out));
     let json = stdout_json(&timed_out);
     assert_eq!(json["error"], "timed_out");
@@ -144,11 +110,7 @@ async fn signup_command_exit_codes_tell_what_happened(options: PgPoolOptions, co
             .unwrap();
     assert_eq!(json["job_id"], job_id.to_string());
 
-    let taken = run(
-        &url,
-        &["signup", "--email", "Ada@Example.com", "--display-name", "Ada"],
-    )
-    .await;
+    let taken = signup(&url, "Ada@Example.com", "Ada", &[]).await;
     assert_eq!(taken.status.code(), Some(4));
     assert!(stderr(&taken).contains("email already registered"));
 
@@ -189,11 +151,7 @@ async fn missing_schema_says_to_migrate_and_migrate_fixes_it(
 ) {
     let url = connect.to_url_lossy().to_string();
 
-    let before = run(
-        &url,
-        &["signup", "--email", "ada@example.com", "--display-name", "Ada"],
-    )
-    .await;
+    let before = signup(&url, "ada@example.com", "Ada", &[]).await;
     assert_eq!(before.status.code(), Some(8), "{}", stderr(&before));
     assert!(stderr(&before).contains("ackloop migrate"), "{}", stderr(&before));
 
