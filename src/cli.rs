@@ -90,6 +90,37 @@ pub enum Command {
         #[arg(long, default_value = "30s", value_parser = parse_duration)]
         shutdown_timeout: Duration,
     },
+    /// Measure the whole loop on a scratch database (created next to DATABASE_URL's, then dropped)
+    ///
+    /// Prints acknowledged signups per second, latency from signup start to confirmation, the
+    /// connections used, peak RSS, and a verification line. Example:
+    /// ackloop bench --signups 20000 --concurrency 64 --workers 2
+    Bench {
+        /// Signups to run (or jobs to drain)
+        #[arg(long, default_value_t = 10_000)]
+        signups: usize,
+        /// Concurrent callers of create_user_and_await_player
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+        /// Worker processing loops in all
+        #[arg(long, default_value_t = WorkerConfig::default().concurrency)]
+        workers: usize,
+        /// Run the workers as this many `ackloop worker` processes instead of in this process
+        #[arg(long, default_value_t = 0)]
+        worker_processes: usize,
+        /// Jobs claimed and completed per worker transaction
+        #[arg(long, default_value_t = WorkerConfig::default().batch_size)]
+        batch_size: u16,
+        /// Enqueue every job first, then time the workers alone
+        #[arg(long)]
+        drain: bool,
+        /// Keep the scratch database for inspection
+        #[arg(long)]
+        keep: bool,
+        /// Print one JSON line
+        #[arg(long)]
+        json: bool,
+    },
     /// Show job counts by status, the oldest pending job's age, and recent failures
     Status {
         /// Print one JSON object instead of text
@@ -136,6 +167,10 @@ enum Failure {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("cannot read the queue")]
     Query(#[source] sqlx::Error),
+    #[error("benchmark failed")]
+    Bench(#[source] sqlx::Error),
+    #[error("benchmark verification failed: not every signup got exactly one player")]
+    BenchVerification,
 }
 
 impl Failure {
@@ -258,6 +293,35 @@ async fn dispatch(cli: Cli) -> Result<(), Failure> {
             worker(&connection, config).await
         }
         Command::Status { json } => status(&connection, json).await,
+        Command::Bench {
+            signups,
+            concurrency,
+            workers,
+            worker_processes,
+            batch_size,
+            drain,
+            keep,
+            json,
+        } => {
+            let config = crate::bench::BenchConfig {
+                signups,
+                concurrency,
+                workers,
+                worker_processes,
+                batch_size,
+                drain,
+                keep,
+            };
+            let report = crate::bench::run(connection.connect_options()?, config)
+                .await
+                .map_err(Failure::Bench)?;
+            report.print(json);
+            if report.ok() {
+                Ok(())
+            } else {
+                Err(Failure::BenchVerification)
+            }
+        }
     }
 }
 

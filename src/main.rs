@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
+mod bench;
 mod cli;
 
 fn main() -> ExitCode {
@@ -17,7 +18,9 @@ fn main() -> ExitCode {
         .init();
     // The worker runs many loops at once; the one-shot commands need only one thread.
     let runtime = match cli.command {
-        cli::Command::Worker { .. } => tokio::runtime::Builder::new_multi_thread().enable_all().build(),
+        cli::Command::Worker { .. } | cli::Command::Bench { .. } => {
+            tokio::runtime::Builder::new_multi_thread().enable_all().build()
+        }
         _ => tokio::runtime::Builder::new_current_thread().enable_all().build(),
     };
     match runtime {
