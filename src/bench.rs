@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use ackloop::{Channels, NewUser, SignupError, Signups, Worker, WorkerConfig};
+use ackloop::{Channels, NewUser, SignupError, Signups, SignupsConfig, Worker, WorkerConfig};
 use serde::Serialize;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, Connection, PgConnection, PgPool};
@@ -29,6 +29,7 @@ pub struct BenchConfig {
     pub workers: usize,
     pub worker_processes: usize,
     pub batch_size: u16,
+    pub writers: usize,
     pub drain: bool,
     pub keep: bool,
 }
@@ -243,7 +244,15 @@ async fn signups(
     per_process: usize,
 ) -> Result<BenchReport, sqlx::Error> {
     let workers = Workers::start(pool, options, config, per_process)?;
-    let handle = Arc::new(Signups::connect(pool.clone()).await.map_err(into_sqlx)?);
+    let signups_config = SignupsConfig {
+        writers: config.writers,
+        ..SignupsConfig::default()
+    };
+    let handle = Arc::new(
+        Signups::connect_with(pool.clone(), signups_config)
+            .await
+            .map_err(into_sqlx)?,
+    );
     let next = Arc::new(AtomicUsize::new(0));
     let finished = Arc::new(AtomicUsize::new(0));
     let progress = tokio::spawn(show_progress(Arc::clone(&finished), config.signups));

@@ -111,6 +111,9 @@ pub enum Command {
         /// Jobs claimed and completed per worker transaction
         #[arg(long, default_value_t = WorkerConfig::default().batch_size)]
         batch_size: u16,
+        /// Signup writer tasks (concurrent signups share their transactions)
+        #[arg(long, default_value_t = ackloop::SignupsConfig::default().writers)]
+        writers: usize,
         /// Enqueue every job first, then time the workers alone
         #[arg(long)]
         drain: bool,
@@ -299,6 +302,7 @@ async fn dispatch(cli: Cli) -> Result<(), Failure> {
             workers,
             worker_processes,
             batch_size,
+            writers,
             drain,
             keep,
             json,
@@ -309,6 +313,7 @@ async fn dispatch(cli: Cli) -> Result<(), Failure> {
                 workers,
                 worker_processes,
                 batch_size,
+                writers,
                 drain,
                 keep,
             };
@@ -386,6 +391,7 @@ async fn signup(
     let config = SignupsConfig {
         channels: connection.channels()?,
         listen_options: connection.listen_options()?,
+        ..SignupsConfig::default()
     };
     let signups = Signups::connect_with(pool, config).await?;
     let started = Instant::now();

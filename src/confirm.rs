@@ -2,8 +2,9 @@
 //! to the callers waiting for them.
 //!
 //! A notification only says "look at job X". The outcome handed to a caller is always read from
-//! the tables, so a forged or early notification cannot make a signup report success. Several
-//! notifications that arrive together are confirmed with one query.
+//! the tables, so a forged or early notification cannot make a signup report success. A reader
+//! task only forwards ids; a resolver task confirms everything forwarded meanwhile with one
+//! query, so under load one query confirms a whole burst.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -11,9 +12,10 @@ use std::sync::{Arc, Mutex};
 
 use sqlx::PgPool;
 use sqlx::postgres::PgConnectOptions;
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
+use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::channel::{ChannelName, Event, Subscription, parse_job_id};
@@ -46,15 +48,17 @@ struct Shared {
     next_token: AtomicU64,
 }
 
-/// The process's confirmation router. Dropping it stops its listener task.
+/// The process's confirmation router. Dropping it stops its tasks.
 pub(crate) struct Confirmations {
     shared: Arc<Shared>,
-    listener: JoinHandle<()>,
+    reader: JoinHandle<()>,
+    resolver: JoinHandle<()>,
 }
 
 impl Drop for Confirmations {
     fn drop(&mut self) {
-        self.listener.abort();
+        self.reader.abort();
+        self.resolver.abort();
     }
 }
 
@@ -72,12 +76,15 @@ impl Confirmations {
             waiters: Mutex::new(HashMap::new()),
             next_token: AtomicU64::new(0),
         });
+        let (hints, hinted) = mpsc::unbounded_channel();
         let span = tracing::info_span!("listener", channel = %channel);
-        let listener = tokio::spawn(tracing::Instrument::instrument(
-            route(Arc::clone(&shared), subscription),
-            span,
-        ));
-        Ok(Self { shared, listener })
+        let reader = tokio::spawn(read(subscription, hints).instrument(span.clone()));
+        let resolver = tokio::spawn(resolve(Arc::clone(&shared), hinted).instrument(span));
+        Ok(Self {
+            shared,
+            reader,
+            resolver,
+        })
     }
 
     /// Starts waiting for `job_id`. Register before the job can commit (or check the tables after
@@ -165,21 +172,63 @@ impl Shared {
     }
 }
 
-/// The listener task: turns notifications (and reconnects) into table checks and deliveries.
-async fn route(shared: Arc<Shared>, mut subscription: Subscription) {
+/// What the reader passes to the resolver.
+enum Hint {
+    /// A confirmation arrived for this job (maybe not ours, maybe forged).
+    Notified(JobId),
+    /// The listener reconnected: confirmations may have been lost.
+    Resubscribed,
+}
+
+/// The listener task: reads notifications and passes job ids on, never waiting on a query, so
+/// that while the resolver confirms one burst from the tables, the next burst queues up whole.
+async fn read(mut subscription: Subscription, hints: mpsc::UnboundedSender<Hint>) {
     loop {
-        let (ids, from_notifications) = match subscription.next().await {
-            Event::Notification(first) => {
-                let mut ids = Vec::new();
-                collect_waited(&shared, first.payload(), &mut ids);
-                while let Some(next) = subscription.next_buffered() {
-                    collect_waited(&shared, next.payload(), &mut ids);
+        let hint = match subscription.next().await {
+            Event::Notification(notification) => match parse_job_id(notification.payload()) {
+                Ok(job_id) => Hint::Notified(job_id),
+                Err(err) => {
+                    tracing::warn!(error = %err, "ignored a payload on the done channel");
+                    continue;
                 }
-                (ids, true)
-            }
-            // Confirmations sent while we were away are gone: check every waiter's job.
-            Event::Resubscribed => (shared.waited_ids(), false),
+            },
+            Event::Resubscribed => Hint::Resubscribed,
         };
+        if hints.send(hint).is_err() {
+            return;
+        }
+    }
+}
+
+/// The resolver task: confirms every hinted job that someone waits for with one query per
+/// burst, and delivers the outcomes.
+async fn resolve(shared: Arc<Shared>, mut hints: mpsc::UnboundedReceiver<Hint>) {
+    while let Some(first) = hints.recv().await {
+        let mut notified = Vec::new();
+        let mut resubscribed = false;
+        let mut next = Some(first);
+        while let Some(hint) = next {
+            match hint {
+                Hint::Notified(job_id) => notified.push(job_id),
+                Hint::Resubscribed => resubscribed = true,
+            }
+            next = hints.try_recv().ok();
+        }
+        // Confirmations sent while the listener was away are gone: check every waiter's job.
+        let mut ids = if resubscribed {
+            shared.waited_ids()
+        } else {
+            Vec::new()
+        };
+        // Others' callers, or callers that gave up, are not ours to confirm.
+        ids.extend(
+            notified
+                .iter()
+                .filter(|job_id| shared.is_waited(job_id))
+                .map(JobId::as_uuid),
+        );
+        ids.sort_unstable();
+        ids.dedup();
         if ids.is_empty() {
             continue;
         }
@@ -188,7 +237,7 @@ async fn route(shared: Arc<Shared>, mut subscription: Subscription) {
                 for row in &rows {
                     match outcome_of(row) {
                         Some(outcome) => shared.deliver(row.id, &outcome),
-                        None if from_notifications => tracing::warn!(
+                        None if notified.contains(&row.id) => tracing::warn!(
                             job.id = %row.id,
                             "ignored a confirmation for a job the tables say is not finished"
                         ),
@@ -202,19 +251,6 @@ async fn route(shared: Arc<Shared>, mut subscription: Subscription) {
                 "cannot read job outcomes; waiting callers will check again before they time out"
             ),
         }
-    }
-}
-
-fn collect_waited(shared: &Shared, payload: &str, ids: &mut Vec<Uuid>) {
-    match parse_job_id(payload) {
-        Ok(job_id) if shared.is_waited(&job_id) => {
-            if !ids.contains(&job_id.as_uuid()) {
-                ids.push(job_id.as_uuid());
-            }
-        }
-        // Another process's caller, or a caller that gave up: not ours to confirm.
-        Ok(_) => {}
-        Err(err) => tracing::warn!(error = %err, "ignored a payload on the done channel"),
     }
 }
 

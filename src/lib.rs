@@ -50,6 +50,7 @@ mod signup;
 mod status;
 mod store;
 mod worker;
+mod writer;
 
 pub use channel::{
     BadPayload, ChannelName, Channels, DEFAULT_DONE_CHANNEL, DEFAULT_JOBS_CHANNEL, InvalidChannelName,

@@ -14,6 +14,7 @@ use crate::channel::Channels;
 use crate::confirm::{Checked, Confirmations, Outcome};
 use crate::job::{JobId, PlayerId, UserId};
 use crate::store;
+use crate::writer::Writers;
 
 /// Longest email accepted (RFC 5321's limit on a forward path); the schema checks it too.
 pub const MAX_EMAIL_CHARS: usize = 254;
@@ -275,7 +276,7 @@ impl SignupError {
 
 /// Sorts a driver error into what a caller can act on. `job_id` is the job whose commit the error
 /// leaves uncertain, if any.
-fn classify(err: sqlx::Error, job_id: Option<JobId>) -> SignupError {
+pub(crate) fn classify(err: sqlx::Error, job_id: Option<JobId>) -> SignupError {
     if let Some(db_err) = err.as_database_error()
         && db_err.is_unique_violation()
         && db_err.constraint() == Some("users_email_key")
@@ -330,13 +331,30 @@ pub async fn create_user(
 }
 
 /// Options for [`Signups::connect_with`].
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct SignupsConfig {
     /// The channels shared with the workers.
     pub channels: Channels,
     /// Where the confirmation listener connects, when the pool's server is not right for LISTEN
     /// (a transaction-mode pgbouncer, say). Defaults to the pool's own connect options.
     pub listen_options: Option<PgConnectOptions>,
+    /// Tasks writing signups, each with at most one statement in flight (and so one pool
+    /// connection). Concurrent signups queued at the same moment share one transaction: fewer
+    /// commits, which is what bounds throughput. Two let one batch form while another commits.
+    pub writers: usize,
+    /// The most signups written in one transaction.
+    pub max_batch: usize,
+}
+
+impl Default for SignupsConfig {
+    fn default() -> Self {
+        Self {
+            channels: Channels::default(),
+            listen_options: None,
+            writers: 2,
+            max_batch: 64,
+        }
+    }
 }
 
 /// The auth side's handle: signs users up and waits for their players.
@@ -346,6 +364,7 @@ pub struct SignupsConfig {
 pub struct Signups {
     pool: PgPool,
     channels: Channels,
+    writers: Writers,
     confirmations: Confirmations,
 }
 
@@ -383,9 +402,16 @@ impl Signups {
         let confirmations = Confirmations::start(pool.clone(), listen_options, config.channels.done.clone())
             .await
             .map_err(|err| classify(err, None))?;
+        let writers = Writers::start(
+            pool.clone(),
+            config.channels.clone(),
+            config.writers,
+            config.max_batch,
+        );
         Ok(Self {
             pool,
             channels: config.channels,
+            writers,
             confirmations,
         })
     }
@@ -402,8 +428,10 @@ impl Signups {
 
     /// Signs a user up and returns their player once a worker has created it.
     ///
-    /// The user, the job and the workers' wake-up commit together or not at all. Then the call
-    /// waits, up to `timeout`, for the worker's confirmation, which it checks against the tables.
+    /// The user, the job and the workers' wake-up commit together or not at all (in one
+    /// transaction, which concurrent signups from this handle may share; see
+    /// [`SignupsConfig::writers`]). Then the call waits, up to `timeout`, for the worker's
+    /// confirmation, which it checks against the tables.
     ///
     /// # Errors
     /// - [`SignupError::Invalid`] is not returned here: [`NewUser::new`] validated the input.
@@ -435,20 +463,19 @@ impl Signups {
         let job_id = JobId::new();
         // Registered before the commit, so the confirmation cannot arrive before anyone waits.
         let waiter = self.confirmations.register(job_id);
-        let user_id = store::insert_user_and_job(
-            &self.pool,
-            &new_user.email,
-            &new_user.display_name,
-            job_id,
-            &self.channels.jobs,
-        )
-        .await
-        .map_err(|err| classify(err, Some(job_id)))?;
-        tracing::debug!(job.id = %job_id, user.id = %user_id, "signup committed");
+        let user_id = self.writers.write(new_user, job_id).await?;
+        let committed = started.elapsed();
         let checked = waiter
             .outcome(started + timeout)
             .await
             .map_err(|err| classify(err, Some(job_id)))?;
+        tracing::debug!(
+            job.id = %job_id,
+            user.id = %user_id,
+            commit_us = committed.as_micros() as u64,
+            total_us = started.elapsed().as_micros() as u64,
+            "signup finished"
+        );
         finish(job_id, Some(user_id), checked, started)
     }
 

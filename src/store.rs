@@ -47,6 +47,63 @@ pub(crate) async fn insert_user_and_job(
     .await
 }
 
+/// A signup that [`insert_users_and_jobs`] wrote.
+#[derive(Debug)]
+pub(crate) struct WrittenSignup {
+    pub(crate) job_id: JobId,
+    pub(crate) user_id: UserId,
+}
+
+/// Writes many signups in one statement (one commit, one fsync, one hold of Postgres' notify
+/// lock), each with its user, its job and its wake-up, exactly as [`insert_user_and_job`] would.
+/// A signup whose email is taken (by an existing user, or earlier in the same batch, ignoring
+/// case) is skipped: it is the one signup missing from the result. Any other error fails the
+/// whole statement and writes nothing.
+pub(crate) async fn insert_users_and_jobs(
+    executor: impl PgExecutor<'_>,
+    emails: &[String],
+    display_names: &[String],
+    job_ids: &[Uuid],
+    jobs_channel: &ChannelName,
+) -> Result<Vec<WrittenSignup>, sqlx::Error> {
+    sqlx::query_as!(
+        WrittenSignup,
+        r#"
+        with input as (
+            select *
+            from unnest($1::text[], $2::text[], $3::uuid[])
+                with ordinality as input (email, display_name, job_id, position)
+        ),
+        new_users as (
+            insert into users (email, display_name)
+            select email, display_name
+            from input
+            order by position
+            on conflict ((lower(email))) do nothing
+            returning id, email
+        ),
+        new_jobs as (
+            insert into player_creation_jobs (id, user_id)
+            -- Identical emails in one batch: the first was inserted, the rest skipped.
+            select distinct on (new_users.id) input.job_id, new_users.id
+            from new_users
+            join input on input.email = new_users.email
+            order by new_users.id, input.position
+            returning id, user_id
+        )
+        select new_jobs.id as "job_id!: JobId", new_jobs.user_id as "user_id!: UserId"
+        from new_jobs
+        cross join lateral pg_notify($4, new_jobs.id::text) as notified
+        "#,
+        emails,
+        display_names,
+        job_ids,
+        jobs_channel.as_str(),
+    )
+    .fetch_all(executor)
+    .await
+}
+
 /// Claims up to `limit` due jobs, creates their players, marks them done and notifies each id on
 /// the done channel, in one statement. Returns the ids completed; fewer than `limit` means the
 /// queue had no more due jobs that nobody else holds.

@@ -200,3 +200,97 @@ async fn await_player_for_an_unknown_job_says_so(pool: PgPool) {
         "got {err:?}"
     );
 }
+
+/// Runs the signups at once from one handle (so they share transactions) and returns their
+/// results in input order.
+async fn sign_up_together(
+    signups: ackloop::Signups,
+    users: Vec<NewUser>,
+) -> Vec<Result<ackloop::Player, SignupError>> {
+    let signups = std::sync::Arc::new(signups);
+    let mut calls = tokio::task::JoinSet::new();
+    for (index, user) in users.into_iter().enumerate() {
+        let signups = std::sync::Arc::clone(&signups);
+        calls.spawn(async move { (index, signups.create_user_and_await_player(&user, DEADLINE).await) });
+    }
+    let mut results: Vec<_> = within("every concurrent signup", calls.join_all()).await;
+    results.sort_by_key(|(index, _)| *index);
+    results.into_iter().map(|(_, result)| result).collect()
+}
+
+#[sqlx::test]
+async fn concurrent_signups_for_one_email_give_one_user(options: PgPoolOptions, connect: PgConnectOptions) {
+    let pool = pool(options, connect, 8).await;
+    let worker = spawn_worker(&pool, worker_config());
+    let signups = signups(&pool).await;
+    let same_email = (0..24)
+        .map(|n| {
+            let email = if n % 2 == 0 {
+                "ada@example.com"
+            } else {
+                "ADA@example.com"
+            };
+            NewUser::new(email, format!("Ada {n}")).unwrap()
+        })
+        .collect();
+
+    let results = sign_up_together(signups, same_email).await;
+
+    let players = results.iter().filter(|r| r.is_ok()).count();
+    let taken = results
+        .iter()
+        .filter(|r| matches!(r, Err(SignupError::EmailTaken)))
+        .count();
+    assert_eq!((players, taken), (1, 23), "{results:?}");
+    assert_eq!(
+        counts(&pool).await,
+        Counts {
+            users: 1,
+            jobs: 1,
+            players: 1
+        }
+    );
+    worker.stop().await;
+}
+
+#[sqlx::test]
+async fn a_bad_signup_among_concurrent_ones_fails_alone(options: PgPoolOptions, connect: PgConnectOptions) {
+    let pool = pool(options, connect, 8).await;
+    // The library's validation cannot know this rule; only the database refuses the row.
+    execute(
+        &pool,
+        "alter table users add constraint no_mallory check (display_name <> 'Mallory')",
+    )
+    .await;
+    let worker = spawn_worker(&pool, worker_config());
+    let signups = signups(&pool).await;
+    let mut users: Vec<NewUser> = (0..20).map(user).collect();
+    users.insert(7, NewUser::new("mallory@example.com", "Mallory").unwrap());
+
+    let results = sign_up_together(signups, users).await;
+
+    for (index, result) in results.iter().enumerate() {
+        if index == 7 {
+            assert!(
+                matches!(result, Err(SignupError::Database(_))),
+                "mallory: {result:?}"
+            );
+        } else {
+            assert!(result.is_ok(), "signup {index}: {result:?}");
+        }
+    }
+    assert_eq!(
+        counts(&pool).await,
+        Counts {
+            users: 20,
+            jobs: 20,
+            players: 20
+        }
+    );
+    let mallory = sqlx::query_scalar!("select count(*) from users where display_name = 'Mallory'")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(mallory, Some(0));
+    worker.stop().await;
+}
