@@ -30,6 +30,7 @@ pub struct BenchConfig {
     pub worker_processes: usize,
     pub batch_size: u16,
     pub writers: usize,
+    pub max_batch: usize,
     pub drain: bool,
     pub keep: bool,
 }
@@ -246,6 +247,7 @@ async fn signups(
     let workers = Workers::start(pool, options, config, per_process)?;
     let signups_config = SignupsConfig {
         writers: config.writers,
+        max_batch: config.max_batch,
         ..SignupsConfig::default()
     };
     let handle = Arc::new(

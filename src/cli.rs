@@ -114,6 +114,9 @@ pub enum Command {
         /// Signup writer tasks (concurrent signups share their transactions)
         #[arg(long, default_value_t = ackloop::SignupsConfig::default().writers)]
         writers: usize,
+        /// Most signups per transaction (1 writes each signup alone)
+        #[arg(long, default_value_t = ackloop::SignupsConfig::default().max_batch)]
+        max_batch: usize,
         /// Enqueue every job first, then time the workers alone
         #[arg(long)]
         drain: bool,
@@ -303,6 +306,7 @@ async fn dispatch(cli: Cli) -> Result<(), Failure> {
             worker_processes,
             batch_size,
             writers,
+            max_batch,
             drain,
             keep,
             json,
@@ -314,6 +318,7 @@ async fn dispatch(cli: Cli) -> Result<(), Failure> {
                 worker_processes,
                 batch_size,
                 writers,
+                max_batch,
                 drain,
                 keep,
             };
