@@ -69,6 +69,11 @@ test: db ## Run the whole test suite against a real PostgreSQL
 	cargo test --all-targets
 	cargo test --doc
 
+.PHONY: bench
+bench: db ## Benchmark matrix (c = 1, 16, 64, and drain) beside the pgbench ceiling, as ratios
+	cargo build --release
+	scripts/bench
+
 .PHONY: lint
 lint: migrate ## rustfmt, clippy -D warnings, and the .sqlx offline cache check
 	cargo fmt --check

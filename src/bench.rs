@@ -5,7 +5,7 @@
 use std::io::{IsTerminal, Write as _};
 use std::process::Stdio;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use ackloop::{Channels, NewUser, SignupError, Signups, SignupsConfig, Worker, WorkerConfig};
@@ -133,7 +133,9 @@ async fn run_on(options: PgConnectOptions, config: &BenchConfig) -> Result<Bench
     setup.close().await;
 
     let workers_per_process = config.workers.div_ceil(config.worker_processes.max(1)).max(1);
-    let pool_size = u32::try_from(config.concurrency + 2).unwrap_or(u32::MAX);
+    // Independent of the number of callers: writers and worker loops hold one connection each
+    // while they work, and two more cover confirmation reads and final checks.
+    let pool_size = u32::try_from(config.writers + workers_per_process + 2).unwrap_or(u32::MAX);
     let pool = PgPoolOptions::new()
         .max_connections(pool_size)
         .min_connections(pool_size)
@@ -258,6 +260,7 @@ async fn signups(
     let next = Arc::new(AtomicUsize::new(0));
     let finished = Arc::new(AtomicUsize::new(0));
     let progress = tokio::spawn(show_progress(Arc::clone(&finished), config.signups));
+    let latencies = Arc::new(Histogram::new());
     let started = Instant::now();
     let mut callers = JoinSet::new();
     for _ in 0..config.concurrency {
@@ -267,8 +270,8 @@ async fn signups(
             Arc::clone(&finished),
             config.signups,
         );
+        let latencies = Arc::clone(&latencies);
         callers.spawn(async move {
-            let mut latencies = Vec::new();
             let (mut timeouts, mut errors) = (0, 0);
             loop {
                 let n = next.fetch_add(1, Ordering::Relaxed);
@@ -279,7 +282,7 @@ async fn signups(
                     .expect("bench users are valid");
                 let begun = Instant::now();
                 match handle.create_user_and_await_player(&user, SIGNUP_TIMEOUT).await {
-                    Ok(_) => latencies.push(begun.elapsed()),
+                    Ok(_) => latencies.record(begun.elapsed()),
                     Err(SignupError::TimedOut { .. }) => timeouts += 1,
                     Err(err) => {
                         errors += 1;
@@ -288,13 +291,12 @@ async fn signups(
                 }
                 finished.fetch_add(1, Ordering::Relaxed);
             }
-            (latencies, timeouts, errors)
+            (timeouts, errors)
         });
     }
-    let (mut latencies, mut timeouts, mut errors) = (Vec::with_capacity(config.signups), 0, 0);
+    let (mut timeouts, mut errors) = (0, 0);
     while let Some(caller) = callers.join_next().await {
-        let (mine, t, e) = caller.expect("bench caller panicked");
-        latencies.extend(mine);
+        let (t, e) = caller.expect("bench caller panicked");
         timeouts += t;
         errors += e;
     }
@@ -303,14 +305,7 @@ async fn signups(
     clear_progress();
     workers.stop().await;
 
-    latencies.sort();
-    let percentile = |p: f64| -> f64 {
-        if latencies.is_empty() {
-            return 0.0;
-        }
-        let index = ((latencies.len() as f64 * p).ceil() as usize).clamp(1, latencies.len()) - 1;
-        latencies[index].as_secs_f64() * 1000.0
-    };
+    let percentile = |p: f64| latencies.percentile_ms(p);
     Ok(BenchReport {
         system: "ackloop",
         variant: "ackloop",
@@ -319,11 +314,11 @@ async fn signups(
         w: config.workers,
         p: config.worker_processes,
         secs,
-        throughput: latencies.len() as f64 / secs,
+        throughput: latencies.count() as f64 / secs,
         p50_ms: percentile(0.50),
         p95_ms: percentile(0.95),
         p99_ms: percentile(0.99),
-        max_ms: percentile(1.0),
+        max_ms: latencies.max_ms(),
         connections: 0,
         peak_rss_mb: peak_rss_mb(),
         timeouts,
@@ -401,6 +396,61 @@ async fn drain(
         ok: true,
         verification: String::new(),
     })
+}
+
+/// Latencies in 10µs buckets up to 1s (and one bucket beyond): a fixed 400 KiB however many
+/// signups run, so the peak RSS reported is the loop's, not the bench's bookkeeping.
+struct Histogram {
+    buckets: Vec<AtomicU32>,
+    max_us: AtomicU64,
+}
+
+impl Histogram {
+    const BUCKET_US: u64 = 10;
+    const BUCKETS: usize = 100_001;
+
+    fn new() -> Self {
+        Self {
+            buckets: (0..Self::BUCKETS).map(|_| AtomicU32::new(0)).collect(),
+            max_us: AtomicU64::new(0),
+        }
+    }
+
+    fn record(&self, latency: Duration) {
+        let us = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
+        let index =
+            usize::try_from(us / Self::BUCKET_US).map_or(Self::BUCKETS - 1, |i| i.min(Self::BUCKETS - 1));
+        self.buckets[index].fetch_add(1, Ordering::Relaxed);
+        self.max_us.fetch_max(us, Ordering::Relaxed);
+    }
+
+    fn count(&self) -> u64 {
+        self.buckets
+            .iter()
+            .map(|b| u64::from(b.load(Ordering::Relaxed)))
+            .sum()
+    }
+
+    /// The upper edge of the bucket holding the `p` quantile, in ms.
+    fn percentile_ms(&self, p: f64) -> f64 {
+        let total = self.count();
+        if total == 0 {
+            return 0.0;
+        }
+        let rank = ((total as f64 * p).ceil() as u64).max(1);
+        let mut seen = 0;
+        for (index, bucket) in self.buckets.iter().enumerate() {
+            seen += u64::from(bucket.load(Ordering::Relaxed));
+            if seen >= rank {
+                return ((index as u64 + 1) * Self::BUCKET_US) as f64 / 1000.0;
+            }
+        }
+        self.max_ms()
+    }
+
+    fn max_ms(&self) -> f64 {
+        self.max_us.load(Ordering::Relaxed) as f64 / 1000.0
+    }
 }
 
 /// Users = players = jobs done (beyond the prefill), no user with two players, nothing pending.
