@@ -148,7 +148,8 @@ Exit codes:
   5  timed out: the signup is committed and its job will still complete
   6  the job failed (the message gives the recorded error)
   7  cannot reach the database, or DATABASE_URL is missing or malformed
-  8  the schema is missing: run `ackloop migrate`";
+  8  the schema is missing or behind: run `ackloop migrate`
+  9  the schema is newer than this ackloop: upgrade ackloop";
 
 /// Everything a subcommand can fail with, each mapped to one exit code in [`Failure::exit_code`].
 #[derive(Debug, thiserror::Error)]
@@ -171,6 +172,8 @@ enum Failure {
     Worker(#[from] WorkerError),
     #[error("migration failed")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error(transparent)]
+    Schema(#[from] ackloop::SchemaError),
     #[error("cannot read the queue")]
     Query(#[source] sqlx::Error),
     #[error("benchmark failed")]
@@ -191,22 +194,13 @@ impl Failure {
             | Self::Connect(_)
             | Self::Signup(SignupError::Unavailable { .. })
             | Self::Worker(WorkerError::Listen { .. }) => 7,
-            _ if self.is_missing_schema() => 8,
+            Self::Schema(ackloop::SchemaError::Missing | ackloop::SchemaError::Behind { .. }) => 8,
+            // sqlx refuses to migrate a database holding migrations it does not have.
+            Self::Schema(ackloop::SchemaError::Newer { .. })
+            | Self::Migrate(sqlx::migrate::MigrateError::VersionMissing(_)) => 9,
             Self::Worker(WorkerError::Config(_)) => 2,
             _ => 1,
         }
-    }
-
-    /// An undefined table (42P01) means the migrations were never applied.
-    fn is_missing_schema(&self) -> bool {
-        let sqlx_error = match self {
-            Self::Signup(SignupError::Database(err)) | Self::Query(err) => err,
-            _ => return false,
-        };
-        sqlx_error
-            .as_database_error()
-            .and_then(|err| err.code())
-            .is_some_and(|code| code == "42P01")
     }
 
     /// A short machine-readable name for `--json` output.
@@ -218,6 +212,7 @@ impl Failure {
             6 => "job_failed",
             7 => "unavailable",
             8 => "schema_missing",
+            9 => "schema_newer",
             _ => "error",
         }
     }
@@ -233,9 +228,6 @@ impl Failure {
                 let _ = write!(message, ": {text}");
             }
             source = cause.source();
-        }
-        if self.is_missing_schema() {
-            message.push_str(" (run `ackloop migrate`)");
         }
         message
     }
@@ -348,27 +340,38 @@ impl ConnectionArgs {
             .transpose()
     }
 
+    /// A pool (as [`ConnectionArgs::pool`]) on a database whose schema this version can use.
+    async fn migrated_pool(&self, connections: u32) -> Result<PgPool, Failure> {
+        let pool = self.pool(connections).await?;
+        ackloop::check_schema(&pool).await?;
+        Ok(pool)
+    }
+
     fn channels(&self) -> Result<Channels, Failure> {
         Ok(Channels::new(&self.jobs_channel, &self.done_channel)?)
     }
 
-    /// A pool of at most `connections`. One direct connection is made first: the pool would retry
-    /// a refused connection until its timeout and then report only that it timed out, where a
-    /// user needs the reason at once.
+    /// A pool of at most `connections` on `DATABASE_URL`.
     async fn pool(&self, connections: u32) -> Result<PgPool, Failure> {
-        let options = self.connect_options()?;
-        let probe = tokio::time::timeout(CONNECT_TIMEOUT, options.connect())
-            .await
-            .map_err(|_| Failure::Connect(sqlx::Error::PoolTimedOut))?
-            .map_err(Failure::Connect)?;
-        let pool = PgPoolOptions::new()
-            .max_connections(connections)
-            .acquire_timeout(CONNECT_TIMEOUT)
-            .connect_lazy_with(options);
-        // Hand the probe to nobody: closing it keeps the pool's connection count honest.
-        let _ = probe.close().await;
-        Ok(pool)
+        connect(self.connect_options()?, connections).await
     }
+}
+
+/// A pool of at most `connections`. One direct connection is made first: the pool would retry a
+/// refused connection until its timeout and then report only that it timed out, where a user
+/// needs the reason at once.
+async fn connect(options: PgConnectOptions, connections: u32) -> Result<PgPool, Failure> {
+    let probe = tokio::time::timeout(CONNECT_TIMEOUT, options.connect())
+        .await
+        .map_err(|_| Failure::Connect(sqlx::Error::PoolTimedOut))?
+        .map_err(Failure::Connect)?;
+    let pool = PgPoolOptions::new()
+        .max_connections(connections)
+        .acquire_timeout(CONNECT_TIMEOUT)
+        .connect_lazy_with(options);
+    // Hand the probe to nobody: closing it keeps the pool's connection count honest.
+    let _ = probe.close().await;
+    Ok(pool)
 }
 
 fn parse_url(url: &str, which: &'static str) -> Result<PgConnectOptions, Failure> {
@@ -392,7 +395,7 @@ async fn signup(
 ) -> Result<(), Failure> {
     // Validate before connecting: bad input is reported the same with or without a database.
     let new_user = NewUser::new(email, display_name).map_err(SignupError::from)?;
-    let pool = connection.pool(2).await?;
+    let pool = connection.migrated_pool(2).await?;
     let config = SignupsConfig {
         channels: connection.channels()?,
         listen_options: connection.listen_options()?,
@@ -417,7 +420,9 @@ async fn worker(connection: &ConnectionArgs, config: WorkerConfig) -> Result<(),
     let connections = u32::try_from(config.concurrency)
         .unwrap_or(u32::MAX)
         .saturating_add(1);
-    let pool = connection.pool(connections).await?;
+    let options = ackloop::worker_session_options(connection.connect_options()?);
+    let pool = connect(options, connections).await?;
+    ackloop::check_schema(&pool).await?;
     let shutdown = CancellationToken::new();
     tokio::spawn(cancel_on_signal(shutdown.clone()));
     Worker::new(pool, config).run(shutdown).await?;
@@ -449,7 +454,7 @@ async fn cancel_on_signal(shutdown: CancellationToken) {
 }
 
 async fn status(connection: &ConnectionArgs, json: bool) -> Result<(), Failure> {
-    let pool = connection.pool(1).await?;
+    let pool = connection.migrated_pool(1).await?;
     let report = StatusReport::read(&pool).await.map_err(Failure::Query)?;
     if json {
         println!(

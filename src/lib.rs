@@ -46,6 +46,7 @@
 mod channel;
 mod confirm;
 mod job;
+mod schema;
 mod signup;
 mod status;
 mod store;
@@ -57,12 +58,13 @@ pub use channel::{
     parse_job_id,
 };
 pub use job::{Backoff, JobId, JobStatus, PlayerId, UnknownStatus, UserId};
+pub use schema::{SchemaError, check_schema};
 pub use signup::{
     Field, InvalidInput, MAX_DISPLAY_NAME_CHARS, MAX_EMAIL_CHARS, NewUser, Player, Rule, Signup, SignupError,
     Signups, SignupsConfig, create_user,
 };
 pub use status::{FailedJob, StatusReport};
-pub use worker::{Worker, WorkerConfig, WorkerError};
+pub use worker::{Worker, WorkerConfig, WorkerError, worker_session_options};
 
 /// The schema migrations, embedded: `MIGRATOR.run(&pool)` applies those not yet applied.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");

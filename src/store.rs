@@ -433,3 +433,17 @@ pub(crate) fn is_permanent(err: &sqlx::Error) -> bool {
         .and_then(|db_err| db_err.code())
         .is_some_and(|code| code.starts_with("22") || code.starts_with("23"))
 }
+
+/// The versions of the migrations applied successfully, in order.
+pub(crate) async fn applied_migrations(executor: impl PgExecutor<'_>) -> Result<Vec<i64>, sqlx::Error> {
+    sqlx::query_scalar!(
+        r#"
+        select version
+        from _sqlx_migrations
+        where success
+        order by version
+        "#
+    )
+    .fetch_all(executor)
+    .await
+}

@@ -25,6 +25,35 @@ const UNAVAILABLE_BACKOFF: Backoff = Backoff {
     max: Duration::from_secs(5),
 };
 
+/// Adds the session settings a worker's connections should carry, so that the server itself
+/// releases the jobs of a worker that died or froze, without waiting for TCP to notice:
+///
+/// - `client_connection_check_interval = 1s`: a backend whose worker was killed (SIGKILL, OOM)
+///   while a statement ran, or waited on a lock, notices within a second and rolls back: its
+///   claimed jobs are pending again for the other workers.
+/// - `idle_in_transaction_session_timeout = 10s`: a worker frozen (SIGSTOP, a hung process)
+///   between the statements of a transaction loses its session, and its claims, after 10s. Only
+///   the one-job-per-savepoint path holds a transaction open between statements, and never for
+///   longer than a few statements.
+///
+/// `ackloop worker` uses these; build an embedded worker's pool with them too. They need
+/// PostgreSQL 14 or later.
+///
+/// ```no_run
+/// # async fn demo(options: sqlx::postgres::PgConnectOptions) -> Result<(), sqlx::Error> {
+/// let pool = sqlx::postgres::PgPoolOptions::new()
+///     .max_connections(4)
+///     .connect_with(ackloop::worker_session_options(options))
+///     .await?;
+/// # Ok(()) }
+/// ```
+pub fn worker_session_options(options: PgConnectOptions) -> PgConnectOptions {
+    options.options([
+        ("client_connection_check_interval", "1s"),
+        ("idle_in_transaction_session_timeout", "10s"),
+    ])
+}
+
 /// How a [`Worker`] runs. `WorkerConfig::default()` suits most deployments.
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {

@@ -6,5 +6,6 @@ mod channels;
 mod cli;
 mod common;
 mod concurrency;
+mod faults;
 mod signup;
 mod worker;

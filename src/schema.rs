@@ -1,0 +1,78 @@
+//! Is the database's schema the one this version of ackloop was built for?
+
+use sqlx::PgPool;
+
+use crate::{MIGRATOR, store};
+
+/// The database's schema does not match this version's migrations.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SchemaError {
+    /// No migration was ever applied.
+    #[error("the database has no ackloop schema; run `ackloop migrate` (or `sqlx migrate run`)")]
+    Missing,
+    /// Some of this version's migrations are not applied yet.
+    #[error(
+        "the database schema is behind this ackloop (missing migrations {missing:?}); run `ackloop migrate`"
+    )]
+    Behind {
+        /// Versions of this binary's migrations not applied.
+        missing: Vec<i64>,
+    },
+    /// The database has migrations this version does not know: a newer ackloop migrated it.
+    #[error(
+        "the database schema is newer than this ackloop (unknown migrations {unknown:?}); upgrade ackloop"
+    )]
+    Newer {
+        /// Versions applied that this binary does not have.
+        unknown: Vec<i64>,
+    },
+    /// The check itself failed.
+    #[error("cannot read the applied migrations")]
+    Database(#[source] sqlx::Error),
+}
+
+/// Checks that every migration this version knows is applied, and no other.
+///
+/// # Errors
+/// [`SchemaError::Missing`], [`SchemaError::Behind`], [`SchemaError::Newer`], or
+/// [`SchemaError::Database`] when the check cannot run.
+///
+/// ```no_run
+/// # async fn demo(pool: sqlx::PgPool) -> Result<(), ackloop::SchemaError> {
+/// ackloop::check_schema(&pool).await?;
+/// # Ok(()) }
+/// ```
+pub async fn check_schema(pool: &PgPool) -> Result<(), SchemaError> {
+    let applied = match store::applied_migrations(pool).await {
+        Ok(applied) => applied,
+        Err(err) if is_undefined_table(&err) => return Err(SchemaError::Missing),
+        Err(err) => return Err(SchemaError::Database(err)),
+    };
+    let unknown: Vec<i64> = applied
+        .iter()
+        .copied()
+        .filter(|version| !MIGRATOR.version_exists(*version))
+        .collect();
+    if !unknown.is_empty() {
+        return Err(SchemaError::Newer { unknown });
+    }
+    if applied.is_empty() {
+        return Err(SchemaError::Missing);
+    }
+    let missing: Vec<i64> = MIGRATOR
+        .iter()
+        .map(|migration| migration.version)
+        .filter(|version| !applied.contains(version))
+        .collect();
+    if !missing.is_empty() {
+        return Err(SchemaError::Behind { missing });
+    }
+    Ok(())
+}
+
+fn is_undefined_table(err: &sqlx::Error) -> bool {
+    err.as_database_error()
+        .and_then(|err| err.code())
+        .is_some_and(|code| code == "42P01")
+}

@@ -1,0 +1,262 @@
+//! Faults the loop must survive: a worker killed mid-batch, SIGTERM under load, a schema newer
+//! than the binary, and running with no more privilege than each side needs.
+
+use std::process::Stdio;
+use std::sync::Arc;
+
+use ackloop::{Channels, Signups, create_user};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{ConnectOptions, PgPool};
+use tokio::process::{Child, Command};
+use tokio::task::JoinSet;
+
+use crate::common::*;
+
+fn worker_process(url: &str) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_ackloop"))
+        .args(["worker", "--concurrency", "2"])
+        .env("DATABASE_URL", url)
+        .env("RUST_LOG", "ackloop=info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start ackloop worker")
+}
+
+async fn signal(child: &Child, name: &str) {
+    let pid = child.id().expect("the process is running").to_string();
+    let status = Command::new("kill").args([name, &pid]).status().await.unwrap();
+    assert!(status.success(), "kill {name} {pid}");
+}
+
+async fn backends_waiting_on_locks(pool: &PgPool) -> i64 {
+    sqlx::query_scalar!(
+        r#"
+        select count(*) as "count!"
+        from pg_stat_activity
+        where datname = current_database()
+          and wait_event_type = 'Lock'
+        "#
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+#[sqlx::test]
+async fn a_worker_killed_mid_batch_releases_its_jobs_to_another(
+    options: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let url = connect.to_url_lossy().to_string();
+    let pool = pool(options, connect, 6).await;
+    let mut conn = pool.acquire().await.unwrap();
+    for n in 0..5 {
+        create_user(&mut conn, &Channels::default(), &user(n))
+            .await
+            .unwrap();
+    }
+    drop(conn);
+    // Hold every user row, so the worker's batch claims the jobs, then blocks creating players
+    // (the foreign key check needs a share lock on the user).
+    let mut blocker = pool.begin().await.unwrap();
+    sqlx::query!("select id from users for update")
+        .fetch_all(&mut *blocker)
+        .await
+        .unwrap();
+
+    let doomed = worker_process(&url);
+    wait_until("the worker's batch waits on the held users", || async {
+        backends_waiting_on_locks(&pool).await == 1
+    })
+    .await;
+    signal(&doomed, "-KILL").await;
+
+    // The dead worker's backend notices within client_connection_check_interval and rolls back,
+    // though the lock it waits for is still held.
+    wait_until("the dead worker's backend gives up its claim", || async {
+        backends_waiting_on_locks(&pool).await == 0
+    })
+    .await;
+    let pending = sqlx::query!("select status, attempts from player_creation_jobs")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    assert!(
+        pending
+            .iter()
+            .all(|job| job.status == "pending" && job.attempts == 0),
+        "the killed worker's claims rolled back: {pending:?}"
+    );
+    blocker.commit().await.unwrap();
+
+    let survivor = spawn_worker(&pool, worker_config());
+    wait_until("another worker completes the jobs", || async {
+        count_jobs_with_status(&pool, "done").await == 5
+    })
+    .await;
+    assert_eq!(counts(&pool).await.players, 5);
+    let attempts = sqlx::query_scalar!(r#"select max(attempts) as "max!" from player_creation_jobs"#)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(attempts, 1, "only the surviving worker's attempt counts");
+    survivor.stop().await;
+}
+
+#[sqlx::test]
+async fn sigterm_under_load_drains_and_no_signup_is_lost(options: PgPoolOptions, connect: PgConnectOptions) {
+    let url = connect.to_url_lossy().to_string();
+    let pool = pool(options, connect, 8).await;
+    let worker = worker_process(&url);
+    let signups = Arc::new(signups(&pool).await);
+    const TOTAL: usize = 200;
+
+    let mut callers = JoinSet::new();
+    for caller in 0..16 {
+        let signups = Arc::clone(&signups);
+        callers.spawn(async move {
+            for n in (caller..TOTAL).step_by(16) {
+                signups
+                    .create_user_and_await_player(&user(n), DEADLINE)
+                    .await
+                    .unwrap_or_else(|err| panic!("signup {n}: {err}"));
+            }
+        });
+    }
+    wait_until("the worker has done some of the work", || async {
+        counts(&pool).await.players >= 20
+    })
+    .await;
+    signal(&worker, "-TERM").await;
+    let exited = within("the worker to drain and exit", worker.wait_with_output())
+        .await
+        .unwrap();
+    let log = String::from_utf8_lossy(&exited.stderr);
+    assert_eq!(exited.status.code(), Some(0), "{log}");
+    assert!(log.contains("worker stopped"), "{log}");
+
+    // What the stopped worker left is pending, not half-done; a new worker finishes it and every
+    // caller is confirmed.
+    let replacement = spawn_worker(&pool, worker_config());
+    within("every caller to be confirmed", callers.join_all()).await;
+    let counts = counts(&pool).await;
+    assert_eq!((counts.users, counts.jobs, counts.players), (200, 200, 200));
+    assert_eq!(count_jobs_with_status(&pool, "done").await, 200);
+    replacement.stop().await;
+}
+
+#[sqlx::test]
+async fn a_schema_newer_than_the_binary_is_refused_with_exit_9(
+    options: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let url = connect.to_url_lossy().to_string();
+    let pool = pool(options, connect, 2).await;
+    execute(
+        &pool,
+        "insert into _sqlx_migrations (version, description, success, checksum, execution_time)
+         values (99990101000000, 'from the future', true, '\\x00', 0)",
+    )
+    .await;
+
+    for args in [&["status"][..], &["worker"], &["migrate"]] {
+        let output = within(
+            "ackloop to refuse",
+            Command::new(env!("CARGO_BIN_EXE_ackloop"))
+                .args(args)
+                .env("DATABASE_URL", &url)
+                .output(),
+        )
+        .await
+        .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(9), "{args:?}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
+    }
+    let err = ackloop::check_schema(&pool).await.unwrap_err();
+    assert!(matches!(err, ackloop::SchemaError::Newer { ref unknown } if unknown == &[99990101000000]));
+}
+
+/// A login role for this test alone (roles are cluster-wide, tests run in parallel), member of
+/// one of the group roles from `sql/roles.sql`.
+async fn login_role(pool: &PgPool, group: &str) -> String {
+    // The database's oid: short, lower case and unique among the tests running now.
+    let database = sqlx::query_scalar!(
+        r#"select oid::int8 as "oid!" from pg_database where datname = current_database()"#
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    let role = format!("{group}_{database}");
+    let sql = format!("drop role if exists {role}; create role {role} login in role {group}");
+    sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+        .execute(pool)
+        .await
+        .unwrap();
+    role
+}
+
+#[sqlx::test]
+async fn the_whole_loop_runs_as_least_privileged_roles(options: PgPoolOptions, connect: PgConnectOptions) {
+    let admin = pool(options.clone(), connect.clone(), 2).await;
+    sqlx::raw_sql(include_str!("../../sql/roles.sql"))
+        .execute(&admin)
+        .await
+        .unwrap();
+    let auth_role = login_role(&admin, "ackloop_auth").await;
+    let worker_role = login_role(&admin, "ackloop_worker").await;
+    let auth_pool = pool(options.clone(), connect.clone().username(&auth_role), 3).await;
+    let worker_options = ackloop::worker_session_options(connect.clone().username(&worker_role));
+    let worker_pool = pool(options, worker_options, 3).await;
+
+    ackloop::check_schema(&auth_pool)
+        .await
+        .expect("auth role reads the schema version");
+    ackloop::check_schema(&worker_pool)
+        .await
+        .expect("worker role reads the schema version");
+    let worker = spawn_worker(&worker_pool, worker_config());
+    let signups = Signups::connect(auth_pool.clone()).await.unwrap();
+    for n in 0..3 {
+        signups
+            .create_user_and_await_player(&user(n), DEADLINE)
+            .await
+            .expect("signup as the auth role");
+    }
+    let taken = signups.create_user_and_await_player(&user(0), DEADLINE).await;
+    assert!(
+        matches!(taken, Err(ackloop::SignupError::EmailTaken)),
+        "{taken:?}"
+    );
+
+    // Neither side can do the other's work.
+    let forged_player = sqlx::query("insert into players (user_id, display_name) values (1, 'x')")
+        .execute(&auth_pool)
+        .await
+        .unwrap_err();
+    assert!(
+        forged_player.to_string().contains("permission denied"),
+        "{forged_player}"
+    );
+    let forged_user = sqlx::query("insert into users (email, display_name) values ('w@example.com', 'W')")
+        .execute(&worker_pool)
+        .await
+        .unwrap_err();
+    assert!(
+        forged_user.to_string().contains("permission denied"),
+        "{forged_user}"
+    );
+
+    worker.stop().await;
+    assert_eq!(counts(&admin).await.players, 3);
+    worker_pool.close().await;
+    auth_pool.close().await;
+    drop(signups);
+    let sql = format!("drop owned by {auth_role}, {worker_role}; drop role {auth_role}, {worker_role}");
+    sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+        .execute(&admin)
+        .await
+        .unwrap();
+}
