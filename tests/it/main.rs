@@ -7,5 +7,6 @@ mod cli;
 mod common;
 mod concurrency;
 mod faults;
+mod hostile_input;
 mod signup;
 mod worker;
