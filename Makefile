@@ -74,6 +74,13 @@ bench: db ## Benchmark matrix (c = 1, 16, 64, and drain) beside the pgbench ceil
 	cargo build --release
 	scripts/bench
 
+.PHONY: soak
+soak: ## Fault-injection soak on a private cluster of its own (SOAK_SEED=… repeats a run)
+	PG_DIR=$(CURDIR)/.pg-soak scripts/pg start
+	PG_DIR=$(CURDIR)/.pg-soak ACKLOOP_SOAK=1 ACKLOOP_SOAK_URL="$$(PG_DIR=$(CURDIR)/.pg-soak scripts/pg url)" \
+	  cargo test --release --test soak; \
+	  status=$$?; PG_DIR=$(CURDIR)/.pg-soak scripts/pg stop; exit $$status
+
 .PHONY: lint
 lint: migrate ## rustfmt, clippy -D warnings, and the .sqlx offline cache check
 	cargo fmt --check

@@ -420,11 +420,13 @@ async fn worker(connection: &ConnectionArgs, config: WorkerConfig) -> Result<(),
     let connections = u32::try_from(config.concurrency)
         .unwrap_or(u32::MAX)
         .saturating_add(1);
+    // Handlers first: a SIGTERM that arrives while the worker connects must stop it cleanly,
+    // not kill it with the default action.
+    let shutdown = CancellationToken::new();
+    tokio::spawn(cancel_on_signal(shutdown.clone()));
     let options = ackloop::worker_session_options(connection.connect_options()?);
     let pool = connect(options, connections).await?;
     ackloop::check_schema(&pool).await?;
-    let shutdown = CancellationToken::new();
-    tokio::spawn(cancel_on_signal(shutdown.clone()));
     Worker::new(pool, config).run(shutdown).await?;
     Ok(())
 }
