@@ -348,7 +348,8 @@ impl Processor {
     /// the bad one's error.
     async fn pass(&self) -> Result<Pass, sqlx::Error> {
         let limit = i64::from(self.config.batch_size);
-        match store::complete_due_jobs(&self.pool, limit, &self.config.channels.done).await {
+        let mut conn = self.pool.acquire().await?;
+        match store::complete_due_jobs(&mut *conn, limit, &self.config.channels.done).await {
             Ok(done) => {
                 if !done.is_empty() {
                     tracing::debug!(jobs = done.len(), "batch done");
@@ -359,15 +360,19 @@ impl Processor {
                 })
             }
             Err(err) if store::is_unavailable(&err) => Err(err),
+            // On the same connection: Postgres reports a failed statement before it has finished
+            // aborting it, so for a moment the batch's rows are still locked, and a claim on
+            // another connection would skip them and find nothing to do. This connection's next
+            // command waits for the abort.
             Err(err) => {
                 tracing::debug!(error = %err, "batch failed; completing its jobs one at a time");
-                self.pass_one_by_one(limit).await
+                self.pass_one_by_one(&mut conn, limit).await
             }
         }
     }
 
-    async fn pass_one_by_one(&self, limit: i64) -> Result<Pass, sqlx::Error> {
-        let mut tx = self.pool.begin().await?;
+    async fn pass_one_by_one(&self, conn: &mut PgConnection, limit: i64) -> Result<Pass, sqlx::Error> {
+        let mut tx = conn.begin().await?;
         let jobs = store::claim_due_jobs(&mut tx, limit).await?;
         let mut retry_at = None;
         for job in &jobs {

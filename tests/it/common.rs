@@ -54,7 +54,22 @@ impl RunningWorker {
     }
 }
 
+/// Sends the library's logs to the test's captured output (shown when a test fails), filtered
+/// by RUST_LOG (default: debug for ackloop).
+pub fn init_logs() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("ackloop=debug"));
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_test_writer()
+            .try_init();
+    });
+}
+
 pub fn spawn_worker(pool: &PgPool, config: WorkerConfig) -> RunningWorker {
+    init_logs();
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(Worker::new(pool.clone(), config).run(shutdown.clone()));
     RunningWorker { shutdown, task }

@@ -260,3 +260,166 @@ async fn the_whole_loop_runs_as_least_privileged_roles(options: PgPoolOptions, c
         .await
         .unwrap();
 }
+
+#[sqlx::test]
+async fn a_signup_whose_connection_drops_before_commit_leaves_nothing(pool: PgPool) {
+    let mut listener = listen_on(&pool, ackloop::DEFAULT_JOBS_CHANNEL).await;
+    let mut tx = pool.begin().await.unwrap();
+    create_user(&mut tx, &Channels::default(), &user(1))
+        .await
+        .unwrap();
+    let pid: i32 = sqlx::query_scalar!(r#"select pg_backend_pid() as "pid!""#)
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
+
+    let terminated = sqlx::query_scalar!(r#"select pg_terminate_backend($1) as "ok!""#, pid)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert!(terminated);
+    assert!(tx.commit().await.is_err(), "a dead connection cannot commit");
+
+    assert_eq!(
+        counts(&pool).await,
+        Counts {
+            users: 0,
+            jobs: 0,
+            players: 0
+        }
+    );
+    assert_nothing_sent_before_marker(&pool, &mut listener, ackloop::DEFAULT_JOBS_CHANNEL).await;
+}
+
+/// A private cluster for one test, so that restarting it disturbs no other test.
+struct OwnCluster {
+    dir: std::path::PathBuf,
+}
+
+impl OwnCluster {
+    async fn start() -> (Self, String) {
+        let dir = std::env::temp_dir().join(format!("ackloop-restart-{}", std::process::id()));
+        let cluster = Self { dir };
+        cluster.pg("start").await;
+        let url = cluster.pg("url").await;
+        (cluster, url.trim().to_owned())
+    }
+
+    async fn pg(&self, command: &str) -> String {
+        let output = within(
+            "scripts/pg",
+            Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/pg"))
+                .arg(command)
+                .env("PG_DIR", &self.dir)
+                .output(),
+        )
+        .await
+        .unwrap();
+        assert!(
+            output.status.success(),
+            "scripts/pg {command}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8(output.stdout).unwrap()
+    }
+}
+
+impl Drop for OwnCluster {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/pg"))
+            .arg("stop")
+            .env("PG_DIR", &self.dir)
+            .status();
+        if let Ok(target) = std::fs::read_link(&self.dir) {
+            let _ = std::fs::remove_dir_all(target);
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+        let _ = std::fs::remove_file(&self.dir);
+    }
+}
+
+#[tokio::test]
+async fn workers_and_waiting_callers_carry_on_after_postgres_restarts() {
+    let (cluster, url) = OwnCluster::start().await;
+    let options: PgConnectOptions = url.parse().unwrap();
+    let pool = PgPoolOptions::new()
+        .max_connections(6)
+        .acquire_timeout(std::time::Duration::from_secs(5))
+        .connect_with(options.clone())
+        .await
+        .unwrap();
+    ackloop::run_migrations(&pool).await.unwrap();
+    let worker_pool = PgPoolOptions::new()
+        .max_connections(3)
+        .connect_with(ackloop::worker_session_options(options))
+        .await
+        .unwrap();
+    let worker = spawn_worker(&worker_pool, worker_config());
+    let signups = Arc::new(signups(&pool).await);
+    signups
+        .create_user_and_await_player(&user(0), DEADLINE)
+        .await
+        .expect("signup before the restart");
+
+    // Callers in flight while the server restarts get their player, or a clear error with the
+    // job id whenever their signup may have committed.
+    let mut in_flight = JoinSet::new();
+    for n in 1..=20 {
+        let signups = Arc::clone(&signups);
+        in_flight.spawn(async move { signups.create_user_and_await_player(&user(n), DEADLINE).await });
+    }
+    cluster.pg("restart").await;
+    let mut unconfirmed_jobs = Vec::new();
+    for result in within("callers in flight", in_flight.join_all()).await {
+        match result {
+            Ok(_) => {}
+            Err(err @ (ackloop::SignupError::Unavailable { .. } | ackloop::SignupError::TimedOut { .. })) => {
+                unconfirmed_jobs.extend(err.job_id());
+            }
+            Err(err) => panic!("unexpected error across a restart: {err:?}"),
+        }
+    }
+
+    // After the restart, the worker (poll an hour away) and the signup listener come back by
+    // themselves: new signups are confirmed.
+    let mut after = None;
+    for attempt in 0..50 {
+        match signups
+            .create_user_and_await_player(&user(100 + attempt), DEADLINE)
+            .await
+        {
+            Ok(player) => {
+                after = Some(player);
+                break;
+            }
+            // The pool may hand out a connection the restart killed; the next one is fresh.
+            Err(ackloop::SignupError::Unavailable { .. }) => continue,
+            Err(err) => panic!("signup after the restart: {err:?}"),
+        }
+    }
+    assert!(after.is_some(), "signups work again after the restart");
+
+    // Nothing committed is lost: every job that exists ends done, including those of callers
+    // who got an error.
+    wait_until("every committed job is done", || async {
+        count_jobs_with_status(&pool, "pending").await == 0
+    })
+    .await;
+    let counts = counts(&pool).await;
+    assert_eq!(counts.users, counts.players);
+    assert_eq!(counts.jobs, counts.players);
+    let ids: Vec<uuid::Uuid> = unconfirmed_jobs.iter().map(ackloop::JobId::as_uuid).collect();
+    let undone = sqlx::query_scalar!(
+        r#"select count(*) as "count!" from player_creation_jobs where id = any($1) and status <> 'done'"#,
+        &ids
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(undone, 0, "an unconfirmed caller's committed job was left undone");
+    worker.stop().await;
+    drop(signups);
+    pool.close().await;
+    worker_pool.close().await;
+    drop(cluster);
+}
