@@ -32,6 +32,7 @@ pub struct BenchConfig {
     pub writers: usize,
     pub max_batch: usize,
     pub drain: bool,
+    pub garbage: bool,
     pub keep: bool,
 }
 
@@ -52,6 +53,7 @@ pub struct BenchReport {
     max_ms: f64,
     connections: i64,
     peak_rss_mb: f64,
+    garbage_sent: u64,
     timeouts: usize,
     errors: usize,
     ok: bool,
@@ -90,6 +92,9 @@ impl BenchReport {
             "connections used: {}   peak RSS: {:.1} MiB",
             self.connections, self.peak_rss_mb
         );
+        if self.garbage_sent > 0 {
+            println!("garbage notifications sent meanwhile: {}", self.garbage_sent);
+        }
         println!(
             "verification: {} ({})",
             if self.ok { "ok" } else { "FAILED" },
@@ -143,6 +148,10 @@ async fn run_on(options: PgConnectOptions, config: &BenchConfig) -> Result<Bench
         .await?;
     let peak_connections = Arc::new(AtomicU64::new(0));
     let sampler = tokio::spawn(sample_connections(options.clone(), Arc::clone(&peak_connections)));
+    let garbage_sent = Arc::new(AtomicU64::new(0));
+    let flood = config
+        .garbage
+        .then(|| tokio::spawn(flood_garbage(options.clone(), Arc::clone(&garbage_sent))));
 
     let report = if config.drain {
         drain(&pool, &options, config, workers_per_process).await?
@@ -150,11 +159,15 @@ async fn run_on(options: PgConnectOptions, config: &BenchConfig) -> Result<Bench
         signups(&pool, &options, config, workers_per_process).await?
     };
     sampler.abort();
+    if let Some(flood) = flood {
+        flood.abort();
+    }
     let connections = i64::try_from(peak_connections.load(Ordering::Relaxed)).unwrap_or(i64::MAX);
     let (ok, verification) = verify(&pool, config.signups).await?;
     pool.close().await;
     Ok(BenchReport {
         connections,
+        garbage_sent: garbage_sent.load(Ordering::Relaxed),
         ok: ok && report.timeouts == 0 && report.errors == 0,
         verification,
         ..report
@@ -321,6 +334,7 @@ async fn signups(
         max_ms: latencies.max_ms(),
         connections: 0,
         peak_rss_mb: peak_rss_mb(),
+        garbage_sent: 0,
         timeouts,
         errors,
         ok: true,
@@ -391,6 +405,7 @@ async fn drain(
         max_ms: 0.0,
         connections: 0,
         peak_rss_mb: peak_rss_mb(),
+        garbage_sent: 0,
         timeouts: 0,
         errors: 0,
         ok: true,
@@ -472,6 +487,28 @@ async fn verify(pool: &PgPool, expected: usize) -> Result<(bool, String), sqlx::
         ok,
         format!("users {users}, players {players}, jobs done {done}, not done {pending}, doubled {doubled}"),
     ))
+}
+
+/// Notifies garbage on both channels as fast as one connection can: payloads that are not job
+/// ids, 8 kB ones, and ids of no job, 10 of each kind per statement.
+async fn flood_garbage(options: PgConnectOptions, sent: Arc<AtomicU64>) {
+    let Ok(mut conn) = PgConnection::connect_with(&options).await else {
+        return;
+    };
+    loop {
+        let result = sqlx::query(
+            "select pg_notify(channel, payload)
+             from unnest(array['player_jobs', 'player_jobs_done']) as channel,
+                  lateral (select unnest(array['garbage', repeat('x', 7990), gen_random_uuid()::text]) || n
+                           from generate_series(1, 10) as n) as payloads(payload)",
+        )
+        .execute(&mut conn)
+        .await;
+        if result.is_err() {
+            return;
+        }
+        sent.fetch_add(60, Ordering::Relaxed);
+    }
 }
 
 /// Samples the scratch database's backends every 50ms and keeps the largest count.

@@ -137,6 +137,46 @@ impl BadPayload {
     }
 }
 
+/// How often to log about ignored payloads during a flood of them.
+const IGNORED_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Logs payloads that are not job ids without flooding the log: the first at once, then one line
+/// per [`IGNORED_LOG_INTERVAL`] counting those not shown.
+pub(crate) struct IgnoredPayloads {
+    channel: ChannelName,
+    last_logged: Option<tokio::time::Instant>,
+    not_logged: u64,
+}
+
+impl IgnoredPayloads {
+    pub(crate) fn new(channel: ChannelName) -> Self {
+        Self {
+            channel,
+            last_logged: None,
+            not_logged: 0,
+        }
+    }
+
+    pub(crate) fn record(&mut self, err: &BadPayload) {
+        let now = tokio::time::Instant::now();
+        if self
+            .last_logged
+            .is_some_and(|last| now.duration_since(last) < IGNORED_LOG_INTERVAL)
+        {
+            self.not_logged += 1;
+            return;
+        }
+        tracing::warn!(
+            channel = %self.channel,
+            error = %err,
+            ignored_since_last_line = self.not_logged,
+            "ignored a payload that is not a job id"
+        );
+        self.last_logged = Some(now);
+        self.not_logged = 0;
+    }
+}
+
 /// What a [`Subscription`] reports.
 pub(crate) enum Event {
     /// A notification; its payload is still untrusted.
@@ -230,6 +270,11 @@ impl Subscription {
     /// A notification that has already arrived, without waiting; for draining bursts in one go.
     pub(crate) fn next_buffered(&mut self) -> Option<PgNotification> {
         self.listener.as_mut()?.next_buffered()
+    }
+
+    /// The channel listened on.
+    pub(crate) fn channel(&self) -> &ChannelName {
+        &self.channel
     }
 }
 

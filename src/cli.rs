@@ -120,6 +120,9 @@ pub enum Command {
         /// Enqueue every job first, then time the workers alone
         #[arg(long)]
         drain: bool,
+        /// Flood both channels with garbage payloads from one connection during the run
+        #[arg(long)]
+        garbage: bool,
         /// Keep the scratch database for inspection
         #[arg(long)]
         keep: bool,
@@ -300,6 +303,7 @@ async fn dispatch(cli: Cli) -> Result<(), Failure> {
             writers,
             max_batch,
             drain,
+            garbage,
             keep,
             json,
         } => {
@@ -312,6 +316,7 @@ async fn dispatch(cli: Cli) -> Result<(), Failure> {
                 writers,
                 max_batch,
                 drain,
+                garbage,
                 keep,
             };
             let report = crate::bench::run(connection.connect_options()?, config)

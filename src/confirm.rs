@@ -18,7 +18,7 @@ use tokio::time::Instant;
 use tracing::Instrument;
 use uuid::Uuid;
 
-use crate::channel::{ChannelName, Event, Subscription, parse_job_id};
+use crate::channel::{ChannelName, Event, IgnoredPayloads, Subscription, parse_job_id};
 use crate::job::{JobId, JobStatus};
 use crate::signup::Player;
 use crate::store::{self, JobOutcomeRow};
@@ -183,12 +183,13 @@ enum Hint {
 /// The listener task: reads notifications and passes job ids on, never waiting on a query, so
 /// that while the resolver confirms one burst from the tables, the next burst queues up whole.
 async fn read(mut subscription: Subscription, hints: mpsc::UnboundedSender<Hint>) {
+    let mut ignored = IgnoredPayloads::new(subscription.channel().clone());
     loop {
         let hint = match subscription.next().await {
             Event::Notification(notification) => match parse_job_id(notification.payload()) {
                 Ok(job_id) => Hint::Notified(job_id),
                 Err(err) => {
-                    tracing::warn!(error = %err, "ignored a payload on the done channel");
+                    ignored.record(&err);
                     continue;
                 }
             },

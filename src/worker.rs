@@ -15,7 +15,7 @@ use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::channel::{Channels, Event, Subscription, parse_job_id};
+use crate::channel::{Channels, Event, IgnoredPayloads, Subscription, parse_job_id};
 use crate::job::Backoff;
 use crate::store::{self, ClaimedJob};
 
@@ -246,6 +246,7 @@ async fn wake_on_notifications(
     shutdown: CancellationToken,
 ) {
     let loops = processor.config.concurrency;
+    let mut ignored = IgnoredPayloads::new(subscription.channel().clone());
     loop {
         let event = tokio::select! {
             () = shutdown.cancelled() => return,
@@ -253,9 +254,9 @@ async fn wake_on_notifications(
         };
         let wake_ups = match event {
             Event::Notification(first) => {
-                let mut jobs = usize::from(is_job_id(first.payload()));
+                let mut jobs = usize::from(is_job_id(first.payload(), &mut ignored));
                 while let Some(next) = subscription.next_buffered() {
-                    jobs += usize::from(is_job_id(next.payload()));
+                    jobs += usize::from(is_job_id(next.payload(), &mut ignored));
                 }
                 jobs.min(loops)
             }
@@ -268,11 +269,11 @@ async fn wake_on_notifications(
     }
 }
 
-fn is_job_id(payload: &str) -> bool {
+fn is_job_id(payload: &str, ignored: &mut IgnoredPayloads) -> bool {
     match parse_job_id(payload) {
         Ok(_) => true,
         Err(err) => {
-            tracing::warn!(error = %err, "ignored a payload on the jobs channel");
+            ignored.record(&err);
             false
         }
     }

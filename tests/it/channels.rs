@@ -27,8 +27,9 @@ async fn garbage_on_both_channels_is_ignored_and_the_loop_keeps_working(
         huge.as_str(),
     ];
 
+    let mut finished_job = None;
     for round in 0..3 {
-        for payload in garbage {
+        for payload in garbage.iter().copied().chain(finished_job.as_deref()) {
             notify(&pool, DEFAULT_JOBS_CHANNEL, payload).await;
             notify(&pool, DEFAULT_DONE_CHANNEL, payload).await;
         }
@@ -36,6 +37,12 @@ async fn garbage_on_both_channels_is_ignored_and_the_loop_keeps_working(
             .create_user_and_await_player(&user(round), DEADLINE)
             .await
             .expect("signups still confirmed after garbage");
+        // Next round, also the id of another user's finished job.
+        let job_id: uuid::Uuid = sqlx::query_scalar!("select id from player_creation_jobs limit 1")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        finished_job = Some(job_id.to_string());
     }
 
     assert_eq!(counts(&pool).await.players, 3);
