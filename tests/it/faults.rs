@@ -423,3 +423,38 @@ async fn workers_and_waiting_callers_carry_on_after_postgres_restarts() {
     worker_pool.close().await;
     drop(cluster);
 }
+
+#[sqlx::test]
+async fn a_frozen_worker_holds_up_nobody(options: PgPoolOptions, connect: PgConnectOptions) {
+    let url = connect.to_url_lossy().to_string();
+    let pool = pool(options, connect, 6).await;
+    let frozen = worker_process(&url);
+    let signups = signups(&pool).await;
+    signups
+        .create_user_and_await_player(&user(0), DEADLINE)
+        .await
+        .expect("the worker process is up");
+
+    signal(&frozen, "-STOP").await;
+    let other = spawn_worker(&pool, worker_config());
+    for n in 1..=5 {
+        signups
+            .create_user_and_await_player(&user(n), DEADLINE)
+            .await
+            .expect("confirmed by the worker that is not frozen");
+    }
+    signal(&frozen, "-CONT").await;
+    signal(&frozen, "-TERM").await;
+    let exited = within("the thawed worker to exit", frozen.wait_with_output())
+        .await
+        .unwrap();
+    assert_eq!(
+        exited.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&exited.stderr)
+    );
+
+    assert_eq!(counts(&pool).await.players, 6);
+    other.stop().await;
+}
