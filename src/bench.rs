@@ -33,6 +33,8 @@ pub struct BenchConfig {
     pub max_batch: usize,
     pub drain: bool,
     pub garbage: bool,
+    pub rtt: Option<Duration>,
+    pub ping_on_acquire: bool,
     pub keep: bool,
 }
 
@@ -45,6 +47,7 @@ pub struct BenchReport {
     c: usize,
     w: usize,
     p: usize,
+    rtt_ms: f64,
     secs: f64,
     throughput: f64,
     p50_ms: f64,
@@ -79,8 +82,8 @@ impl BenchReport {
             "acknowledged signups"
         };
         println!(
-            "{} {what} in {:.2}s: {:.0}/s  (c={} w={} p={})",
-            self.n, self.secs, self.throughput, self.c, self.w, self.p
+            "{} {what} in {:.2}s: {:.0}/s  (c={} w={} p={} rtt={}ms)",
+            self.n, self.secs, self.throughput, self.c, self.w, self.p, self.rtt_ms
         );
         if self.variant != "drain" {
             println!(
@@ -137,6 +140,13 @@ async fn run_on(options: PgConnectOptions, config: &BenchConfig) -> Result<Bench
     prefill(&setup).await?;
     setup.close().await;
 
+    // The loop itself (signups, workers, their listeners) goes through the delaying proxy when
+    // asked; set-up, sampling and verification connect directly.
+    let direct = options;
+    let options = match config.rtt {
+        Some(rtt) => through_proxy(&direct, rtt)?,
+        None => direct.clone(),
+    };
     let workers_per_process = config.workers.div_ceil(config.worker_processes.max(1)).max(1);
     // Independent of the number of callers: writers and worker loops hold one connection each
     // while they work, and two more cover confirmation reads and final checks.
@@ -144,14 +154,15 @@ async fn run_on(options: PgConnectOptions, config: &BenchConfig) -> Result<Bench
     let pool = PgPoolOptions::new()
         .max_connections(pool_size)
         .min_connections(pool_size)
+        .test_before_acquire(config.ping_on_acquire)
         .connect_with(options.clone())
         .await?;
     let peak_connections = Arc::new(AtomicU64::new(0));
-    let sampler = tokio::spawn(sample_connections(options.clone(), Arc::clone(&peak_connections)));
+    let sampler = tokio::spawn(sample_connections(direct.clone(), Arc::clone(&peak_connections)));
     let garbage_sent = Arc::new(AtomicU64::new(0));
     let flood = config
         .garbage
-        .then(|| tokio::spawn(flood_garbage(options.clone(), Arc::clone(&garbage_sent))));
+        .then(|| tokio::spawn(flood_garbage(direct.clone(), Arc::clone(&garbage_sent))));
 
     let report = if config.drain {
         drain(&pool, &options, config, workers_per_process).await?
@@ -167,11 +178,30 @@ async fn run_on(options: PgConnectOptions, config: &BenchConfig) -> Result<Bench
     pool.close().await;
     Ok(BenchReport {
         connections,
+        rtt_ms: config.rtt.map_or(0.0, |rtt| rtt.as_secs_f64() * 1000.0),
         garbage_sent: garbage_sent.load(Ordering::Relaxed),
         ok: ok && report.timeouts == 0 && report.errors == 0,
         verification,
         ..report
     })
+}
+
+/// Connect options that reach the same database through a local proxy adding `rtt` per round
+/// trip. `PgConnectOptions` cannot drop a socket path once set, so the URL is rebuilt.
+fn through_proxy(direct: &PgConnectOptions, rtt: Duration) -> Result<PgConnectOptions, sqlx::Error> {
+    let upstream = match direct.get_socket() {
+        Some(dir) => crate::latency::Upstream::Unix(dir.join(format!(".s.PGSQL.{}", direct.get_port()))),
+        None => crate::latency::Upstream::Tcp(format!("{}:{}", direct.get_host(), direct.get_port())),
+    };
+    let port = crate::latency::start(upstream, rtt / 2).map_err(sqlx::Error::Io)?;
+    let url = direct.to_url_lossy().to_string();
+    // postgres://user[:password]@HOST:PORT/database?params: replace HOST:PORT.
+    let after_at = url.rfind('@').map_or(0, |at| at + 1);
+    let path = url[after_at..]
+        .find('/')
+        .map_or(url.len(), |slash| after_at + slash);
+    let proxied = format!("{}127.0.0.1:{port}{}", &url[..after_at], &url[path..]);
+    proxied.parse()
 }
 
 /// Inserts finished users, jobs and players, then analyses, so plans are those of a live system.
@@ -326,6 +356,7 @@ async fn signups(
         c: config.concurrency,
         w: config.workers,
         p: config.worker_processes,
+        rtt_ms: 0.0,
         secs,
         throughput: latencies.count() as f64 / secs,
         p50_ms: percentile(0.50),
@@ -397,6 +428,7 @@ async fn drain(
         c: config.concurrency,
         w: config.workers,
         p: config.worker_processes,
+        rtt_ms: 0.0,
         secs,
         throughput: config.signups as f64 / secs,
         p50_ms: 0.0,

@@ -123,6 +123,13 @@ pub enum Command {
         /// Flood both channels with garbage payloads from one connection during the run
         #[arg(long)]
         garbage: bool,
+        /// Reach the database through a proxy adding this round-trip time (1ms: a data centre)
+        #[arg(long, value_parser = parse_duration)]
+        rtt: Option<Duration>,
+        /// Let the pool ping each connection before handing it out (sqlx's default; one more
+        /// round trip per query)
+        #[arg(long)]
+        ping_on_acquire: bool,
         /// Keep the scratch database for inspection
         #[arg(long)]
         keep: bool,
@@ -304,6 +311,8 @@ async fn dispatch(cli: Cli) -> Result<(), Failure> {
             max_batch,
             drain,
             garbage,
+            rtt,
+            ping_on_acquire,
             keep,
             json,
         } => {
@@ -317,6 +326,8 @@ async fn dispatch(cli: Cli) -> Result<(), Failure> {
                 max_batch,
                 drain,
                 garbage,
+                rtt,
+                ping_on_acquire,
                 keep,
             };
             let report = crate::bench::run(connection.connect_options()?, config)
@@ -373,6 +384,10 @@ async fn connect(options: PgConnectOptions, connections: u32) -> Result<PgPool, 
     let pool = PgPoolOptions::new()
         .max_connections(connections)
         .acquire_timeout(CONNECT_TIMEOUT)
+        // sqlx pings every connection it hands out by default: a round trip before each query.
+        // A connection a restart killed fails its query instead, which the worker retries and
+        // a signup reports as Unavailable.
+        .test_before_acquire(false)
         .connect_lazy_with(options);
     // Hand the probe to nobody: closing it keeps the pool's connection count honest.
     let _ = probe.close().await;

@@ -8,6 +8,7 @@ use tracing_subscriber::EnvFilter;
 
 mod bench;
 mod cli;
+mod latency;
 
 fn main() -> ExitCode {
     let cli = cli::Cli::parse();
