@@ -96,43 +96,8 @@ pub enum Command {
     /// connections used, peak RSS, and a verification line. Example:
     /// ackloop bench --signups 20000 --concurrency 64 --workers 2
     Bench {
-        /// Signups to run (or jobs to drain)
-        #[arg(long, default_value_t = 10_000)]
-        signups: usize,
-        /// Concurrent callers of create_user_and_await_player
-        #[arg(long, default_value_t = 64)]
-        concurrency: usize,
-        /// Worker processing loops in all
-        #[arg(long, default_value_t = WorkerConfig::default().concurrency)]
-        workers: usize,
-        /// Run the workers as this many `ackloop worker` processes instead of in this process
-        #[arg(long, default_value_t = 0)]
-        worker_processes: usize,
-        /// Jobs claimed and completed per worker transaction
-        #[arg(long, default_value_t = WorkerConfig::default().batch_size)]
-        batch_size: u16,
-        /// Signup writer tasks (concurrent signups share their transactions)
-        #[arg(long, default_value_t = ackloop::SignupsConfig::default().writers)]
-        writers: usize,
-        /// Most signups per transaction (1 writes each signup alone)
-        #[arg(long, default_value_t = ackloop::SignupsConfig::default().max_batch)]
-        max_batch: usize,
-        /// Enqueue every job first, then time the workers alone
-        #[arg(long)]
-        drain: bool,
-        /// Flood both channels with garbage payloads from one connection during the run
-        #[arg(long)]
-        garbage: bool,
-        /// Reach the database through a proxy adding this round-trip time (1ms: a data centre)
-        #[arg(long, value_parser = parse_duration)]
-        rtt: Option<Duration>,
-        /// Let the pool ping each connection before handing it out (sqlx's default; one more
-        /// round trip per query)
-        #[arg(long)]
-        ping_on_acquire: bool,
-        /// Keep the scratch database for inspection
-        #[arg(long)]
-        keep: bool,
+        #[command(flatten)]
+        config: crate::bench::BenchConfig,
         /// Print one JSON line
         #[arg(long)]
         json: bool,
@@ -301,35 +266,7 @@ async fn dispatch(cli: Cli) -> Result<(), Failure> {
             worker(&connection, config).await
         }
         Command::Status { json } => status(&connection, json).await,
-        Command::Bench {
-            signups,
-            concurrency,
-            workers,
-            worker_processes,
-            batch_size,
-            writers,
-            max_batch,
-            drain,
-            garbage,
-            rtt,
-            ping_on_acquire,
-            keep,
-            json,
-        } => {
-            let config = crate::bench::BenchConfig {
-                signups,
-                concurrency,
-                workers,
-                worker_processes,
-                batch_size,
-                writers,
-                max_batch,
-                drain,
-                garbage,
-                rtt,
-                ping_on_acquire,
-                keep,
-            };
+        Command::Bench { config, json } => {
             let report = crate::bench::run(connection.connect_options()?, config)
                 .await
                 .map_err(Failure::Bench)?;
@@ -507,8 +444,8 @@ async fn status(connection: &ConnectionArgs, json: bool) -> Result<(), Failure> 
     Ok(())
 }
 
-/// Reads `500ms`, `5s`, `2m`, `1h`, or a bare number of seconds.
-fn parse_duration(text: &str) -> Result<Duration, String> {
+/// Reads `500us`, `500ms`, `5s`, `2m`, `1h`, or a bare number of seconds.
+pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
     let split = text
         .find(|c: char| !c.is_ascii_digit() && c != '.')
@@ -518,11 +455,12 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
         .parse()
         .map_err(|_| format!("{text:?} is not a duration like 500ms, 5s or 2m"))?;
     let seconds = match unit {
+        "us" => value / 1_000_000.0,
         "ms" => value / 1000.0,
         "" | "s" => value,
         "m" => value * 60.0,
         "h" => value * 3600.0,
-        _ => return Err(format!("unknown unit {unit:?}: use ms, s, m or h")),
+        _ => return Err(format!("unknown unit {unit:?}: use us, ms, s, m or h")),
     };
     Duration::try_from_secs_f64(seconds).map_err(|err| format!("{text:?}: {err}"))
 }
@@ -534,6 +472,7 @@ mod tests {
     #[test]
     fn durations_parse_with_units() {
         assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("250us"), Ok(Duration::from_micros(250)));
         assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
         assert_eq!(parse_duration("5"), Ok(Duration::from_secs(5)));
         assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
