@@ -102,6 +102,37 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Wait for the player of a signup already committed (one whose first wait timed out)
+    ///
+    /// Example: ackloop await 0193a5c2-…  or  ackloop await --email ada@example.com --timeout 30s
+    Await {
+        /// The job id (printed by a signup that timed out)
+        #[arg(required_unless_present = "email", conflicts_with = "email")]
+        job_id: Option<ackloop::JobId>,
+        /// Find the job by its user's email instead
+        #[arg(long)]
+        email: Option<String>,
+        /// How long to wait: 500ms, 5s, 2m
+        #[arg(long, default_value = "30s", value_parser = parse_duration)]
+        timeout: Duration,
+        /// Print one JSON object instead of text
+        #[arg(long)]
+        json: bool,
+    },
+    /// Inspect, retry and prune jobs
+    Jobs {
+        #[command(subcommand)]
+        command: JobsCommand,
+    },
+    /// Check everything the loop needs and say how to fix what is wrong (exit 10 if anything is)
+    Doctor {
+        /// Pending jobs older than this count as stuck
+        #[arg(long, default_value = "60s", value_parser = parse_duration)]
+        stale_after: Duration,
+        /// Print one JSON object instead of text
+        #[arg(long)]
+        json: bool,
+    },
     /// Show job counts by status, the oldest pending job's age, and recent failures
     Status {
         /// Print one JSON object instead of text
@@ -112,6 +143,49 @@ pub enum Command {
 
 /// How long to wait for the database before giving up with exit code 7.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// `ackloop jobs …`.
+#[derive(Debug, Subcommand)]
+pub enum JobsCommand {
+    /// Show one job: its user, attempts, last error, timestamps, and whether a player exists
+    ///
+    /// Example: ackloop jobs show 0193a5c2-…
+    Show {
+        /// The job id
+        job_id: ackloop::JobId,
+        /// Print one JSON object instead of text
+        #[arg(long)]
+        json: bool,
+    },
+    /// Put a failed job (or every failed job) back to pending, with fresh attempts
+    ///
+    /// Examples: ackloop jobs retry 0193a5c2-…   ackloop jobs retry --failed
+    Retry {
+        /// The failed job to retry
+        #[arg(required_unless_present = "failed", conflicts_with = "failed")]
+        job_id: Option<ackloop::JobId>,
+        /// Retry every failed job
+        #[arg(long)]
+        failed: bool,
+        /// Print one JSON object instead of text
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete done and failed jobs that finished longer ago than --older-than (users and players stay)
+    ///
+    /// Example: ackloop jobs prune --older-than 7d --dry-run
+    Prune {
+        /// Retention: 7d, 12h, 30m
+        #[arg(long, value_parser = parse_duration)]
+        older_than: Duration,
+        /// Only count what would be deleted
+        #[arg(long)]
+        dry_run: bool,
+        /// Print one JSON object instead of text
+        #[arg(long)]
+        json: bool,
+    },
+}
 
 const EXIT_CODES: &str = "\
 Exit codes:
@@ -124,7 +198,8 @@ Exit codes:
   6  the job failed (the message gives the recorded error)
   7  cannot reach the database, or DATABASE_URL is missing or malformed
   8  the schema is missing or behind: run `ackloop migrate`
-  9  the schema is newer than this ackloop: upgrade ackloop";
+  9  the schema is newer than this ackloop: upgrade ackloop
+  10 doctor found something that needs attention; a job to retry is done or pending";
 
 /// Everything a subcommand can fail with, each mapped to one exit code in [`Failure::exit_code`].
 #[derive(Debug, thiserror::Error)]
@@ -149,6 +224,10 @@ enum Failure {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error(transparent)]
     Schema(#[from] ackloop::SchemaError),
+    #[error(transparent)]
+    Admin(#[from] ackloop::AdminError),
+    #[error("doctor found {0} problem(s)")]
+    Doctor(usize),
     #[error("cannot read the queue")]
     Query(#[source] sqlx::Error),
     #[error("benchmark failed")]
@@ -174,6 +253,9 @@ impl Failure {
             Self::Schema(ackloop::SchemaError::Newer { .. })
             | Self::Migrate(sqlx::migrate::MigrateError::VersionMissing(_)) => 9,
             Self::Worker(WorkerError::Config(_)) => 2,
+            Self::Admin(ackloop::AdminError::UnknownJob(_)) | Self::Signup(SignupError::UnknownJob(_)) => 3,
+            Self::Admin(ackloop::AdminError::AlreadyDone(_) | ackloop::AdminError::StillPending(_))
+            | Self::Doctor(_) => 10,
             _ => 1,
         }
     }
@@ -188,6 +270,7 @@ impl Failure {
             7 => "unavailable",
             8 => "schema_missing",
             9 => "schema_newer",
+            10 => "attention",
             _ => "error",
         }
     }
@@ -266,6 +349,14 @@ async fn dispatch(cli: Cli) -> Result<(), Failure> {
             worker(&connection, config).await
         }
         Command::Status { json } => status(&connection, json).await,
+        Command::Await {
+            job_id,
+            email,
+            timeout,
+            json,
+        } => await_player(&connection, job_id, email, timeout, json).await,
+        Command::Jobs { command } => jobs(&connection, command).await,
+        Command::Doctor { stale_after, json } => doctor(&connection, stale_after, json).await,
         Command::Bench { config, json } => {
             let report = crate::bench::run(connection.connect_options()?, config)
                 .await
@@ -444,7 +535,143 @@ async fn status(connection: &ConnectionArgs, json: bool) -> Result<(), Failure> 
     Ok(())
 }
 
-/// Reads `500us`, `500ms`, `5s`, `2m`, `1h`, or a bare number of seconds.
+async fn await_player(
+    connection: &ConnectionArgs,
+    job_id: Option<ackloop::JobId>,
+    email: Option<String>,
+    timeout: Duration,
+    json: bool,
+) -> Result<(), Failure> {
+    let pool = connection.migrated_pool(2).await?;
+    let job_id = match (job_id, email) {
+        (Some(job_id), _) => job_id,
+        (None, Some(email)) => ackloop::find_job_by_email(&pool, &email).await?,
+        (None, None) => unreachable!("clap requires a job id or --email"),
+    };
+    let config = SignupsConfig {
+        channels: connection.channels()?,
+        listen_options: connection.listen_options()?,
+        ..SignupsConfig::default()
+    };
+    let signups = Signups::connect_with(pool, config).await?;
+    let started = Instant::now();
+    let player = signups.await_player(job_id, timeout).await?;
+    let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
+    if json {
+        println!(
+            "{}",
+            json!({ "player": player, "job_id": job_id, "elapsed_ms": elapsed_ms })
+        );
+    } else {
+        println!(
+            "player {} ({:?}) of user {} exists (job {job_id}), confirmed in {elapsed_ms:.1} ms",
+            player.id, player.display_name, player.user_id
+        );
+    }
+    Ok(())
+}
+
+async fn jobs(connection: &ConnectionArgs, command: JobsCommand) -> Result<(), Failure> {
+    let pool = connection.migrated_pool(1).await?;
+    match command {
+        JobsCommand::Show { job_id, json } => {
+            let job = ackloop::job_details(&pool, job_id).await?;
+            if json {
+                println!("{}", serde_json::to_string(&job).expect("job details serialise"));
+                return Ok(());
+            }
+            let time =
+                |t: chrono::DateTime<chrono::Utc>| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+            let rows = [
+                ("job", job.job_id.to_string()),
+                ("status", job.status.to_string()),
+                ("user", format!("{} ({})", job.user_id, job.email)),
+                (
+                    "player",
+                    job.player_id
+                        .map_or_else(|| "none".to_owned(), |id| id.to_string()),
+                ),
+                ("attempts", job.attempts.to_string()),
+                ("last error", job.last_error.unwrap_or_else(|| "-".to_owned())),
+                ("created", time(job.created_at)),
+                ("updated", time(job.updated_at)),
+                ("run after", time(job.run_after)),
+                ("completed", job.completed_at.map_or_else(|| "-".to_owned(), time)),
+            ];
+            for (name, value) in rows {
+                println!("{name:<11} {value}");
+            }
+        }
+        JobsCommand::Retry { job_id, json, .. } => {
+            let channels = connection.channels()?;
+            let retried = match job_id {
+                Some(job_id) => {
+                    ackloop::retry_failed_job(&pool, &channels, job_id).await?;
+                    vec![job_id]
+                }
+                None => ackloop::retry_all_failed_jobs(&pool, &channels).await?,
+            };
+            if json {
+                println!("{}", json!({ "retried": retried }));
+            } else {
+                println!("{} failed job(s) put back to pending", retried.len());
+                for job_id in &retried {
+                    println!("  {job_id}");
+                }
+            }
+        }
+        JobsCommand::Prune {
+            older_than,
+            dry_run,
+            json,
+        } => {
+            let (count, verb) = if dry_run {
+                let count = ackloop::count_prunable_jobs(&pool, older_than).await?;
+                (u64::try_from(count).unwrap_or_default(), "would delete")
+            } else {
+                (ackloop::prune_finished_jobs(&pool, older_than).await?, "deleted")
+            };
+            if json {
+                println!("{}", json!({ "dry_run": dry_run, "jobs": count }));
+            } else {
+                println!("{verb} {count} finished job(s) older than {older_than:?}");
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn doctor(connection: &ConnectionArgs, stale_after: Duration, json: bool) -> Result<(), Failure> {
+    let pool = connection.pool(2).await?;
+    let listen_options = match connection.listen_options()? {
+        Some(options) => options,
+        None => connection.connect_options()?,
+    };
+    let checks = ackloop::diagnose(&pool, listen_options, stale_after).await;
+    let problems = checks.iter().filter(|check| !check.ok).count();
+    if json {
+        println!("{}", json!({ "ok": problems == 0, "checks": checks }));
+    } else {
+        for check in &checks {
+            println!(
+                "{:<4} {:<19} {}",
+                if check.ok { "ok" } else { "FAIL" },
+                check.name,
+                check.detail
+            );
+            if let Some(fix) = &check.fix {
+                println!("{:<24} fix: {fix}", "");
+            }
+        }
+    }
+    if problems == 0 {
+        Ok(())
+    } else {
+        Err(Failure::Doctor(problems))
+    }
+}
+
+/// Reads `500us`, `500ms`, `5s`, `2m`, `1h`, `7d`, or a bare number of seconds.
 pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
     let split = text
@@ -460,7 +687,8 @@ pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
         "" | "s" => value,
         "m" => value * 60.0,
         "h" => value * 3600.0,
-        _ => return Err(format!("unknown unit {unit:?}: use us, ms, s, m or h")),
+        "d" => value * 86400.0,
+        _ => return Err(format!("unknown unit {unit:?}: use us, ms, s, m, h or d")),
     };
     Duration::try_from_secs_f64(seconds).map_err(|err| format!("{text:?}: {err}"))
 }

@@ -43,8 +43,10 @@
 #![warn(missing_docs)]
 #![forbid(unsafe_code)]
 
+mod admin;
 mod channel;
 mod confirm;
+mod doctor;
 mod job;
 mod schema;
 mod signup;
@@ -53,10 +55,15 @@ mod store;
 mod worker;
 mod writer;
 
+pub use admin::{
+    AdminError, JobDetails, PRUNE_BATCH, count_prunable_jobs, find_job_by_email, job_details,
+    prune_finished_jobs, retry_all_failed_jobs, retry_failed_job,
+};
 pub use channel::{
     BadPayload, ChannelName, Channels, DEFAULT_DONE_CHANNEL, DEFAULT_JOBS_CHANNEL, InvalidChannelName,
     parse_job_id,
 };
+pub use doctor::{Check, diagnose};
 pub use job::{Backoff, JobId, JobStatus, PlayerId, UnknownStatus, UserId};
 pub use schema::{SchemaError, check_schema};
 pub use signup::{

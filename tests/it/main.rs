@@ -8,5 +8,6 @@ mod common;
 mod concurrency;
 mod faults;
 mod hostile_input;
+mod operations;
 mod signup;
 mod worker;
