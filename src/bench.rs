@@ -58,6 +58,10 @@ pub struct BenchConfig {
     /// round trip per query)
     #[arg(long)]
     pub ping_on_acquire: bool,
+    /// Never LISTEN: workers and waiting signups poll the tables at this interval (what the
+    /// global --poll-only does, with the interval measured)
+    #[arg(long, value_parser = crate::cli::parse_duration)]
+    pub poll_every: Option<Duration>,
     /// Keep the scratch database for inspection
     #[arg(long)]
     pub keep: bool,
@@ -267,6 +271,8 @@ impl Workers {
             let worker_config = WorkerConfig {
                 concurrency: per_process,
                 batch_size: config.batch_size,
+                poll_only: config.poll_every.is_some(),
+                poll_interval: config.poll_every.unwrap_or(WorkerConfig::default().poll_interval),
                 ..WorkerConfig::default()
             };
             workers.in_process.push(tokio::spawn(
@@ -318,6 +324,7 @@ async fn signups(
     let signups_config = SignupsConfig {
         writers: config.writers,
         max_batch: config.max_batch,
+        poll_only: config.poll_every,
         ..SignupsConfig::default()
     };
     let handle = Arc::new(

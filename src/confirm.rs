@@ -23,6 +23,15 @@ use crate::job::{JobId, JobStatus};
 use crate::signup::Player;
 use crate::store::{self, JobOutcomeRow};
 
+/// Where confirmations come from.
+#[derive(Debug, Clone)]
+pub(crate) enum Source {
+    /// LISTEN on the done channel through a connection made with these options.
+    Listen(PgConnectOptions),
+    /// No LISTEN (a pooler that cannot carry it): look at every waiter's job at this interval.
+    Poll(std::time::Duration),
+}
+
 /// How a finished job ended, as the tables say.
 #[derive(Debug, Clone)]
 pub(crate) enum Outcome {
@@ -67,10 +76,9 @@ impl Confirmations {
     /// returns is confirmed by notification.
     pub(crate) async fn start(
         pool: PgPool,
-        listen_options: PgConnectOptions,
         channel: ChannelName,
+        source: Source,
     ) -> Result<Self, sqlx::Error> {
-        let subscription = Subscription::connect(listen_options, channel.clone()).await?;
         let shared = Arc::new(Shared {
             pool,
             waiters: Mutex::new(HashMap::new()),
@@ -78,7 +86,13 @@ impl Confirmations {
         });
         let (hints, hinted) = mpsc::unbounded_channel();
         let span = tracing::info_span!("listener", channel = %channel);
-        let reader = tokio::spawn(read(subscription, hints).instrument(span.clone()));
+        let reader = match source {
+            Source::Listen(listen_options) => {
+                let subscription = Subscription::connect(listen_options, channel).await?;
+                tokio::spawn(read(subscription, hints).instrument(span.clone()))
+            }
+            Source::Poll(interval) => tokio::spawn(tick(interval, hints)),
+        };
         let resolver = tokio::spawn(resolve(Arc::clone(&shared), hinted).instrument(span));
         Ok(Self {
             shared,
@@ -176,8 +190,9 @@ impl Shared {
 enum Hint {
     /// A confirmation arrived for this job (maybe not ours, maybe forged).
     Notified(JobId),
-    /// The listener reconnected: confirmations may have been lost.
-    Resubscribed,
+    /// Look at every waiter's job: the listener reconnected (confirmations may have been lost),
+    /// or, without a listener, the poll interval passed.
+    CheckAll,
 }
 
 /// The listener task: reads notifications and passes job ids on, never waiting on a query, so
@@ -193,9 +208,21 @@ async fn read(mut subscription: Subscription, hints: mpsc::UnboundedSender<Hint>
                     continue;
                 }
             },
-            Event::Resubscribed => Hint::Resubscribed,
+            Event::Resubscribed => Hint::CheckAll,
         };
         if hints.send(hint).is_err() {
+            return;
+        }
+    }
+}
+
+/// Without a listener: asks the resolver to look at every waiter's job at each interval.
+async fn tick(interval: std::time::Duration, hints: mpsc::UnboundedSender<Hint>) {
+    let mut ticks = tokio::time::interval(interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        if hints.send(Hint::CheckAll).is_err() {
             return;
         }
     }
@@ -211,7 +238,7 @@ async fn resolve(shared: Arc<Shared>, mut hints: mpsc::UnboundedReceiver<Hint>) 
         while let Some(hint) = next {
             match hint {
                 Hint::Notified(job_id) => notified.push(job_id),
-                Hint::Resubscribed => resubscribed = true,
+                Hint::CheckAll => resubscribed = true,
             }
             next = hints.try_recv().ok();
         }

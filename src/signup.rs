@@ -11,7 +11,7 @@ use sqlx::{PgConnection, PgPool};
 use tokio::time::Instant;
 
 use crate::channel::Channels;
-use crate::confirm::{Checked, Confirmations, Outcome};
+use crate::confirm::{Checked, Confirmations, Outcome, Source};
 use crate::job::{JobId, PlayerId, UserId};
 use crate::store;
 use crate::writer::Writers;
@@ -344,6 +344,10 @@ pub struct SignupsConfig {
     pub writers: usize,
     /// The most signups written in one transaction.
     pub max_batch: usize,
+    /// `Some(interval)`: do not LISTEN at all (for a connection that cannot carry it, such as a
+    /// transaction-mode pgbouncer with no direct route); instead look at every waiting signup's
+    /// job in the tables at this interval. Each signup then waits up to one interval longer.
+    pub poll_only: Option<std::time::Duration>,
 }
 
 impl Default for SignupsConfig {
@@ -353,6 +357,7 @@ impl Default for SignupsConfig {
             listen_options: None,
             writers: 2,
             max_batch: 64,
+            poll_only: None,
         }
     }
 }
@@ -402,10 +407,15 @@ impl Signups {
     /// # Errors
     /// As [`Signups::connect`].
     pub async fn connect_with(pool: PgPool, config: SignupsConfig) -> Result<Self, SignupError> {
-        let listen_options = config
-            .listen_options
-            .unwrap_or_else(|| (*pool.connect_options()).clone());
-        let confirmations = Confirmations::start(pool.clone(), listen_options, config.channels.done.clone())
+        let source = match config.poll_only {
+            Some(interval) => Source::Poll(interval),
+            None => Source::Listen(
+                config
+                    .listen_options
+                    .unwrap_or_else(|| (*pool.connect_options()).clone()),
+            ),
+        };
+        let confirmations = Confirmations::start(pool.clone(), config.channels.done.clone(), source)
             .await
             .map_err(|err| classify(err, None))?;
         let writers = Writers::start(

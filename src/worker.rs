@@ -76,6 +76,10 @@ pub struct WorkerConfig {
     /// Where the wake-up listener connects, when the pool's server is not right for LISTEN (a
     /// transaction-mode pgbouncer). Defaults to the pool's own connect options.
     pub listen_options: Option<PgConnectOptions>,
+    /// Do not LISTEN at all: find jobs only by polling every `poll_interval` (make it short,
+    /// 100 to 500ms). For setups where no connection can carry LISTEN; a job then waits up to
+    /// one interval before it is claimed.
+    pub poll_only: bool,
     /// On shutdown, how long in-flight batches may take to finish before they are abandoned
     /// (their transactions roll back and the jobs are pending again for the next worker).
     pub shutdown_timeout: Duration,
@@ -91,6 +95,7 @@ impl Default for WorkerConfig {
             backoff: Backoff::default(),
             channels: Channels::default(),
             listen_options: None,
+            poll_only: false,
             shutdown_timeout: Duration::from_secs(30),
         }
     }
@@ -163,26 +168,33 @@ impl Worker {
         if config.poll_interval.is_zero() {
             return Err(WorkerError::Config("poll interval must be more than zero"));
         }
-        let listen_options = config
-            .listen_options
-            .clone()
-            .unwrap_or_else(|| (*self.pool.connect_options()).clone());
-        let subscription = Subscription::connect(listen_options, config.channels.jobs.clone())
-            .await
-            .map_err(|source| WorkerError::Listen {
-                channel: config.channels.jobs.to_string(),
-                source,
-            })?;
+        let subscription = if config.poll_only {
+            None
+        } else {
+            let listen_options = config
+                .listen_options
+                .clone()
+                .unwrap_or_else(|| (*self.pool.connect_options()).clone());
+            let subscription = Subscription::connect(listen_options, config.channels.jobs.clone())
+                .await
+                .map_err(|source| WorkerError::Listen {
+                    channel: config.channels.jobs.to_string(),
+                    source,
+                })?;
+            Some(subscription)
+        };
 
         let processor = Arc::new(Processor {
             pool: self.pool,
             wake: Notify::new(),
             config,
         });
-        let listener = tokio::spawn(
-            wake_on_notifications(subscription, Arc::clone(&processor), shutdown.clone())
-                .instrument(tracing::info_span!("listener", channel = %processor.config.channels.jobs)),
-        );
+        let listener = subscription.map(|subscription| {
+            tokio::spawn(
+                wake_on_notifications(subscription, Arc::clone(&processor), shutdown.clone())
+                    .instrument(tracing::info_span!("listener", channel = %processor.config.channels.jobs)),
+            )
+        });
         let mut loops = JoinSet::new();
         for index in 0..processor.config.concurrency {
             spawn_loop(&mut loops, &processor, &shutdown, index);
@@ -190,6 +202,7 @@ impl Worker {
         tracing::info!(
             concurrency = processor.config.concurrency,
             batch.size = processor.config.batch_size,
+            poll_only = processor.config.poll_only,
             "worker started"
         );
 
@@ -207,7 +220,9 @@ impl Worker {
             }
         }
 
-        listener.abort();
+        if let Some(listener) = listener {
+            listener.abort();
+        }
         let drained = tokio::time::timeout(processor.config.shutdown_timeout, async {
             while loops.join_next().await.is_some() {}
         })

@@ -168,3 +168,74 @@ async fn listening_backends(pool: &PgPool) -> i64 {
     .await
     .unwrap()
 }
+
+#[sqlx::test]
+async fn poll_only_mode_closes_the_loop_with_no_listen_anywhere(
+    options: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    use sqlx::ConnectOptions;
+    let url = connect.to_url_lossy().to_string();
+    let pool = pool(options, connect, 6).await;
+    let config = WorkerConfig {
+        poll_only: true,
+        poll_interval: Duration::from_millis(50),
+        ..worker_config()
+    };
+    let worker = spawn_worker(&pool, config);
+    let signups = ackloop::Signups::connect_with(
+        pool.clone(),
+        ackloop::SignupsConfig {
+            poll_only: Some(Duration::from_millis(50)),
+            ..ackloop::SignupsConfig::default()
+        },
+    )
+    .await
+    .unwrap();
+
+    for n in 0..5 {
+        signups
+            .create_user_and_await_player(&user(n), DEADLINE)
+            .await
+            .expect("confirmed by polling");
+    }
+    assert_eq!(
+        listening_backends(&pool).await,
+        0,
+        "nothing listens in poll-only mode"
+    );
+    worker.stop().await;
+
+    // The same through the CLI: a poll-only worker process and a poll-only signup.
+    let mut worker = tokio::process::Command::new(env!("CARGO_BIN_EXE_ackloop"))
+        .args(["--poll-only", "worker", "--poll-interval", "100ms"])
+        .env("DATABASE_URL", &url)
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let output = within(
+        "a poll-only signup",
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_ackloop"))
+            .args([
+                "--poll-only",
+                "signup",
+                "--email",
+                "poll@example.com",
+                "--display-name",
+                "Poll",
+            ])
+            .env("DATABASE_URL", &url)
+            .output(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(listening_backends(&pool).await, 0);
+    worker.kill().await.unwrap();
+    assert_eq!(counts(&pool).await.players, 6);
+}
