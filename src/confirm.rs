@@ -27,7 +27,7 @@ use crate::store::{self, JobOutcomeRow};
 #[derive(Debug, Clone)]
 pub(crate) enum Source {
     /// LISTEN on the done channel through a connection made with these options.
-    Listen(PgConnectOptions),
+    Listen(Box<PgConnectOptions>),
     /// No LISTEN (a pooler that cannot carry it): look at every waiter's job at this interval.
     Poll(std::time::Duration),
 }
@@ -88,7 +88,7 @@ impl Confirmations {
         let span = tracing::info_span!("listener", channel = %channel);
         let reader = match source {
             Source::Listen(listen_options) => {
-                let subscription = Subscription::connect(listen_options, channel).await?;
+                let subscription = Subscription::connect(*listen_options, channel).await?;
                 tokio::spawn(read(subscription, hints).instrument(span.clone()))
             }
             Source::Poll(interval) => tokio::spawn(tick(interval, hints)),

@@ -409,11 +409,11 @@ impl Signups {
     pub async fn connect_with(pool: PgPool, config: SignupsConfig) -> Result<Self, SignupError> {
         let source = match config.poll_only {
             Some(interval) => Source::Poll(interval),
-            None => Source::Listen(
+            None => Source::Listen(Box::new(
                 config
                     .listen_options
                     .unwrap_or_else(|| (*pool.connect_options()).clone()),
-            ),
+            )),
         };
         let confirmations = Confirmations::start(pool.clone(), config.channels.done.clone(), source)
             .await
