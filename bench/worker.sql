@@ -26,8 +26,10 @@ completed as (
         completed_at = now()
     from claimed
     where player_creation_jobs.id = claimed.id
-    returning player_creation_jobs.id
+    returning
+        player_creation_jobs.id,
+        extract(epoch from now() - player_creation_jobs.created_at)::float8 as waited_secs
 )
-select completed.id
+select completed.id, completed.waited_secs
 from completed
 cross join lateral pg_notify('player_jobs_done', completed.id::text) as notified;

@@ -158,6 +158,8 @@ impl IgnoredPayloads {
     }
 
     pub(crate) fn record(&mut self, err: &BadPayload) {
+        ::metrics::counter!(crate::telemetry::PAYLOADS_IGNORED, "channel" => self.channel.to_string())
+            .increment(1);
         let now = tokio::time::Instant::now();
         if self
             .last_logged
@@ -234,6 +236,7 @@ impl Subscription {
                     Ok(listener) => {
                         self.listener = Some(listener);
                         self.failed_reconnects = 0;
+                        self.count_reconnect();
                         tracing::info!(channel = %self.channel, "listener reconnected");
                         return Event::Resubscribed;
                     }
@@ -253,6 +256,7 @@ impl Subscription {
                 Ok(Some(notification)) => return Event::Notification(notification),
                 // sqlx has already reconnected and re-issued LISTEN before returning this.
                 Ok(None) => {
+                    self.count_reconnect();
                     tracing::info!(channel = %self.channel, "listener reconnected");
                     return Event::Resubscribed;
                 }
@@ -270,6 +274,11 @@ impl Subscription {
     /// A notification that has already arrived, without waiting; for draining bursts in one go.
     pub(crate) fn next_buffered(&mut self) -> Option<PgNotification> {
         self.listener.as_mut()?.next_buffered()
+    }
+
+    fn count_reconnect(&self) {
+        ::metrics::counter!(crate::telemetry::LISTENER_RECONNECTS, "channel" => self.channel.to_string())
+            .increment(1);
     }
 
     /// The channel listened on.

@@ -93,6 +93,10 @@ pub enum Command {
         /// On shutdown, how long in-flight batches may take before they are abandoned
         #[arg(long, default_value = "30s", value_parser = parse_duration)]
         shutdown_timeout: Duration,
+        /// Serve Prometheus metrics at http://ADDR/metrics and a health check at /healthz,
+        /// e.g. 127.0.0.1:9464 (port 0 picks one; the log says which)
+        #[arg(long, env = "ACKLOOP_METRICS_ADDR")]
+        metrics_addr: Option<std::net::SocketAddr>,
     },
     /// Measure the whole loop on a scratch database (created next to DATABASE_URL's, then dropped)
     ///
@@ -236,6 +240,14 @@ enum Failure {
     Admin(#[from] ackloop::AdminError),
     #[error("doctor found {0} problem(s)")]
     Doctor(usize),
+    #[error(transparent)]
+    Metrics(ackloop::MetricsError),
+    #[error("cannot serve metrics on {addr}")]
+    MetricsAddr {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot read the queue")]
     Query(#[source] sqlx::Error),
     #[error("benchmark failed")]
@@ -260,7 +272,7 @@ impl Failure {
             // sqlx refuses to migrate a database holding migrations it does not have.
             Self::Schema(ackloop::SchemaError::Newer { .. })
             | Self::Migrate(sqlx::migrate::MigrateError::VersionMissing(_)) => 9,
-            Self::Worker(WorkerError::Config(_)) => 2,
+            Self::Worker(WorkerError::Config(_)) | Self::MetricsAddr { .. } => 2,
             Self::Admin(ackloop::AdminError::UnknownJob(_)) | Self::Signup(SignupError::UnknownJob(_)) => 3,
             Self::Admin(ackloop::AdminError::AlreadyDone(_) | ackloop::AdminError::StillPending(_))
             | Self::Doctor(_) => 10,
@@ -340,6 +352,7 @@ async fn dispatch(cli: Cli) -> Result<(), Failure> {
             max_attempts,
             retry_backoff,
             shutdown_timeout,
+            metrics_addr,
         } => {
             let config = WorkerConfig {
                 concurrency,
@@ -355,7 +368,7 @@ async fn dispatch(cli: Cli) -> Result<(), Failure> {
                 poll_only: connection.poll_only,
                 shutdown_timeout,
             };
-            worker(&connection, config).await
+            worker(&connection, config, metrics_addr).await
         }
         Command::Status { json } => status(&connection, json).await,
         Command::Await {
@@ -474,7 +487,11 @@ async fn signup(
     Ok(())
 }
 
-async fn worker(connection: &ConnectionArgs, config: WorkerConfig) -> Result<(), Failure> {
+async fn worker(
+    connection: &ConnectionArgs,
+    config: WorkerConfig,
+    metrics_addr: Option<std::net::SocketAddr>,
+) -> Result<(), Failure> {
     let connections = u32::try_from(config.concurrency)
         .unwrap_or(u32::MAX)
         .saturating_add(1);
@@ -485,7 +502,33 @@ async fn worker(connection: &ConnectionArgs, config: WorkerConfig) -> Result<(),
     let options = ackloop::worker_session_options(connection.connect_options()?);
     let pool = connect(options, connections).await?;
     ackloop::check_schema(&pool).await?;
+    if let Some(addr) = metrics_addr {
+        serve_metrics(addr, &pool, &shutdown).await?;
+    }
     Worker::new(pool, config).run(shutdown).await?;
+    Ok(())
+}
+
+/// How often the metrics endpoint's queue gauges are refreshed.
+const GAUGE_INTERVAL: Duration = Duration::from_secs(5);
+
+async fn serve_metrics(
+    addr: std::net::SocketAddr,
+    pool: &PgPool,
+    shutdown: &CancellationToken,
+) -> Result<(), Failure> {
+    let metrics = ackloop::MetricsHandle::install().map_err(Failure::Metrics)?;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| Failure::MetricsAddr { addr, source })?;
+    let bound = listener.local_addr().unwrap_or(addr);
+    tracing::info!(addr = %bound, "serving metrics at /metrics and health at /healthz");
+    tokio::spawn(metrics.serve(listener, pool.clone(), shutdown.clone()));
+    tokio::spawn(ackloop::sample_queue_gauges(
+        pool.clone(),
+        GAUGE_INTERVAL,
+        shutdown.clone(),
+    ));
     Ok(())
 }
 

@@ -22,6 +22,7 @@ use crate::channel::{ChannelName, Event, IgnoredPayloads, Subscription, parse_jo
 use crate::job::{JobId, JobStatus};
 use crate::signup::Player;
 use crate::store::{self, JobOutcomeRow};
+use crate::telemetry;
 
 /// Where confirmations come from.
 #[derive(Debug, Clone)]
@@ -155,7 +156,13 @@ impl Waiter {
         let rows = store::job_outcomes(&self.shared.pool, &[self.job_id.as_uuid()]).await?;
         Ok(match rows.first() {
             None => Checked::Missing,
-            Some(row) => outcome_of(row).map_or(Checked::Pending, Checked::Finished),
+            Some(row) => match outcome_of(row) {
+                Some(outcome) => {
+                    count_confirmation("table_check", row);
+                    Checked::Finished(outcome)
+                }
+                None => Checked::Pending,
+            },
         })
     }
 }
@@ -177,12 +184,15 @@ impl Shared {
         self.lock_waiters().keys().map(JobId::as_uuid).collect()
     }
 
-    fn deliver(&self, job_id: JobId, outcome: &Outcome) {
+    /// Hands `outcome` to every caller waiting for `job_id`; whether there was one.
+    fn deliver(&self, job_id: JobId, outcome: &Outcome) -> bool {
         let senders = self.lock_waiters().remove(&job_id).unwrap_or_default();
+        let delivered = !senders.is_empty();
         for (_, sender) in senders {
             // The caller may have given up a moment ago; nothing is lost, the row stays.
             let _ = sender.send(outcome.clone());
         }
+        delivered
     }
 }
 
@@ -264,7 +274,16 @@ async fn resolve(shared: Arc<Shared>, mut hints: mpsc::UnboundedReceiver<Hint>) 
             Ok(rows) => {
                 for row in &rows {
                     match outcome_of(row) {
-                        Some(outcome) => shared.deliver(row.id, &outcome),
+                        Some(outcome) => {
+                            if shared.deliver(row.id, &outcome) {
+                                let via = if notified.contains(&row.id) {
+                                    "notification"
+                                } else {
+                                    "table_check"
+                                };
+                                count_confirmation(via, row);
+                            }
+                        }
                         None if notified.contains(&row.id) => tracing::warn!(
                             job.id = %row.id,
                             "ignored a confirmation for a job the tables say is not finished"
@@ -279,6 +298,15 @@ async fn resolve(shared: Arc<Shared>, mut hints: mpsc::UnboundedReceiver<Hint>) 
                 "cannot read job outcomes; waiting callers will check again before they time out"
             ),
         }
+    }
+}
+
+/// Counts a caller confirmed `via` a notification or a look at the tables, and how long after the
+/// job finished.
+fn count_confirmation(via: &'static str, row: &JobOutcomeRow) {
+    ::metrics::counter!(telemetry::CONFIRMATIONS, "via" => via).increment(1);
+    if let Some(secs) = row.since_done_secs {
+        ::metrics::histogram!(telemetry::DONE_TO_CONFIRMED).record(secs.max(0.0));
     }
 }
 

@@ -52,6 +52,7 @@ mod schema;
 mod signup;
 mod status;
 mod store;
+mod telemetry;
 mod worker;
 mod writer;
 
@@ -71,6 +72,15 @@ pub use signup::{
     Signups, SignupsConfig, create_user,
 };
 pub use status::{FailedJob, StatusReport};
+pub use telemetry::{MetricsError, MetricsHandle, sample_queue_gauges};
+/// The names of the metrics ackloop records.
+pub mod metric_names {
+    pub use crate::telemetry::{
+        CALLER_TIMEOUTS, CLAIM_TO_DONE, COMMIT_TO_CLAIM, CONFIRMATIONS, DONE_TO_CONFIRMED, JOBS_DONE,
+        JOBS_FAILED, JOBS_PENDING, JOBS_RETRIED, LISTENER_RECONNECTS, NOTIFICATION_QUEUE_USAGE,
+        OLDEST_PENDING, PAYLOADS_IGNORED,
+    };
+}
 pub use worker::{Worker, WorkerConfig, WorkerError, worker_session_options};
 
 /// The schema migrations, embedded: `MIGRATOR.run(&pool)` applies those not yet applied.

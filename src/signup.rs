@@ -533,11 +533,14 @@ fn finish(
     match checked {
         Checked::Finished(Outcome::Done(player)) => Ok(player),
         Checked::Finished(Outcome::Failed(reason)) => Err(SignupError::JobFailed { job_id, reason }),
-        Checked::Pending => Err(SignupError::TimedOut {
-            job_id,
-            user_id,
-            waited: started.elapsed(),
-        }),
+        Checked::Pending => {
+            ::metrics::counter!(crate::telemetry::CALLER_TIMEOUTS).increment(1);
+            Err(SignupError::TimedOut {
+                job_id,
+                user_id,
+                waited: started.elapsed(),
+            })
+        }
         Checked::Missing => Err(SignupError::UnknownJob(job_id)),
     }
 }

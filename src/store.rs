@@ -110,12 +110,21 @@ pub(crate) async fn insert_users_and_jobs(
 ///
 /// Any failure fails the whole batch and leaves every job as it was; the worker then falls back
 /// to [`claim_due_jobs`] and one savepoint per job to find the culprit.
+/// A job [`complete_due_jobs`] completed.
+#[derive(Debug)]
+pub(crate) struct CompletedJob {
+    pub(crate) id: JobId,
+    /// From its signup to this claim.
+    pub(crate) waited_secs: f64,
+}
+
 pub(crate) async fn complete_due_jobs(
     executor: impl PgExecutor<'_>,
     limit: i64,
     done_channel: &ChannelName,
-) -> Result<Vec<JobId>, sqlx::Error> {
-    sqlx::query_scalar!(
+) -> Result<Vec<CompletedJob>, sqlx::Error> {
+    sqlx::query_as!(
+        CompletedJob,
         r#"
         with claimed as (
             select id, user_id
@@ -143,9 +152,11 @@ pub(crate) async fn complete_due_jobs(
                 completed_at = now()
             from claimed
             where player_creation_jobs.id = claimed.id
-            returning player_creation_jobs.id
+            returning
+                player_creation_jobs.id,
+                extract(epoch from now() - player_creation_jobs.created_at)::float8 as waited_secs
         )
-        select completed.id as "id!: JobId"
+        select completed.id as "id!: JobId", completed.waited_secs as "waited_secs!"
         from completed
         cross join lateral pg_notify($2, completed.id::text) as notified
         "#,
@@ -313,6 +324,8 @@ pub(crate) struct JobOutcomeRow {
     pub(crate) player_id: Option<PlayerId>,
     pub(crate) player_display_name: Option<String>,
     pub(crate) player_created_at: Option<DateTime<Utc>>,
+    /// Seconds since the job finished, by the server's clock.
+    pub(crate) since_done_secs: Option<f64>,
 }
 
 impl JobOutcomeRow {
@@ -336,7 +349,8 @@ pub(crate) async fn job_outcomes(
             jobs.last_error,
             players.id as "player_id?: PlayerId",
             players.display_name as "player_display_name?",
-            players.created_at as "player_created_at?"
+            players.created_at as "player_created_at?",
+            extract(epoch from clock_timestamp() - jobs.completed_at)::float8 as since_done_secs
         from player_creation_jobs as jobs
         left join players on players.user_id = jobs.user_id
         where jobs.id = any($1)

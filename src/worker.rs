@@ -18,6 +18,7 @@ use tracing::Instrument;
 use crate::channel::{Channels, Event, IgnoredPayloads, Subscription, parse_job_id};
 use crate::job::Backoff;
 use crate::store::{self, ClaimedJob};
+use crate::telemetry;
 
 /// Waits after the database could not be reached, before trying again.
 const UNAVAILABLE_BACKOFF: Backoff = Backoff {
@@ -365,10 +366,18 @@ impl Processor {
     async fn pass(&self) -> Result<Pass, sqlx::Error> {
         let limit = i64::from(self.config.batch_size);
         let mut conn = self.pool.acquire().await?;
+        let started = Instant::now();
         match store::complete_due_jobs(&mut *conn, limit, &self.config.channels.done).await {
             Ok(done) => {
                 if !done.is_empty() {
                     tracing::debug!(jobs = done.len(), "batch done");
+                    let took = started.elapsed().as_secs_f64();
+                    for job in &done {
+                        tracing::debug!(job.id = %job.id, waited_secs = job.waited_secs, "job done");
+                        ::metrics::histogram!(telemetry::COMMIT_TO_CLAIM).record(job.waited_secs);
+                        ::metrics::histogram!(telemetry::CLAIM_TO_DONE).record(took);
+                    }
+                    ::metrics::counter!(telemetry::JOBS_DONE).increment(done.len() as u64);
                 }
                 Ok(Pass {
                     claimed: done.len(),
@@ -396,7 +405,10 @@ impl Processor {
             let mut savepoint = tx.begin().await?;
             let result = self.complete(&mut savepoint, job).instrument(span).await;
             match result {
-                Ok(()) => savepoint.commit().await?,
+                Ok(()) => {
+                    savepoint.commit().await?;
+                    ::metrics::counter!(telemetry::JOBS_DONE).increment(1);
+                }
                 Err(err) if store::is_unavailable(&err) => return Err(err),
                 Err(err) => {
                     savepoint.rollback().await?;
@@ -428,12 +440,14 @@ impl Processor {
         let attempts = u32::try_from(job.attempts).unwrap_or(u32::MAX);
         if store::is_permanent(err) || attempts >= self.config.max_attempts {
             store::mark_job_failed(conn, job.id, &error, &self.config.channels.done).await?;
+            ::metrics::counter!(telemetry::JOBS_FAILED).increment(1);
             tracing::error!(job.id = %job.id, attempts, error, "job failed");
             return Ok(None);
         }
         let delay = self.config.backoff.delay(attempts);
         let delay_ms = i64::try_from(delay.as_millis()).unwrap_or(i64::MAX);
         store::schedule_retry(conn, job.id, &error, delay_ms).await?;
+        ::metrics::counter!(telemetry::JOBS_RETRIED).increment(1);
         tracing::warn!(job.id = %job.id, attempt = attempts, retry_in_ms = delay_ms, error = %error, "job attempt failed; will retry");
         Ok(Some(Instant::now() + delay))
     }

@@ -8,6 +8,7 @@ mod common;
 mod concurrency;
 mod faults;
 mod hostile_input;
+mod metrics;
 mod operations;
 mod signup;
 mod worker;
