@@ -273,22 +273,22 @@ async fn resolve(shared: Arc<Shared>, mut hints: mpsc::UnboundedReceiver<Hint>) 
         match store::job_outcomes(&shared.pool, &ids).await {
             Ok(rows) => {
                 for row in &rows {
-                    match outcome_of(row) {
-                        Some(outcome) => {
-                            if shared.deliver(row.id, &outcome) {
-                                let via = if notified.contains(&row.id) {
-                                    "notification"
-                                } else {
-                                    "table_check"
-                                };
-                                count_confirmation(via, row);
-                            }
+                    let Some(outcome) = outcome_of(row) else {
+                        if notified.contains(&row.id) {
+                            tracing::warn!(
+                                job.id = %row.id,
+                                "ignored a confirmation for a job the tables say is not finished"
+                            );
                         }
-                        None if notified.contains(&row.id) => tracing::warn!(
-                            job.id = %row.id,
-                            "ignored a confirmation for a job the tables say is not finished"
-                        ),
-                        None => {}
+                        continue;
+                    };
+                    if shared.deliver(row.id, &outcome) {
+                        let via = if notified.contains(&row.id) {
+                            "notification"
+                        } else {
+                            "table_check"
+                        };
+                        count_confirmation(via, row);
                     }
                 }
             }
