@@ -1,0 +1,107 @@
+//! The example auth service (`examples/auth_service.rs`), served for real and driven over HTTP.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+
+use crate::common::*;
+
+#[path = "../../examples/auth_service.rs"]
+#[allow(dead_code, unused_imports)]
+mod auth_service;
+
+/// The example, served on an ephemeral port.
+struct Service {
+    base: String,
+    shutdown: tokio_util::sync::CancellationToken,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl Service {
+    async fn start(signups: ackloop::Signups, wait: Duration) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let app = auth_service::router(Arc::new(signups), wait);
+        let stopping = shutdown.clone().cancelled_owned();
+        let task =
+            tokio::spawn(async move { axum::serve(listener, app).with_graceful_shutdown(stopping).await });
+        Self { base, shutdown, task }
+    }
+
+    /// Stops the server, releasing its `Signups` and their connections.
+    async fn stop(self) {
+        self.shutdown.cancel();
+        within("the service to stop", self.task).await.unwrap().unwrap();
+    }
+}
+
+async fn post_signup(client: &reqwest::Client, base: &str, email: &str, name: &str) -> (StatusCode, Value) {
+    let response = client
+        .post(format!("{base}/signup"))
+        .json(&json!({ "email": email, "display_name": name }))
+        .send()
+        .await
+        .expect("POST /signup");
+    let status = response.status();
+    (status, response.json().await.expect("a JSON body"))
+}
+
+#[sqlx::test]
+async fn the_example_service_answers_every_case_over_http(options: PgPoolOptions, connect: PgConnectOptions) {
+    let pool = pool(options, connect, 8).await;
+    let client = reqwest::Client::new();
+    let service = Service::start(signups(&pool).await, Duration::from_millis(500)).await;
+    let base = service.base.clone();
+
+    // No worker yet: the signup is accepted, and its status is pending.
+    let (status, accepted) = post_signup(&client, &base, "ada@example.com", "Ada").await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{accepted}");
+    let status_url = format!("{base}{}", accepted["status_url"].as_str().unwrap());
+    let pending = client.get(&status_url).send().await.unwrap();
+    assert_eq!(pending.status(), StatusCode::ACCEPTED);
+
+    // With a worker, the pending signup completes and new ones get their player at once.
+    let worker = spawn_worker(&pool, worker_config());
+    wait_until("the accepted signup's player exists", || async {
+        client.get(&status_url).send().await.unwrap().status() == StatusCode::OK
+    })
+    .await;
+    let done: Value = client
+        .get(&status_url)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(done["player"]["display_name"], "Ada");
+    let (status, created) = post_signup(&client, &base, "grace@example.com", "Grace").await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    assert_eq!(created["player"]["display_name"], "Grace");
+
+    let (status, taken) = post_signup(&client, &base, "ADA@example.com", "Ada again").await;
+    assert_eq!(status, StatusCode::CONFLICT, "{taken}");
+    let (status, invalid) = post_signup(&client, &base, "not-an-email", "Eve").await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{invalid}");
+    assert_eq!(invalid["field"], "email");
+    let unknown = client
+        .get(format!("{base}/signups/{}", ackloop::JobId::new()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unknown.status(), StatusCode::NOT_FOUND);
+
+    assert_eq!(
+        counts(&pool).await.players,
+        2,
+        "invalid and duplicate signups wrote nothing"
+    );
+    assert_eq!(counts(&pool).await.users, 2);
+    worker.stop().await;
+    drop(client);
+    service.stop().await;
+}
