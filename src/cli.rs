@@ -53,7 +53,11 @@ pub struct ConnectionArgs {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Apply the embedded schema migrations that the database does not have yet
-    Migrate,
+    Migrate {
+        /// Print one JSON object instead of text
+        #[arg(long)]
+        json: bool,
+    },
     /// Sign a user up and wait for their player
     ///
     /// Example: ackloop signup --email ada@example.com --display-name Ada --timeout 5s
@@ -338,7 +342,7 @@ pub async fn run(cli: Cli) -> ExitCode {
 async fn dispatch(cli: Cli) -> Result<(), Failure> {
     let connection = cli.connection;
     match cli.command {
-        Command::Migrate => migrate(&connection).await,
+        Command::Migrate { json } => migrate(&connection, json).await,
         Command::Signup {
             email,
             display_name,
@@ -449,10 +453,29 @@ fn parse_url(url: &str, which: &'static str) -> Result<PgConnectOptions, Failure
     PgConnectOptions::from_str(url).map_err(|source| Failure::BadUrl { which, source })
 }
 
-async fn migrate(connection: &ConnectionArgs) -> Result<(), Failure> {
+async fn migrate(connection: &ConnectionArgs, json: bool) -> Result<(), Failure> {
     let pool = connection.pool(1).await?;
+    let pending: Vec<i64> = match ackloop::check_schema(&pool).await {
+        Ok(()) => Vec::new(),
+        Err(ackloop::SchemaError::Behind { missing }) => missing,
+        Err(_) => ackloop::MIGRATOR
+            .iter()
+            .map(|migration| migration.version)
+            .collect(),
+    };
     ackloop::run_migrations(&pool).await?;
-    println!("migrations applied");
+    let latest = ackloop::MIGRATOR.iter().map(|migration| migration.version).max();
+    if json {
+        println!("{}", json!({ "applied": pending, "latest": latest }));
+    } else if pending.is_empty() {
+        println!("schema up to date (migration {})", latest.unwrap_or_default());
+    } else {
+        println!(
+            "applied {} migration(s); schema at {}",
+            pending.len(),
+            latest.unwrap_or_default()
+        );
+    }
     Ok(())
 }
 

@@ -155,9 +155,12 @@ async fn missing_schema_says_to_migrate_and_migrate_fixes_it(
     assert_eq!(before.status.code(), Some(8), "{}", stderr(&before));
     assert!(stderr(&before).contains("ackloop migrate"), "{}", stderr(&before));
 
-    let migrate = run(&url, &["migrate"]).await;
+    let migrate = run(&url, &["migrate", "--json"]).await;
     assert_eq!(migrate.status.code(), Some(0), "{}", stderr(&migrate));
-    let again = run(&url, &["migrate"]).await;
+    let applied = stdout_json(&migrate)["applied"].as_array().map(Vec::len);
+    assert_eq!(applied, Some(ackloop::MIGRATOR.iter().count()));
+    let again = run(&url, &["migrate", "--json"]).await;
+    assert_eq!(stdout_json(&again)["applied"], serde_json::json!([]));
     assert_eq!(
         again.status.code(),
         Some(0),
