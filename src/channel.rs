@@ -37,6 +37,11 @@ impl ChannelName {
     /// # Errors
     /// [`InvalidChannelName`] when `name` is empty, longer than 63 bytes, or holds anything but
     /// lower-case ASCII letters, digits and underscores (a digit may not come first).
+    ///
+    /// ```
+    /// assert!(ackloop::ChannelName::new("signup_jobs").is_ok());
+    /// assert!(ackloop::ChannelName::new("jobs; drop table users").is_err());
+    /// ```
     pub fn new(name: impl Into<String>) -> Result<Self, InvalidChannelName> {
         let name = name.into();
         let mut bytes = name.bytes();
@@ -92,6 +97,12 @@ impl Channels {
     /// # Errors
     /// [`InvalidChannelName`] for the first name that is not a valid channel name, or when both
     /// names are the same (workers would take confirmations for wake-ups and the reverse).
+    ///
+    /// ```
+    /// let channels = ackloop::Channels::new("signup_jobs", "signup_jobs_done")?;
+    /// assert_eq!(channels.jobs.as_str(), "signup_jobs");
+    /// # Ok::<(), ackloop::InvalidChannelName>(())
+    /// ```
     pub fn new(jobs: &str, done: &str) -> Result<Self, InvalidChannelName> {
         let channels = Self {
             jobs: ChannelName::new(jobs)?,
@@ -109,6 +120,12 @@ impl Channels {
 ///
 /// # Errors
 /// [`BadPayload`] with a shortened copy of the payload for the log line.
+///
+/// ```
+/// let id = ackloop::JobId::new();
+/// assert_eq!(ackloop::parse_job_id(&id.to_string()), Ok(id));
+/// assert!(ackloop::parse_job_id("{\"job\": 1}").is_err());
+/// ```
 pub fn parse_job_id(payload: &str) -> Result<JobId, BadPayload> {
     const HYPHENATED_UUID_LEN: usize = 36;
     if payload.len() == HYPHENATED_UUID_LEN

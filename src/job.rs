@@ -18,6 +18,11 @@ pub struct JobId(Uuid);
 
 impl JobId {
     /// A new, time-ordered id (UUIDv7), so jobs created together sit together in the index.
+    ///
+    /// ```
+    /// let (first, second) = (ackloop::JobId::new(), ackloop::JobId::new());
+    /// assert!(first < second, "time-ordered");
+    /// ```
     pub fn new() -> Self {
         Self(Uuid::now_v7())
     }
@@ -120,6 +125,10 @@ pub enum JobStatus {
 
 impl JobStatus {
     /// The text stored in `player_creation_jobs.status`.
+    ///
+    /// ```
+    /// assert_eq!(ackloop::JobStatus::Done.as_str(), "done");
+    /// ```
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Pending => "pending",
@@ -175,6 +184,14 @@ impl Default for Backoff {
 
 impl Backoff {
     /// The wait before the next attempt, after `failed_attempts` attempts have failed (1 or more).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let backoff = ackloop::Backoff { base: Duration::from_secs(1), max: Duration::from_secs(5) };
+    /// assert_eq!(backoff.delay(1), Duration::from_secs(1));
+    /// assert_eq!(backoff.delay(3), Duration::from_secs(4));
+    /// assert_eq!(backoff.delay(10), Duration::from_secs(5));
+    /// ```
     pub fn delay(&self, failed_attempts: u32) -> Duration {
         let doublings = failed_attempts.saturating_sub(1).min(31);
         self.base

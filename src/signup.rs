@@ -264,6 +264,14 @@ fn job_hint(job_id: &Option<JobId>) -> String {
 
 impl SignupError {
     /// The job concerned, when there is one: wait on it or look it up.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let job_id = ackloop::JobId::new();
+    /// let err = ackloop::SignupError::TimedOut { job_id, user_id: None, waited: Duration::from_secs(5) };
+    /// assert_eq!(err.job_id(), Some(job_id));
+    /// assert_eq!(ackloop::SignupError::EmailTaken.job_id(), None);
+    /// ```
     pub fn job_id(&self) -> Option<JobId> {
         match self {
             Self::TimedOut { job_id, .. } | Self::JobFailed { job_id, .. } => Some(*job_id),
@@ -406,6 +414,16 @@ impl Signups {
     ///
     /// # Errors
     /// As [`Signups::connect`].
+    ///
+    /// ```no_run
+    /// # async fn demo(pool: sqlx::PgPool, direct: sqlx::postgres::PgConnectOptions) -> Result<(), ackloop::SignupError> {
+    /// use ackloop::{Signups, SignupsConfig};
+    ///
+    /// // The pool goes through pgbouncer; the listener connects to the server directly.
+    /// let config = SignupsConfig { listen_options: Some(direct), ..SignupsConfig::default() };
+    /// let signups = Signups::connect_with(pool, config).await?;
+    /// # Ok(()) }
+    /// ```
     pub async fn connect_with(pool: PgPool, config: SignupsConfig) -> Result<Self, SignupError> {
         let source = match config.poll_only {
             Some(interval) => Source::Poll(interval),

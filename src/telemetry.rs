@@ -91,6 +91,15 @@ impl MetricsHandle {
     ///
     /// # Errors
     /// [`MetricsError`] if the histogram buckets are refused.
+    ///
+    /// ```
+    /// let (recorder, metrics) = ackloop::MetricsHandle::unregistered()?;
+    /// metrics::with_local_recorder(&recorder, || {
+    ///     metrics::counter!(ackloop::metric_names::JOBS_DONE).increment(2);
+    /// });
+    /// assert!(metrics.render().contains("ackloop_jobs_done_total 2"));
+    /// # Ok::<(), ackloop::MetricsError>(())
+    /// ```
     pub fn unregistered() -> Result<(metrics_exporter_prometheus::PrometheusRecorder, Self), MetricsError> {
         let recorder = builder().map_err(MetricsError)?.build_recorder();
         let prometheus = recorder.handle();
@@ -147,6 +156,14 @@ async fn health(State((_, pool)): State<(MetricsHandle, PgPool)>) -> (StatusCode
 
 /// Samples the queue gauges (pending jobs, oldest pending age, notification queue usage) every
 /// `interval` until `shutdown`; errors are skipped, the next sample tries again.
+///
+/// ```no_run
+/// # async fn demo(pool: sqlx::PgPool) {
+/// let shutdown = tokio_util::sync::CancellationToken::new();
+/// let every = std::time::Duration::from_secs(5);
+/// tokio::spawn(ackloop::sample_queue_gauges(pool, every, shutdown.clone()));
+/// # }
+/// ```
 pub async fn sample_queue_gauges(pool: PgPool, interval: Duration, shutdown: CancellationToken) {
     let mut ticks = tokio::time::interval(interval);
     loop {

@@ -131,6 +131,20 @@ pub struct Worker {
 impl Worker {
     /// A worker that claims jobs through `pool`. Size the pool for `config.concurrency`
     /// connections (the listener has one of its own).
+    ///
+    /// ```no_run
+    /// # async fn demo(options: sqlx::postgres::PgConnectOptions) -> Result<(), sqlx::Error> {
+    /// use std::time::Duration;
+    /// use ackloop::{Worker, WorkerConfig, worker_session_options};
+    ///
+    /// let pool = sqlx::postgres::PgPoolOptions::new()
+    ///     .max_connections(3)
+    ///     .connect_with(worker_session_options(options))
+    ///     .await?;
+    /// let config = WorkerConfig { concurrency: 2, poll_interval: Duration::from_secs(1), ..WorkerConfig::default() };
+    /// let worker = Worker::new(pool, config);
+    /// # Ok(()) }
+    /// ```
     pub fn new(pool: PgPool, config: WorkerConfig) -> Self {
         Self { pool, config }
     }
