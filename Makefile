@@ -66,6 +66,7 @@ demo: db build ## Migrate, start a worker, sign a user up, print the confirmed p
 
 .PHONY: test
 test: db ## Run the whole test suite against a real PostgreSQL
+	@scripts/pg pgbouncer
 	cargo test --all-targets
 	cargo test --doc
 

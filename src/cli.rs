@@ -324,7 +324,8 @@ pub async fn run(cli: Cli) -> ExitCode {
     match dispatch(cli).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(failure) => {
-            if json {
+            // doctor has printed its report, problems included.
+            if json && !matches!(failure, Failure::Doctor(_)) {
                 let mut object = json!({ "error": failure.kind(), "message": failure.message() });
                 if let Failure::Signup(err) = &failure
                     && let Some(job_id) = err.job_id()

@@ -613,19 +613,25 @@ pub(crate) async fn server_version(executor: impl PgExecutor<'_>) -> Result<Stri
         .await
 }
 
+// The doctor's LISTEN probe runs on the connection under test, which may go through a
+// transaction-mode pooler: there, a named prepared statement (what the query macros use) is gone
+// by the next round trip. So these two use the simple protocol, which prepares nothing.
+
 /// Starts listening on the doctor's probe channel (in whatever transaction `conn` is in).
 pub(crate) async fn listen_for_probe(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
-    sqlx::query!("listen ackloop_doctor").execute(conn).await?;
+    sqlx::raw_sql("listen ackloop_doctor").execute(conn).await?;
     Ok(())
 }
 
 /// Whether this session is listening on the doctor's probe channel.
 pub(crate) async fn is_listening_for_probe(conn: &mut PgConnection) -> Result<bool, sqlx::Error> {
-    sqlx::query_scalar!(
-        r#"select exists (select from pg_listening_channels() as channel where channel = 'ackloop_doctor') as "listening!""#
+    use sqlx::Row;
+    let row = sqlx::raw_sql(
+        "select exists (select from pg_listening_channels() as channel where channel = 'ackloop_doctor')",
     )
     .fetch_one(conn)
-    .await
+    .await?;
+    row.try_get(0)
 }
 
 /// Sends the doctor's probe notification.

@@ -11,5 +11,6 @@ mod faults;
 mod hostile_input;
 mod metrics;
 mod operations;
+mod pooler;
 mod signup;
 mod worker;
