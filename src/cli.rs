@@ -53,6 +53,8 @@ pub struct ConnectionArgs {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Apply the embedded schema migrations that the database does not have yet
+    ///
+    /// Example: DATABASE_URL=postgres://app@db/app ackloop migrate
     Migrate {
         /// Print one JSON object instead of text
         #[arg(long)]
@@ -78,6 +80,8 @@ pub enum Command {
     /// Run the player worker until SIGINT or SIGTERM, then finish in-flight jobs and exit 0
     ///
     /// A second signal exits at once; jobs in flight roll back and stay pending.
+    ///
+    /// Example: ackloop worker --concurrency 2 --metrics-addr 127.0.0.1:9464
     Worker {
         /// Processing loops (each with at most one transaction open)
         #[arg(long, default_value_t = WorkerConfig::default().concurrency)]
@@ -137,6 +141,8 @@ pub enum Command {
         command: JobsCommand,
     },
     /// Check everything the loop needs and say how to fix what is wrong (exit 10 if anything is)
+    ///
+    /// Example: ACKLOOP_LISTEN_URL=postgres://app@db-direct/app ackloop doctor --stale-after 2m
     Doctor {
         /// Pending jobs older than this count as stuck
         #[arg(long, default_value = "60s", value_parser = parse_duration)]
@@ -146,6 +152,8 @@ pub enum Command {
         json: bool,
     },
     /// Show job counts by status, the oldest pending job's age, and recent failures
+    ///
+    /// Example: ackloop status --json
     Status {
         /// Print one JSON object instead of text
         #[arg(long)]
