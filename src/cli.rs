@@ -430,6 +430,17 @@ impl ConnectionArgs {
         Ok(Channels::new(&self.jobs_channel, &self.done_channel)?)
     }
 
+    /// The signup side, with this invocation's channels, listen URL and polling.
+    async fn signups(&self, pool: PgPool) -> Result<Signups, Failure> {
+        let config = SignupsConfig {
+            channels: self.channels()?,
+            listen_options: self.listen_options()?,
+            poll_only: self.poll_only.then_some(POLL_ONLY_CONFIRM_INTERVAL),
+            ..SignupsConfig::default()
+        };
+        Ok(Signups::connect_with(pool, config).await?)
+    }
+
     /// A pool of at most `connections` on `DATABASE_URL`.
     async fn pool(&self, connections: u32) -> Result<PgPool, Failure> {
         connect(self.connect_options()?, connections).await
@@ -498,13 +509,7 @@ async fn signup(
     // Validate before connecting: bad input is reported the same with or without a database.
     let new_user = NewUser::new(email, display_name).map_err(SignupError::from)?;
     let pool = connection.migrated_pool(2).await?;
-    let config = SignupsConfig {
-        channels: connection.channels()?,
-        listen_options: connection.listen_options()?,
-        poll_only: connection.poll_only.then_some(POLL_ONLY_CONFIRM_INTERVAL),
-        ..SignupsConfig::default()
-    };
-    let signups = Signups::connect_with(pool, config).await?;
+    let signups = connection.signups(pool).await?;
     let started = Instant::now();
     let player = signups.create_user_and_await_player(&new_user, timeout).await?;
     let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
@@ -633,13 +638,7 @@ async fn await_player(
         (None, Some(email)) => ackloop::find_job_by_email(&pool, &email).await?,
         (None, None) => unreachable!("clap requires a job id or --email"),
     };
-    let config = SignupsConfig {
-        channels: connection.channels()?,
-        listen_options: connection.listen_options()?,
-        poll_only: connection.poll_only.then_some(POLL_ONLY_CONFIRM_INTERVAL),
-        ..SignupsConfig::default()
-    };
-    let signups = Signups::connect_with(pool, config).await?;
+    let signups = connection.signups(pool).await?;
     let started = Instant::now();
     let player = signups.await_player(job_id, timeout).await?;
     let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;

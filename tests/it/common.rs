@@ -159,6 +159,13 @@ pub struct Counts {
     pub players: i64,
 }
 
+/// No user, no job, no player: what a refused signup must leave.
+pub const NOTHING: Counts = Counts {
+    users: 0,
+    jobs: 0,
+    players: 0,
+};
+
 pub async fn counts(pool: &PgPool) -> Counts {
     let (users, jobs, players): (i64, i64, i64) = sqlx::query_as(
         "select (select count(*) from users), (select count(*) from player_creation_jobs), \

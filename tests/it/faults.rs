@@ -280,14 +280,7 @@ async fn a_signup_whose_connection_drops_before_commit_leaves_nothing(pool: PgPo
     assert!(terminated);
     assert!(tx.commit().await.is_err(), "a dead connection cannot commit");
 
-    assert_eq!(
-        counts(&pool).await,
-        Counts {
-            users: 0,
-            jobs: 0,
-            players: 0
-        }
-    );
+    assert_eq!(counts(&pool).await, NOTHING);
     assert_nothing_sent_before_marker(&pool, &mut listener, ackloop::DEFAULT_JOBS_CHANNEL).await;
 }
 

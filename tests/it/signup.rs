@@ -113,14 +113,7 @@ async fn failing_job_insert_leaves_no_user_and_sends_no_notification(pool: PgPoo
         .unwrap_err();
 
     assert!(matches!(err, SignupError::Database(_)), "got {err:?}");
-    assert_eq!(
-        counts(&pool).await,
-        Counts {
-            users: 0,
-            jobs: 0,
-            players: 0
-        }
-    );
+    assert_eq!(counts(&pool).await, NOTHING);
     assert_nothing_sent_before_marker(&pool, &mut listener, DEFAULT_JOBS_CHANNEL).await;
 }
 
