@@ -2,7 +2,6 @@
 
 use std::process::{Output, Stdio};
 
-use serde_json::Value;
 use sqlx::ConnectOptions;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use tokio::process::Command;
@@ -10,36 +9,16 @@ use tokio::process::Command;
 use crate::common::*;
 
 fn ackloop(url: &str) -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_ackloop"));
+    let mut command = ackloop_command(url);
+    command.env("RUST_LOG", "ackloop=debug");
     command
-        .env("DATABASE_URL", url)
-        .env_remove("ACKLOOP_LISTEN_URL")
-        .env("RUST_LOG", "ackloop=debug")
-        .kill_on_drop(true);
-    command
-}
-
-async fn run(url: &str, args: &[&str]) -> Output {
-    within("the ackloop command to exit", ackloop(url).args(args).output())
-        .await
-        .expect("run ackloop")
 }
 
 /// `ackloop signup` for `email` and `display_name`, plus `extra` flags.
 async fn signup(url: &str, email: &str, display_name: &str, extra: &[&str]) -> Output {
     let mut args = vec!["signup", "--email", email, "--display-name", display_name];
     args.extend_from_slice(extra);
-    run(url, &args).await
-}
-
-fn stdout_json(output: &Output) -> Value {
-    let text = String::from_utf8_lossy(&output.stdout);
-    serde_json::from_str(text.trim())
-        .unwrap_or_else(|err| panic!("stdout is not one JSON object ({err}): {text}"))
-}
-
-fn stderr(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stderr).into_owned()
+    run_ackloop(url, &args).await
 }
 
 #[sqlx::test]
@@ -65,9 +44,7 @@ async fn worker_and_signup_commands_close_the_loop(options: PgPoolOptions, conne
     assert_eq!(json["player"]["id"], player_id);
 
     // SIGTERM: the worker drains and exits 0.
-    let pid = worker.id().expect("worker is running").to_string();
-    let killed = Command::new("kill").args(["-TERM", &pid]).status().await.unwrap();
-    assert!(killed.success());
+    signal(&worker, "-TERM").await;
     let exited = within("the worker to exit after SIGTERM", worker.wait_with_output())
         .await
         .unwrap();
@@ -114,7 +91,7 @@ async fn signup_command_exit_codes_tell_what_happened(options: PgPoolOptions, co
     assert_eq!(taken.status.code(), Some(4));
     assert!(stderr(&taken).contains("email already registered"));
 
-    let status = run(&url, &["status", "--json"]).await;
+    let status = run_ackloop(&url, &["status", "--json"]).await;
     assert_eq!(status.status.code(), Some(0), "{}", stderr(&status));
     let report = stdout_json(&status);
     assert_eq!(report["pending"], 1);
@@ -129,7 +106,7 @@ async fn bad_database_urls_exit_7_without_leaking_the_password(_pool: sqlx::PgPo
         "postgres://ackloop:hunter2@localhost:1/nowhere?connect_timeout=2",
         "postgres://ackloop:hunter2@localhost/db?host=/nonexistent/socket/dir",
     ] {
-        let output = run(url, &["status"]).await;
+        let output = run_ackloop(url, &["status"]).await;
         assert_eq!(output.status.code(), Some(7), "{url}: {}", stderr(&output));
         assert!(!stderr(&output).contains("hunter2"), "{}", stderr(&output));
     }
@@ -155,11 +132,11 @@ async fn missing_schema_says_to_migrate_and_migrate_fixes_it(
     assert_eq!(before.status.code(), Some(8), "{}", stderr(&before));
     assert!(stderr(&before).contains("ackloop migrate"), "{}", stderr(&before));
 
-    let migrate = run(&url, &["migrate", "--json"]).await;
+    let migrate = run_ackloop(&url, &["migrate", "--json"]).await;
     assert_eq!(migrate.status.code(), Some(0), "{}", stderr(&migrate));
     let applied = stdout_json(&migrate)["applied"].as_array().map(Vec::len);
     assert_eq!(applied, Some(ackloop::MIGRATOR.iter().count()));
-    let again = run(&url, &["migrate", "--json"]).await;
+    let again = run_ackloop(&url, &["migrate", "--json"]).await;
     assert_eq!(stdout_json(&again)["applied"], serde_json::json!([]));
     assert_eq!(
         again.status.code(),
@@ -168,6 +145,6 @@ async fn missing_schema_says_to_migrate_and_migrate_fixes_it(
         stderr(&again)
     );
 
-    let status = run(&url, &["status"]).await;
+    let status = run_ackloop(&url, &["status"]).await;
     assert_eq!(status.status.code(), Some(0), "{}", stderr(&status));
 }

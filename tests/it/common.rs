@@ -192,3 +192,59 @@ pub async fn execute(pool: &PgPool, sql: &'static str) {
         .await
         .expect("set up the test's fault");
 }
+
+/// The `ackloop` binary against `url`, with no listen URL from the environment; killed if the
+/// test ends first.
+pub fn ackloop_command(url: &str) -> tokio::process::Command {
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_ackloop"));
+    command
+        .env("DATABASE_URL", url)
+        .env_remove("ACKLOOP_LISTEN_URL")
+        .kill_on_drop(true);
+    command
+}
+
+/// Runs `ackloop args…` against `url` to its end.
+pub async fn run_ackloop(url: &str, args: &[&str]) -> std::process::Output {
+    within(
+        "the ackloop command to exit",
+        ackloop_command(url).args(args).output(),
+    )
+    .await
+    .expect("run ackloop")
+}
+
+/// The one JSON object a `--json` command printed.
+pub fn stdout_json(output: &std::process::Output) -> serde_json::Value {
+    let text = String::from_utf8_lossy(&output.stdout);
+    serde_json::from_str(text.trim()).unwrap_or_else(|err| {
+        panic!(
+            "stdout is not one JSON object ({err}): {text}\nstderr: {}",
+            stderr(output)
+        )
+    })
+}
+
+pub fn stderr(output: &std::process::Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// Sends signal `name` (`-TERM`, `-KILL`, `-STOP`, …) to a child process.
+pub async fn signal(child: &tokio::process::Child, name: &str) {
+    let pid = child.id().expect("the process is running").to_string();
+    let status = tokio::process::Command::new("kill")
+        .args([name, &pid])
+        .status()
+        .await
+        .unwrap();
+    assert!(status.success(), "kill {name} {pid}");
+}
+
+/// A signup committed with no worker running; returns its job id.
+pub async fn pending_signup(pool: &PgPool, n: usize) -> ackloop::JobId {
+    let mut conn = pool.acquire().await.unwrap();
+    ackloop::create_user(&mut conn, &ackloop::Channels::default(), &user(n))
+        .await
+        .unwrap()
+        .job_id
+}

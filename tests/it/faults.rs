@@ -24,12 +24,6 @@ fn worker_process(url: &str) -> Child {
         .expect("start ackloop worker")
 }
 
-async fn signal(child: &Child, name: &str) {
-    let pid = child.id().expect("the process is running").to_string();
-    let status = Command::new("kill").args([name, &pid]).status().await.unwrap();
-    assert!(status.success(), "kill {name} {pid}");
-}
-
 async fn backends_waiting_on_locks(pool: &PgPool) -> i64 {
     sqlx::query_scalar!(
         r#"

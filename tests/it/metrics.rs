@@ -90,8 +90,7 @@ async fn a_worker_serves_metrics_that_match_the_rows(options: PgPoolOptions, con
 
     let (status, _) = http_get(&addr, "/nothing").await;
     assert!(status.contains("404"), "{status}");
-    let pid = worker.id().unwrap().to_string();
-    Command::new("kill").args(["-TERM", &pid]).status().await.unwrap();
+    signal(&worker, "-TERM").await;
     let exited = within("the worker to exit", worker.wait()).await.unwrap();
     assert!(exited.success());
 }

@@ -1,49 +1,10 @@
 //! Operator commands, run as the real binary: jobs show / retry / prune, await, doctor.
 
-use std::process::Output;
-
 use serde_json::Value;
+use sqlx::ConnectOptions;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{ConnectOptions, PgPool};
-use tokio::process::Command;
 
 use crate::common::*;
-
-async fn ackloop(url: &str, args: &[&str]) -> Output {
-    within(
-        "the ackloop command to exit",
-        Command::new(env!("CARGO_BIN_EXE_ackloop"))
-            .args(args)
-            .env("DATABASE_URL", url)
-            .env_remove("ACKLOOP_LISTEN_URL")
-            .output(),
-    )
-    .await
-    .expect("run ackloop")
-}
-
-fn json(output: &Output) -> Value {
-    let text = String::from_utf8_lossy(&output.stdout);
-    serde_json::from_str(text.trim()).unwrap_or_else(|err| {
-        panic!(
-            "not JSON ({err}): {text}\nstderr: {}",
-            String::from_utf8_lossy(&output.stderr)
-        )
-    })
-}
-
-fn stderr(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stderr).into_owned()
-}
-
-/// A signup committed with no worker running; returns its job id.
-async fn pending_signup(pool: &PgPool, n: usize) -> ackloop::JobId {
-    let mut conn = pool.acquire().await.unwrap();
-    ackloop::create_user(&mut conn, &ackloop::Channels::default(), &user(n))
-        .await
-        .unwrap()
-        .job_id
-}
 
 #[sqlx::test]
 async fn jobs_show_reports_the_job_its_user_and_whether_a_player_exists(
@@ -54,9 +15,9 @@ async fn jobs_show_reports_the_job_its_user_and_whether_a_player_exists(
     let pool = pool(options, connect, 4).await;
     let job_id = pending_signup(&pool, 1).await;
 
-    let pending = ackloop(&url, &["jobs", "show", &job_id.to_string(), "--json"]).await;
+    let pending = run_ackloop(&url, &["jobs", "show", &job_id.to_string(), "--json"]).await;
     assert_eq!(pending.status.code(), Some(0), "{}", stderr(&pending));
-    let shown = json(&pending);
+    let shown = stdout_json(&pending);
     assert_eq!(shown["job_id"], job_id.to_string());
     assert_eq!(shown["status"], "pending");
     assert_eq!(shown["email"], "user1@example.com");
@@ -64,13 +25,13 @@ async fn jobs_show_reports_the_job_its_user_and_whether_a_player_exists(
 
     let worker = spawn_worker(&pool, worker_config());
     signups(&pool).await.await_player(job_id, DEADLINE).await.unwrap();
-    let done = json(&ackloop(&url, &["jobs", "show", &job_id.to_string(), "--json"]).await);
+    let done = stdout_json(&run_ackloop(&url, &["jobs", "show", &job_id.to_string(), "--json"]).await);
     assert_eq!(done["status"], "done");
     assert_eq!(done["attempts"], 1);
     assert!(done["player_id"].is_i64());
     worker.stop().await;
 
-    let unknown = ackloop(&url, &["jobs", "show", &ackloop::JobId::new().to_string()]).await;
+    let unknown = run_ackloop(&url, &["jobs", "show", &ackloop::JobId::new().to_string()]).await;
     assert_eq!(unknown.status.code(), Some(3), "{}", stderr(&unknown));
 }
 
@@ -92,22 +53,28 @@ async fn jobs_retry_revives_failed_jobs_and_refuses_done_ones(
 
     // The cause is fixed; the operator retries one job, then all the rest.
     execute(&pool, "alter table players drop constraint broken").await;
-    let one = ackloop(&url, &["jobs", "retry", &first.to_string(), "--json"]).await;
+    let one = run_ackloop(&url, &["jobs", "retry", &first.to_string(), "--json"]).await;
     assert_eq!(one.status.code(), Some(0), "{}", stderr(&one));
-    assert_eq!(json(&one)["retried"], serde_json::json!([first.to_string()]));
+    assert_eq!(
+        stdout_json(&one)["retried"],
+        serde_json::json!([first.to_string()])
+    );
     let signups = signups(&pool).await;
     signups
         .await_player(first, DEADLINE)
         .await
         .expect("the retried job completes");
-    let rest = ackloop(&url, &["jobs", "retry", "--failed", "--json"]).await;
-    assert_eq!(json(&rest)["retried"], serde_json::json!([second.to_string()]));
+    let rest = run_ackloop(&url, &["jobs", "retry", "--failed", "--json"]).await;
+    assert_eq!(
+        stdout_json(&rest)["retried"],
+        serde_json::json!([second.to_string()])
+    );
     signups
         .await_player(second, DEADLINE)
         .await
         .expect("the retried job completes");
 
-    let done = ackloop(&url, &["jobs", "retry", &first.to_string()]).await;
+    let done = run_ackloop(&url, &["jobs", "retry", &first.to_string()]).await;
     assert_eq!(done.status.code(), Some(10), "{}", stderr(&done));
     assert!(stderr(&done).contains("is done"), "{}", stderr(&done));
     assert_eq!(counts(&pool).await.players, 2);
@@ -138,16 +105,22 @@ async fn jobs_prune_deletes_only_finished_jobs_past_retention(
     .await;
     pending_signup(&pool, 9).await;
 
-    let dry = ackloop(
+    let dry = run_ackloop(
         &url,
         &["jobs", "prune", "--older-than", "7d", "--dry-run", "--json"],
     )
     .await;
-    assert_eq!(json(&dry), serde_json::json!({ "dry_run": true, "jobs": 3 }));
+    assert_eq!(
+        stdout_json(&dry),
+        serde_json::json!({ "dry_run": true, "jobs": 3 })
+    );
     assert_eq!(counts(&pool).await.jobs, 6, "a dry run deletes nothing");
 
-    let pruned = ackloop(&url, &["jobs", "prune", "--older-than", "7d", "--json"]).await;
-    assert_eq!(json(&pruned), serde_json::json!({ "dry_run": false, "jobs": 3 }));
+    let pruned = run_ackloop(&url, &["jobs", "prune", "--older-than", "7d", "--json"]).await;
+    assert_eq!(
+        stdout_json(&pruned),
+        serde_json::json!({ "dry_run": false, "jobs": 3 })
+    );
     let counts = counts(&pool).await;
     assert_eq!(
         (counts.users, counts.jobs, counts.players),
@@ -165,7 +138,7 @@ async fn jobs_prune_deletes_only_finished_jobs_past_retention(
 async fn await_by_email_resumes_a_timed_out_signup(options: PgPoolOptions, connect: PgConnectOptions) {
     let url = connect.to_url_lossy().to_string();
     let pool = pool(options, connect, 6).await;
-    let timed_out = ackloop(
+    let timed_out = run_ackloop(
         &url,
         &[
             "signup",
@@ -181,7 +154,7 @@ async fn await_by_email_resumes_a_timed_out_signup(options: PgPoolOptions, conne
     assert_eq!(timed_out.status.code(), Some(5), "{}", stderr(&timed_out));
 
     let worker = spawn_worker(&pool, worker_config());
-    let resumed = ackloop(
+    let resumed = run_ackloop(
         &url,
         &[
             "await",
@@ -194,10 +167,10 @@ async fn await_by_email_resumes_a_timed_out_signup(options: PgPoolOptions, conne
     )
     .await;
     assert_eq!(resumed.status.code(), Some(0), "{}", stderr(&resumed));
-    assert_eq!(json(&resumed)["player"]["display_name"], "Ada");
+    assert_eq!(stdout_json(&resumed)["player"]["display_name"], "Ada");
     worker.stop().await;
 
-    let nobody = ackloop(
+    let nobody = run_ackloop(
         &url,
         &["await", "--email", "nobody@example.com", "--timeout", "1s"],
     )
@@ -210,14 +183,14 @@ async fn doctor_says_what_is_wrong_and_how_to_fix_it(options: PgPoolOptions, con
     let url = connect.to_url_lossy().to_string();
     let pool = pool(options, connect, 4).await;
 
-    let healthy = ackloop(&url, &["doctor", "--json"]).await;
+    let healthy = run_ackloop(&url, &["doctor", "--json"]).await;
     assert_eq!(
         healthy.status.code(),
         Some(0),
         "{}",
         String::from_utf8_lossy(&healthy.stdout)
     );
-    let report = json(&healthy);
+    let report = stdout_json(&healthy);
     assert_eq!(report["ok"], true);
     let names: Vec<&str> = report["checks"]
         .as_array()
@@ -247,7 +220,7 @@ async fn doctor_says_what_is_wrong_and_how_to_fix_it(options: PgPoolOptions, con
     .await;
     worker.stop().await;
     pending_signup(&pool, 2).await;
-    let unhealthy = ackloop(&url, &["doctor", "--stale-after", "0s"]).await;
+    let unhealthy = run_ackloop(&url, &["doctor", "--stale-after", "0s"]).await;
     assert_eq!(unhealthy.status.code(), Some(10), "{}", stderr(&unhealthy));
     let text = String::from_utf8_lossy(&unhealthy.stdout);
     assert!(text.contains("FAIL pending jobs"), "{text}");

@@ -112,21 +112,17 @@ fn nix_is_root() -> bool {
         .unwrap_or(false)
 }
 
-async fn ackloop(database_url: &str, listen_url: Option<&str>, args: &[&str]) -> Output {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_ackloop"));
-    command.args(args).env("DATABASE_URL", database_url);
-    match listen_url {
-        Some(url) => command.env("ACKLOOP_LISTEN_URL", url),
-        None => command.env_remove("ACKLOOP_LISTEN_URL"),
-    };
-    within("ackloop to exit", command.output()).await.unwrap()
+/// `ackloop doctor --json` with queries on `database_url` and the listeners on `listen_url`.
+async fn doctor(database_url: &str, listen_url: &str) -> Output {
+    let mut command = ackloop_command(database_url);
+    command
+        .env("ACKLOOP_LISTEN_URL", listen_url)
+        .args(["doctor", "--json"]);
+    within("ackloop doctor to exit", command.output()).await.unwrap()
 }
 
 fn listen_check(output: &Output) -> Value {
-    let report: Value = serde_json::from_slice(&output.stdout).unwrap_or_else(|err| {
-        panic!("{err}: {}", String::from_utf8_lossy(&output.stdout));
-    });
-    report["checks"]
+    stdout_json(output)["checks"]
         .as_array()
         .unwrap()
         .iter()
@@ -146,7 +142,7 @@ async fn doctor_catches_a_transaction_pooler_on_the_listen_connection(
     let pooled = bouncer.url(&connect);
 
     // The listeners would connect through the pooler: LISTEN cannot work there.
-    let through = ackloop(&direct, Some(&pooled), &["doctor", "--json"]).await;
+    let through = doctor(&direct, &pooled).await;
     assert_eq!(
         through.status.code(),
         Some(10),
@@ -168,7 +164,7 @@ async fn doctor_catches_a_transaction_pooler_on_the_listen_connection(
     );
 
     // Given a direct listen connection, the same check passes.
-    let fixed = ackloop(&direct, Some(&direct), &["doctor", "--json"]).await;
+    let fixed = doctor(&direct, &direct).await;
     assert_eq!(
         fixed.status.code(),
         Some(0),

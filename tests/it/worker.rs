@@ -13,13 +13,9 @@ async fn jobs_committed_while_no_worker_runs_are_processed_when_one_starts(
     connect: PgConnectOptions,
 ) {
     let pool = pool(options, connect, 6).await;
-    let mut conn = pool.acquire().await.unwrap();
     for n in 0..3 {
-        create_user(&mut conn, &Channels::default(), &user(n))
-            .await
-            .unwrap();
+        pending_signup(&pool, n).await;
     }
-    drop(conn);
 
     // Their notifications went to nobody; the poll is an hour away: only the sweep on start
     // can find these jobs.
@@ -191,12 +187,10 @@ async fn one_bad_job_does_not_hold_up_its_batch(options: PgPoolOptions, connect:
         "alter table players add constraint no_doomed_players check (display_name <> 'Doomed')",
     )
     .await;
-    let mut conn = pool.acquire().await.unwrap();
     for n in 0..5 {
-        create_user(&mut conn, &Channels::default(), &user(n))
-            .await
-            .unwrap();
+        pending_signup(&pool, n).await;
     }
+    let mut conn = pool.acquire().await.unwrap();
     let doomed = ackloop::NewUser::new("doomed@example.com", "Doomed").unwrap();
     create_user(&mut conn, &Channels::default(), &doomed)
         .await
