@@ -19,7 +19,10 @@ DATABASE_URL := $(shell scripts/pg url)
 endif
 export DATABASE_URL
 
-BIN := target/debug/ackloop
+# Where cargo puts the binary: CARGO_TARGET_DIR, build.target-dir in a cargo config, or target/.
+# Asked of cargo itself, so every way of moving the target directory is honoured.
+TARGET_DIR = $(shell cargo metadata --no-deps --format-version 1 | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')
+BIN = $(TARGET_DIR)/debug/ackloop
 
 .PHONY: help
 help: ## Show this help
@@ -66,7 +69,7 @@ demo: db build ## Migrate, start a worker, sign a user up, print the confirmed p
 
 .PHONY: test
 test: db ## Run the whole test suite against a real PostgreSQL
-	@scripts/pg pgbouncer
+	@scripts/pg pgbouncer >/dev/null
 	cargo test --all-targets
 	cargo test --doc
 

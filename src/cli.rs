@@ -3,11 +3,10 @@
 
 use std::fmt::Write as _;
 use std::process::ExitCode;
-use std::str::FromStr;
 use std::time::{Duration, Instant};
 
 use ackloop::{
-    Backoff, Channels, NewUser, SignupError, Signups, SignupsConfig, StatusReport, Worker, WorkerConfig,
+    Backoff, Channels, ConnectConfig, NewUser, SignupError, Signups, SignupsConfig, StatusReport, Worker, WorkerConfig,
     WorkerError,
 };
 use clap::{Args, Parser, Subcommand};
@@ -30,7 +29,9 @@ pub struct Cli {
 /// Where the database is, and which channels to use.
 #[derive(Debug, Args)]
 pub struct ConnectionArgs {
-    /// PostgreSQL URL, e.g. postgres://user:pass@host/db or postgres://user@localhost/db?host=/run/postgresql (a Unix socket)
+    /// PostgreSQL connection string, as libpq reads it: postgres://user:pass@host/db?sslmode=require,
+    /// postgres://user@/db?host=/run/postgresql (a Unix socket), or host=db dbname=app user=app.
+    /// Unset: libpq's PGHOST, PGPORT, PGUSER, PGPASSWORD, PGDATABASE, as psql uses them
     #[arg(long, env = "DATABASE_URL", global = true, hide_env_values = true)]
     database_url: Option<String>,
     /// A separate URL for the LISTEN connection, when DATABASE_URL goes through a
@@ -165,7 +166,8 @@ pub enum Command {
 /// to each signup, at one cheap indexed query per interval for all waiting signups together.
 const POLL_ONLY_CONFIRM_INTERVAL: Duration = Duration::from_millis(100);
 
-/// How long to wait for the database before giving up with exit code 7.
+/// How long to wait for the database before giving up with exit code 7, unless the connection
+/// string's `connect_timeout` says otherwise.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// `ackloop jobs …`.
@@ -228,16 +230,20 @@ Exit codes:
 /// Everything a subcommand can fail with, each mapped to one exit code in [`Failure::exit_code`].
 #[derive(Debug, thiserror::Error)]
 enum Failure {
-    #[error("DATABASE_URL is not set: pass --database-url or set DATABASE_URL")]
-    NoDatabaseUrl,
     #[error("invalid {which}")]
     BadUrl {
         which: &'static str,
         #[source]
+        source: ackloop::BadConnectionString,
+    },
+    #[error("cannot connect to the database at {target}{}", unset_hint(.from_env))]
+    Connect {
+        target: String,
+        /// Whether DATABASE_URL was unset and libpq's defaults were tried.
+        from_env: bool,
+        #[source]
         source: sqlx::Error,
     },
-    #[error("cannot connect to the database")]
-    Connect(#[source] sqlx::Error),
     #[error(transparent)]
     Channel(#[from] ackloop::InvalidChannelName),
     #[error(transparent)]
@@ -275,9 +281,8 @@ impl Failure {
             Self::Signup(SignupError::EmailTaken) => 4,
             Self::Signup(SignupError::TimedOut { .. }) => 5,
             Self::Signup(SignupError::JobFailed { .. }) => 6,
-            Self::NoDatabaseUrl
-            | Self::BadUrl { .. }
-            | Self::Connect(_)
+            Self::BadUrl { .. }
+            | Self::Connect { .. }
             | Self::Signup(SignupError::Unavailable { .. })
             | Self::Worker(WorkerError::Listen { .. }) => 7,
             Self::Schema(ackloop::SchemaError::Missing | ackloop::SchemaError::Behind { .. }) => 8,
@@ -307,11 +312,16 @@ impl Failure {
         }
     }
 
-    /// The error and its chain of causes, one line.
+    /// The error and its chain of causes, one line. A driver error ends the chain, told in a
+    /// user's words (its own text and causes carry internals such as the server's source line).
     fn message(&self) -> String {
         let mut message = self.to_string();
         let mut source = std::error::Error::source(self);
         while let Some(cause) = source {
+            if let Some(db_err) = cause.downcast_ref::<sqlx::Error>() {
+                let _ = write!(message, ": {}", ackloop::describe_db_error(db_err));
+                break;
+            }
             // Many errors already print their source in their own message; say each thing once.
             let text = cause.to_string();
             if !message.contains(&text) {
@@ -406,16 +416,34 @@ async fn dispatch(cli: Cli) -> Result<(), Failure> {
     }
 }
 
+fn unset_hint(from_env: &bool) -> &'static str {
+    if *from_env {
+        " (DATABASE_URL is not set, so libpq's PGHOST, PGUSER, ... and defaults were used)"
+    } else {
+        ""
+    }
+}
+
 impl ConnectionArgs {
+    /// DATABASE_URL read as libpq would, or libpq's environment variables when it is unset.
+    fn connect_config(&self) -> Result<ConnectConfig, Failure> {
+        match self.database_url.as_deref() {
+            Some(url) => parse_url(url, "DATABASE_URL"),
+            None => ConnectConfig::from_libpq_env().map_err(|source| Failure::BadUrl {
+                which: "PG* environment variables",
+                source,
+            }),
+        }
+    }
+
     fn connect_options(&self) -> Result<PgConnectOptions, Failure> {
-        let url = self.database_url.as_deref().ok_or(Failure::NoDatabaseUrl)?;
-        parse_url(url, "DATABASE_URL")
+        Ok(self.connect_config()?.into_options())
     }
 
     fn listen_options(&self) -> Result<Option<PgConnectOptions>, Failure> {
         self.listen_url
             .as_deref()
-            .map(|url| parse_url(url, "ACKLOOP_LISTEN_URL"))
+            .map(|url| parse_url(url, "ACKLOOP_LISTEN_URL").map(ConnectConfig::into_options))
             .transpose()
     }
 
@@ -443,21 +471,34 @@ impl ConnectionArgs {
 
     /// A pool of at most `connections` on `DATABASE_URL`.
     async fn pool(&self, connections: u32) -> Result<PgPool, Failure> {
-        connect(self.connect_options()?, connections).await
+        connect(self, |options| options, connections).await
     }
 }
 
-/// A pool of at most `connections`. One direct connection is made first: the pool would retry a
-/// refused connection until its timeout and then report only that it timed out, where a user
-/// needs the reason at once.
-async fn connect(options: PgConnectOptions, connections: u32) -> Result<PgPool, Failure> {
-    let probe = tokio::time::timeout(CONNECT_TIMEOUT, options.connect())
+/// A pool of at most `connections`, with `adjust` applied to the connect options. One direct
+/// connection is made first: the pool would retry a refused connection until its timeout and
+/// then report only that it timed out, where a user needs the reason at once.
+async fn connect(
+    connection: &ConnectionArgs,
+    adjust: impl FnOnce(PgConnectOptions) -> PgConnectOptions,
+    connections: u32,
+) -> Result<PgPool, Failure> {
+    let config = connection.connect_config()?;
+    let target = config.to_string();
+    let timeout = config.connect_timeout().unwrap_or(CONNECT_TIMEOUT);
+    let options = adjust(config.into_options());
+    let failed = |source| Failure::Connect {
+        target: target.clone(),
+        from_env: connection.database_url.is_none(),
+        source,
+    };
+    let probe = tokio::time::timeout(timeout, options.connect())
         .await
-        .map_err(|_| Failure::Connect(sqlx::Error::PoolTimedOut))?
-        .map_err(Failure::Connect)?;
+        .map_err(|_| failed(sqlx::Error::Io(std::io::ErrorKind::TimedOut.into())))?
+        .map_err(failed)?;
     let pool = PgPoolOptions::new()
         .max_connections(connections)
-        .acquire_timeout(CONNECT_TIMEOUT)
+        .acquire_timeout(timeout)
         // sqlx pings every connection it hands out by default: a round trip before each query.
         // A connection a restart killed fails its query instead, which the worker retries and
         // a signup reports as Unavailable.
@@ -468,9 +509,9 @@ async fn connect(options: PgConnectOptions, connections: u32) -> Result<PgPool, 
     Ok(pool)
 }
 
-fn parse_url(url: &str, which: &'static str) -> Result<PgConnectOptions, Failure> {
+fn parse_url(url: &str, which: &'static str) -> Result<ConnectConfig, Failure> {
     // The parse error never repeats the URL, so no password reaches the terminal or the logs.
-    PgConnectOptions::from_str(url).map_err(|source| Failure::BadUrl { which, source })
+    ConnectConfig::parse(url).map_err(|source| Failure::BadUrl { which, source })
 }
 
 async fn migrate(connection: &ConnectionArgs, json: bool) -> Result<(), Failure> {
@@ -536,8 +577,7 @@ async fn worker(
     // not kill it with the default action.
     let shutdown = CancellationToken::new();
     tokio::spawn(cancel_on_signal(shutdown.clone()));
-    let options = ackloop::worker_session_options(connection.connect_options()?);
-    let pool = connect(options, connections).await?;
+    let pool = connect(connection, ackloop::worker_session_options, connections).await?;
     ackloop::check_schema(&pool).await?;
     if let Some(addr) = metrics_addr {
         serve_metrics(addr, &pool, &shutdown).await?;

@@ -46,6 +46,7 @@
 mod admin;
 mod channel;
 mod confirm;
+mod connect;
 mod doctor;
 mod job;
 mod schema;
@@ -64,6 +65,7 @@ pub use channel::{
     BadPayload, ChannelName, Channels, DEFAULT_DONE_CHANNEL, DEFAULT_JOBS_CHANNEL, InvalidChannelName,
     parse_job_id,
 };
+pub use connect::{BadConnectionString, ConnectConfig, describe_db_error};
 pub use doctor::{Check, diagnose};
 pub use job::{Backoff, JobId, JobStatus, PlayerId, UnknownStatus, UserId};
 pub use schema::{SchemaError, check_schema};

@@ -248,3 +248,88 @@ pub async fn pending_signup(pool: &PgPool, n: usize) -> ackloop::JobId {
         .unwrap()
         .job_id
 }
+
+/// A private cluster for one test, so that restarting it (or configuring it) disturbs no other
+/// test. Stopped and deleted when dropped.
+pub struct OwnCluster {
+    dir: std::path::PathBuf,
+    env: Vec<(&'static str, String)>,
+}
+
+impl OwnCluster {
+    /// A cluster on a Unix socket only; returns it and its URL.
+    pub async fn start(name: &str) -> (Self, String) {
+        Self::start_with(name, Vec::new()).await
+    }
+
+    /// A cluster that listens on 127.0.0.1 with TLS on and refuses TCP without it, as managed
+    /// servers do; certificates from scripts/test-certs in `certs`. Returns it and its URL
+    /// (without sslmode).
+    pub async fn start_tls(name: &str, certs: &std::path::Path) -> (Self, String) {
+        let port = free_port();
+        let env = vec![
+            ("PG_PORT", port.to_string()),
+            ("PG_LISTEN", "127.0.0.1".to_owned()),
+            ("PG_TLS", certs.display().to_string()),
+        ];
+        Self::start_with(name, env).await
+    }
+
+    async fn start_with(name: &str, env: Vec<(&'static str, String)>) -> (Self, String) {
+        let dir = std::env::temp_dir().join(format!("ackloop-{name}-{}", std::process::id()));
+        let cluster = Self { dir, env };
+        cluster.pg("start").await;
+        let url = cluster.pg("url").await;
+        (cluster, url.trim().to_owned())
+    }
+
+    /// The directory holding the cluster's Unix socket.
+    pub fn socket_dir(&self) -> std::path::PathBuf {
+        let real = std::fs::read_link(&self.dir).unwrap_or_else(|_| self.dir.clone());
+        real.join("run")
+    }
+
+    /// Runs `scripts/pg command` on this cluster and returns what it printed.
+    pub async fn pg(&self, command: &str) -> String {
+        let output = within(
+            "scripts/pg",
+            tokio::process::Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/pg"))
+                .arg(command)
+                .env("PG_DIR", &self.dir)
+                .envs(self.env.iter().map(|(k, v)| (*k, v.as_str())))
+                .output(),
+        )
+        .await
+        .unwrap();
+        assert!(
+            output.status.success(),
+            "scripts/pg {command}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8(output.stdout).unwrap()
+    }
+}
+
+impl Drop for OwnCluster {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/pg"))
+            .arg("stop")
+            .env("PG_DIR", &self.dir)
+            .envs(self.env.iter().map(|(k, v)| (*k, v.as_str())))
+            .status();
+        if let Ok(target) = std::fs::read_link(&self.dir) {
+            let _ = std::fs::remove_dir_all(target);
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+        let _ = std::fs::remove_file(&self.dir);
+    }
+}
+
+/// A TCP port nobody listens on right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}

@@ -278,56 +278,9 @@ async fn a_signup_whose_connection_drops_before_commit_leaves_nothing(pool: PgPo
     assert_nothing_sent_before_marker(&pool, &mut listener, ackloop::DEFAULT_JOBS_CHANNEL).await;
 }
 
-/// A private cluster for one test, so that restarting it disturbs no other test.
-struct OwnCluster {
-    dir: std::path::PathBuf,
-}
-
-impl OwnCluster {
-    async fn start() -> (Self, String) {
-        let dir = std::env::temp_dir().join(format!("ackloop-restart-{}", std::process::id()));
-        let cluster = Self { dir };
-        cluster.pg("start").await;
-        let url = cluster.pg("url").await;
-        (cluster, url.trim().to_owned())
-    }
-
-    async fn pg(&self, command: &str) -> String {
-        let output = within(
-            "scripts/pg",
-            Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/pg"))
-                .arg(command)
-                .env("PG_DIR", &self.dir)
-                .output(),
-        )
-        .await
-        .unwrap();
-        assert!(
-            output.status.success(),
-            "scripts/pg {command}: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        String::from_utf8(output.stdout).unwrap()
-    }
-}
-
-impl Drop for OwnCluster {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/pg"))
-            .arg("stop")
-            .env("PG_DIR", &self.dir)
-            .status();
-        if let Ok(target) = std::fs::read_link(&self.dir) {
-            let _ = std::fs::remove_dir_all(target);
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
-        let _ = std::fs::remove_file(&self.dir);
-    }
-}
-
 #[tokio::test]
 async fn workers_and_waiting_callers_carry_on_after_postgres_restarts() {
-    let (cluster, url) = OwnCluster::start().await;
+    let (cluster, url) = OwnCluster::start("restart").await;
     let options: PgConnectOptions = url.parse().unwrap();
     let pool = PgPoolOptions::new()
         .max_connections(6)

@@ -6,6 +6,7 @@ mod channels;
 mod cli;
 mod common;
 mod concurrency;
+mod connecting;
 mod example_service;
 mod faults;
 mod hostile_input;

@@ -1,0 +1,762 @@
+//! Connection strings as libpq reads them, and database errors as a user should read them.
+//!
+//! sqlx reads only part of what libpq users paste: it refuses the empty-host socket form
+//! (`postgres://app@/app?host=/run/postgresql`) and key=value strings, and silently ignores
+//! `connect_timeout`. [`ConnectConfig::parse`] accepts both libpq forms, honours the settings a
+//! libpq user relies on, and refuses anything else naming the accepted form, never echoing a
+//! password.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnectOptions, PgSslMode};
+
+/// libpq's floor for `connect_timeout`: smaller values are taken as 2 seconds.
+const MIN_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The forms a connection string may take, shown in every refusal.
+const ACCEPTED_FORMS: &str = "use postgres://user:password@host:5432/dbname?sslmode=require, \
+     postgres://user@/dbname?host=/run/postgresql (a Unix socket), \
+     or host=db.example.com port=5432 dbname=app user=app";
+
+/// The libpq parameters ackloop understands, listed in refusals of any other.
+const KNOWN_PARAMETERS: &str = "host, hostaddr, port, dbname, user, password, connect_timeout, \
+     sslmode, sslrootcert, sslcert, sslkey, application_name, options, channel_binding, \
+     target_session_attrs";
+
+/// Where a database is and how to reach it: a libpq connection string, read.
+///
+/// Both of libpq's forms are accepted: URIs (`postgres://` or `postgresql://`, the host may be
+/// empty, a Unix socket directory may be given as `host=` or percent-encoded as the host) and
+/// `key=value` strings (values may be single-quoted). Settings the string leaves out come from
+/// libpq's environment variables (`PGHOST`, `PGPORT`, `PGUSER`, `PGPASSWORD`, `PGDATABASE`,
+/// `PGSSLMODE`, `PGSSLROOTCERT`, `PGSSLCERT`, `PGSSLKEY`, `PGAPPNAME`, `PGCONNECT_TIMEOUT`) and a
+/// password from `~/.pgpass`, as with psql.
+///
+/// TLS follows libpq's `sslmode`: `disable`; `allow` and `prefer` (the default) use TLS when the
+/// server offers it; `require` insists on TLS, and also checks the server's certificate against
+/// `sslrootcert` when one is given; `verify-ca` checks the certificate chain and `verify-full`
+/// the host name too, against `sslrootcert`, else `~/.postgresql/root.crt` when it exists, else
+/// the system's trusted roots (`sslrootcert=system` asks for those explicitly). `sslcert` and
+/// `sslkey` give a client certificate.
+///
+/// ```
+/// use std::time::Duration;
+/// use ackloop::ConnectConfig;
+///
+/// let config = ConnectConfig::parse("postgres://app:s%40cret@/app?host=/run/postgresql&connect_timeout=5")?;
+/// assert_eq!(config.connect_timeout(), Some(Duration::from_secs(5)));
+/// assert_eq!(config.to_string(), "app@/run/postgresql/app");
+///
+/// let config = ConnectConfig::parse("host=db.example.com dbname=app user=app sslmode=require")?;
+/// assert_eq!(config.options().get_host(), "db.example.com");
+/// # Ok::<(), ackloop::BadConnectionString>(())
+/// ```
+#[derive(Debug, Clone)]
+pub struct ConnectConfig {
+    options: PgConnectOptions,
+    connect_timeout: Option<Duration>,
+}
+
+impl ConnectConfig {
+    /// Reads a connection string in either of libpq's forms.
+    ///
+    /// # Errors
+    /// [`BadConnectionString`] saying what is wrong and showing the accepted forms; it never
+    /// repeats the string, which may hold a password.
+    pub fn parse(text: &str) -> Result<Self, BadConnectionString> {
+        let text = text.trim();
+        let params = if let Some(rest) = text
+            .strip_prefix("postgres://")
+            .or_else(|| text.strip_prefix("postgresql://"))
+        {
+            parse_uri(rest)?
+        } else if text.contains("://") {
+            return Err(BadConnectionString::new(
+                "the URL scheme must be postgres:// or postgresql://",
+            ));
+        } else if text.contains('=') {
+            parse_key_values(text)?
+        } else if text.is_empty() {
+            return Err(BadConnectionString::new("the connection string is empty"));
+        } else {
+            return Err(BadConnectionString::new(
+                "this is neither a postgres:// URL nor a list of key=value settings",
+            ));
+        };
+        Self::from_params(params)
+    }
+
+    /// Connection settings from libpq's environment variables alone (`PGHOST`, `PGPORT`,
+    /// `PGUSER`, `PGPASSWORD`, `PGDATABASE`, …), as psql uses them when given no connection
+    /// string. Without `PGHOST`, the local server's Unix socket is tried.
+    ///
+    /// # Errors
+    /// [`BadConnectionString`] when a variable holds a value that cannot be used.
+    pub fn from_libpq_env() -> Result<Self, BadConnectionString> {
+        Self::from_params(BTreeMap::new())
+    }
+
+    /// The options for sqlx: `PgPoolOptions::connect_with(config.options().clone())`.
+    pub fn options(&self) -> &PgConnectOptions {
+        &self.options
+    }
+
+    /// The options for sqlx, taken.
+    pub fn into_options(self) -> PgConnectOptions {
+        self.options
+    }
+
+    /// `connect_timeout`, when the string (or `PGCONNECT_TIMEOUT`) sets one: the longest a
+    /// connection attempt may take. libpq's rules: `0` means no limit, less than 2 means 2.
+    pub fn connect_timeout(&self) -> Option<Duration> {
+        self.connect_timeout
+    }
+
+    fn from_params(mut params: BTreeMap<String, String>) -> Result<Self, BadConnectionString> {
+        // Anything the string leaves out comes from libpq's variables, as sqlx's defaults do;
+        // sqlx does not know this one.
+        if !params.contains_key("connect_timeout")
+            && let Ok(value) = std::env::var("PGCONNECT_TIMEOUT")
+        {
+            params.insert("connect_timeout".to_owned(), value);
+        }
+        // What sqlx reads itself goes to it as one URL of query settings (its parser also looks
+        // the password up in ~/.pgpass for the final host, port, user and database); what it
+        // does not know, or reads differently from libpq, is handled here.
+        let mut settings: Vec<(&str, String)> = Vec::new();
+        let mut connect_timeout = None;
+        let mut sslmode = None;
+        let mut root_cert = None;
+        for (key, value) in &params {
+            match key.as_str() {
+                "host" | "hostaddr" if value.contains(',') => {
+                    return Err(BadConnectionString::new(
+                        "several hosts are not supported: give the one host to connect to",
+                    ));
+                }
+                // hostaddr (an IP address) wins over host for where to connect, as in libpq.
+                "host" if params.contains_key("hostaddr") => {}
+                "host" | "hostaddr" => settings.push(("host", value.clone())),
+                "port" => {
+                    value.parse::<u16>().map_err(|_| {
+                        BadConnectionString::new("the port is not a number from 1 to 65535")
+                    })?;
+                    settings.push(("port", value.clone()));
+                }
+                "dbname" | "user" | "password" | "application_name" | "options" => {
+                    settings.push((key_name(key), value.clone()));
+                }
+                "sslcert" | "sslkey" => {
+                    let path = existing_file(key, value)?;
+                    settings.push((key_name(key), path.display().to_string()));
+                }
+                "connect_timeout" => connect_timeout = parse_connect_timeout(value)?,
+                "sslmode" => sslmode = Some(parse_sslmode(value)?),
+                "sslrootcert" => root_cert = Some(value.as_str()),
+                "channel_binding" => match value.as_str() {
+                    "disable" | "prefer" => {}
+                    "require" => {
+                        return Err(BadConnectionString::new(
+                            "channel_binding=require is not supported: use channel_binding=prefer \
+                             (with sslmode=verify-full, TLS already authenticates the server)",
+                        ));
+                    }
+                    _ => {
+                        return Err(BadConnectionString::new(
+                            "channel_binding must be disable, prefer or require",
+                        ));
+                    }
+                },
+                "target_session_attrs" => {
+                    if value != "any" {
+                        return Err(BadConnectionString::new(
+                            "target_session_attrs other than any is not supported: ackloop \
+                             connects to the one host given, so leave it out",
+                        ));
+                    }
+                }
+                _ => {
+                    return Err(BadConnectionString::new(format!(
+                        "unknown setting {:?}: ackloop understands {KNOWN_PARAMETERS}",
+                        shorten(key)
+                    )));
+                }
+            }
+        }
+        if params.contains_key("sslkey") != params.contains_key("sslcert") {
+            return Err(BadConnectionString::new(
+                "a client certificate needs both sslcert and sslkey",
+            ));
+        }
+        if !settings.iter().any(|(key, _)| *key == "host") {
+            // Without a host sqlx's URL parser would take the URL's empty one; give it the
+            // default it would otherwise pick (PGHOST, else the local socket, else localhost).
+            let defaults = PgConnectOptions::new_without_pgpass();
+            settings.push(("host", defaults.get_host().to_owned()));
+        }
+        let mut url = String::from("postgres://?");
+        for (key, value) in &settings {
+            url.push_str(&format!("{key}={}&", percent_encode(value)));
+        }
+        let options = url
+            .trim_end_matches('&')
+            .parse::<PgConnectOptions>()
+            .map_err(|_| BadConnectionString::new("the settings could not be read"))?;
+        let options = apply_tls(options, sslmode, root_cert)?;
+        Ok(Self {
+            options,
+            connect_timeout,
+        })
+    }
+}
+
+/// The `'static` name of a setting passed on to sqlx.
+fn key_name(key: &str) -> &'static str {
+    match key {
+        "dbname" => "dbname",
+        "user" => "user",
+        "password" => "password",
+        "application_name" => "application_name",
+        "options" => "options",
+        "sslcert" => "sslcert",
+        "sslkey" => "sslkey",
+        _ => unreachable!("only settings matched above are passed on"),
+    }
+}
+
+impl FromStr for ConnectConfig {
+    type Err = BadConnectionString;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        Self::parse(text)
+    }
+}
+
+/// `user@host:port/dbname` (or `user@/socket/dir/dbname`), for messages: never the password.
+impl fmt::Display for ConnectConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let options = &self.options;
+        let database = options.get_database().unwrap_or(options.get_username());
+        match options.get_socket() {
+            Some(dir) => write!(f, "{}@{}/{database}", options.get_username(), dir.display()),
+            None if options.get_host().starts_with('/') => {
+                write!(f, "{}@{}/{database}", options.get_username(), options.get_host())
+            }
+            None => write!(
+                f,
+                "{}@{}:{}/{database}",
+                options.get_username(),
+                options.get_host(),
+                options.get_port()
+            ),
+        }
+    }
+}
+
+/// A connection string ackloop cannot use: what is wrong, and the forms it accepts.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{problem}; {ACCEPTED_FORMS}")]
+pub struct BadConnectionString {
+    problem: String,
+}
+
+impl BadConnectionString {
+    fn new(problem: impl Into<String>) -> Self {
+        Self {
+            problem: problem.into(),
+        }
+    }
+}
+
+fn parse_connect_timeout(value: &str) -> Result<Option<Duration>, BadConnectionString> {
+    let secs = value.trim().parse::<i64>().map_err(|_| {
+        BadConnectionString::new(format!(
+            "connect_timeout {value:?} is not a whole number of seconds"
+        ))
+    })?;
+    Ok(match secs {
+        ..=0 => None,
+        secs => Some(Duration::from_secs(secs.unsigned_abs()).max(MIN_CONNECT_TIMEOUT)),
+    })
+}
+
+fn parse_sslmode(value: &str) -> Result<PgSslMode, BadConnectionString> {
+    Ok(match value {
+        "disable" => PgSslMode::Disable,
+        // sqlx has no `allow` (try without TLS, then with it); `prefer` connects to the same
+        // servers, trying TLS first.
+        "allow" | "prefer" => PgSslMode::Prefer,
+        "require" => PgSslMode::Require,
+        "verify-ca" => PgSslMode::VerifyCa,
+        "verify-full" => PgSslMode::VerifyFull,
+        _ => {
+            return Err(BadConnectionString::new(
+                "sslmode must be disable, allow, prefer, require, verify-ca or verify-full",
+            ));
+        }
+    })
+}
+
+/// libpq's rules for which certificates a TLS connection checks the server's against.
+fn apply_tls(
+    options: PgConnectOptions,
+    sslmode: Option<PgSslMode>,
+    root_cert: Option<&str>,
+) -> Result<PgConnectOptions, BadConnectionString> {
+    // PGSSLMODE and PGSSLROOTCERT were applied already by sqlx's defaults; the string wins.
+    let mut options = match sslmode {
+        Some(mode) => options.ssl_mode(mode),
+        None => options,
+    };
+    let root_cert = match root_cert {
+        // The system's roots: what sqlx uses when given no root certificate.
+        Some("system") => None,
+        Some(path) => Some(existing_file("sslrootcert", path)?),
+        None => default_root_cert(),
+    };
+    if let Some(path) = root_cert {
+        // libpq checks the server's certificate under `require` too when a root certificate is
+        // there to check it against.
+        if matches!(options.get_ssl_mode(), PgSslMode::Require) {
+            options = options.ssl_mode(PgSslMode::VerifyCa);
+        }
+        options = options.ssl_root_cert(path);
+    }
+    Ok(options)
+}
+
+/// `~/.postgresql/root.crt`, libpq's default root certificate, when it exists.
+fn default_root_cert() -> Option<PathBuf> {
+    let home = std::env::var_os("HOME")?;
+    let path = Path::new(&home).join(".postgresql/root.crt");
+    path.is_file().then_some(path)
+}
+
+fn existing_file(setting: &str, path: &str) -> Result<PathBuf, BadConnectionString> {
+    let path = PathBuf::from(path);
+    if path.is_file() {
+        Ok(path)
+    } else {
+        Err(BadConnectionString::new(format!(
+            "{setting} file {} does not exist or is not a file",
+            path.display()
+        )))
+    }
+}
+
+/// Parses `[user[:password]@][host[:port]][/dbname][?key=value&…]` (after the scheme).
+fn parse_uri(rest: &str) -> Result<BTreeMap<String, String>, BadConnectionString> {
+    let mut params = BTreeMap::new();
+    // A password holding an unencoded '/', '?' or '#' ends the host part early, and the rest of
+    // it would be read (and shown in messages) as a database name or a setting. Its '@' then
+    // comes after the end of the host part, yet before any setting's '='.
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let first_equals = rest.find('=').unwrap_or(rest.len());
+    if !rest[..authority_end].contains('@')
+        && rest[authority_end..].find('@').is_some_and(|at| authority_end + at < first_equals)
+    {
+        return Err(BadConnectionString::new(
+            "the user name or password holds a '/', '?' or '#': percent-encode them (%2F, %3F, %23)",
+        ));
+    }
+    let (before_query, query) = match rest.split_once('?') {
+        Some((before, query)) => (before, Some(query)),
+        None => (rest, None),
+    };
+    let (authority, path) = match before_query.split_once('/') {
+        Some((authority, path)) => (authority, Some(path)),
+        None => (before_query, None),
+    };
+    // The last '@' ends the user part: a password may hold an unencoded '@'.
+    let (userinfo, hosts) = match authority.rsplit_once('@') {
+        Some((userinfo, hosts)) => (Some(userinfo), hosts),
+        None => (None, authority),
+    };
+    if let Some(userinfo) = userinfo {
+        let (user, password) = match userinfo.split_once(':') {
+            Some((user, password)) => (user, Some(password)),
+            None => (userinfo, None),
+        };
+        if !user.is_empty() {
+            params.insert("user".to_owned(), decode("the user name", user)?);
+        }
+        if let Some(password) = password {
+            params.insert("password".to_owned(), decode("the password", password)?);
+        }
+    }
+    if !hosts.is_empty() {
+        if hosts.contains(',') {
+            return Err(BadConnectionString::new(
+                "several hosts are not supported: give the one host to connect to",
+            ));
+        }
+        let (host, port) = split_host_port(hosts)?;
+        if !host.is_empty() {
+            params.insert("host".to_owned(), decode("the host", &host)?);
+        }
+        if let Some(port) = port {
+            params.insert("port".to_owned(), port);
+        }
+    }
+    if let Some(path) = path
+        && !path.is_empty()
+    {
+        params.insert("dbname".to_owned(), decode("the database name", path)?);
+    }
+    for pair in query.unwrap_or_default().split('&').filter(|pair| !pair.is_empty()) {
+        let Some((key, value)) = pair.split_once('=') else {
+            return Err(BadConnectionString::new(
+                "a setting after '?' has no value: write key=value, joined by &",
+            ));
+        };
+        let key = decode("a setting's name", key)?;
+        let value = decode(&format!("the value of {key}"), value)?;
+        params.insert(key, value);
+    }
+    Ok(params)
+}
+
+/// `host`, `host:port`, `[v6]` or `[v6]:port`.
+fn split_host_port(text: &str) -> Result<(String, Option<String>), BadConnectionString> {
+    if let Some(rest) = text.strip_prefix('[') {
+        let Some((host, after)) = rest.split_once(']') else {
+            return Err(BadConnectionString::new("an IPv6 host has no closing ']'"));
+        };
+        let port = match after.strip_prefix(':') {
+            Some(port) => Some(port.to_owned()),
+            None if after.is_empty() => None,
+            None => return Err(BadConnectionString::new("unexpected text after an IPv6 host")),
+        };
+        return Ok((host.to_owned(), port));
+    }
+    Ok(match text.rsplit_once(':') {
+        Some((host, port)) => (host.to_owned(), Some(port.to_owned())),
+        None => (text.to_owned(), None),
+    })
+}
+
+/// Parses libpq's `key=value key='quoted value'` form.
+fn parse_key_values(text: &str) -> Result<BTreeMap<String, String>, BadConnectionString> {
+    let mut params = BTreeMap::new();
+    let mut unquoted_password = false;
+    let mut chars = text.chars().peekable();
+    loop {
+        while chars.next_if(|c| c.is_whitespace()).is_some() {}
+        if chars.peek().is_none() {
+            return Ok(params);
+        }
+        let mut key = String::new();
+        while let Some(c) = chars.next_if(|c| *c != '=' && !c.is_whitespace()) {
+            key.push(c);
+        }
+        while chars.next_if(|c| c.is_whitespace()).is_some() {}
+        if chars.next() != Some('=') {
+            // Not named: an unquoted password with a space in it ends up here.
+            return Err(BadConnectionString::new(
+                "a setting has no value: write key=value separated by spaces, and quote values \
+                 that hold spaces: password='my secret'",
+            ));
+        }
+        while chars.next_if(|c| c.is_whitespace()).is_some() {}
+        let mut value = String::new();
+        if chars.next_if_eq(&'\'').is_some() {
+            loop {
+                match chars.next() {
+                    Some('\\') => match chars.next() {
+                        Some(c) => value.push(c),
+                        None => break,
+                    },
+                    Some('\'') => break,
+                    Some(c) => value.push(c),
+                    None => {
+                        return Err(BadConnectionString::new(format!(
+                            "the quoted value of {key} has no closing quote"
+                        )));
+                    }
+                }
+            }
+        } else {
+            while let Some(c) = chars.next_if(|c| !c.is_whitespace()) {
+                if c == '\\' {
+                    if let Some(escaped) = chars.next() {
+                        value.push(escaped);
+                    }
+                } else {
+                    value.push(c);
+                }
+            }
+            if key == "password" && chars.peek().is_some() {
+                unquoted_password = true;
+            }
+        }
+        if unquoted_password && key != "password" && !KNOWN_PARAMETERS.split(", ").any(|known| known == key) {
+            // Most likely the rest of a password with a space in it: do not name it.
+            return Err(BadConnectionString::new(
+                "an unknown setting follows the password: if the password holds a space, quote \
+                 it: password='my secret'",
+            ));
+        }
+        params.insert(key, value);
+    }
+}
+
+fn decode(what: &str, text: &str) -> Result<String, BadConnectionString> {
+    percent_decode(text).ok_or_else(|| {
+        BadConnectionString::new(format!(
+            "{what} is not valid percent-encoded UTF-8: encode special characters, e.g. @ as %40"
+        ))
+    })
+}
+
+fn percent_decode(text: &str) -> Option<String> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = text.get(i + 1..i + 3)?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+fn percent_encode(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for byte in text.bytes() {
+        if byte.is_ascii_alphanumeric() || b"-._~/".contains(&byte) {
+            out.push(char::from(byte));
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    out
+}
+
+/// A setting's name for a message: short, and cut before anything that could be a password.
+fn shorten(text: &str) -> String {
+    text.chars().take(24).collect()
+}
+
+/// A database error in words a user can act on: what failed and what to do, without the
+/// driver's wrapping ("error returned from database:") or the server's source position
+/// ("at line 2432").
+///
+/// ```
+/// let err = sqlx::Error::PoolTimedOut;
+/// assert_eq!(ackloop::describe_db_error(&err), "timed out waiting for a database connection");
+/// ```
+pub fn describe_db_error(err: &sqlx::Error) -> String {
+    match err {
+        sqlx::Error::Database(db_err) => {
+            let mut text = db_err.message().to_owned();
+            let code = db_err.code();
+            let pg = db_err.try_downcast_ref::<sqlx::postgres::PgDatabaseError>();
+            if let Some(detail) = pg.and_then(|e| e.detail()) {
+                text.push_str(&format!(" ({detail})"));
+            }
+            let advice = match code.as_deref() {
+                Some("28P01") => Some("check the user name and password"),
+                Some("28000") if text.contains("no encryption") => Some(
+                    "the server requires TLS: add sslmode=require (or verify-full with sslrootcert)",
+                ),
+                Some("28000") if text.contains("does not exist") => {
+                    Some("create the role, or fix the user in the connection string")
+                }
+                Some("28000") => Some("the server refused this user from this address (pg_hba.conf)"),
+                Some("3D000") => Some("create the database, or fix dbname in the connection string"),
+                Some("57P01" | "57P02" | "57P03") => Some("the server is restarting; try again in a moment"),
+                Some("53300") => Some("the server has no free connections; raise max_connections or use fewer"),
+                Some("42501") => Some("grant the role the privileges in sql/roles.sql"),
+                _ => pg.and_then(|e| e.hint()),
+            };
+            if let Some(advice) = advice {
+                text.push_str(": ");
+                text.push_str(advice);
+            }
+            text
+        }
+        sqlx::Error::Io(io) => match io.kind() {
+            std::io::ErrorKind::ConnectionRefused => {
+                "connection refused: is PostgreSQL running, and on this host and port?".to_owned()
+            }
+            std::io::ErrorKind::NotFound => {
+                "no server socket there: is PostgreSQL running, and is the socket directory right?"
+                    .to_owned()
+            }
+            std::io::ErrorKind::TimedOut => "the connection timed out".to_owned(),
+            // rustls reports a refused certificate as an I/O error.
+            _ if io.to_string().contains("certificate") => describe_tls_error(&io.to_string()),
+            _ => format!("connection error: {io}"),
+        },
+        sqlx::Error::Tls(tls) => describe_tls_error(&tls.to_string()),
+        sqlx::Error::PoolTimedOut => "timed out waiting for a database connection".to_owned(),
+        sqlx::Error::PoolClosed => "the connection pool was closed".to_owned(),
+        sqlx::Error::WorkerCrashed => "the connection's background task crashed".to_owned(),
+        sqlx::Error::Configuration(config) => format!("invalid connection settings: {config}"),
+        // sqlx appends its own source position: " (sqlx_postgres::connection::tls:95)".
+        sqlx::Error::Protocol(text) => format!(
+            "unexpected reply from the server (is this a PostgreSQL server?): {}",
+            text.split(" (sqlx_").next().unwrap_or(text)
+        ),
+        other => other.to_string(),
+    }
+}
+
+fn describe_tls_error(text: &str) -> String {
+    let advice = if text.contains("UnknownIssuer") || text.contains("unknown issuer") {
+        "the server's certificate is not signed by a CA you trust: give its CA with sslrootcert=/path/to/ca.crt"
+    } else if text.contains("NotValidForName") || text.contains("not valid for name") {
+        "the server's certificate is not for this host name: connect by the name on the certificate, or use sslmode=verify-ca"
+    } else if text.contains("does not support TLS") {
+        "the server does not offer TLS: use sslmode=prefer or disable, or turn ssl on in the server"
+    } else if text.contains("without TLS support") {
+        "this build has no TLS support"
+    } else {
+        "check sslmode, sslrootcert, sslcert and sslkey"
+    };
+    format!("TLS failed ({text}): {advice}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parsed(text: &str) -> ConnectConfig {
+        ConnectConfig::parse(text).unwrap_or_else(|err| panic!("{text}: {err}"))
+    }
+
+    /// sqlx keeps the password private; its URL form carries it.
+    fn password_of(options: &PgConnectOptions) -> Option<String> {
+        use sqlx::ConnectOptions as _;
+        let url = options.to_url_lossy();
+        url.password().map(|password| percent_decode(password).unwrap())
+    }
+
+    #[test]
+    fn every_form_a_libpq_user_pastes() {
+        // (string, host or socket, port, user, database)
+        let cases: &[(&str, &str, u16, &str, &str)] = &[
+            ("postgres://app@db.example.com/app", "db.example.com", 5432, "app", "app"),
+            ("postgresql://app@db.example.com:6543/app", "db.example.com", 6543, "app", "app"),
+            ("postgres://app@/app?host=/run/postgresql", "/run/postgresql", 5432, "app", "app"),
+            ("postgres://app@localhost/app?host=/run/postgresql", "/run/postgresql", 5432, "app", "app"),
+            ("postgres://app@%2Frun%2Fpostgresql/app", "/run/postgresql", 5432, "app", "app"),
+            ("postgres://app@[::1]:5433/app", "::1", 5433, "app", "app"),
+            ("postgres://127.0.0.1:5444/app?user=ops&port=5445", "127.0.0.1", 5445, "ops", "app"),
+            ("host=/run/postgresql dbname=app user=app", "/run/postgresql", 5432, "app", "app"),
+            ("host = db.example.com port=5433 dbname='my app' user=app", "db.example.com", 5433, "app", "my app"),
+            ("hostaddr=10.0.0.5 host=db.example.com dbname=app user=app", "10.0.0.5", 5432, "app", "app"),
+        ];
+        for (text, host, port, user, database) in cases {
+            let config = parsed(text);
+            let options = config.options();
+            let where_ = options
+                .get_socket()
+                .map_or_else(|| options.get_host().to_owned(), |dir| dir.display().to_string());
+            assert_eq!(&where_, host, "{text}");
+            assert_eq!(options.get_port(), *port, "{text}");
+            assert_eq!(options.get_username(), *user, "{text}");
+            assert_eq!(options.get_database(), Some(*database), "{text}");
+        }
+    }
+
+    #[test]
+    fn passwords_are_decoded_and_never_shown() {
+        let config = parsed("postgres://app:p%40ss%3Aw%2Frd%25@db.example.com/app");
+        assert_eq!(password_of(config.options()).as_deref(), Some("p@ss:w/rd%"));
+        assert!(!config.to_string().contains("p@ss"));
+        let config = parsed(r"host=db user=app password='it\'s secret' dbname=app");
+        assert_eq!(password_of(config.options()).as_deref(), Some("it's secret"));
+        // An unencoded '@' in the password: the last '@' ends the user part.
+        let config = parsed("postgres://app:a@b@db.example.com/app");
+        assert_eq!(password_of(config.options()).as_deref(), Some("a@b"));
+        assert_eq!(config.options().get_host(), "db.example.com");
+    }
+
+    #[test]
+    fn connect_timeout_follows_libpq() {
+        assert_eq!(
+            parsed("postgres://a@h/d?connect_timeout=5").connect_timeout(),
+            Some(Duration::from_secs(5))
+        );
+        assert_eq!(
+            parsed("postgres://a@h/d?connect_timeout=1").connect_timeout(),
+            Some(Duration::from_secs(2))
+        );
+        assert_eq!(parsed("host=h connect_timeout=0").connect_timeout(), None);
+    }
+
+    #[test]
+    fn sslmodes_map_as_libpq_does() {
+        let mode = |text: &str| parsed(text).options().get_ssl_mode();
+        assert!(matches!(mode("host=h sslmode=disable"), PgSslMode::Disable));
+        assert!(matches!(mode("host=h sslmode=allow"), PgSslMode::Prefer));
+        assert!(matches!(mode("host=h sslmode=require"), PgSslMode::Require));
+        assert!(matches!(mode("host=h sslmode=verify-full"), PgSslMode::VerifyFull));
+        // `require` with a root certificate checks the chain, as in libpq.
+        let dir = std::env::temp_dir().join(format!("ackloop-conninfo-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ca = dir.join("ca.crt");
+        std::fs::write(&ca, "not read until a connection is made").unwrap();
+        let text = format!("host=h sslmode=require sslrootcert={}", ca.display());
+        assert!(matches!(mode(&text), PgSslMode::VerifyCa));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn refusals_say_what_is_wrong_and_show_the_accepted_forms() {
+        let cases = [
+            ("", "empty"),
+            ("db.example.com", "neither"),
+            ("mysql://app@db/app", "scheme"),
+            ("postgres://app@db/app?sslmode=maybe", "sslmode must be"),
+            ("postgres://app@db/app?connect_timeout=soon", "whole number"),
+            ("postgres://app@db:port/app", "not a number"),
+            ("postgres://app@db/app?pool=5", "unknown setting"),
+            ("postgres://app@db/app?sslrootcert=/nonexistent/ca.crt", "does not exist"),
+            ("postgres://app@h1,h2/app", "several hosts"),
+            ("host=db dbname", "has no value"),
+            ("host=db password='open", "no closing quote"),
+            ("postgres://app@db/app?channel_binding=require", "channel_binding=prefer"),
+        ];
+        for (text, expected) in cases {
+            let err = ConnectConfig::parse(text).expect_err(text).to_string();
+            assert!(err.contains(expected), "{text:?}: {err}");
+            assert!(err.contains("postgres://user:password@host"), "{text:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn refusals_never_repeat_a_password() {
+        for text in [
+            "postgres://app:hunter2@db/app?sslmode=hunter2",
+            "postgres://app:hunter2@db:hunter2/app",
+            "host=db password=hunter2 bogus=1",
+            "postgres://app:%ZZhunter2@db/app",
+            "postgres://app:hun?ter2@db/app",
+            "postgres://app:hun/ter2@db/app?sslmode=require",
+            "host=db password=hun ter2 dbname=app",
+            "host=db password=hun ter2=x dbname=app",
+        ] {
+            let err = ConnectConfig::parse(text).expect_err(text).to_string();
+            assert!(!err.contains("ter2"), "{text:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn database_errors_read_without_driver_internals() {
+        let io = sqlx::Error::Io(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
+        assert!(describe_db_error(&io).contains("is PostgreSQL running"));
+        let tls = sqlx::Error::Tls("invalid peer certificate: UnknownIssuer".into());
+        assert!(describe_db_error(&tls).contains("sslrootcert="));
+    }
+}
