@@ -86,9 +86,10 @@ soak: ## Fault-injection soak on a private cluster of its own (SOAK_SEED=… rep
 	  status=$$?; PG_DIR=$(CURDIR)/.pg-soak scripts/pg stop; exit $$status
 
 .PHONY: lint
-lint: migrate ## rustfmt, clippy -D warnings, and the .sqlx offline cache check
+lint: migrate ## rustfmt, clippy -D warnings, cargo doc -D warnings, and the .sqlx offline cache check
 	cargo fmt --check
 	cargo clippy --all-targets -- -D warnings
+	RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --quiet
 	SQLX_OFFLINE=false cargo sqlx prepare --check -- --all-targets
 
 .PHONY: prepare

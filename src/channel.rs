@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use sqlx::postgres::{PgConnectOptions, PgListener, PgNotification, PgPool, PgPoolOptions};
 
+use crate::connect::Described;
 use crate::job::{Backoff, JobId};
 
 /// The default channel that wakes workers: payload = the new job's id.
@@ -261,7 +262,7 @@ impl Subscription {
                         self.failed_reconnects += 1;
                         tracing::warn!(
                             channel = %self.channel,
-                            error = %err,
+                            error = %Described(&err),
                             attempt = self.failed_reconnects,
                             "cannot listen; retrying"
                         );
@@ -281,7 +282,7 @@ impl Subscription {
                     // Some errors (a FATAL from pg_terminate_backend, a reset socket) leave
                     // sqlx's connection in place; drop the listener so the next pass builds a
                     // fresh one instead of reading a dead socket in a loop.
-                    tracing::warn!(channel = %self.channel, error = %err, "listener connection lost");
+                    tracing::warn!(channel = %self.channel, error = %Described(&err), "listener connection lost");
                     self.listener = None;
                 }
             }

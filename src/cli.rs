@@ -6,8 +6,8 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use ackloop::{
-    Backoff, Channels, ConnectConfig, NewUser, SignupError, Signups, SignupsConfig, StatusReport, Worker, WorkerConfig,
-    WorkerError,
+    Backoff, Channels, ConnectConfig, NewUser, SignupError, Signups, SignupsConfig, StatusReport, Worker,
+    WorkerConfig, WorkerError,
 };
 use clap::{Args, Parser, Subcommand};
 use serde_json::json;
@@ -222,7 +222,7 @@ Exit codes:
   4  email already registered
   5  timed out: the signup is committed and its job will still complete
   6  the job failed (the message gives the recorded error)
-  7  cannot reach the database, or DATABASE_URL is missing or malformed
+  7  cannot reach the database, or the connection string is malformed
   8  the schema is missing or behind: run `ackloop migrate`
   9  the schema is newer than this ackloop: upgrade ackloop
   10 doctor found something that needs attention; a job to retry is done or pending";

@@ -293,7 +293,7 @@ async fn resolve(shared: Arc<Shared>, mut hints: mpsc::UnboundedReceiver<Hint>) 
                 }
             }
             Err(err) => tracing::warn!(
-                error = %err,
+                error = %crate::connect::Described(&err),
                 jobs = ids.len(),
                 "cannot read job outcomes; waiting callers will check again before they time out"
             ),

@@ -25,7 +25,7 @@ const ACCEPTED_FORMS: &str = "use postgres://user:password@host:5432/dbname?sslm
 /// The libpq parameters ackloop understands, listed in refusals of any other.
 const KNOWN_PARAMETERS: &str = "host, hostaddr, port, dbname, user, password, connect_timeout, \
      sslmode, sslrootcert, sslcert, sslkey, application_name, options, channel_binding, \
-     target_session_attrs";
+     target_session_attrs (and sqlx's statement-cache-capacity)";
 
 /// Where a database is and how to reach it: a libpq connection string, read.
 ///
@@ -116,7 +116,21 @@ impl ConnectConfig {
         self.connect_timeout
     }
 
-    fn from_params(mut params: BTreeMap<String, String>) -> Result<Self, BadConnectionString> {
+    fn from_params(params: BTreeMap<String, String>) -> Result<Self, BadConnectionString> {
+        // sqlx's own spellings, which its URLs (`to_url_lossy`) carry, mean the libpq settings.
+        let mut params: BTreeMap<String, String> = params
+            .into_iter()
+            .map(|(key, value)| {
+                let key = match key.as_str() {
+                    "ssl-mode" => "sslmode".to_owned(),
+                    "ssl-root-cert" | "ssl-ca" => "sslrootcert".to_owned(),
+                    "ssl-cert" => "sslcert".to_owned(),
+                    "ssl-key" => "sslkey".to_owned(),
+                    _ => key,
+                };
+                (key, value)
+            })
+            .collect();
         // Anything the string leaves out comes from libpq's variables, as sqlx's defaults do;
         // sqlx does not know this one.
         if !params.contains_key("connect_timeout")
@@ -142,12 +156,17 @@ impl ConnectConfig {
                 "host" if params.contains_key("hostaddr") => {}
                 "host" | "hostaddr" => settings.push(("host", value.clone())),
                 "port" => {
-                    value.parse::<u16>().map_err(|_| {
-                        BadConnectionString::new("the port is not a number from 1 to 65535")
-                    })?;
+                    value
+                        .parse::<u16>()
+                        .map_err(|_| BadConnectionString::new("the port is not a number from 1 to 65535"))?;
                     settings.push(("port", value.clone()));
                 }
-                "dbname" | "user" | "password" | "application_name" | "options" => {
+                "dbname"
+                | "user"
+                | "password"
+                | "application_name"
+                | "options"
+                | "statement-cache-capacity" => {
                     settings.push((key_name(key), value.clone()));
                 }
                 "sslcert" | "sslkey" => {
@@ -222,6 +241,7 @@ fn key_name(key: &str) -> &'static str {
         "password" => "password",
         "application_name" => "application_name",
         "options" => "options",
+        "statement-cache-capacity" => "statement-cache-capacity",
         "sslcert" => "sslcert",
         "sslkey" => "sslkey",
         _ => unreachable!("only settings matched above are passed on"),
@@ -357,7 +377,9 @@ fn parse_uri(rest: &str) -> Result<BTreeMap<String, String>, BadConnectionString
     let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
     let first_equals = rest.find('=').unwrap_or(rest.len());
     if !rest[..authority_end].contains('@')
-        && rest[authority_end..].find('@').is_some_and(|at| authority_end + at < first_equals)
+        && rest[authority_end..]
+            .find('@')
+            .is_some_and(|at| authority_end + at < first_equals)
     {
         return Err(BadConnectionString::new(
             "the user name or password holds a '/', '?' or '#': percent-encode them (%2F, %3F, %23)",
@@ -407,7 +429,11 @@ fn parse_uri(rest: &str) -> Result<BTreeMap<String, String>, BadConnectionString
     {
         params.insert("dbname".to_owned(), decode("the database name", path)?);
     }
-    for pair in query.unwrap_or_default().split('&').filter(|pair| !pair.is_empty()) {
+    for pair in query
+        .unwrap_or_default()
+        .split('&')
+        .filter(|pair| !pair.is_empty())
+    {
         let Some((key, value)) = pair.split_once('=') else {
             return Err(BadConnectionString::new(
                 "a setting after '?' has no value: write key=value, joined by &",
@@ -565,16 +591,18 @@ pub fn describe_db_error(err: &sqlx::Error) -> String {
             }
             let advice = match code.as_deref() {
                 Some("28P01") => Some("check the user name and password"),
-                Some("28000") if text.contains("no encryption") => Some(
-                    "the server requires TLS: add sslmode=require (or verify-full with sslrootcert)",
-                ),
+                Some("28000") if text.contains("no encryption") => {
+                    Some("the server requires TLS: add sslmode=require (or verify-full with sslrootcert)")
+                }
                 Some("28000") if text.contains("does not exist") => {
                     Some("create the role, or fix the user in the connection string")
                 }
                 Some("28000") => Some("the server refused this user from this address (pg_hba.conf)"),
                 Some("3D000") => Some("create the database, or fix dbname in the connection string"),
                 Some("57P01" | "57P02" | "57P03") => Some("the server is restarting; try again in a moment"),
-                Some("53300") => Some("the server has no free connections; raise max_connections or use fewer"),
+                Some("53300") => {
+                    Some("the server has no free connections; raise max_connections or use fewer")
+                }
                 Some("42501") => Some("grant the role the privileges in sql/roles.sql"),
                 _ => pg.and_then(|e| e.hint()),
             };
@@ -589,8 +617,7 @@ pub fn describe_db_error(err: &sqlx::Error) -> String {
                 "connection refused: is PostgreSQL running, and on this host and port?".to_owned()
             }
             std::io::ErrorKind::NotFound => {
-                "no server socket there: is PostgreSQL running, and is the socket directory right?"
-                    .to_owned()
+                "no server socket there: is PostgreSQL running, and is the socket directory right?".to_owned()
             }
             std::io::ErrorKind::TimedOut => "the connection timed out".to_owned(),
             // rustls reports a refused certificate as an I/O error.
@@ -608,6 +635,15 @@ pub fn describe_db_error(err: &sqlx::Error) -> String {
             text.split(" (sqlx_").next().unwrap_or(text)
         ),
         other => other.to_string(),
+    }
+}
+
+/// Shows a driver error as [`describe_db_error`] tells it, for log fields.
+pub(crate) struct Described<'a>(pub(crate) &'a sqlx::Error);
+
+impl fmt::Display for Described<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&describe_db_error(self.0))
     }
 }
 
@@ -645,16 +681,70 @@ mod tests {
     fn every_form_a_libpq_user_pastes() {
         // (string, host or socket, port, user, database)
         let cases: &[(&str, &str, u16, &str, &str)] = &[
-            ("postgres://app@db.example.com/app", "db.example.com", 5432, "app", "app"),
-            ("postgresql://app@db.example.com:6543/app", "db.example.com", 6543, "app", "app"),
-            ("postgres://app@/app?host=/run/postgresql", "/run/postgresql", 5432, "app", "app"),
-            ("postgres://app@localhost/app?host=/run/postgresql", "/run/postgresql", 5432, "app", "app"),
-            ("postgres://app@%2Frun%2Fpostgresql/app", "/run/postgresql", 5432, "app", "app"),
+            (
+                "postgres://app@db.example.com/app",
+                "db.example.com",
+                5432,
+                "app",
+                "app",
+            ),
+            (
+                "postgresql://app@db.example.com:6543/app",
+                "db.example.com",
+                6543,
+                "app",
+                "app",
+            ),
+            (
+                "postgres://app@/app?host=/run/postgresql",
+                "/run/postgresql",
+                5432,
+                "app",
+                "app",
+            ),
+            (
+                "postgres://app@localhost/app?host=/run/postgresql",
+                "/run/postgresql",
+                5432,
+                "app",
+                "app",
+            ),
+            (
+                "postgres://app@%2Frun%2Fpostgresql/app",
+                "/run/postgresql",
+                5432,
+                "app",
+                "app",
+            ),
             ("postgres://app@[::1]:5433/app", "::1", 5433, "app", "app"),
-            ("postgres://127.0.0.1:5444/app?user=ops&port=5445", "127.0.0.1", 5445, "ops", "app"),
-            ("host=/run/postgresql dbname=app user=app", "/run/postgresql", 5432, "app", "app"),
-            ("host = db.example.com port=5433 dbname='my app' user=app", "db.example.com", 5433, "app", "my app"),
-            ("hostaddr=10.0.0.5 host=db.example.com dbname=app user=app", "10.0.0.5", 5432, "app", "app"),
+            (
+                "postgres://127.0.0.1:5444/app?user=ops&port=5445",
+                "127.0.0.1",
+                5445,
+                "ops",
+                "app",
+            ),
+            (
+                "host=/run/postgresql dbname=app user=app",
+                "/run/postgresql",
+                5432,
+                "app",
+                "app",
+            ),
+            (
+                "host = db.example.com port=5433 dbname='my app' user=app",
+                "db.example.com",
+                5433,
+                "app",
+                "my app",
+            ),
+            (
+                "hostaddr=10.0.0.5 host=db.example.com dbname=app user=app",
+                "10.0.0.5",
+                5432,
+                "app",
+                "app",
+            ),
         ];
         for (text, host, port, user, database) in cases {
             let config = parsed(text);
@@ -701,7 +791,10 @@ mod tests {
         assert!(matches!(mode("host=h sslmode=disable"), PgSslMode::Disable));
         assert!(matches!(mode("host=h sslmode=allow"), PgSslMode::Prefer));
         assert!(matches!(mode("host=h sslmode=require"), PgSslMode::Require));
-        assert!(matches!(mode("host=h sslmode=verify-full"), PgSslMode::VerifyFull));
+        assert!(matches!(
+            mode("host=h sslmode=verify-full"),
+            PgSslMode::VerifyFull
+        ));
         // `require` with a root certificate checks the chain, as in libpq.
         let dir = std::env::temp_dir().join(format!("ackloop-conninfo-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
@@ -722,11 +815,17 @@ mod tests {
             ("postgres://app@db/app?connect_timeout=soon", "whole number"),
             ("postgres://app@db:port/app", "not a number"),
             ("postgres://app@db/app?pool=5", "unknown setting"),
-            ("postgres://app@db/app?sslrootcert=/nonexistent/ca.crt", "does not exist"),
+            (
+                "postgres://app@db/app?sslrootcert=/nonexistent/ca.crt",
+                "does not exist",
+            ),
             ("postgres://app@h1,h2/app", "several hosts"),
             ("host=db dbname", "has no value"),
             ("host=db password='open", "no closing quote"),
-            ("postgres://app@db/app?channel_binding=require", "channel_binding=prefer"),
+            (
+                "postgres://app@db/app?channel_binding=require",
+                "channel_binding=prefer",
+            ),
         ];
         for (text, expected) in cases {
             let err = ConnectConfig::parse(text).expect_err(text).to_string();

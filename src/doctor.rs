@@ -107,7 +107,7 @@ pub async fn diagnose(pool: &PgPool, listen_options: PgConnectOptions, stale_aft
             format!("{:.1}% in use: a listening session is not reading", usage * 100.0),
             "find the session listening but idle in a transaction in pg_stat_activity and end it; NOTIFY fails when the queue is full",
         ),
-        Err(err) => Check::problem("notification queue", err.to_string(), "check the role's privileges"),
+        Err(err) => Check::problem("notification queue", crate::describe_db_error(&err), "check the role's privileges"),
     });
     if schema_ok {
         checks.push(
@@ -124,7 +124,11 @@ pub async fn diagnose(pool: &PgPool, listen_options: PgConnectOptions, stale_aft
                     ),
                     "start a worker (`ackloop worker`) or more of them; `ackloop status` shows the queue",
                 ),
-                Err(err) => Check::problem("pending jobs", err.to_string(), "check the role's privileges"),
+                Err(err) => Check::problem(
+                    "pending jobs",
+                    crate::describe_db_error(&err),
+                    "check the role's privileges",
+                ),
             },
         );
         checks.push(match store::job_counts(pool).await {
@@ -134,7 +138,7 @@ pub async fn diagnose(pool: &PgPool, listen_options: PgConnectOptions, stale_aft
                 format!("{} failed (their users have no player)", counts.failed),
                 "see why with `ackloop status` and `ackloop jobs show ID`; after fixing the cause, `ackloop jobs retry --failed`",
             ),
-            Err(err) => Check::problem("failed jobs", err.to_string(), "check the role's privileges"),
+            Err(err) => Check::problem("failed jobs", crate::describe_db_error(&err), "check the role's privileges"),
         });
     }
     checks

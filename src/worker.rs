@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::channel::{Channels, Event, IgnoredPayloads, Subscription, parse_job_id};
+use crate::connect::Described;
 use crate::job::Backoff;
 use crate::store::{self, ClaimedJob};
 use crate::telemetry;
@@ -347,7 +348,7 @@ impl Processor {
                         unavailable += 1;
                         let delay = UNAVAILABLE_BACKOFF.delay(unavailable);
                         tracing::warn!(
-                            error = %err,
+                            error = %Described(&err),
                             retry_in_ms = delay.as_millis() as u64,
                             "cannot process jobs; retrying"
                         );
@@ -404,7 +405,7 @@ impl Processor {
             // another connection would skip them and find nothing to do. This connection's next
             // command waits for the abort.
             Err(err) => {
-                tracing::debug!(error = %err, "batch failed; completing its jobs one at a time");
+                tracing::debug!(error = %Described(&err), "batch failed; completing its jobs one at a time");
                 self.pass_one_by_one(&mut conn, limit).await
             }
         }
@@ -450,7 +451,7 @@ impl Processor {
         job: &ClaimedJob,
         err: &sqlx::Error,
     ) -> Result<Option<Instant>, sqlx::Error> {
-        let error = err.to_string();
+        let error = crate::describe_db_error(err);
         let attempts = u32::try_from(job.attempts).unwrap_or(u32::MAX);
         if store::is_permanent(err) || attempts >= self.config.max_attempts {
             store::mark_job_failed(conn, job.id, &error, &self.config.channels.done).await?;

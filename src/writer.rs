@@ -163,7 +163,7 @@ async fn write_together(pool: &PgPool, channels: &Channels, batch: Vec<Queued>) 
         }
         // The statement failed, so nothing was written: write each alone to find the culprit.
         Err(err) => {
-            tracing::debug!(error = %err, batch.size = batch.len(), "batch failed; writing its signups one by one");
+            tracing::debug!(error = %crate::connect::Described(&err), batch.size = batch.len(), "batch failed; writing its signups one by one");
             write_alone(pool, channels, batch).await;
         }
     }

@@ -106,12 +106,20 @@ async fn the_whole_loop_runs_over_tls_against_a_server_that_refuses_plain_connec
     .fetch_one(&pool)
     .await
     .unwrap();
-    assert_eq!((listeners, plain), (2, 0), "listeners on TLS, plain TCP connections");
+    assert_eq!(
+        (listeners, plain),
+        (2, 0),
+        "listeners on TLS, plain TCP connections"
+    );
 
     // Without TLS the server refuses, and the message says what to change.
     let plain = run_ackloop(&format!("{url}?sslmode=disable"), &["status"]).await;
     assert_eq!(plain.status.code(), Some(7));
-    assert!(stderr(&plain).contains("requires TLS: add sslmode=require"), "{}", stderr(&plain));
+    assert!(
+        stderr(&plain).contains("requires TLS: add sslmode=require"),
+        "{}",
+        stderr(&plain)
+    );
 
     // verify-full without the CA: the system's roots do not know it.
     let unknown_ca = run_ackloop(
@@ -121,7 +129,10 @@ async fn the_whole_loop_runs_over_tls_against_a_server_that_refuses_plain_connec
     .await;
     assert_eq!(unknown_ca.status.code(), Some(7));
     let message = stderr(&unknown_ca);
-    assert!(message.contains("not signed by a CA you trust") && message.contains("sslrootcert="), "{message}");
+    assert!(
+        message.contains("not signed by a CA you trust") && message.contains("sslrootcert="),
+        "{message}"
+    );
 
     // A client certificate: the role ackloop_cert may only log in with one.
     sqlx::query("create role ackloop_cert login superuser")
@@ -135,17 +146,26 @@ async fn the_whole_loop_runs_over_tls_against_a_server_that_refuses_plain_connec
         certs.path("client.crt"),
         certs.path("client.key")
     );
-    assert_ok(&run_ackloop(&with_cert, &["status"]).await, "status with a client certificate");
+    assert_ok(
+        &run_ackloop(&with_cert, &["status"]).await,
+        "status with a client certificate",
+    );
     let without_cert = format!(
         "host=localhost port={port} dbname=ackloop user=ackloop_cert sslmode=verify-full sslrootcert={}",
         certs.path("ca.crt")
     );
-    assert_eq!(run_ackloop(&without_cert, &["status"]).await.status.code(), Some(7));
+    assert_eq!(
+        run_ackloop(&without_cert, &["status"]).await.status.code(),
+        Some(7)
+    );
 
     signal(&worker, "-TERM").await;
     let status = within("the worker to stop", worker.wait()).await.unwrap();
     assert!(status.success(), "worker exit: {status:?}");
 }
+
+/// A connection-string form: what it is, DATABASE_URL (None: unset), and environment variables.
+type Form<'a> = (&'a str, Option<String>, Vec<(&'a str, String)>);
 
 /// Every way libpq users write where their database is, against a real server that checks
 /// passwords over TLS and trusts its Unix socket.
@@ -157,12 +177,19 @@ async fn every_connection_string_form_reaches_the_server() {
     let ca = certs.path("ca.crt");
     let socket = cluster.socket_dir().display().to_string();
     let encoded_socket = socket.replace('/', "%2F");
-    assert_ok(&run_ackloop(&format!("{url}?sslmode=require"), &["migrate"]).await, "migrate");
+    assert_ok(
+        &run_ackloop(&format!("{url}?sslmode=require"), &["migrate"]).await,
+        "migrate",
+    );
     // A password with every character that needs care in a URL.
     let password = "p@ss:w/rd %?#";
     let admin = PgPoolOptions::new()
         .max_connections(1)
-        .connect_with(ConnectConfig::parse(&format!("{url}?sslmode=require")).unwrap().into_options())
+        .connect_with(
+            ConnectConfig::parse(&format!("{url}?sslmode=require"))
+                .unwrap()
+                .into_options(),
+        )
         .await
         .unwrap();
     sqlx::query("create role ackloop_password login superuser password 'p@ss:w/rd %?#'")
@@ -171,15 +198,19 @@ async fn every_connection_string_form_reaches_the_server() {
         .unwrap();
 
     let encoded = "p%40ss%3Aw%2Frd%20%25%3F%23";
-    let forms: Vec<(&str, Option<String>, Vec<(&str, String)>)> = vec![
+    let forms: Vec<Form> = vec![
         (
             "URL with a percent-encoded password over TLS",
-            Some(format!("postgres://ackloop_password:{encoded}@localhost:{port}/ackloop?sslmode=verify-full&sslrootcert={ca}")),
+            Some(format!(
+                "postgres://ackloop_password:{encoded}@localhost:{port}/ackloop?sslmode=verify-full&sslrootcert={ca}"
+            )),
             vec![],
         ),
         (
             "postgresql:// scheme",
-            Some(format!("postgresql://ackloop_password:{encoded}@127.0.0.1:{port}/ackloop?sslmode=require")),
+            Some(format!(
+                "postgresql://ackloop_password:{encoded}@127.0.0.1:{port}/ackloop?sslmode=require"
+            )),
             vec![],
         ),
         (
@@ -244,10 +275,20 @@ async fn every_connection_string_form_reaches_the_server() {
     .await;
     assert_eq!(wrong.status.code(), Some(7));
     let message = stderr(&wrong);
-    assert!(message.contains("password authentication failed") && message.contains("check the user name and password"), "{message}");
-    assert!(!message.contains("p@ss") && !message.contains(encoded), "{message}");
+    assert!(
+        message.contains("password authentication failed")
+            && message.contains("check the user name and password"),
+        "{message}"
+    );
+    assert!(
+        !message.contains("p@ss") && !message.contains(encoded),
+        "{message}"
+    );
     // Server-internal noise stays out of messages.
-    assert!(!message.contains(" at line ") && !message.contains("error returned from database"), "{message}");
+    assert!(
+        !message.contains(" at line ") && !message.contains("error returned from database"),
+        "{message}"
+    );
 }
 
 /// `connect_timeout` bounds a connection attempt to a server that accepts TCP but never answers
