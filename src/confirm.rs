@@ -51,6 +51,19 @@ pub(crate) enum Checked {
 
 type Senders = Vec<(u64, oneshot::Sender<Outcome>)>;
 
+/// How long past its deadline a wait may take for its last look at the tables: the bound on how
+/// late a caller is answered, whatever the database does.
+pub(crate) const FINAL_CHECK_MARGIN: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// How often every waiting caller's job is looked up in the tables, notifications or not: the
+/// most a silently dead listener (a connection that stopped answering without closing) costs a
+/// caller before the listener's own liveness check replaces it.
+pub(crate) const RECHECK_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The longest one look at the waiters' jobs may take before the resolver gives up on it (the
+/// next tick tries again).
+const LOOKUP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
 struct Shared {
     pool: PgPool,
     /// Callers waiting, by job id; a job may have several (a signup and an `await` on it).
@@ -63,12 +76,16 @@ pub(crate) struct Confirmations {
     shared: Arc<Shared>,
     reader: JoinHandle<()>,
     resolver: JoinHandle<()>,
+    rechecker: Option<JoinHandle<()>>,
 }
 
 impl Drop for Confirmations {
     fn drop(&mut self) {
         self.reader.abort();
         self.resolver.abort();
+        if let Some(rechecker) = &self.rechecker {
+            rechecker.abort();
+        }
     }
 }
 
@@ -87,18 +104,21 @@ impl Confirmations {
         });
         let (hints, hinted) = mpsc::unbounded_channel();
         let span = tracing::info_span!("listener", channel = %channel);
-        let reader = match source {
+        let (reader, rechecker) = match source {
             Source::Listen(listen_options) => {
                 let subscription = Subscription::connect(*listen_options, channel).await?;
-                tokio::spawn(read(subscription, hints).instrument(span.clone()))
+                let rechecker = tokio::spawn(tick(RECHECK_INTERVAL, hints.clone()));
+                let reader = tokio::spawn(read(subscription, hints).instrument(span.clone()));
+                (reader, Some(rechecker))
             }
-            Source::Poll(interval) => tokio::spawn(tick(interval, hints)),
+            Source::Poll(interval) => (tokio::spawn(tick(interval, hints)), None),
         };
         let resolver = tokio::spawn(resolve(Arc::clone(&shared), hinted).instrument(span));
         Ok(Self {
             shared,
             reader,
             resolver,
+            rechecker,
         })
     }
 
@@ -142,13 +162,22 @@ impl Drop for Waiter {
 }
 
 impl Waiter {
-    /// Waits for the job's confirmation until `deadline`; then looks at the tables one last time,
-    /// so a confirmation lost with a dropped connection still counts.
-    pub(crate) async fn outcome(mut self, deadline: Instant) -> Result<Checked, sqlx::Error> {
+    /// Waits for the job's confirmation until `deadline`; then looks at the tables one last time
+    /// (for at most [`FINAL_CHECK_MARGIN`]), so a confirmation lost with a dropped connection
+    /// still counts. A look that fails or takes too long reads as pending: the caller's answer
+    /// is then "not done yet, here is the job id", never an error that loses the id.
+    pub(crate) async fn outcome(mut self, deadline: Instant) -> Checked {
         if let Ok(Ok(outcome)) = tokio::time::timeout_at(deadline, &mut self.receiver).await {
-            return Ok(Checked::Finished(outcome));
+            return Checked::Finished(outcome);
         }
-        self.check().await
+        match tokio::time::timeout(FINAL_CHECK_MARGIN, self.check()).await {
+            Ok(Ok(checked)) => checked,
+            Ok(Err(err)) => {
+                tracing::debug!(job.id = %self.job_id, error = %crate::connect::Described(&err), "final look at the job failed");
+                Checked::Pending
+            }
+            Err(_) => Checked::Pending,
+        }
     }
 
     /// The job's state from the tables, now.
@@ -226,7 +255,8 @@ async fn read(mut subscription: Subscription, hints: mpsc::UnboundedSender<Hint>
     }
 }
 
-/// Without a listener: asks the resolver to look at every waiter's job at each interval.
+/// Asks the resolver to look at every waiter's job at each interval: the only source without a
+/// listener, and the safety net beside one.
 async fn tick(interval: std::time::Duration, hints: mpsc::UnboundedSender<Hint>) {
     let mut ticks = tokio::time::interval(interval);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -270,7 +300,8 @@ async fn resolve(shared: Arc<Shared>, mut hints: mpsc::UnboundedReceiver<Hint>) 
         if ids.is_empty() {
             continue;
         }
-        match store::job_outcomes(&shared.pool, &ids).await {
+        let lookup = tokio::time::timeout(LOOKUP_TIMEOUT, store::job_outcomes(&shared.pool, &ids)).await;
+        match lookup.unwrap_or(Err(sqlx::Error::PoolTimedOut)) {
             Ok(rows) => {
                 for row in &rows {
                     let Some(outcome) = outcome_of(row) else {

@@ -14,7 +14,7 @@ use crate::channel::Channels;
 use crate::confirm::{Checked, Confirmations, Outcome, Source};
 use crate::job::{JobId, PlayerId, UserId};
 use crate::store;
-use crate::writer::Writers;
+use crate::writer::{self, Writers};
 
 /// Longest email accepted (RFC 5321's limit on a forward path); the schema checks it too.
 pub const MAX_EMAIL_CHARS: usize = 254;
@@ -332,6 +332,7 @@ pub async fn create_user(
         &new_user.display_name,
         job_id,
         &channels.jobs,
+        None,
     )
     .await
     .map_err(|err| classify(err, Some(job_id)))?;
@@ -494,15 +495,14 @@ impl Signups {
         timeout: Duration,
     ) -> Result<Player, SignupError> {
         let started = Instant::now();
+        let deadline = started + timeout;
         let job_id = JobId::new();
         // Registered before the commit, so the confirmation cannot arrive before anyone waits.
         let waiter = self.confirmations.register(job_id);
-        let user_id = self.writers.write(new_user, job_id).await?;
+        let user_id = self.write(new_user, job_id, deadline).await?;
         let committed = started.elapsed();
-        let checked = waiter
-            .outcome(started + timeout)
-            .await
-            .map_err(|err| classify(err, Some(job_id)))?;
+        // Committed: from here on, whatever happens, the caller gets the job id.
+        let checked = waiter.outcome(deadline).await;
         tracing::debug!(
             job.id = %job_id,
             user.id = %user_id,
@@ -511,6 +511,108 @@ impl Signups {
             "signup finished"
         );
         finish(job_id, Some(user_id), checked, started)
+    }
+
+    /// Writes the signup by `deadline`, trying again while the database is away (a restart, a
+    /// failover) and resolving by its job id any attempt whose fate the connection took with it,
+    /// so a signup is never written twice nor refused as a taken email because of itself.
+    async fn write(
+        &self,
+        new_user: &NewUser,
+        job_id: JobId,
+        deadline: Instant,
+    ) -> Result<UserId, SignupError> {
+        // An attempt whose fate is unknown, still to be resolved by the job id.
+        let mut maybe_committed: Option<sqlx::Error> = None;
+        // Whether any attempt's fate was ever unknown: a taken email may then be this signup's.
+        let mut was_uncertain = false;
+        let mut alone = false;
+        let mut failures = 0;
+        loop {
+            let attempt = if let Some(err) = maybe_committed.take() {
+                match self.committed_user(job_id, deadline).await {
+                    Ok(Some(user_id)) => return Ok(user_id),
+                    // Not there, and its statement is over: write it again.
+                    Ok(None) => writer::Attempt::NotCommitted(err),
+                    Err(lookup) => writer::Attempt::Unknown(lookup),
+                }
+            } else if alone {
+                self.writers.write_alone(new_user, job_id, deadline).await
+            } else {
+                self.writers.write(new_user, job_id, deadline).await
+            };
+            let retry_after = match attempt {
+                writer::Attempt::Written(user_id) => return Ok(user_id),
+                writer::Attempt::EmailTaken if was_uncertain => {
+                    // Maybe taken by this signup's own earlier attempt: the job id tells.
+                    match self.committed_user(job_id, deadline).await {
+                        Ok(Some(user_id)) => return Ok(user_id),
+                        _ => return Err(SignupError::EmailTaken),
+                    }
+                }
+                writer::Attempt::EmailTaken => return Err(SignupError::EmailTaken),
+                writer::Attempt::WriteAlone => {
+                    alone = true;
+                    continue;
+                }
+                writer::Attempt::Expired => return Err(not_written(None)),
+                writer::Attempt::NotCommitted(err)
+                    if !store::is_unavailable(&err) && !store::is_lock_timeout(&err) =>
+                {
+                    return Err(classify(err, None));
+                }
+                writer::Attempt::NotCommitted(err) => {
+                    alone = true;
+                    err
+                }
+                writer::Attempt::Unknown(err) => {
+                    alone = true;
+                    was_uncertain = true;
+                    maybe_committed = Some(err);
+                    failures += 1;
+                    // Resolve at once if there is time; back off only if the lookup fails.
+                    if Instant::now() < deadline {
+                        continue;
+                    }
+                    return Err(SignupError::Unavailable {
+                        job_id: Some(job_id),
+                        source: maybe_committed.take().expect("just set"),
+                    });
+                }
+            };
+            failures += 1;
+            let delay = WRITE_RETRY_BACKOFF.delay(failures);
+            if Instant::now() + delay >= deadline {
+                return Err(not_written(Some(retry_after)));
+            }
+            tracing::debug!(
+                job.id = %job_id,
+                error = %crate::connect::Described(&retry_after),
+                retry_in_ms = delay.as_millis() as u64,
+                "signup not written; retrying"
+            );
+            tokio::time::sleep(delay).await;
+        }
+    }
+
+    /// The user of `job_id` if its signup committed; `None` if it certainly did not.
+    async fn committed_user(&self, job_id: JobId, deadline: Instant) -> Result<Option<UserId>, sqlx::Error> {
+        let mut failures = 0;
+        loop {
+            let ids = [job_id.as_uuid()];
+            let lookup = store::job_outcomes(&self.pool, &ids);
+            let err = match tokio::time::timeout_at(deadline, lookup).await {
+                Ok(Ok(rows)) => return Ok(rows.first().map(|row| row.user_id)),
+                Ok(Err(err)) => err,
+                Err(_) => return Err(sqlx::Error::PoolTimedOut),
+            };
+            failures += 1;
+            let delay = WRITE_RETRY_BACKOFF.delay(failures);
+            if Instant::now() + delay >= deadline {
+                return Err(err);
+            }
+            tokio::time::sleep(delay).await;
+        }
     }
 
     /// Waits, up to `timeout`, for the player of a signup that is already committed: one whose
@@ -527,18 +629,39 @@ impl Signups {
     /// ```
     pub async fn await_player(&self, job_id: JobId, timeout: Duration) -> Result<Player, SignupError> {
         let started = Instant::now();
+        let deadline = started + timeout;
         let waiter = self.confirmations.register(job_id);
         // Registered first, then checked: a job finished before registration is seen here, one
         // finished after it is delivered to the waiter.
-        match waiter.check().await.map_err(|err| classify(err, Some(job_id)))? {
-            Checked::Pending => {}
-            checked => return finish(job_id, None, checked, started),
+        match tokio::time::timeout_at(deadline + crate::confirm::FINAL_CHECK_MARGIN, waiter.check()).await {
+            Ok(Ok(Checked::Pending)) => {}
+            Ok(Ok(checked)) => return finish(job_id, None, checked, started),
+            // The job may well exist: whatever went wrong, the caller keeps its id.
+            Ok(Err(source)) => {
+                return Err(SignupError::Unavailable {
+                    job_id: Some(job_id),
+                    source,
+                });
+            }
+            Err(_) => return finish(job_id, None, Checked::Pending, started),
         }
-        let checked = waiter
-            .outcome(started + timeout)
-            .await
-            .map_err(|err| classify(err, Some(job_id)))?;
+        let checked = waiter.outcome(deadline).await;
         finish(job_id, None, checked, started)
+    }
+}
+
+/// Waits between attempts to write a signup while the database is away: quick at first (a
+/// restarted server is back within a second), never past the caller's deadline.
+const WRITE_RETRY_BACKOFF: crate::job::Backoff = crate::job::Backoff {
+    base: Duration::from_millis(50),
+    max: Duration::from_secs(1),
+};
+
+/// A signup that certainly was not written by its deadline.
+fn not_written(source: Option<sqlx::Error>) -> SignupError {
+    SignupError::Unavailable {
+        job_id: None,
+        source: source.unwrap_or(sqlx::Error::PoolTimedOut),
     }
 }
 

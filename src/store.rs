@@ -14,18 +14,28 @@ use crate::job::{JobId, JobStatus, PlayerId, UnknownStatus, UserId};
 /// Inserts a user and its player-creation job and notifies the jobs channel with the job id, in
 /// one statement: in autocommit that is one transaction and one round trip; inside a caller's
 /// transaction, everything (the notification included) happens at that transaction's commit.
+///
+/// `lock_wait` bounds how long the insert may wait for a row lock (another session's
+/// uncommitted insert of the same email, a `LOCK TABLE`): `lock_timeout`, set for this
+/// statement's transaction before the insert runs (the insert reads its row from `limits`).
+/// `None` leaves the session's setting, for writes inside a caller's transaction.
 pub(crate) async fn insert_user_and_job(
     executor: impl PgExecutor<'_>,
     email: &str,
     display_name: &str,
     job_id: JobId,
     jobs_channel: &ChannelName,
+    lock_wait: Option<std::time::Duration>,
 ) -> Result<UserId, sqlx::Error> {
     sqlx::query_scalar!(
         r#"
-        with new_user as (
+        with limits as (
+            select set_config('lock_timeout', coalesce($5, current_setting('lock_timeout')), true)
+        ),
+        new_user as (
             insert into users (email, display_name)
-            values ($1, $2)
+            select $1, $2
+            from limits
             returning id
         ),
         new_job as (
@@ -42,9 +52,15 @@ pub(crate) async fn insert_user_and_job(
         display_name,
         job_id.as_uuid(),
         jobs_channel.as_str(),
+        lock_wait.map(lock_timeout_setting),
     )
     .fetch_one(executor)
     .await
+}
+
+/// A duration as a `lock_timeout` value: whole milliseconds, at least 1 (0 would mean no limit).
+fn lock_timeout_setting(wait: std::time::Duration) -> String {
+    format!("{}ms", wait.as_millis().max(1))
 }
 
 /// A signup that [`insert_users_and_jobs`] wrote.
@@ -59,17 +75,22 @@ pub(crate) struct WrittenSignup {
 /// A signup whose email is taken (by an existing user, or earlier in the same batch, ignoring
 /// case) is skipped: it is the one signup missing from the result. Any other error fails the
 /// whole statement and writes nothing.
+/// `lock_wait` bounds lock waits as in [`insert_user_and_job`].
 pub(crate) async fn insert_users_and_jobs(
     executor: impl PgExecutor<'_>,
     emails: &[String],
     display_names: &[String],
     job_ids: &[Uuid],
     jobs_channel: &ChannelName,
+    lock_wait: std::time::Duration,
 ) -> Result<Vec<WrittenSignup>, sqlx::Error> {
     sqlx::query_as!(
         WrittenSignup,
         r#"
-        with input as (
+        with limits as (
+            select set_config('lock_timeout', $5, true)
+        ),
+        input as (
             select *
             from unnest($1::text[], $2::text[], $3::uuid[])
                 with ordinality as input (email, display_name, job_id, position)
@@ -77,7 +98,7 @@ pub(crate) async fn insert_users_and_jobs(
         new_users as (
             insert into users (email, display_name)
             select email, display_name
-            from input
+            from input, limits
             order by position
             on conflict ((lower(email))) do nothing
             returning id, email
@@ -99,6 +120,7 @@ pub(crate) async fn insert_users_and_jobs(
         display_names,
         job_ids,
         jobs_channel.as_str(),
+        lock_timeout_setting(lock_wait),
     )
     .fetch_all(executor)
     .await
@@ -438,6 +460,13 @@ pub(crate) fn is_unavailable(err: &sqlx::Error) -> bool {
         }),
         _ => false,
     }
+}
+
+/// Whether a statement gave up waiting for a row lock (`lock_timeout`, SQLSTATE 55P03).
+pub(crate) fn is_lock_timeout(err: &sqlx::Error) -> bool {
+    err.as_database_error()
+        .and_then(|db_err| db_err.code())
+        .is_some_and(|code| code == "55P03")
 }
 
 /// Whether a failed attempt cannot succeed by being tried again as it is: the data breaks a

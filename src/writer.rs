@@ -1,4 +1,4 @@
-//! Groups concurrent signups into one transaction.
+//! Groups concurrent signups into one transaction, each within its caller's deadline.
 //!
 //! Postgres serialises every commit that has notified, fsync included, behind one cluster-wide
 //! lock; that lock, not the CPU, caps a loop with one notifying commit per signup (about 2,000 to
@@ -8,31 +8,93 @@
 //!
 //! Each signup keeps its guarantee: its user, its job and its wake-up commit together in one
 //! transaction or not at all. A taken email skips only its own signup. Any other error in a batch
-//! writes nothing, and each of its signups is then written alone, so it fails alone. A lone
-//! signup (the common case at low load) is written at once, without waiting for company.
+//! writes nothing; each of its callers then writes its signup alone, from its own task, so one
+//! signup blocked on a lock or breaking a rule holds up no writer and fails alone.
+//!
+//! Every step is bounded by the deadlines of the signups in it: a signup still queued at its
+//! deadline is never written; a batch may wait for row locks only briefly (`lock_timeout`); a
+//! statement that outlives every deadline in it (a connection that stopped answering) is given
+//! up and its connection closed.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::time::Duration;
 
+use sqlx::PgPool;
 use tokio::sync::{Mutex, mpsc, oneshot};
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 use uuid::Uuid;
 
 use crate::channel::Channels;
 use crate::job::{JobId, UserId};
-use crate::signup::{NewUser, SignupError, classify};
+use crate::signup::NewUser;
 use crate::store;
-use sqlx::PgPool;
+
+/// Signups waiting for a writer, at most: past this, callers wait (within their deadlines) for
+/// room instead of growing memory without bound.
+const QUEUE_CAPACITY: usize = 1024;
+
+/// The longest a shared batch waits for a row lock. Signups with unique emails take no locks
+/// others hold; a wait means one signup in the batch collides with someone's open transaction,
+/// so the batch gives up quickly and its signups are written alone, the blocked one waiting on
+/// its own time.
+const BATCH_LOCK_WAIT: Duration = Duration::from_millis(50);
+
+/// How long past the last deadline in it a statement may run before its connection is deemed
+/// dead and closed: its callers have all been answered by then.
+const STATEMENT_GRACE: Duration = Duration::from_millis(500);
+
+/// What one attempt at writing a signup came to.
+#[derive(Debug)]
+pub(crate) enum Attempt {
+    /// Committed: the user exists and the job will be done.
+    Written(UserId),
+    /// The email belongs to someone (maybe to this very signup, if an earlier attempt's fate was
+    /// unknown: the caller checks).
+    EmailTaken,
+    /// The statement failed in a batch for a reason that may be one signup's: write it alone.
+    WriteAlone,
+    /// Certainly not committed (the server answered with an error, or nothing was sent): the
+    /// caller may try again while it has time.
+    NotCommitted(sqlx::Error),
+    /// The statement was sent and its answer never came: it may have committed.
+    Unknown(sqlx::Error),
+    /// The deadline passed before a writer took the signup: it will never be written.
+    Expired,
+}
+
+/// A queued signup's state, shared by its caller and the writers, so that exactly one of them
+/// decides its fate at the deadline: a writer takes it, or the caller withdraws it.
+const QUEUED: u8 = 0;
+const TAKEN: u8 = 1;
+const WITHDRAWN: u8 = 2;
 
 /// A signup waiting for a writer.
 struct Queued {
     new_user: NewUser,
     job_id: JobId,
-    written: oneshot::Sender<Result<UserId, SignupError>>,
+    deadline: Instant,
+    state: Arc<AtomicU8>,
+    written: oneshot::Sender<Attempt>,
+}
+
+impl Queued {
+    /// Claims the signup for writing; false if its caller withdrew it or its deadline passed.
+    fn take(&self) -> bool {
+        Instant::now() < self.deadline
+            && self
+                .state
+                .compare_exchange(QUEUED, TAKEN, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+    }
 }
 
 /// The writer tasks of one `Signups`. Dropping it stops them.
 pub(crate) struct Writers {
-    queue: mpsc::UnboundedSender<Queued>,
+    pool: PgPool,
+    channels: Channels,
+    queue: mpsc::Sender<Queued>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -46,7 +108,7 @@ impl Drop for Writers {
 
 impl Writers {
     pub(crate) fn start(pool: PgPool, channels: Channels, writers: usize, max_batch: usize) -> Self {
-        let (queue, receiver) = mpsc::unbounded_channel();
+        let (queue, receiver) = mpsc::channel(QUEUE_CAPACITY);
         let receiver = Arc::new(Mutex::new(receiver));
         let tasks = (0..writers.max(1))
             .map(|_| {
@@ -58,28 +120,85 @@ impl Writers {
                 ))
             })
             .collect();
-        Self { queue, tasks }
+        Self {
+            pool,
+            channels,
+            queue,
+            tasks,
+        }
     }
 
-    /// Writes one signup (with others queued at the same moment) and returns its user's id.
-    pub(crate) async fn write(&self, new_user: &NewUser, job_id: JobId) -> Result<UserId, SignupError> {
+    /// Writes one signup together with others queued at the same moment, by `deadline`.
+    pub(crate) async fn write(&self, new_user: &NewUser, job_id: JobId, deadline: Instant) -> Attempt {
+        let state = Arc::new(AtomicU8::new(QUEUED));
         let (written, result) = oneshot::channel();
         let queued = Queued {
             new_user: new_user.clone(),
             job_id,
+            deadline,
+            state: Arc::clone(&state),
             written,
         };
-        if self.queue.send(queued).is_err() {
-            return Err(writers_gone());
+        match tokio::time::timeout_at(deadline, self.queue.send(queued)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return Attempt::NotCommitted(sqlx::Error::PoolClosed),
+            Err(_) => return Attempt::Expired,
         }
-        result.await.unwrap_or_else(|_| Err(writers_gone()))
+        match tokio::time::timeout_at(deadline, result).await {
+            Ok(Ok(attempt)) => attempt,
+            // The writers stopped (the handle is being dropped) before or while writing.
+            Ok(Err(_)) => match state.load(Ordering::Acquire) {
+                TAKEN => Attempt::Unknown(sqlx::Error::PoolClosed),
+                _ => Attempt::NotCommitted(sqlx::Error::PoolClosed),
+            },
+            Err(_) => {
+                // Withdraw it; if a writer took it first, it is in flight and may commit.
+                match state.compare_exchange(QUEUED, WITHDRAWN, Ordering::AcqRel, Ordering::Acquire) {
+                    Ok(_) => Attempt::Expired,
+                    Err(_) => Attempt::Unknown(sqlx::Error::Io(std::io::ErrorKind::TimedOut.into())),
+                }
+            }
+        }
+    }
+
+    /// Writes one signup in a transaction of its own, from the caller's task, by `deadline`:
+    /// after a shared batch failed, or to try again after an outage.
+    pub(crate) async fn write_alone(&self, new_user: &NewUser, job_id: JobId, deadline: Instant) -> Attempt {
+        let mut conn = match tokio::time::timeout_at(deadline, self.pool.acquire()).await {
+            Ok(Ok(conn)) => conn,
+            Ok(Err(err)) => return Attempt::NotCommitted(err),
+            Err(_) => return Attempt::Expired,
+        };
+        let lock_wait = deadline.saturating_duration_since(Instant::now());
+        let statement = store::insert_user_and_job(
+            &mut *conn,
+            new_user.email(),
+            new_user.display_name(),
+            job_id,
+            &self.channels.jobs,
+            Some(lock_wait),
+        );
+        match tokio::time::timeout_at(deadline + STATEMENT_GRACE, statement).await {
+            Ok(Ok(user_id)) => Attempt::Written(user_id),
+            Ok(Err(err)) => attempt_failed(err),
+            Err(_) => {
+                conn.close_on_drop();
+                Attempt::Unknown(sqlx::Error::Io(std::io::ErrorKind::TimedOut.into()))
+            }
+        }
     }
 }
 
-fn writers_gone() -> SignupError {
-    SignupError::Unavailable {
-        job_id: None,
-        source: sqlx::Error::PoolClosed,
+/// Sorts a failed statement: a server's error means its transaction did not commit.
+fn attempt_failed(err: sqlx::Error) -> Attempt {
+    match &err {
+        sqlx::Error::Database(db_err)
+            if db_err.is_unique_violation() && db_err.constraint() == Some("users_email_key") =>
+        {
+            Attempt::EmailTaken
+        }
+        sqlx::Error::Database(_) => Attempt::NotCommitted(err),
+        _ => Attempt::Unknown(err),
     }
 }
 
@@ -88,7 +207,7 @@ fn writers_gone() -> SignupError {
 async fn write_batches(
     pool: PgPool,
     channels: Channels,
-    receiver: Arc<Mutex<mpsc::UnboundedReceiver<Queued>>>,
+    receiver: Arc<Mutex<mpsc::Receiver<Queued>>>,
     max_batch: usize,
 ) {
     loop {
@@ -97,74 +216,126 @@ async fn write_batches(
             let Some(first) = receiver.recv().await else {
                 return;
             };
-            let mut batch = vec![first];
-            while batch.len() < max_batch {
-                match receiver.try_recv() {
-                    Ok(next) => batch.push(next),
-                    Err(_) => break,
+            let mut batch = Vec::with_capacity(max_batch);
+            let mut next = Some(first);
+            while let Some(queued) = next {
+                // Signups whose callers gave up, or whose deadline passed, are never written.
+                if queued.take() {
+                    batch.push(queued);
+                } else {
+                    let _ = queued.written.send(Attempt::Expired);
                 }
+                if batch.len() >= max_batch {
+                    break;
+                }
+                next = receiver.try_recv().ok();
             }
             batch
         };
-        if batch.len() == 1 {
-            write_alone(&pool, &channels, batch).await;
-        } else {
+        if !batch.is_empty() {
             write_together(&pool, &channels, batch).await;
         }
     }
 }
 
-async fn write_alone(pool: &PgPool, channels: &Channels, batch: Vec<Queued>) {
-    for queued in batch {
-        let result = store::insert_user_and_job(
-            pool,
+async fn write_together(pool: &PgPool, channels: &Channels, batch: Vec<Queued>) {
+    let earliest = batch
+        .iter()
+        .map(|q| q.deadline)
+        .min()
+        .expect("a batch is never empty");
+    let latest = batch
+        .iter()
+        .map(|q| q.deadline)
+        .max()
+        .expect("a batch is never empty");
+    let answer_all = |batch: Vec<Queued>, attempt: &dyn Fn() -> Attempt| {
+        for queued in batch {
+            let _ = queued.written.send(attempt());
+        }
+    };
+    let mut conn = match tokio::time::timeout_at(latest, pool.acquire()).await {
+        Ok(Ok(conn)) => conn,
+        Ok(Err(err)) => {
+            let message = err.to_string();
+            return answer_all(batch, &|| {
+                Attempt::NotCommitted(sqlx::Error::Io(std::io::Error::other(message.clone())))
+            });
+        }
+        // Nothing was sent: the callers may try again alone if they still have time.
+        Err(_) => return answer_all(batch, &|| Attempt::NotCommitted(sqlx::Error::PoolTimedOut)),
+    };
+    let lock_wait = BATCH_LOCK_WAIT.min(earliest.saturating_duration_since(Instant::now()));
+    if batch.len() == 1 {
+        let queued = batch.into_iter().next().expect("one signup");
+        let statement = store::insert_user_and_job(
+            &mut *conn,
             queued.new_user.email(),
             queued.new_user.display_name(),
             queued.job_id,
             &channels.jobs,
-        )
-        .await
-        .map_err(|err| classify(err, Some(queued.job_id)));
-        // The caller may have given up; its signup stands either way.
-        let _ = queued.written.send(result);
+            Some(lock_wait),
+        );
+        let attempt = match tokio::time::timeout_at(queued.deadline + STATEMENT_GRACE, statement).await {
+            Ok(Ok(user_id)) => Attempt::Written(user_id),
+            // A lone signup that waited for a lock writes itself again with its whole time.
+            Ok(Err(err)) if store::is_lock_timeout(&err) => Attempt::WriteAlone,
+            Ok(Err(err)) => attempt_failed(err),
+            Err(_) => {
+                conn.close_on_drop();
+                Attempt::Unknown(sqlx::Error::Io(std::io::ErrorKind::TimedOut.into()))
+            }
+        };
+        let _ = queued.written.send(attempt);
+        return;
     }
-}
-
-async fn write_together(pool: &PgPool, channels: &Channels, batch: Vec<Queued>) {
     let emails: Vec<String> = batch.iter().map(|q| q.new_user.email().to_owned()).collect();
     let names: Vec<String> = batch
         .iter()
         .map(|q| q.new_user.display_name().to_owned())
         .collect();
     let job_ids: Vec<Uuid> = batch.iter().map(|q| q.job_id.as_uuid()).collect();
-    match store::insert_users_and_jobs(pool, &emails, &names, &job_ids, &channels.jobs).await {
-        Ok(written) => {
+    let statement =
+        store::insert_users_and_jobs(&mut *conn, &emails, &names, &job_ids, &channels.jobs, lock_wait);
+    match tokio::time::timeout_at(latest + STATEMENT_GRACE, statement).await {
+        Ok(Ok(written)) => {
             tracing::debug!(
                 batch.size = batch.len(),
                 written = written.len(),
                 "signups written"
             );
             for queued in batch {
-                let user_id = written
+                let attempt = written
                     .iter()
                     .find(|w| w.job_id == queued.job_id)
-                    .map(|w| w.user_id);
-                let _ = queued.written.send(user_id.ok_or(SignupError::EmailTaken));
+                    .map_or(Attempt::EmailTaken, |w| Attempt::Written(w.user_id));
+                let _ = queued.written.send(attempt);
             }
         }
-        // The commit may or may not have happened: writing again could sign someone up twice
-        // or report their own signup as a taken email. Each caller gets the job id to check.
-        Err(err) if store::is_unavailable(&err) => {
+        // The server refused the statement, so nothing was written: each caller writes its own
+        // signup alone, so that whatever failed the batch fails only its signup.
+        Ok(Err(err @ sqlx::Error::Database(_))) => {
+            tracing::debug!(
+                error = %crate::connect::Described(&err),
+                batch.size = batch.len(),
+                "batch failed; each signup is written alone"
+            );
+            answer_all(batch, &|| Attempt::WriteAlone);
+        }
+        // The connection broke or stopped answering mid-statement: the commit may or may not
+        // have happened. Writing again could sign someone up twice or report their own signup as
+        // a taken email; each caller resolves its signup by its job id.
+        Ok(Err(err)) => {
             let message = err.to_string();
-            for queued in batch {
-                let shared = sqlx::Error::Io(std::io::Error::other(message.clone()));
-                let _ = queued.written.send(Err(classify(shared, Some(queued.job_id))));
-            }
+            answer_all(batch, &|| {
+                Attempt::Unknown(sqlx::Error::Io(std::io::Error::other(message.clone())))
+            });
         }
-        // The statement failed, so nothing was written: write each alone to find the culprit.
-        Err(err) => {
-            tracing::debug!(error = %crate::connect::Described(&err), batch.size = batch.len(), "batch failed; writing its signups one by one");
-            write_alone(pool, channels, batch).await;
+        Err(_) => {
+            conn.close_on_drop();
+            answer_all(batch, &|| {
+                Attempt::Unknown(sqlx::Error::Io(std::io::ErrorKind::TimedOut.into()))
+            });
         }
     }
 }

@@ -301,43 +301,31 @@ async fn workers_and_waiting_callers_carry_on_after_postgres_restarts() {
         .await
         .expect("signup before the restart");
 
-    // Callers in flight while the server restarts get their player, or a clear error with the
-    // job id whenever their signup may have committed.
+    // Callers in flight while the server restarts have time to spare: each gets its player.
+    // Their writes are retried while the server is away, and a write whose answer the restart
+    // took is resolved by its job id, never written twice.
     let mut in_flight = JoinSet::new();
     for n in 1..=20 {
         let signups = Arc::clone(&signups);
         in_flight.spawn(async move { signups.create_user_and_await_player(&user(n), DEADLINE).await });
     }
     cluster.pg("restart").await;
-    let mut unconfirmed_jobs = Vec::new();
-    for result in within("callers in flight", in_flight.join_all()).await {
-        match result {
-            Ok(_) => {}
-            Err(err @ (ackloop::SignupError::Unavailable { .. } | ackloop::SignupError::TimedOut { .. })) => {
-                unconfirmed_jobs.extend(err.job_id());
-            }
-            Err(err) => panic!("unexpected error across a restart: {err:?}"),
+    for (n, result) in within("callers in flight", in_flight.join_all())
+        .await
+        .into_iter()
+        .enumerate()
+    {
+        if let Err(err) = result {
+            panic!("caller {n} had time to outlast the restart but got {err:?}");
         }
     }
 
     // After the restart, the worker (poll an hour away) and the signup listener come back by
-    // themselves: new signups are confirmed.
-    let mut after = None;
-    for attempt in 0..50 {
-        match signups
-            .create_user_and_await_player(&user(100 + attempt), DEADLINE)
-            .await
-        {
-            Ok(player) => {
-                after = Some(player);
-                break;
-            }
-            // The pool may hand out a connection the restart killed; the next one is fresh.
-            Err(ackloop::SignupError::Unavailable { .. }) => continue,
-            Err(err) => panic!("signup after the restart: {err:?}"),
-        }
-    }
-    assert!(after.is_some(), "signups work again after the restart");
+    // themselves, and a connection the restart killed costs no signup: the first one is confirmed.
+    signups
+        .create_user_and_await_player(&user(100), DEADLINE)
+        .await
+        .expect("the first signup after the restart");
 
     // Nothing committed is lost: every job that exists ends done, including those of callers
     // who got an error.
@@ -348,15 +336,6 @@ async fn workers_and_waiting_callers_carry_on_after_postgres_restarts() {
     let counts = counts(&pool).await;
     assert_eq!(counts.users, counts.players);
     assert_eq!(counts.jobs, counts.players);
-    let ids: Vec<uuid::Uuid> = unconfirmed_jobs.iter().map(ackloop::JobId::as_uuid).collect();
-    let undone = sqlx::query_scalar!(
-        r#"select count(*) as "count!" from player_creation_jobs where id = any($1) and status <> 'done'"#,
-        &ids
-    )
-    .fetch_one(&pool)
-    .await
-    .unwrap();
-    assert_eq!(undone, 0, "an unconfirmed caller's committed job was left undone");
     worker.stop().await;
     drop(signups);
     pool.close().await;

@@ -2,6 +2,7 @@
 //! migrated database from `#[sqlx::test]`, so they run in parallel without interfering, and
 //! notifications (which are per database) cannot cross between them.
 
+mod bad_day;
 mod channels;
 mod cli;
 mod common;

@@ -1,0 +1,185 @@
+//! The promise on a bad day: a signup returns within its timeout (plus a small margin) whatever
+//! the database does, a lock held on its email holds up no other signup, and once a signup may
+//! have committed, no error loses its job id.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ackloop::{NewUser, SignupError};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use tokio::task::JoinSet;
+
+use crate::common::*;
+
+/// How late past its timeout a caller may be answered: the last look at the tables is bounded
+/// by 100 ms; the rest is a loaded 2-core machine's scheduling.
+const MARGIN: Duration = Duration::from_millis(600);
+
+#[sqlx::test]
+async fn a_lock_held_on_the_email_bounds_the_signup_and_holds_up_nobody(
+    options: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let pool = pool(options, connect, 12).await;
+    let worker = spawn_worker(&pool, worker_config());
+    let signups = Arc::new(signups(&pool).await);
+    // Two other sessions each hold an uncommitted insert of an email that signups will ask for.
+    let mut blockers = Vec::new();
+    for email in ["held-1@example.com", "held-2@example.com"] {
+        let mut tx = pool.begin().await.unwrap();
+        sqlx::query("insert into users (email, display_name) values ($1, 'Holder')")
+            .bind(email)
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        blockers.push(tx);
+    }
+
+    let timeout = Duration::from_secs(2);
+    let mut calls = JoinSet::new();
+    for email in ["held-1@example.com", "held-2@example.com"] {
+        let signups = Arc::clone(&signups);
+        calls.spawn(async move {
+            let started = Instant::now();
+            let result = signups
+                .create_user_and_await_player(&NewUser::new(email, "Blocked").unwrap(), timeout)
+                .await;
+            (true, result.map(|_| ()), started.elapsed())
+        });
+    }
+    // Unrelated signups at the same moment, sharing batches with the blocked ones.
+    for n in 0..40 {
+        let signups = Arc::clone(&signups);
+        calls.spawn(async move {
+            let started = Instant::now();
+            let result = signups.create_user_and_await_player(&user(n), timeout).await;
+            (false, result.map(|_| ()), started.elapsed())
+        });
+    }
+    let mut blocked = 0;
+    for (is_blocked, result, took) in within("every signup to return", calls.join_all()).await {
+        assert!(
+            took <= timeout + MARGIN,
+            "a signup returned after {took:?} (timeout {timeout:?})"
+        );
+        if is_blocked {
+            blocked += 1;
+            match result {
+                // Nothing was written, and the caller is told so (no job id).
+                Err(SignupError::Unavailable { job_id: None, .. }) => {}
+                other => panic!("a signup blocked on a lock got {other:?}"),
+            }
+        } else {
+            result.expect("an unrelated signup is confirmed despite the held locks");
+        }
+    }
+    assert_eq!(blocked, 2);
+    for tx in blockers {
+        tx.rollback().await.unwrap();
+    }
+    // The blocked signups left nothing behind.
+    let counts = counts(&pool).await;
+    assert_eq!((counts.users, counts.jobs, counts.players), (40, 40, 40));
+    worker.stop().await;
+}
+
+#[tokio::test]
+async fn a_committed_signup_keeps_its_job_id_when_the_database_goes_away() {
+    let (cluster, url) = OwnCluster::start("gone-after-commit").await;
+    let options: PgConnectOptions = url.parse().unwrap();
+    let pool = PgPoolOptions::new()
+        .max_connections(4)
+        .test_before_acquire(false)
+        .connect_with(options)
+        .await
+        .unwrap();
+    ackloop::run_migrations(&pool).await.unwrap();
+    let signups = Arc::new(signups(&pool).await);
+    // No worker: the signup commits and then waits.
+    let timeout = Duration::from_secs(4);
+    let caller = {
+        let signups = Arc::clone(&signups);
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let result = signups.create_user_and_await_player(&user(1), timeout).await;
+            (result, started.elapsed())
+        })
+    };
+    wait_until("the signup to commit", || async {
+        sqlx::query_scalar::<_, i64>("select count(*) from player_creation_jobs")
+            .fetch_one(&pool)
+            .await
+            .unwrap_or(0)
+            == 1
+    })
+    .await;
+    // The server goes away while the caller waits: its final look at the tables fails.
+    cluster.pg("stop").await;
+    let (result, took) = within("the caller to return", caller).await.unwrap();
+    assert!(took <= timeout + MARGIN, "returned after {took:?}");
+    let job_id = match result {
+        Err(SignupError::TimedOut {
+            job_id,
+            user_id: Some(_),
+            ..
+        }) => job_id,
+        other => panic!("a committed signup must come back with its job id, got {other:?}"),
+    };
+    // It is the job that was committed.
+    cluster.pg("start").await;
+    let fresh = PgPoolOptions::new()
+        .max_connections(1)
+        .connect_with(url.parse::<PgConnectOptions>().unwrap())
+        .await
+        .unwrap();
+    let exists: bool = sqlx::query_scalar("select exists (select from player_creation_jobs where id = $1)")
+        .bind(job_id.as_uuid())
+        .fetch_one(&fresh)
+        .await
+        .unwrap();
+    assert!(exists, "the job id returned is the committed job's");
+}
+
+#[tokio::test]
+async fn a_signup_waits_out_a_server_that_is_down_when_it_starts() {
+    let (cluster, url) = OwnCluster::start("down-at-signup").await;
+    let options: PgConnectOptions = url.parse().unwrap();
+    let pool = PgPoolOptions::new()
+        .max_connections(4)
+        .test_before_acquire(false)
+        .acquire_timeout(Duration::from_secs(1))
+        .connect_with(options.clone())
+        .await
+        .unwrap();
+    ackloop::run_migrations(&pool).await.unwrap();
+    let worker_pool = PgPoolOptions::new()
+        .max_connections(3)
+        .connect_with(ackloop::worker_session_options(options))
+        .await
+        .unwrap();
+    let worker = spawn_worker(&worker_pool, worker_config());
+    let signups = Arc::new(signups(&pool).await);
+    cluster.pg("stop").await;
+    // Signups start while nothing answers; the server comes back well within their timeout.
+    let mut calls = JoinSet::new();
+    for n in 0..10 {
+        let signups = Arc::clone(&signups);
+        calls.spawn(async move { signups.create_user_and_await_player(&user(n), DEADLINE).await });
+    }
+    // Let the callers meet the refused connections first: wait until each has failed once.
+    wait_until("the callers to find the server down", || async {
+        pool.size() == 0 || pool.num_idle() == 0
+    })
+    .await;
+    cluster.pg("start").await;
+    for result in within("the callers", calls.join_all()).await {
+        result.expect("a caller whose timeout outlasts the outage gets its player");
+    }
+    let counts = counts(&pool).await;
+    assert_eq!(
+        (counts.users, counts.jobs, counts.players),
+        (10, 10, 10),
+        "nothing doubled"
+    );
+    worker.stop().await;
+}
