@@ -25,6 +25,14 @@ const RECONNECT_BACKOFF: Backoff = Backoff {
     max: Duration::from_secs(5),
 };
 
+/// How long a listener may hear nothing before it checks that its connection still answers.
+const LIVENESS_IDLE: Duration = Duration::from_secs(5);
+
+/// How long that check may take before the connection is deemed dead and replaced. A dead
+/// listener is therefore noticed within [`LIVENESS_IDLE`] + `LIVENESS_ANSWER` (8 s); waiting
+/// callers do not wait for that, as their jobs are re-read from the tables every second.
+const LIVENESS_ANSWER: Duration = Duration::from_secs(3);
+
 /// A Postgres channel name that is safe to `LISTEN` on: `^[a-z_][a-z0-9_]{0,62}$`.
 ///
 /// `LISTEN` cannot take a bind parameter, so the name is validated once, here, and every other
@@ -270,7 +278,25 @@ impl Subscription {
                     }
                 }
             };
-            match listener.try_recv().await {
+            // A connection can stop answering without closing (an idle drop by a NAT or a load
+            // balancer, a failover behind a VIP): reads then hang until TCP gives up, minutes
+            // later. So a listener that hears nothing for a while asks the server something.
+            let received = match tokio::time::timeout(LIVENESS_IDLE, listener.try_recv()).await {
+                Ok(received) => received,
+                Err(_) => {
+                    let ping =
+                        tokio::time::timeout(LIVENESS_ANSWER, crate::store::ping(&mut *listener)).await;
+                    if !matches!(ping, Ok(Ok(()))) {
+                        tracing::warn!(
+                            channel = %self.channel,
+                            "listener connection did not answer a liveness check; replacing it"
+                        );
+                        self.listener = None;
+                    }
+                    continue;
+                }
+            };
+            match received {
                 Ok(Some(notification)) => return Event::Notification(notification),
                 // sqlx has already reconnected and re-issued LISTEN before returning this.
                 Ok(None) => {

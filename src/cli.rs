@@ -575,16 +575,43 @@ async fn worker(
         .saturating_add(1);
     // Handlers first: a SIGTERM that arrives while the worker connects must stop it cleanly,
     // not kill it with the default action.
+    // Registered here, before the first await, so no signal can find the default action.
     let shutdown = CancellationToken::new();
-    tokio::spawn(cancel_on_signal(shutdown.clone()));
-    let pool = connect(connection, ackloop::worker_session_options, connections).await?;
-    ackloop::check_schema(&pool).await?;
+    use tokio::signal::unix::{SignalKind, signal};
+    match (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) {
+        (Ok(interrupt), Ok(terminate)) => {
+            tokio::spawn(cancel_on_signal(
+                interrupt,
+                terminate,
+                shutdown.clone(),
+                config.shutdown_timeout,
+            ));
+        }
+        _ => tracing::error!("cannot install signal handlers; stop the worker with SIGKILL"),
+    }
+    // Start-up steps end at the first signal too (a server that does not answer, a schema check
+    // behind a lock): there is nothing to drain yet.
+    let started = async {
+        let pool = connect(connection, ackloop::worker_session_options, connections).await?;
+        ackloop::check_schema(&pool).await?;
+        Ok::<_, Failure>(pool)
+    };
+    let pool = tokio::select! {
+        pool = started => pool?,
+        () = shutdown.cancelled() => {
+            tracing::info!("worker stopped before it started");
+            return Ok(());
+        }
+    };
     if let Some(addr) = metrics_addr {
         serve_metrics(addr, &pool, &shutdown).await?;
     }
     Worker::new(pool, config).run(shutdown).await?;
     Ok(())
 }
+
+/// How long past `--shutdown-timeout` the process may take to exit after the first signal.
+const SHUTDOWN_EXIT_MARGIN: Duration = Duration::from_secs(1);
 
 /// How often the metrics endpoint's queue gauges are refreshed.
 const GAUGE_INTERVAL: Duration = Duration::from_secs(5);
@@ -611,20 +638,27 @@ async fn serve_metrics(
 
 /// Cancels `shutdown` on the first SIGINT or SIGTERM (the worker drains in-flight jobs), and
 /// exits at once on the second (in-flight transactions roll back; their jobs stay pending).
-async fn cancel_on_signal(shutdown: CancellationToken) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut interrupt), Ok(mut terminate)) =
-        (signal(SignalKind::interrupt()), signal(SignalKind::terminate()))
-    else {
-        tracing::error!("cannot install signal handlers; stop the worker with SIGKILL");
-        return;
-    };
+/// Whatever the worker is doing when the first signal comes (connecting to a server that does
+/// not answer, checking a schema behind a lock, draining), the process is gone within
+/// `shutdown_timeout` plus a second: nothing it holds is lost by exiting, since a transaction
+/// cut off rolls back and its jobs are pending again.
+async fn cancel_on_signal(
+    mut interrupt: tokio::signal::unix::Signal,
+    mut terminate: tokio::signal::unix::Signal,
+    shutdown: CancellationToken,
+    shutdown_timeout: Duration,
+) {
     tokio::select! {
         _ = interrupt.recv() => {}
         _ = terminate.recv() => {}
     }
     tracing::info!("shutting down: finishing in-flight jobs (signal again to exit now)");
     shutdown.cancel();
+    tokio::spawn(async move {
+        tokio::time::sleep(shutdown_timeout + SHUTDOWN_EXIT_MARGIN).await;
+        tracing::warn!("shutdown timeout passed; exiting now (unfinished transactions roll back)");
+        std::process::exit(0);
+    });
     tokio::select! {
         _ = interrupt.recv() => {}
         _ = terminate.recv() => {}

@@ -635,6 +635,13 @@ pub(crate) async fn count_finished_jobs(
     .await
 }
 
+/// A round trip that proves the connection still answers (the listeners' liveness check). The
+/// simple protocol: nothing is prepared on a connection that is only listening.
+pub(crate) async fn ping(executor: impl PgExecutor<'_>) -> Result<(), sqlx::Error> {
+    sqlx::raw_sql("select 1").execute(executor).await?;
+    Ok(())
+}
+
 /// The server's version string.
 pub(crate) async fn server_version(executor: impl PgExecutor<'_>) -> Result<String, sqlx::Error> {
     sqlx::query_scalar!(r#"select version() as "version!""#)

@@ -183,3 +183,93 @@ async fn a_signup_waits_out_a_server_that_is_down_when_it_starts() {
     );
     worker.stop().await;
 }
+
+#[tokio::test]
+async fn a_listener_whose_connection_goes_silent_is_noticed_and_callers_are_not_held_up() {
+    let (_cluster, url) = OwnCluster::start_tcp("silent-listener").await;
+    let direct: PgConnectOptions = url.parse().unwrap();
+    let proxy = SilentProxy::start(direct.get_port()).await;
+    let through_proxy = direct
+        .clone()
+        .port(proxy.port)
+        .application_name("ackloop_proxied_listener");
+    let pool = PgPoolOptions::new()
+        .max_connections(6)
+        .connect_with(direct.clone())
+        .await
+        .unwrap();
+    ackloop::run_migrations(&pool).await.unwrap();
+    let worker = spawn_worker(&pool, worker_config());
+    // The auth side's listener goes through the proxy; its pool does not.
+    let config = ackloop::SignupsConfig {
+        listen_options: Some(through_proxy),
+        ..ackloop::SignupsConfig::default()
+    };
+    let signups = ackloop::Signups::connect_with(pool.clone(), config)
+        .await
+        .unwrap();
+    signups
+        .create_user_and_await_player(&user(0), DEADLINE)
+        .await
+        .expect("a signup while the path is fine");
+
+    proxy.silence();
+    // The confirmation is lost in the silent path; the caller's job is re-read from the tables
+    // every second, so it is answered long before its timeout (the old behaviour: at the
+    // timeout, 30 s).
+    let started = Instant::now();
+    signups
+        .create_user_and_await_player(&user(1), DEADLINE)
+        .await
+        .expect("a signup whose confirmation is lost");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+
+    // The listener notices that its connection stopped answering (liveness check within 8 s)
+    // and opens another: two LISTEN sessions by this name, the silent one and its replacement.
+    wait_until("the silent listener to be replaced", || async {
+        sqlx::query_scalar::<_, i64>(
+            "select count(*) from pg_stat_activity \
+             where application_name = 'ackloop_proxied_listener' and query ilike 'listen%'",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap()
+            == 2
+    })
+    .await;
+    signups
+        .create_user_and_await_player(&user(2), DEADLINE)
+        .await
+        .expect("a signup after the listener was replaced");
+    worker.stop().await;
+}
+
+/// SIGTERM while the worker is still connecting, to a server that accepts the connection and
+/// never answers: the worker exits 0 at once, not when the connection attempt gives up.
+#[tokio::test]
+async fn sigterm_while_the_worker_connects_to_a_silent_server_ends_it_promptly() {
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = silent.local_addr().unwrap().port();
+    let url = format!("postgres://app@127.0.0.1:{port}/app?sslmode=disable&connect_timeout=60");
+    let mut worker = ackloop_command(&url)
+        .args(["worker", "--shutdown-timeout", "2s"])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // The worker has connected (and so installed its handlers): it now waits for an answer.
+    let (held, _) = within("the worker to connect", silent.accept()).await.unwrap();
+    let signalled = Instant::now();
+    signal(&worker, "-TERM").await;
+    let status = within("the worker to exit", worker.wait()).await.unwrap();
+    let took = signalled.elapsed();
+    drop(held);
+    assert!(status.success(), "exit status {status:?}");
+    assert!(
+        took < Duration::from_secs(2) + MARGIN + Duration::from_secs(1),
+        "exited {took:?} after SIGTERM"
+    );
+}
