@@ -573,9 +573,8 @@ async fn worker(
     let connections = u32::try_from(config.concurrency)
         .unwrap_or(u32::MAX)
         .saturating_add(1);
-    // Handlers first: a SIGTERM that arrives while the worker connects must stop it cleanly,
-    // not kill it with the default action.
-    // Registered here, before the first await, so no signal can find the default action.
+    // Handlers first, before the first await: a SIGTERM that arrives while the worker connects
+    // must stop it cleanly, not kill it with the default action.
     let shutdown = CancellationToken::new();
     use tokio::signal::unix::{SignalKind, signal};
     match (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) {

@@ -58,7 +58,7 @@ pub(crate) const FINAL_CHECK_MARGIN: std::time::Duration = std::time::Duration::
 /// How often every waiting caller's job is looked up in the tables, notifications or not: the
 /// most a silently dead listener (a connection that stopped answering without closing) costs a
 /// caller before the listener's own liveness check replaces it.
-pub(crate) const RECHECK_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+const RECHECK_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The longest one look at the waiters' jobs may take before the resolver gives up on it (the
 /// next tick tries again).

@@ -22,10 +22,26 @@ const ACCEPTED_FORMS: &str = "use postgres://user:password@host:5432/dbname?sslm
      postgres://user@/dbname?host=/run/postgresql (a Unix socket), \
      or host=db.example.com port=5432 dbname=app user=app";
 
-/// The libpq parameters ackloop understands, listed in refusals of any other.
-const KNOWN_PARAMETERS: &str = "host, hostaddr, port, dbname, user, password, connect_timeout, \
-     sslmode, sslrootcert, sslcert, sslkey, application_name, options, channel_binding, \
-     target_session_attrs (and sqlx's statement-cache-capacity)";
+/// The settings ackloop understands (libpq's, and sqlx's statement-cache-capacity), listed in
+/// refusals of any other.
+const KNOWN_PARAMETERS: [&str; 16] = [
+    "host",
+    "hostaddr",
+    "port",
+    "dbname",
+    "user",
+    "password",
+    "connect_timeout",
+    "sslmode",
+    "sslrootcert",
+    "sslcert",
+    "sslkey",
+    "application_name",
+    "options",
+    "channel_binding",
+    "target_session_attrs",
+    "statement-cache-capacity",
+];
 
 /// Where a database is and how to reach it: a libpq connection string, read.
 ///
@@ -200,8 +216,9 @@ impl ConnectConfig {
                 }
                 _ => {
                     return Err(BadConnectionString::new(format!(
-                        "unknown setting {:?}: ackloop understands {KNOWN_PARAMETERS}",
-                        shorten(key)
+                        "unknown setting {:?}: ackloop understands {}",
+                        shorten(key),
+                        KNOWN_PARAMETERS.join(", ")
                     )));
                 }
             }
@@ -263,9 +280,6 @@ impl fmt::Display for ConnectConfig {
         let database = options.get_database().unwrap_or(options.get_username());
         match options.get_socket() {
             Some(dir) => write!(f, "{}@{}/{database}", options.get_username(), dir.display()),
-            None if options.get_host().starts_with('/') => {
-                write!(f, "{}@{}/{database}", options.get_username(), options.get_host())
-            }
             None => write!(
                 f,
                 "{}@{}:{}/{database}",
@@ -519,7 +533,7 @@ fn parse_key_values(text: &str) -> Result<BTreeMap<String, String>, BadConnectio
                 unquoted_password = true;
             }
         }
-        if unquoted_password && key != "password" && !KNOWN_PARAMETERS.split(", ").any(|known| known == key) {
+        if unquoted_password && key != "password" && !KNOWN_PARAMETERS.contains(&key.as_str()) {
             // Most likely the rest of a password with a space in it: do not name it.
             return Err(BadConnectionString::new(
                 "an unknown setting follows the password: if the password holds a space, quote \

@@ -544,11 +544,16 @@ impl Signups {
             let retry_after = match attempt {
                 writer::Attempt::Written(user_id) => return Ok(user_id),
                 writer::Attempt::EmailTaken if was_uncertain => {
-                    // Maybe taken by this signup's own earlier attempt: the job id tells.
-                    match self.committed_user(job_id, deadline).await {
-                        Ok(Some(user_id)) => return Ok(user_id),
-                        _ => return Err(SignupError::EmailTaken),
-                    }
+                    // Maybe taken by this signup's own earlier attempt: the job id tells. A failed
+                    // look proves nothing either way, so the caller keeps the job id.
+                    return match self.committed_user(job_id, deadline).await {
+                        Ok(Some(user_id)) => Ok(user_id),
+                        Ok(None) => Err(SignupError::EmailTaken),
+                        Err(source) => Err(SignupError::Unavailable {
+                            job_id: Some(job_id),
+                            source,
+                        }),
+                    };
                 }
                 writer::Attempt::EmailTaken => return Err(SignupError::EmailTaken),
                 writer::Attempt::WriteAlone => {

@@ -20,7 +20,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Duration;
 
-use sqlx::PgPool;
+use sqlx::pool::PoolConnection;
+use sqlx::{PgPool, Postgres};
 use tokio::sync::{Mutex, mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -162,29 +163,43 @@ impl Writers {
     }
 
     /// Writes one signup in a transaction of its own, from the caller's task, by `deadline`:
-    /// after a shared batch failed, or to try again after an outage.
+    /// after a shared batch failed, or to try again after an outage. It may wait for a lock all
+    /// the time it has left.
     pub(crate) async fn write_alone(&self, new_user: &NewUser, job_id: JobId, deadline: Instant) -> Attempt {
-        let mut conn = match tokio::time::timeout_at(deadline, self.pool.acquire()).await {
+        let conn = match tokio::time::timeout_at(deadline, self.pool.acquire()).await {
             Ok(Ok(conn)) => conn,
             Ok(Err(err)) => return Attempt::NotCommitted(err),
             Err(_) => return Attempt::Expired,
         };
         let lock_wait = deadline.saturating_duration_since(Instant::now());
-        let statement = store::insert_user_and_job(
-            &mut *conn,
-            new_user.email(),
-            new_user.display_name(),
-            job_id,
-            &self.channels.jobs,
-            Some(lock_wait),
-        );
-        match tokio::time::timeout_at(deadline + STATEMENT_GRACE, statement).await {
-            Ok(Ok(user_id)) => Attempt::Written(user_id),
-            Ok(Err(err)) => attempt_failed(err),
-            Err(_) => {
-                conn.close_on_drop();
-                Attempt::Unknown(sqlx::Error::Io(std::io::ErrorKind::TimedOut.into()))
-            }
+        write_one(conn, &self.channels, new_user, job_id, lock_wait, deadline).await
+    }
+}
+
+/// Writes one signup on `conn` in its own transaction, waiting at most `lock_wait` for row locks
+/// and giving the statement up (closing its connection) [`STATEMENT_GRACE`] after `deadline`.
+async fn write_one(
+    mut conn: PoolConnection<Postgres>,
+    channels: &Channels,
+    new_user: &NewUser,
+    job_id: JobId,
+    lock_wait: Duration,
+    deadline: Instant,
+) -> Attempt {
+    let statement = store::insert_user_and_job(
+        &mut *conn,
+        new_user.email(),
+        new_user.display_name(),
+        job_id,
+        &channels.jobs,
+        Some(lock_wait),
+    );
+    match tokio::time::timeout_at(deadline + STATEMENT_GRACE, statement).await {
+        Ok(Ok(user_id)) => Attempt::Written(user_id),
+        Ok(Err(err)) => attempt_failed(err),
+        Err(_) => {
+            conn.close_on_drop();
+            Attempt::Unknown(sqlx::Error::Io(std::io::ErrorKind::TimedOut.into()))
         }
     }
 }
@@ -268,23 +283,19 @@ async fn write_together(pool: &PgPool, channels: &Channels, batch: Vec<Queued>) 
     let lock_wait = BATCH_LOCK_WAIT.min(earliest.saturating_duration_since(Instant::now()));
     if batch.len() == 1 {
         let queued = batch.into_iter().next().expect("one signup");
-        let statement = store::insert_user_and_job(
-            &mut *conn,
-            queued.new_user.email(),
-            queued.new_user.display_name(),
+        let attempt = match write_one(
+            conn,
+            channels,
+            &queued.new_user,
             queued.job_id,
-            &channels.jobs,
-            Some(lock_wait),
-        );
-        let attempt = match tokio::time::timeout_at(queued.deadline + STATEMENT_GRACE, statement).await {
-            Ok(Ok(user_id)) => Attempt::Written(user_id),
-            // A lone signup that waited for a lock writes itself again with its whole time.
-            Ok(Err(err)) if store::is_lock_timeout(&err) => Attempt::WriteAlone,
-            Ok(Err(err)) => attempt_failed(err),
-            Err(_) => {
-                conn.close_on_drop();
-                Attempt::Unknown(sqlx::Error::Io(std::io::ErrorKind::TimedOut.into()))
-            }
+            lock_wait,
+            queued.deadline,
+        )
+        .await
+        {
+            // A lone signup that met a lock writes itself again, waiting with its whole time.
+            Attempt::NotCommitted(err) if store::is_lock_timeout(&err) => Attempt::WriteAlone,
+            attempt => attempt,
         };
         let _ = queued.written.send(attempt);
         return;

@@ -86,14 +86,7 @@ async fn a_lock_held_on_the_email_bounds_the_signup_and_holds_up_nobody(
 #[tokio::test]
 async fn a_committed_signup_keeps_its_job_id_when_the_database_goes_away() {
     let (cluster, url) = OwnCluster::start("gone-after-commit").await;
-    let options: PgConnectOptions = url.parse().unwrap();
-    let pool = PgPoolOptions::new()
-        .max_connections(4)
-        .test_before_acquire(false)
-        .connect_with(options)
-        .await
-        .unwrap();
-    ackloop::run_migrations(&pool).await.unwrap();
+    let pool = cluster_pool(&url).await;
     let signups = Arc::new(signups(&pool).await);
     // No worker: the signup commits and then waits.
     let timeout = Duration::from_secs(4);
@@ -143,20 +136,8 @@ async fn a_committed_signup_keeps_its_job_id_when_the_database_goes_away() {
 #[tokio::test]
 async fn a_signup_waits_out_a_server_that_is_down_when_it_starts() {
     let (cluster, url) = OwnCluster::start("down-at-signup").await;
-    let options: PgConnectOptions = url.parse().unwrap();
-    let pool = PgPoolOptions::new()
-        .max_connections(4)
-        .test_before_acquire(false)
-        .acquire_timeout(Duration::from_secs(1))
-        .connect_with(options.clone())
-        .await
-        .unwrap();
-    ackloop::run_migrations(&pool).await.unwrap();
-    let worker_pool = PgPoolOptions::new()
-        .max_connections(3)
-        .connect_with(ackloop::worker_session_options(options))
-        .await
-        .unwrap();
+    let pool = cluster_pool(&url).await;
+    let worker_pool = cluster_worker_pool(&url).await;
     let worker = spawn_worker(&worker_pool, worker_config());
     let signups = Arc::new(signups(&pool).await);
     cluster.pg("stop").await;
@@ -166,11 +147,8 @@ async fn a_signup_waits_out_a_server_that_is_down_when_it_starts() {
         let signups = Arc::clone(&signups);
         calls.spawn(async move { signups.create_user_and_await_player(&user(n), DEADLINE).await });
     }
-    // Let the callers meet the refused connections first: wait until each has failed once.
-    wait_until("the callers to find the server down", || async {
-        pool.size() == 0 || pool.num_idle() == 0
-    })
-    .await;
+    // The server takes a while to start again; meanwhile the callers meet dead pooled
+    // connections and refused new ones.
     cluster.pg("start").await;
     for result in within("the callers", calls.join_all()).await {
         result.expect("a caller whose timeout outlasts the outage gets its player");
@@ -193,12 +171,7 @@ async fn a_listener_whose_connection_goes_silent_is_noticed_and_callers_are_not_
         .clone()
         .port(proxy.port)
         .application_name("ackloop_proxied_listener");
-    let pool = PgPoolOptions::new()
-        .max_connections(6)
-        .connect_with(direct.clone())
-        .await
-        .unwrap();
-    ackloop::run_migrations(&pool).await.unwrap();
+    let pool = cluster_pool(&url).await;
     let worker = spawn_worker(&pool, worker_config());
     // The auth side's listener goes through the proxy; its pool does not.
     let config = ackloop::SignupsConfig {

@@ -334,6 +334,29 @@ impl Drop for OwnCluster {
     }
 }
 
+/// The application pool on a test's own cluster, migrated: pooled connections are not pinged
+/// before use (as `ackloop` builds them), so a restart leaves dead ones for the code to handle.
+pub async fn cluster_pool(url: &str) -> PgPool {
+    let pool = PgPoolOptions::new()
+        .max_connections(6)
+        .test_before_acquire(false)
+        .acquire_timeout(Duration::from_secs(1))
+        .connect_with(url.parse::<PgConnectOptions>().unwrap())
+        .await
+        .expect("connect to the test's cluster");
+    ackloop::run_migrations(&pool).await.unwrap();
+    pool
+}
+
+/// A worker's pool on a test's own cluster, with the worker session settings.
+pub async fn cluster_worker_pool(url: &str) -> PgPool {
+    PgPoolOptions::new()
+        .max_connections(3)
+        .connect_with(ackloop::worker_session_options(url.parse().unwrap()))
+        .await
+        .expect("connect to the test's cluster")
+}
+
 /// A TCP port nobody listens on right now.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

@@ -281,19 +281,8 @@ async fn a_signup_whose_connection_drops_before_commit_leaves_nothing(pool: PgPo
 #[tokio::test]
 async fn workers_and_waiting_callers_carry_on_after_postgres_restarts() {
     let (cluster, url) = OwnCluster::start("restart").await;
-    let options: PgConnectOptions = url.parse().unwrap();
-    let pool = PgPoolOptions::new()
-        .max_connections(6)
-        .acquire_timeout(std::time::Duration::from_secs(5))
-        .connect_with(options.clone())
-        .await
-        .unwrap();
-    ackloop::run_migrations(&pool).await.unwrap();
-    let worker_pool = PgPoolOptions::new()
-        .max_connections(3)
-        .connect_with(ackloop::worker_session_options(options))
-        .await
-        .unwrap();
+    let pool = cluster_pool(&url).await;
+    let worker_pool = cluster_worker_pool(&url).await;
     let worker = spawn_worker(&worker_pool, worker_config());
     let signups = Arc::new(signups(&pool).await);
     signups
