@@ -126,12 +126,6 @@ pub(crate) async fn insert_users_and_jobs(
     .await
 }
 
-/// Claims up to `limit` due jobs, creates their players, marks them done and notifies each id on
-/// the done channel, in one statement. Returns the ids completed; fewer than `limit` means the
-/// queue had no more due jobs that nobody else holds.
-///
-/// Any failure fails the whole batch and leaves every job as it was; the worker then falls back
-/// to [`claim_due_jobs`] and one savepoint per job to find the culprit.
 /// A job [`complete_due_jobs`] completed.
 #[derive(Debug)]
 pub(crate) struct CompletedJob {
@@ -140,6 +134,14 @@ pub(crate) struct CompletedJob {
     pub(crate) waited_secs: f64,
 }
 
+/// Claims up to `limit` due jobs never tried before, creates their players, marks them done and
+/// notifies each id on the done channel, in one statement. Returns the ids completed; fewer than
+/// `limit` means the queue had no more such jobs that nobody else holds.
+///
+/// Any failure fails the whole batch and leaves every job as it was, its attempt uncounted; the
+/// worker then falls back to [`claim_due_jobs`] and one savepoint per job to find the culprit,
+/// or, when the session died, to one job at a time with each attempt counted first. A job tried
+/// before is always retried alone ([`lock_next_due_job`]): it may be the one that kills sessions.
 pub(crate) async fn complete_due_jobs(
     executor: impl PgExecutor<'_>,
     limit: i64,
@@ -153,6 +155,7 @@ pub(crate) async fn complete_due_jobs(
             from player_creation_jobs
             where status = 'pending'
               and run_after <= now()
+              and attempts = 0
             order by run_after, id
             limit $1
             for update skip locked
@@ -198,8 +201,8 @@ pub(crate) struct ClaimedJob {
     pub(crate) attempts: i32,
 }
 
-/// Locks up to `limit` due jobs for this transaction (skipping any another worker holds) and
-/// counts the attempt. The lock lasts until the transaction ends; if it rolls back, or the
+/// Locks up to `limit` due jobs never tried before for this transaction (skipping any another
+/// worker holds) and counts the attempt: the jobs of a batch that failed. The lock lasts until the transaction ends; if it rolls back, or the
 /// connection dies, the jobs are pending again with their attempt uncounted.
 pub(crate) async fn claim_due_jobs(
     conn: &mut PgConnection,
@@ -213,6 +216,7 @@ pub(crate) async fn claim_due_jobs(
             from player_creation_jobs
             where status = 'pending'
               and run_after <= now()
+              and attempts = 0
             order by run_after, id
             limit $1
             for update skip locked
@@ -231,6 +235,100 @@ pub(crate) async fn claim_due_jobs(
     )
     .fetch_all(conn)
     .await
+}
+
+/// A due job locked for an attempt of its own, as it stands before that attempt.
+#[derive(Debug)]
+pub(crate) struct DueJob {
+    pub(crate) id: JobId,
+    pub(crate) user_id: UserId,
+    /// Attempts made before this one.
+    pub(crate) attempts: i32,
+    pub(crate) last_error: Option<String>,
+    /// From its signup to this claim.
+    pub(crate) waited_secs: f64,
+}
+
+/// Locks the next due job that has had at least `min_attempts` attempts (skipping any another
+/// worker holds), for this transaction, without counting an attempt: [`start_attempt`] does.
+pub(crate) async fn lock_next_due_job(
+    conn: &mut PgConnection,
+    min_attempts: i32,
+) -> Result<Option<DueJob>, sqlx::Error> {
+    sqlx::query_as!(
+        DueJob,
+        r#"
+        select
+            id as "id: JobId",
+            user_id as "user_id: UserId",
+            attempts,
+            last_error,
+            extract(epoch from now() - created_at)::float8 as "waited_secs!"
+        from player_creation_jobs
+        where status = 'pending'
+          and run_after <= now()
+          and attempts >= $1
+        order by run_after, id
+        limit 1
+        for update skip locked
+        "#,
+        min_attempts,
+    )
+    .fetch_optional(conn)
+    .await
+}
+
+/// Counts attempt number `attempt` before it is made, and leaves the job as it should be found
+/// if the attempt never finishes: `unfinished_error` as its error, not due again for `lease_ms`.
+/// Committed before the attempt, so the count survives a session the attempt kills.
+pub(crate) async fn start_attempt(
+    conn: &mut PgConnection,
+    job_id: JobId,
+    attempt: i32,
+    unfinished_error: &str,
+    lease_ms: i64,
+) -> Result<(), sqlx::Error> {
+    sqlx::query!(
+        r#"
+        update player_creation_jobs
+        set attempts = $2,
+            last_error = $3,
+            run_after = now() + make_interval(secs => $4::bigint / 1000.0),
+            updated_at = now()
+        where id = $1
+        "#,
+        job_id.as_uuid(),
+        attempt,
+        unfinished_error,
+        lease_ms,
+    )
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Locks a job for the attempt [`start_attempt`] counted; false when the job has changed since
+/// (an operator finished or retried it, or its lease ran out and another worker took it).
+pub(crate) async fn lock_started_attempt(
+    conn: &mut PgConnection,
+    job_id: JobId,
+    attempt: i32,
+) -> Result<bool, sqlx::Error> {
+    let locked = sqlx::query_scalar!(
+        r#"
+        select id
+        from player_creation_jobs
+        where id = $1
+          and status = 'pending'
+          and attempts = $2
+        for update
+        "#,
+        job_id.as_uuid(),
+        attempt,
+    )
+    .fetch_optional(conn)
+    .await?;
+    Ok(locked.is_some())
 }
 
 /// Creates the user's player from the user's display name. A player that already exists is left

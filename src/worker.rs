@@ -323,6 +323,33 @@ struct Pass {
     retry_at: Option<Instant>,
 }
 
+/// Where a processing loop stands between passes.
+struct LoopState {
+    /// Jobs still to take one at a time, each attempt counted in its own committed transaction
+    /// before it is made. Set when the loop starts (the last process may have died of a job)
+    /// and after any pass the session did not survive (a job may have killed it), so a job that
+    /// kills sessions is counted, retried with backoff and failed, instead of taking its batch
+    /// down with it for ever.
+    careful: usize,
+    /// When a retry this loop knows of comes due.
+    next_retry: Option<Instant>,
+    /// Look for jobs tried before that are due again (they are never taken in a batch).
+    look_for_retries: bool,
+    /// Failed passes in a row, for the backoff.
+    unavailable: u32,
+}
+
+/// What one lone attempt did.
+enum Lone {
+    /// No due job was left to take.
+    NoneDue,
+    /// A job was taken: done, failed, scheduled for a retry, or found changed.
+    Taken {
+        /// When its retry is due, if one was scheduled.
+        retry_at: Option<Instant>,
+    },
+}
+
 impl Processor {
     /// One processing loop: drain the queue, then wait for a reason to look again.
     async fn process_until(self: Arc<Self>, shutdown: CancellationToken) {
@@ -331,26 +358,26 @@ impl Processor {
             self.config.poll_interval,
         );
         poll.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        let mut next_retry: Option<Instant> = None;
-        let mut unavailable = 0;
+        let mut state = LoopState {
+            careful: usize::from(self.config.batch_size),
+            next_retry: None,
+            look_for_retries: true,
+            unavailable: 0,
+        };
         loop {
-            // Drain: on start, after every wake-up and tick, until a batch comes back short.
+            // Drain: on start, after every wake-up and tick, until nothing due is left.
             while !shutdown.is_cancelled() {
-                match self.pass().await {
-                    Ok(pass) => {
-                        unavailable = 0;
-                        next_retry = earliest(next_retry, pass.retry_at);
-                        if pass.claimed < usize::from(self.config.batch_size) {
-                            break;
-                        }
-                    }
+                match self.drain_step(&mut state).await {
+                    Ok(true) => continue,
+                    Ok(false) => break,
                     Err(err) => {
-                        unavailable += 1;
-                        let delay = UNAVAILABLE_BACKOFF.delay(unavailable);
+                        state.careful = usize::from(self.config.batch_size);
+                        state.unavailable += 1;
+                        let delay = UNAVAILABLE_BACKOFF.delay(state.unavailable);
                         tracing::warn!(
                             error = %Described(&err),
                             retry_in_ms = delay.as_millis() as u64,
-                            "cannot process jobs; retrying"
+                            "cannot process jobs; retrying (the next jobs one at a time)"
                         );
                         tokio::select! {
                             () = shutdown.cancelled() => return,
@@ -359,6 +386,7 @@ impl Processor {
                     }
                 }
             }
+            let next_retry = state.next_retry;
             let retry_due = async {
                 match next_retry {
                     Some(at) => tokio::time::sleep_until(at).await,
@@ -369,18 +397,150 @@ impl Processor {
                 biased;
                 () = shutdown.cancelled() => return,
                 () = self.wake.notified() => {}
-                () = retry_due => next_retry = None,
-                _ = poll.tick() => {}
+                () = retry_due => {
+                    state.next_retry = None;
+                    state.look_for_retries = true;
+                }
+                _ = poll.tick() => state.look_for_retries = true,
             }
         }
+    }
+
+    /// One step of a drain; true while there may be more to do.
+    async fn drain_step(&self, state: &mut LoopState) -> Result<bool, sqlx::Error> {
+        if state.careful > 0 {
+            let lone = self.attempt_alone(0, state).await?;
+            state.unavailable = 0;
+            state.careful = match lone {
+                Lone::Taken { .. } => state.careful - 1,
+                Lone::NoneDue => 0,
+            };
+            return Ok(true);
+        }
+        let pass = self.pass().await?;
+        state.unavailable = 0;
+        state.next_retry = earliest(state.next_retry, pass.retry_at);
+        if pass.claimed == usize::from(self.config.batch_size) {
+            return Ok(true);
+        }
+        if state.look_for_retries {
+            if let Lone::NoneDue = self.attempt_alone(1, state).await? {
+                state.look_for_retries = false;
+            }
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    /// Takes the next due job tried at least `min_attempts` times, alone: counts the attempt and
+    /// pushes the job's next try back by its backoff in one committed transaction, then makes
+    /// the attempt in another. If the attempt kills the session (or the process), the job keeps
+    /// its count and waits out its backoff; once it has used every attempt it is failed here,
+    /// before another is made.
+    async fn attempt_alone(&self, min_attempts: i32, state: &mut LoopState) -> Result<Lone, sqlx::Error> {
+        let mut conn = self.pool.acquire().await?;
+        let mut unfinished_due = None;
+        let result = self
+            .attempt_alone_on(&mut conn, min_attempts, &mut unfinished_due)
+            .await;
+        match &result {
+            Ok(Lone::Taken { retry_at }) => state.next_retry = earliest(state.next_retry, *retry_at),
+            Ok(Lone::NoneDue) => {}
+            Err(err) => {
+                // The attempt may not have finished: look again when its job is due.
+                state.next_retry = earliest(state.next_retry, unfinished_due);
+                if store::is_unavailable(err) {
+                    // The session may be gone: do not hand it to the next pass.
+                    conn.close_on_drop();
+                }
+            }
+        }
+        result
+    }
+
+    /// [`Self::attempt_alone`] on `conn`; sets `unfinished_due` to when the job is due again
+    /// should the attempt it counted never finish.
+    async fn attempt_alone_on(
+        &self,
+        conn: &mut PgConnection,
+        min_attempts: i32,
+        unfinished_due: &mut Option<Instant>,
+    ) -> Result<Lone, sqlx::Error> {
+        let config = &self.config;
+        let mut tx = conn.begin().await?;
+        let Some(job) = store::lock_next_due_job(&mut tx, min_attempts).await? else {
+            tx.commit().await?;
+            return Ok(Lone::NoneDue);
+        };
+        let made = u32::try_from(job.attempts).unwrap_or(u32::MAX);
+        if made >= config.max_attempts {
+            // Its last attempt never recorded an outcome: it ended with its session.
+            let reason = match &job.last_error {
+                Some(last) => format!("gave up after {made} attempts; {last}"),
+                None => format!("gave up after {made} attempts"),
+            };
+            store::mark_job_failed(&mut tx, job.id, &reason, &config.channels.done).await?;
+            tx.commit().await?;
+            ::metrics::counter!(telemetry::JOBS_FAILED).increment(1);
+            tracing::error!(job.id = %job.id, attempts = made, error = reason, "job failed");
+            return Ok(Lone::Taken { retry_at: None });
+        }
+        if job.attempts > 0 && job.last_error.as_deref() == Some(&*unfinished(job.attempts)) {
+            tracing::warn!(job.id = %job.id, attempt = job.attempts, "job's last attempt ended with its session; retrying it alone");
+        }
+        let attempt = job.attempts + 1;
+        let lease = config.backoff.delay(made + 1);
+        let lease_ms = i64::try_from(lease.as_millis()).unwrap_or(i64::MAX);
+        store::start_attempt(&mut tx, job.id, attempt, &unfinished(attempt), lease_ms).await?;
+        tx.commit().await?;
+        *unfinished_due = Some(Instant::now() + lease);
+        ::metrics::histogram!(telemetry::COMMIT_TO_CLAIM).record(job.waited_secs);
+        let started = Instant::now();
+
+        let claimed = ClaimedJob {
+            id: job.id,
+            user_id: job.user_id,
+            attempts: attempt,
+        };
+        let span = tracing::debug_span!("process_job", job.id = %job.id, attempt);
+        let mut tx = conn.begin().await?;
+        if !store::lock_started_attempt(&mut tx, job.id, attempt).await? {
+            tx.commit().await?;
+            return Ok(Lone::Taken { retry_at: None });
+        }
+        match self.complete(&mut tx, &claimed).instrument(span).await {
+            Ok(()) => {
+                tx.commit().await?;
+                ::metrics::counter!(telemetry::JOBS_DONE).increment(1);
+                ::metrics::histogram!(telemetry::CLAIM_TO_DONE).record(started.elapsed().as_secs_f64());
+            }
+            Err(err) if store::is_unavailable(&err) => return Err(err),
+            Err(err) => {
+                tx.rollback().await?;
+                let mut tx = conn.begin().await?;
+                let retry_at = self.record_failure(&mut tx, &claimed, &err).await?;
+                tx.commit().await?;
+                return Ok(Lone::Taken { retry_at });
+            }
+        }
+        Ok(Lone::Taken { retry_at: None })
     }
 
     /// Claims and completes one batch in one statement. If that fails, something in the batch is
     /// bad: go through a batch again one job per savepoint, to complete the good jobs and record
     /// the bad one's error.
     async fn pass(&self) -> Result<Pass, sqlx::Error> {
-        let limit = i64::from(self.config.batch_size);
         let mut conn = self.pool.acquire().await?;
+        let result = self.pass_on(&mut conn).await;
+        if result.as_ref().is_err_and(store::is_unavailable) {
+            // The session may be gone: do not hand it to the next pass.
+            conn.close_on_drop();
+        }
+        result
+    }
+
+    async fn pass_on(&self, conn: &mut PgConnection) -> Result<Pass, sqlx::Error> {
+        let limit = i64::from(self.config.batch_size);
         let started = Instant::now();
         match store::complete_due_jobs(&mut *conn, limit, &self.config.channels.done).await {
             Ok(done) => {
@@ -406,7 +566,7 @@ impl Processor {
             // command waits for the abort.
             Err(err) => {
                 tracing::debug!(error = %Described(&err), "batch failed; completing its jobs one at a time");
-                self.pass_one_by_one(&mut conn, limit).await
+                self.pass_one_by_one(conn, limit).await
             }
         }
     }
@@ -466,6 +626,14 @@ impl Processor {
         tracing::warn!(job.id = %job.id, attempt = attempts, retry_in_ms = delay_ms, error = %error, "job attempt failed; will retry");
         Ok(Some(Instant::now() + delay))
     }
+}
+
+/// A job's error while an attempt is under way, and for good if the attempt never finishes.
+fn unfinished(attempt: i32) -> String {
+    format!(
+        "attempt {attempt} did not finish: its database session ended (a crash or terminated \
+         backend, an out-of-memory kill, or the worker stopped)"
+    )
 }
 
 fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {

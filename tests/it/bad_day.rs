@@ -246,3 +246,113 @@ async fn sigterm_while_the_worker_connects_to_a_silent_server_ends_it_promptly()
         "exited {took:?} after SIGTERM"
     );
 }
+
+/// Makes creating the player named `Poison` kill its own session, as a crashing trigger or an
+/// out-of-memory kill of the backend would, and counts the kills in a sequence (a sequence
+/// does not roll back with the session).
+async fn poison_the_player_named_poison(pool: &sqlx::PgPool) {
+    execute(pool, "create sequence poison_kills").await;
+    execute(
+        pool,
+        r#"
+        create function kill_own_session() returns trigger language plpgsql as $$
+        begin
+            if new.display_name = 'Poison' then
+                perform nextval('poison_kills');
+                perform pg_terminate_backend(pg_backend_pid());
+                -- pg_sleep checks for interrupts: the session ends here, mid-statement.
+                perform pg_sleep(1);
+            end if;
+            return new;
+        end $$
+        "#,
+    )
+    .await;
+    execute(
+        pool,
+        "create trigger kill_own_session before insert on players for each row execute function kill_own_session()",
+    )
+    .await;
+}
+
+#[sqlx::test]
+async fn a_job_that_kills_its_session_is_failed_and_every_other_job_flows(
+    options: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let pool = pool(options, connect, 10).await;
+    poison_the_player_named_poison(&pool).await;
+    let signups = Arc::new(signups(&pool).await);
+    const OTHERS: usize = 200;
+    let mut conn = pool.acquire().await.unwrap();
+    // The poison job sits behind the first 150, beyond what a starting worker takes one at a
+    // time, so the batches meet it.
+    for n in 0..150 {
+        ackloop::create_user(&mut conn, &ackloop::Channels::default(), &user(n))
+            .await
+            .unwrap();
+    }
+    let poisoned_caller = {
+        let signups = Arc::clone(&signups);
+        tokio::spawn(async move {
+            let poison = NewUser::new("poison@example.com", "Poison").unwrap();
+            signups.create_user_and_await_player(&poison, DEADLINE).await
+        })
+    };
+    wait_until("the poison signup commits", || async {
+        counts(&pool).await.users == 151
+    })
+    .await;
+    for n in 150..OTHERS {
+        ackloop::create_user(&mut conn, &ackloop::Channels::default(), &user(n))
+            .await
+            .unwrap();
+    }
+    drop(conn);
+
+    let config = ackloop::WorkerConfig {
+        max_attempts: 3,
+        ..worker_config()
+    };
+    let worker = spawn_worker(&pool, config.clone());
+    let failure = within("the poison job's caller to hear", poisoned_caller)
+        .await
+        .unwrap();
+    match failure {
+        Err(SignupError::JobFailed { reason, .. }) => assert!(
+            reason.contains("gave up after 3 attempts") && reason.contains("session ended"),
+            "the reason says the job ended its session: {reason}"
+        ),
+        other => panic!("expected JobFailed, got {other:?}"),
+    }
+    wait_until("every other job is done", || async {
+        count_jobs_with_status(&pool, "done").await == OTHERS as i64
+    })
+    .await;
+    let poison = sqlx::query!(
+        r#"
+        select jobs.status, jobs.attempts
+        from player_creation_jobs as jobs
+        join users on users.id = jobs.user_id
+        where users.display_name = 'Poison'
+        "#
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!((poison.status.as_str(), poison.attempts), ("failed", 3));
+    // The sequence is the test's own, so not known to the query macros.
+    let kills: i64 = sqlx::query_scalar("select last_value from poison_kills")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    // Each counted attempt kills once; before the first is counted, each processing loop may
+    // have met the job in a batch once.
+    let most = i64::from(config.max_attempts) + config.concurrency as i64;
+    assert!(
+        kills <= most,
+        "the poison job killed {kills} sessions, at most {most} expected"
+    );
+    assert_eq!(counts(&pool).await.players, OTHERS as i64);
+    worker.stop().await;
+}
