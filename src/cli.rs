@@ -866,15 +866,20 @@ async fn doctor(connection: &ConnectionArgs, stale_after: Duration, json: bool) 
     if json {
         println!("{}", json!({ "ok": problems == 0, "checks": checks }));
     } else {
+        let width = checks
+            .iter()
+            .map(|check| check.name.len())
+            .max()
+            .unwrap_or_default();
         for check in &checks {
             println!(
-                "{:<4} {:<19} {}",
+                "{:<4} {:<width$} {}",
                 if check.ok { "ok" } else { "FAIL" },
                 check.name,
                 check.detail
             );
             if let Some(fix) = &check.fix {
-                println!("{:<24} fix: {fix}", "");
+                println!("{:<4} {:<width$} fix: {fix}", "", "");
             }
         }
     }

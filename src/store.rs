@@ -630,6 +630,31 @@ pub(crate) async fn repair_done_jobs_without_player(
     .await
 }
 
+/// How many done jobs have a user without a player.
+///
+/// Reads every done job and probes `players` for each (an anti-join): a full scan of the done
+/// rows, which no index narrows, since done is the common state. Fine for `doctor`, an
+/// operator's occasional command, and pruning keeps the done rows few; never put it on a hot
+/// path or a metrics sampler.
+pub(crate) async fn count_done_jobs_without_player(
+    executor: impl PgExecutor<'_>,
+) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar!(
+        r#"
+        select count(*) as "count!"
+        from player_creation_jobs as jobs
+        where jobs.status = 'done'
+          and not exists (
+              select 1
+              from players
+              where players.user_id = jobs.user_id
+          )
+        "#,
+    )
+    .fetch_one(executor)
+    .await
+}
+
 /// Deletes up to `limit` finished (done or failed) jobs that finished more than `older_than_secs`
 /// ago, oldest first, skipping rows anyone holds. Returns how many it deleted.
 pub(crate) async fn delete_finished_jobs(

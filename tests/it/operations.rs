@@ -213,7 +213,8 @@ async fn doctor_says_what_is_wrong_and_how_to_fix_it(options: PgPoolOptions, con
             "listen",
             "notification queue",
             "pending jobs",
-            "failed jobs"
+            "failed jobs",
+            "done jobs without a player"
         ]
     );
 
@@ -525,4 +526,56 @@ async fn jobs_retry_repair_all_missing_wakes_a_running_worker_for_exactly_those_
         "{}",
         String::from_utf8_lossy(&again.stdout)
     );
+}
+
+#[sqlx::test]
+async fn doctor_flags_done_jobs_without_a_player_until_they_are_repaired(
+    options: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let url = connect.to_url_lossy().to_string();
+    let pool = pool(options, connect, 8).await;
+    let jobs = done_signups(&pool, 1..=2).await;
+    delete_player_of(&pool, jobs[1]).await;
+
+    let flagged = run_ackloop(&url, &["doctor"]).await;
+    assert_eq!(flagged.status.code(), Some(10), "{}", stderr(&flagged));
+    let text = String::from_utf8_lossy(&flagged.stdout);
+    assert!(
+        text.contains("FAIL done jobs without a player 1 done job(s) have no player"),
+        "{text}"
+    );
+    assert!(
+        text.contains("fix: run `ackloop jobs retry --repair --all-missing`"),
+        "{text}"
+    );
+    let report = stdout_json(&run_ackloop(&url, &["doctor", "--json"]).await);
+    let failing: Vec<&str> = report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|check| check["ok"] == false)
+        .map(|check| check["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(failing, ["done jobs without a player"], "{report}");
+
+    let repaired = ackloop::repair_all_missing_players(&pool, &ackloop::Channels::default())
+        .await
+        .expect("repair");
+    assert_eq!(repaired, [jobs[1]]);
+    let worker = spawn_worker(&pool, worker_config());
+    wait_until("the repaired job is done with its player", || async {
+        let row = job_row(&pool, jobs[1]).await;
+        row.status == "done" && row.player_id.is_some()
+    })
+    .await;
+    worker.stop().await;
+    let healthy = run_ackloop(&url, &["doctor", "--json"]).await;
+    assert_eq!(
+        healthy.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&healthy.stdout)
+    );
+    assert_eq!(stdout_json(&healthy)["ok"], true);
 }
