@@ -1,5 +1,5 @@
-//! Operator calls: look a job up, retry failed jobs, prune finished ones. `ackloop jobs …` runs
-//! these; a service can call them too.
+//! Operator calls: look a job up, retry failed jobs, repair done jobs whose player is missing,
+//! prune finished ones. `ackloop jobs …` runs these; a service can call them too.
 
 use std::time::Duration;
 
@@ -36,6 +36,9 @@ pub struct JobDetails {
     pub completed_at: Option<DateTime<Utc>>,
     /// The user's player, if one exists.
     pub player_id: Option<PlayerId>,
+    /// The job is done but its user has no player: someone deleted the player, or a restore
+    /// left it out. Its caller was told the player exists; [`repair_job`] makes it again.
+    pub player_missing: bool,
 }
 
 /// Why an operator call failed.
@@ -45,12 +48,20 @@ pub enum AdminError {
     /// No job has this id (or no user this email).
     #[error("no job {0}")]
     UnknownJob(String),
-    /// Retrying is for failed jobs; a done job's player exists already.
-    #[error("job {0} is done (its player exists); nothing to retry")]
+    /// Retrying is for failed jobs, and repairing for done jobs without a player; this job is
+    /// done and its player exists.
+    #[error("job {0} is done and its player exists; nothing to retry or repair")]
     AlreadyDone(JobId),
+    /// Retrying is for failed jobs; this one is done, but its player is missing (deleted, or
+    /// left out of a restore). [`repair_job`] puts it back to pending.
+    #[error("job {0} is done but its player is missing; run again with --repair to create it")]
+    DoneWithoutPlayer(JobId),
     /// Retrying is for failed jobs; a pending one will be taken by a worker anyway.
     #[error("job {0} is still pending; a worker will take it")]
     StillPending(JobId),
+    /// Repairing is for done jobs whose player is missing; a failed job is retried as it is.
+    #[error("job {0} has failed; retry it without --repair")]
+    StillFailed(JobId),
     /// A status this version does not know.
     #[error(transparent)]
     UnknownStatus(#[from] UnknownStatus),
@@ -74,17 +85,19 @@ pub async fn job_details(pool: &PgPool, job_id: JobId) -> Result<JobDetails, Adm
     let row = store::job_details(pool, job_id)
         .await?
         .ok_or_else(|| AdminError::UnknownJob(job_id.to_string()))?;
+    let status = row.status.parse()?;
     Ok(JobDetails {
         job_id: row.id,
         user_id: row.user_id,
         email: row.email,
-        status: row.status.parse()?,
+        status,
         attempts: row.attempts,
         last_error: row.last_error,
         run_after: row.run_after,
         created_at: row.created_at,
         updated_at: row.updated_at,
         completed_at: row.completed_at,
+        player_missing: is_player_missing(status, row.player_id),
         player_id: row.player_id,
     })
 }
@@ -105,11 +118,17 @@ pub async fn find_job_by_email(pool: &PgPool, email: &str) -> Result<JobId, Admi
         .ok_or_else(|| AdminError::UnknownJob(format!("for a user with email {email:?}")))
 }
 
+/// Whether a job in `status` whose user has the player `player_id` lacks the player it promised.
+fn is_player_missing(status: JobStatus, player_id: Option<PlayerId>) -> bool {
+    status == JobStatus::Done && player_id.is_none()
+}
+
 /// Puts a failed job back to pending, with fresh attempts, and wakes the workers.
 ///
 /// # Errors
-/// [`AdminError::AlreadyDone`] and [`AdminError::StillPending`] (nothing is changed),
-/// [`AdminError::UnknownJob`], [`AdminError::Database`].
+/// [`AdminError::AlreadyDone`], [`AdminError::DoneWithoutPlayer`] (use [`repair_job`]) and
+/// [`AdminError::StillPending`] (nothing is changed), [`AdminError::UnknownJob`],
+/// [`AdminError::Database`].
 ///
 /// ```no_run
 /// # async fn demo(pool: sqlx::PgPool, job_id: ackloop::JobId) -> Result<(), ackloop::AdminError> {
@@ -124,7 +143,9 @@ pub async fn retry_failed_job(pool: &PgPool, channels: &Channels, job_id: JobId)
         return Ok(());
     }
     // Not failed (or gone): say which, so the operator knows why nothing happened.
-    match job_details(pool, job_id).await?.status {
+    let job = job_details(pool, job_id).await?;
+    match job.status {
+        JobStatus::Done if job.player_missing => Err(AdminError::DoneWithoutPlayer(job_id)),
         JobStatus::Done => Err(AdminError::AlreadyDone(job_id)),
         JobStatus::Pending => Err(AdminError::StillPending(job_id)),
         // It failed between the two statements: the retry applies now.
@@ -147,6 +168,69 @@ pub async fn retry_failed_job(pool: &PgPool, channels: &Channels, job_id: JobId)
 /// ```
 pub async fn retry_all_failed_jobs(pool: &PgPool, channels: &Channels) -> Result<Vec<JobId>, AdminError> {
     Ok(store::retry_failed_jobs(pool, None, &channels.jobs).await?)
+}
+
+/// How many times [`repair_job`] tries when the job changes under it: a refused repair is
+/// explained by a second look, and a job that became repairable in between is tried again.
+const REPAIR_ROUNDS: usize = 3;
+
+/// Puts a done job whose player is missing (deleted, or left out of a restore) back to pending,
+/// with fresh attempts, and wakes the workers, which create the player and mark it done again.
+/// A job whose player exists is never touched, even if the player appears while this runs.
+///
+/// # Errors
+/// [`AdminError::AlreadyDone`] (its player exists), [`AdminError::StillPending`] and
+/// [`AdminError::StillFailed`] (use [`retry_failed_job`]): nothing is changed.
+/// [`AdminError::UnknownJob`], [`AdminError::Database`].
+///
+/// ```no_run
+/// # async fn demo(pool: sqlx::PgPool, job_id: ackloop::JobId) -> Result<(), ackloop::AdminError> {
+/// let job = ackloop::job_details(&pool, job_id).await?;
+/// if job.player_missing {
+///     ackloop::repair_job(&pool, &ackloop::Channels::default(), job_id).await?;
+/// }
+/// # Ok(()) }
+/// ```
+pub async fn repair_job(pool: &PgPool, channels: &Channels, job_id: JobId) -> Result<(), AdminError> {
+    for _ in 0..REPAIR_ROUNDS {
+        if !store::repair_done_jobs_without_player(pool, Some(job_id), &channels.jobs)
+            .await?
+            .is_empty()
+        {
+            return Ok(());
+        }
+        // Not repairable (or gone): say why, so the operator knows why nothing happened.
+        let job = job_details(pool, job_id).await?;
+        match job.status {
+            // Its player went missing after the repair looked: try again.
+            JobStatus::Done if job.player_missing => {}
+            JobStatus::Done => return Err(AdminError::AlreadyDone(job_id)),
+            JobStatus::Pending => return Err(AdminError::StillPending(job_id)),
+            JobStatus::Failed => return Err(AdminError::StillFailed(job_id)),
+        }
+    }
+    // The job kept changing between looks (a player deleted again and again while another
+    // operator repairs it): report what the last look saw.
+    Err(AdminError::DoneWithoutPlayer(job_id))
+}
+
+/// Puts every done job whose player is missing back to pending, with fresh attempts, and wakes
+/// the workers. Returns the ids put back. Reads every done job (see `ackloop doctor`'s check of
+/// the same name): an operator's call, not one for a request path.
+///
+/// # Errors
+/// [`AdminError::Database`].
+///
+/// ```no_run
+/// # async fn demo(pool: sqlx::PgPool) -> Result<(), ackloop::AdminError> {
+/// let repaired = ackloop::repair_all_missing_players(&pool, &ackloop::Channels::default()).await?;
+/// # Ok(()) }
+/// ```
+pub async fn repair_all_missing_players(
+    pool: &PgPool,
+    channels: &Channels,
+) -> Result<Vec<JobId>, AdminError> {
+    Ok(store::repair_done_jobs_without_player(pool, None, &channels.jobs).await?)
 }
 
 /// Rows deleted per statement when pruning: each statement locks only these rows, briefly, and
@@ -189,4 +273,40 @@ pub async fn prune_finished_jobs(pool: &PgPool, older_than: Duration) -> Result<
 /// ```
 pub async fn count_prunable_jobs(pool: &PgPool, older_than: Duration) -> Result<i64, AdminError> {
     Ok(store::count_finished_jobs(pool, older_than.as_secs_f64()).await?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_done_job_without_a_player_is_missing_one() {
+        let player = Some(PlayerId::from(7));
+        assert!(is_player_missing(JobStatus::Done, None));
+        assert!(!is_player_missing(JobStatus::Done, player));
+        // Pending: the worker has yet to make it. Failed: reported as a failure already.
+        assert!(!is_player_missing(JobStatus::Pending, None));
+        assert!(!is_player_missing(JobStatus::Failed, None));
+        assert!(!is_player_missing(JobStatus::Pending, player));
+    }
+
+    #[test]
+    fn refusals_say_what_to_do() {
+        let id = JobId::new();
+        let missing = AdminError::DoneWithoutPlayer(id).to_string();
+        assert!(
+            missing.contains(&id.to_string()) && missing.contains("--repair"),
+            "{missing}"
+        );
+        assert!(
+            AdminError::StillFailed(id)
+                .to_string()
+                .contains("without --repair")
+        );
+        assert!(
+            AdminError::AlreadyDone(id)
+                .to_string()
+                .contains("its player exists")
+        );
+    }
 }

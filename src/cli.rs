@@ -9,7 +9,7 @@ use ackloop::{
     Backoff, Channels, ConnectConfig, NewUser, SignupError, Signups, SignupsConfig, StatusReport, Worker,
     WorkerConfig, WorkerError,
 };
-use clap::{Args, Parser, Subcommand};
+use clap::{ArgGroup, Args, Parser, Subcommand};
 use serde_json::json;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, Connection, PgPool};
@@ -175,6 +175,9 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 pub enum JobsCommand {
     /// Show one job: its user, attempts, last error, timestamps, and whether a player exists
     ///
+    /// A done job whose player is missing (deleted, or left out of a restore) is shown with a
+    /// "problem" line (in JSON, "player_missing": true) and the command that repairs it.
+    ///
     /// Example: ackloop jobs show 0193a5c2-…
     Show {
         /// The job id
@@ -183,16 +186,32 @@ pub enum JobsCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Put a failed job (or every failed job) back to pending, with fresh attempts
+    /// Put a failed job (or every failed job) back to pending, with fresh attempts; with
+    /// --repair, a done job whose player is missing
     ///
-    /// Examples: ackloop jobs retry 0193a5c2-…   ackloop jobs retry --failed
+    /// A done job whose player was deleted, or left out of a restore, is refused without
+    /// --repair (`jobs show` and `doctor` point such jobs out). --repair puts it back to pending,
+    /// with fresh attempts, and a worker creates the player again; a job whose player exists is
+    /// never touched.
+    ///
+    /// Examples: ackloop jobs retry 0193a5c2-…   ackloop jobs retry --failed   ackloop jobs retry
+    /// --repair 0193a5c2-…   ackloop jobs retry --repair --all-missing
+    #[command(group(ArgGroup::new("which").required(true).args(["job_id", "failed", "all_missing"])))]
+    #[command(override_usage = "ackloop jobs retry <JOB_ID|--failed> [--json]\n       \
+                                ackloop jobs retry --repair <JOB_ID|--all-missing> [--json]")]
     Retry {
-        /// The failed job to retry
-        #[arg(required_unless_present = "failed", conflicts_with = "failed")]
+        /// The job: a failed one, or with --repair a done one whose player is missing
         job_id: Option<ackloop::JobId>,
         /// Retry every failed job
-        #[arg(long)]
+        #[arg(long, conflicts_with = "repair")]
         failed: bool,
+        /// Repair, not retry: the job is done but its player is missing; put it back to pending
+        /// so a worker creates the player again
+        #[arg(long)]
+        repair: bool,
+        /// With --repair: every done job whose player is missing
+        #[arg(long, requires = "repair")]
+        all_missing: bool,
         /// Print one JSON object instead of text
         #[arg(long)]
         json: bool,
@@ -225,7 +244,8 @@ Exit codes:
   7  cannot reach the database, or the connection string is malformed
   8  the schema is missing or behind: run `ackloop migrate`
   9  the schema is newer than this ackloop: upgrade ackloop
-  10 doctor found something that needs attention; a job to retry is done or pending";
+  10 doctor found something that needs attention; `jobs retry` was given a job it cannot act
+     on (the message says why and what to do)";
 
 /// Everything a subcommand can fail with, each mapped to one exit code in [`Failure::exit_code`].
 #[derive(Debug, thiserror::Error)]
@@ -291,7 +311,12 @@ impl Failure {
             | Self::Migrate(sqlx::migrate::MigrateError::VersionMissing(_)) => 9,
             Self::Worker(WorkerError::Config(_)) | Self::MetricsAddr { .. } => 2,
             Self::Admin(ackloop::AdminError::UnknownJob(_)) | Self::Signup(SignupError::UnknownJob(_)) => 3,
-            Self::Admin(ackloop::AdminError::AlreadyDone(_) | ackloop::AdminError::StillPending(_))
+            Self::Admin(
+                ackloop::AdminError::AlreadyDone(_)
+                | ackloop::AdminError::DoneWithoutPlayer(_)
+                | ackloop::AdminError::StillPending(_)
+                | ackloop::AdminError::StillFailed(_),
+            )
             | Self::Doctor(_) => 10,
             _ => 1,
         }
@@ -738,42 +763,36 @@ async fn jobs(connection: &ConnectionArgs, command: JobsCommand) -> Result<(), F
                 println!("{}", serde_json::to_string(&job).expect("job details serialise"));
                 return Ok(());
             }
-            let time =
-                |t: chrono::DateTime<chrono::Utc>| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
-            let rows = [
-                ("job", job.job_id.to_string()),
-                ("status", job.status.to_string()),
-                ("user", format!("{} ({})", job.user_id, job.email)),
-                (
-                    "player",
-                    job.player_id
-                        .map_or_else(|| "none".to_owned(), |id| id.to_string()),
-                ),
-                ("attempts", job.attempts.to_string()),
-                ("last error", job.last_error.unwrap_or_else(|| "-".to_owned())),
-                ("created", time(job.created_at)),
-                ("updated", time(job.updated_at)),
-                ("run after", time(job.run_after)),
-                ("completed", job.completed_at.map_or_else(|| "-".to_owned(), time)),
-            ];
-            for (name, value) in rows {
+            for (name, value) in job_rows(&job) {
                 println!("{name:<11} {value}");
             }
         }
-        JobsCommand::Retry { job_id, json, .. } => {
+        JobsCommand::Retry {
+            job_id, repair, json, ..
+        } => {
             let channels = connection.channels()?;
-            let retried = match job_id {
-                Some(job_id) => {
+            let jobs = match (repair, job_id) {
+                (false, Some(job_id)) => {
                     ackloop::retry_failed_job(&pool, &channels, job_id).await?;
                     vec![job_id]
                 }
-                None => ackloop::retry_all_failed_jobs(&pool, &channels).await?,
+                (false, None) => ackloop::retry_all_failed_jobs(&pool, &channels).await?,
+                (true, Some(job_id)) => {
+                    ackloop::repair_job(&pool, &channels, job_id).await?;
+                    vec![job_id]
+                }
+                (true, None) => ackloop::repair_all_missing_players(&pool, &channels).await?,
+            };
+            let (key, what) = if repair {
+                ("repaired", "done job(s) without a player")
+            } else {
+                ("retried", "failed job(s)")
             };
             if json {
-                println!("{}", json!({ "retried": retried }));
+                println!("{}", json!({ key: jobs }));
             } else {
-                println!("{} failed job(s) put back to pending", retried.len());
-                for job_id in &retried {
+                println!("{} {what} put back to pending", jobs.len());
+                for job_id in &jobs {
                     println!("  {job_id}");
                 }
             }
@@ -799,6 +818,43 @@ async fn jobs(connection: &ConnectionArgs, command: JobsCommand) -> Result<(), F
     Ok(())
 }
 
+/// `jobs show`'s lines: a name and a value each, with a "problem" line when the job is done but
+/// its player is missing.
+fn job_rows(job: &ackloop::JobDetails) -> Vec<(&'static str, String)> {
+    let time = |t: chrono::DateTime<chrono::Utc>| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    let mut rows = vec![
+        ("job", job.job_id.to_string()),
+        ("status", job.status.to_string()),
+        ("user", format!("{} ({})", job.user_id, job.email)),
+        (
+            "player",
+            job.player_id
+                .map_or_else(|| "none".to_owned(), |id| id.to_string()),
+        ),
+    ];
+    if job.player_missing {
+        rows.push((
+            "problem",
+            format!(
+                "done but its player is missing (deleted or restored without it); repair with: ackloop jobs retry --repair {}",
+                job.job_id
+            ),
+        ));
+    }
+    rows.extend([
+        ("attempts", job.attempts.to_string()),
+        (
+            "last error",
+            job.last_error.clone().unwrap_or_else(|| "-".to_owned()),
+        ),
+        ("created", time(job.created_at)),
+        ("updated", time(job.updated_at)),
+        ("run after", time(job.run_after)),
+        ("completed", job.completed_at.map_or_else(|| "-".to_owned(), time)),
+    ]);
+    rows
+}
+
 async fn doctor(connection: &ConnectionArgs, stale_after: Duration, json: bool) -> Result<(), Failure> {
     let pool = connection.pool(2).await?;
     let listen_options = match connection.listen_options()? {
@@ -810,15 +866,20 @@ async fn doctor(connection: &ConnectionArgs, stale_after: Duration, json: bool) 
     if json {
         println!("{}", json!({ "ok": problems == 0, "checks": checks }));
     } else {
+        let width = checks
+            .iter()
+            .map(|check| check.name.len())
+            .max()
+            .unwrap_or_default();
         for check in &checks {
             println!(
-                "{:<4} {:<19} {}",
+                "{:<4} {:<width$} {}",
                 if check.ok { "ok" } else { "FAIL" },
                 check.name,
                 check.detail
             );
             if let Some(fix) = &check.fix {
-                println!("{:<24} fix: {fix}", "");
+                println!("{:<4} {:<width$} fix: {fix}", "", "");
             }
         }
     }
@@ -872,5 +933,101 @@ mod tests {
     fn cli_definition_is_consistent() {
         use clap::CommandFactory;
         Cli::command().debug_assert();
+    }
+
+    /// The `jobs retry` arguments `args` parse to, or clap's error kind.
+    fn parse_retry(
+        args: &[&str],
+    ) -> Result<(Option<ackloop::JobId>, bool, bool, bool), clap::error::ErrorKind> {
+        let argv = ["ackloop", "jobs", "retry"].iter().chain(args);
+        match Cli::try_parse_from(argv).map_err(|err| err.kind())?.command {
+            Command::Jobs {
+                command:
+                    JobsCommand::Retry {
+                        job_id,
+                        failed,
+                        repair,
+                        all_missing,
+                        ..
+                    },
+            } => Ok((job_id, failed, repair, all_missing)),
+            other => panic!("parsed as {other:?}"),
+        }
+    }
+
+    #[test]
+    fn jobs_retry_takes_one_target_and_repair_only_with_done_jobs() {
+        use clap::error::ErrorKind;
+        let id = ackloop::JobId::new();
+        let text = id.to_string();
+        assert_eq!(parse_retry(&[&text]), Ok((Some(id), false, false, false)));
+        assert_eq!(parse_retry(&["--failed"]), Ok((None, true, false, false)));
+        assert_eq!(
+            parse_retry(&["--repair", &text]),
+            Ok((Some(id), false, true, false))
+        );
+        assert_eq!(
+            parse_retry(&["--repair", "--all-missing"]),
+            Ok((None, false, true, true))
+        );
+        // Nothing to act on, or two things at once.
+        assert_eq!(parse_retry(&[]), Err(ErrorKind::MissingRequiredArgument));
+        assert_eq!(
+            parse_retry(&["--repair"]),
+            Err(ErrorKind::MissingRequiredArgument)
+        );
+        assert_eq!(
+            parse_retry(&[&text, "--failed"]),
+            Err(ErrorKind::ArgumentConflict)
+        );
+        assert_eq!(
+            parse_retry(&["--repair", "--all-missing", &text]),
+            Err(ErrorKind::ArgumentConflict)
+        );
+        // --failed retries failed jobs, --all-missing repairs done ones: never mixed up.
+        assert_eq!(
+            parse_retry(&["--repair", "--failed"]),
+            Err(ErrorKind::ArgumentConflict)
+        );
+        assert_eq!(
+            parse_retry(&["--all-missing"]),
+            Err(ErrorKind::MissingRequiredArgument)
+        );
+    }
+
+    fn done_job(player_id: Option<ackloop::PlayerId>) -> ackloop::JobDetails {
+        let now = chrono::Utc::now();
+        ackloop::JobDetails {
+            job_id: ackloop::JobId::new(),
+            user_id: ackloop::UserId::from(1),
+            email: "ada@example.com".to_owned(),
+            status: ackloop::JobStatus::Done,
+            attempts: 1,
+            last_error: None,
+            run_after: now,
+            created_at: now,
+            updated_at: now,
+            completed_at: Some(now),
+            player_id,
+            player_missing: player_id.is_none(),
+        }
+    }
+
+    #[test]
+    fn jobs_show_names_a_missing_player_as_a_problem_with_its_repair() {
+        let healthy = job_rows(&done_job(Some(ackloop::PlayerId::from(9))));
+        assert!(healthy.iter().all(|(name, _)| *name != "problem"), "{healthy:?}");
+
+        let job = done_job(None);
+        let rows = job_rows(&job);
+        let problem = rows
+            .iter()
+            .find(|(name, _)| *name == "problem")
+            .map(|(_, value)| value.as_str());
+        let repair = format!("ackloop jobs retry --repair {}", job.job_id);
+        assert!(
+            problem.is_some_and(|text| text.contains("player is missing") && text.ends_with(&repair)),
+            "{rows:?}"
+        );
     }
 }

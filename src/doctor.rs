@@ -48,8 +48,8 @@ impl Check {
 }
 
 /// Checks the database, the schema, LISTEN on `listen_options` (where the listeners connect),
-/// the notification queue, jobs pending longer than `stale_after`, and failed jobs. Never
-/// fails: what cannot be checked is itself a finding.
+/// the notification queue, jobs pending longer than `stale_after`, failed jobs, and done jobs
+/// whose player is missing. Never fails: what cannot be checked is itself a finding.
 ///
 /// ```no_run
 /// # async fn demo(pool: sqlx::PgPool) {
@@ -140,8 +140,33 @@ pub async fn diagnose(pool: &PgPool, listen_options: PgConnectOptions, stale_aft
             ),
             Err(err) => Check::problem("failed jobs", crate::describe_db_error(&err), "check the role's privileges"),
         });
+        // A full scan of the done jobs (see the store function): acceptable here, where an
+        // operator asks, once.
+        checks.push(missing_players_check(
+            store::count_done_jobs_without_player(pool).await,
+        ));
     }
     checks
+}
+
+/// The finding about done jobs whose player is missing, from their count.
+fn missing_players_check(count: Result<i64, sqlx::Error>) -> Check {
+    const NAME: &str = "done jobs without a player";
+    match count {
+        Ok(0) => Check::ok(NAME, "none"),
+        Ok(missing) => Check::problem(
+            NAME,
+            format!(
+                "{missing} done job(s) have no player (deleted or restored without it); their users were told the player exists"
+            ),
+            "run `ackloop jobs retry --repair --all-missing`; a worker then creates the players",
+        ),
+        Err(err) => Check::problem(
+            NAME,
+            crate::describe_db_error(&err),
+            "check the role's privileges",
+        ),
+    }
 }
 
 /// LISTEN in one transaction, then look in the next: behind a transaction-mode pooler the next
@@ -203,5 +228,35 @@ async fn check_listen(pool: &PgPool, listen_options: &PgConnectOptions) -> Check
             ),
             "point DATABASE_URL and ACKLOOP_LISTEN_URL at the same database",
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_players_are_a_problem_with_the_repair_as_fix() {
+        let none = missing_players_check(Ok(0));
+        assert!(none.ok);
+        assert_eq!(none.fix, None);
+
+        let some = missing_players_check(Ok(3));
+        assert!(!some.ok);
+        assert!(
+            some.detail.starts_with("3 done job(s) have no player"),
+            "{}",
+            some.detail
+        );
+        assert!(
+            some.fix
+                .as_deref()
+                .is_some_and(|fix| fix.contains("ackloop jobs retry --repair --all-missing")),
+            "{:?}",
+            some.fix
+        );
+
+        let unreadable = missing_players_check(Err(sqlx::Error::PoolTimedOut));
+        assert!(!unreadable.ok);
     }
 }

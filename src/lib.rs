@@ -59,7 +59,7 @@ mod writer;
 
 pub use admin::{
     AdminError, JobDetails, PRUNE_BATCH, count_prunable_jobs, find_job_by_email, job_details,
-    prune_finished_jobs, retry_all_failed_jobs, retry_failed_job,
+    prune_finished_jobs, repair_all_missing_players, repair_job, retry_all_failed_jobs, retry_failed_job,
 };
 pub use channel::{
     BadPayload, ChannelName, Channels, DEFAULT_DONE_CHANNEL, DEFAULT_JOBS_CHANNEL, InvalidChannelName,

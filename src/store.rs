@@ -685,6 +685,74 @@ pub(crate) async fn retry_failed_jobs(
     .await
 }
 
+/// Puts done jobs whose user has no player (the player was deleted, or a restore left it out)
+/// back to pending with fresh attempts, due now, and wakes the workers: the job `only` if given,
+/// else every such job. Returns the ids put back; any other job is left alone.
+///
+/// Race-safe by its `where`: a job a concurrent repair put back first is no longer `done`
+/// when this statement gets its row lock, so it is skipped; a job whose player exists is never
+/// touched. The worker's insert ignores an existing player, so a repair that races a manual fix
+/// costs one claim, not a second player.
+pub(crate) async fn repair_done_jobs_without_player(
+    executor: impl PgExecutor<'_>,
+    only: Option<JobId>,
+    jobs_channel: &ChannelName,
+) -> Result<Vec<JobId>, sqlx::Error> {
+    sqlx::query_scalar!(
+        r#"
+        with repaired as (
+            update player_creation_jobs as jobs
+            set status = 'pending',
+                attempts = 0,
+                last_error = null,
+                run_after = now(),
+                updated_at = now(),
+                completed_at = null
+            where jobs.status = 'done'
+              and ($1::uuid is null or jobs.id = $1)
+              and not exists (
+                  select 1
+                  from players
+                  where players.user_id = jobs.user_id
+              )
+            returning jobs.id
+        )
+        select repaired.id as "id!: JobId"
+        from repaired
+        cross join lateral pg_notify($2, repaired.id::text) as notified
+        "#,
+        only.map(|id| id.as_uuid()),
+        jobs_channel.as_str(),
+    )
+    .fetch_all(executor)
+    .await
+}
+
+/// How many done jobs have a user without a player.
+///
+/// Reads every done job and probes `players` for each (an anti-join): a full scan of the done
+/// rows, which no index narrows, since done is the common state. Fine for `doctor`, an
+/// operator's occasional command, and pruning keeps the done rows few; never put it on a hot
+/// path or a metrics sampler.
+pub(crate) async fn count_done_jobs_without_player(
+    executor: impl PgExecutor<'_>,
+) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar!(
+        r#"
+        select count(*) as "count!"
+        from player_creation_jobs as jobs
+        where jobs.status = 'done'
+          and not exists (
+              select 1
+              from players
+              where players.user_id = jobs.user_id
+          )
+        "#,
+    )
+    .fetch_one(executor)
+    .await
+}
+
 /// Deletes up to `limit` finished (done or failed) jobs that finished more than `older_than_secs`
 /// ago, oldest first, skipping rows anyone holds. Returns how many it deleted.
 pub(crate) async fn delete_finished_jobs(
