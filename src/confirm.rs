@@ -353,7 +353,7 @@ fn outcome_of(row: &JobOutcomeRow) -> Option<Outcome> {
                     display_name: display_name.clone(),
                     created_at,
                 }),
-                _ => Outcome::Failed("the job is done but its player no longer exists".to_owned()),
+                _ => Outcome::Failed("the job is done but its player no longer exists; an operator can make it again with `ackloop jobs retry --repair`".to_owned()),
             },
         ),
         Ok(JobStatus::Failed) => Some(Outcome::Failed(

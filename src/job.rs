@@ -117,7 +117,7 @@ impl fmt::Display for PlayerId {
 pub enum JobStatus {
     /// Waiting to be claimed, or waiting for its next attempt.
     Pending,
-    /// The player exists.
+    /// The worker created the player (unless someone deleted it since: `JobDetails::player_missing`).
     Done,
     /// Every attempt failed; `last_error` says why.
     Failed,
