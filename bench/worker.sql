@@ -5,6 +5,7 @@ with claimed as (
     from player_creation_jobs
     where status = 'pending'
       and run_after <= now()
+      and attempts = 0
     order by run_after, id
     limit 32
     for update skip locked
