@@ -27,6 +27,13 @@ const UNAVAILABLE_BACKOFF: Backoff = Backoff {
     max: Duration::from_secs(5),
 };
 
+/// The longest one pass (a batch, or one job alone) may take before the loop gives its
+/// connection up: a connection that stopped answering without closing (a NAT or load balancer
+/// that dropped it) would otherwise hold the loop until TCP gives up, minutes later. A pass takes
+/// milliseconds; one waiting 5 s on a lock is abandoned too, and the server rolls it back
+/// when it sees the connection closed (`client_connection_check_interval`).
+const PASS_LIMIT: Duration = Duration::from_secs(5);
+
 /// Adds the session settings a worker's connections should carry, so that the server itself
 /// releases the jobs of a worker that died or froze, without waiting for TCP to notice:
 ///
@@ -440,9 +447,8 @@ impl Processor {
     async fn attempt_alone(&self, min_attempts: i32, state: &mut LoopState) -> Result<Lone, sqlx::Error> {
         let mut conn = self.pool.acquire().await?;
         let mut unfinished_due = None;
-        let result = self
-            .attempt_alone_on(&mut conn, min_attempts, &mut unfinished_due)
-            .await;
+        let attempt = self.attempt_alone_on(&mut conn, min_attempts, &mut unfinished_due);
+        let result = within_pass_limit(attempt).await;
         match &result {
             Ok(Lone::Taken { retry_at }) => state.next_retry = earliest(state.next_retry, *retry_at),
             Ok(Lone::NoneDue) => {}
@@ -531,7 +537,7 @@ impl Processor {
     /// the bad one's error.
     async fn pass(&self) -> Result<Pass, sqlx::Error> {
         let mut conn = self.pool.acquire().await?;
-        let result = self.pass_on(&mut conn).await;
+        let result = within_pass_limit(self.pass_on(&mut conn)).await;
         if result.as_ref().is_err_and(store::is_unavailable) {
             // The session may be gone: do not hand it to the next pass.
             conn.close_on_drop();
@@ -626,6 +632,13 @@ impl Processor {
         tracing::warn!(job.id = %job.id, attempt = attempts, retry_in_ms = delay_ms, error = %error, "job attempt failed; will retry");
         Ok(Some(Instant::now() + delay))
     }
+}
+
+/// `pass`, or an I/O error (the database is unavailable) once it has taken [`PASS_LIMIT`].
+async fn within_pass_limit<T>(pass: impl Future<Output = Result<T, sqlx::Error>>) -> Result<T, sqlx::Error> {
+    tokio::time::timeout(PASS_LIMIT, pass)
+        .await
+        .unwrap_or_else(|_| Err(store::no_answer_in_time()))
 }
 
 /// A job's error while an attempt is under way, and for good if the attempt never finishes.
