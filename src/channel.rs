@@ -205,6 +205,18 @@ impl IgnoredPayloads {
     }
 }
 
+/// A listener's own pool: lazily connected, never expiring its connection.
+fn listener_pool(options: PgConnectOptions) -> PgPool {
+    PgPoolOptions::new()
+        // Two: a replacement can connect while a dead connection is still being dropped.
+        .max_connections(2)
+        .min_connections(0)
+        .max_lifetime(None)
+        .idle_timeout(None)
+        .acquire_timeout(Duration::from_secs(10))
+        .connect_lazy_with(options)
+}
+
 /// What a [`Subscription`] reports.
 pub(crate) enum Event {
     /// A notification; its payload is still untrusted.
@@ -220,6 +232,8 @@ pub(crate) struct Subscription {
     /// A pool of its own, so the listener never takes a connection the application needs and a
     /// transaction-mode pooler in front of the application pool can be bypassed.
     pool: PgPool,
+    /// Where the listener connects, for the fresh pool that replaces a silent connection's.
+    options: PgConnectOptions,
     channel: ChannelName,
     listener: Option<PgListener>,
     failed_reconnects: u32,
@@ -232,17 +246,11 @@ impl Subscription {
         options: PgConnectOptions,
         channel: ChannelName,
     ) -> Result<Self, sqlx::Error> {
-        let pool = PgPoolOptions::new()
-            // Two: a replacement can connect while a dead connection is still being dropped.
-            .max_connections(2)
-            .min_connections(0)
-            .max_lifetime(None)
-            .idle_timeout(None)
-            .acquire_timeout(Duration::from_secs(10))
-            .connect_lazy_with(options);
+        let pool = listener_pool(options.clone());
         let listener = listen(&pool, &channel).await?;
         Ok(Self {
             pool,
+            options,
             channel,
             listener: Some(listener),
             failed_reconnects: 0,
@@ -291,7 +299,11 @@ impl Subscription {
                             channel = %self.channel,
                             "listener connection did not answer a liveness check; replacing it"
                         );
+                        // Dropping a listener sends UNLISTEN and hands its connection back to its
+                        // pool, neither with a time limit: on a connection that stopped answering
+                        // that never ends and keeps the pool's slot. So reconnect from a new pool.
                         self.listener = None;
+                        self.pool = listener_pool(self.options.clone());
                     }
                     continue;
                 }

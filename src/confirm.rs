@@ -170,19 +170,18 @@ impl Waiter {
         if let Ok(Ok(outcome)) = tokio::time::timeout_at(deadline, &mut self.receiver).await {
             return Checked::Finished(outcome);
         }
-        match tokio::time::timeout(FINAL_CHECK_MARGIN, self.check()).await {
-            Ok(Ok(checked)) => checked,
-            Ok(Err(err)) => {
+        match self.check(Instant::now() + FINAL_CHECK_MARGIN).await {
+            Ok(checked) => checked,
+            Err(err) => {
                 tracing::debug!(job.id = %self.job_id, error = %crate::connect::Described(&err), "final look at the job failed");
                 Checked::Pending
             }
-            Err(_) => Checked::Pending,
         }
     }
 
-    /// The job's state from the tables, now.
-    pub(crate) async fn check(&self) -> Result<Checked, sqlx::Error> {
-        let rows = store::job_outcomes(&self.shared.pool, &[self.job_id.as_uuid()]).await?;
+    /// The job's state from the tables, now, answered by `deadline`.
+    pub(crate) async fn check(&self, deadline: Instant) -> Result<Checked, sqlx::Error> {
+        let rows = store::job_outcomes_by(&self.shared.pool, &[self.job_id.as_uuid()], deadline).await?;
         Ok(match rows.first() {
             None => Checked::Missing,
             Some(row) => match outcome_of(row) {
@@ -300,8 +299,7 @@ async fn resolve(shared: Arc<Shared>, mut hints: mpsc::UnboundedReceiver<Hint>) 
         if ids.is_empty() {
             continue;
         }
-        let lookup = tokio::time::timeout(LOOKUP_TIMEOUT, store::job_outcomes(&shared.pool, &ids)).await;
-        match lookup.unwrap_or(Err(sqlx::Error::PoolTimedOut)) {
+        match store::job_outcomes_by(&shared.pool, &ids, Instant::now() + LOOKUP_TIMEOUT).await {
             Ok(rows) => {
                 for row in &rows {
                     let Some(outcome) = outcome_of(row) else {

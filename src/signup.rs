@@ -605,11 +605,9 @@ impl Signups {
         let mut failures = 0;
         loop {
             let ids = [job_id.as_uuid()];
-            let lookup = store::job_outcomes(&self.pool, &ids);
-            let err = match tokio::time::timeout_at(deadline, lookup).await {
-                Ok(Ok(rows)) => return Ok(rows.first().map(|row| row.user_id)),
-                Ok(Err(err)) => err,
-                Err(_) => return Err(sqlx::Error::PoolTimedOut),
+            let err = match store::job_outcomes_by(&self.pool, &ids, deadline).await {
+                Ok(rows) => return Ok(rows.first().map(|row| row.user_id)),
+                Err(err) => err,
             };
             failures += 1;
             let delay = WRITE_RETRY_BACKOFF.delay(failures);
@@ -638,17 +636,20 @@ impl Signups {
         let waiter = self.confirmations.register(job_id);
         // Registered first, then checked: a job finished before registration is seen here, one
         // finished after it is delivered to the waiter.
-        match tokio::time::timeout_at(deadline + crate::confirm::FINAL_CHECK_MARGIN, waiter.check()).await {
-            Ok(Ok(Checked::Pending)) => {}
-            Ok(Ok(checked)) => return finish(job_id, None, checked, started),
+        match waiter.check(deadline + crate::confirm::FINAL_CHECK_MARGIN).await {
+            Ok(Checked::Pending) => {}
+            Ok(checked) => return finish(job_id, None, checked, started),
+            // Out of time: the job may well be there, and still complete.
+            Err(_) if Instant::now() >= deadline => {
+                return finish(job_id, None, Checked::Pending, started);
+            }
             // The job may well exist: whatever went wrong, the caller keeps its id.
-            Ok(Err(source)) => {
+            Err(source) => {
                 return Err(SignupError::Unavailable {
                     job_id: Some(job_id),
                     source,
                 });
             }
-            Err(_) => return finish(job_id, None, Checked::Pending, started),
         }
         let checked = waiter.outcome(deadline).await;
         finish(job_id, None, checked, started)

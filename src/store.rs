@@ -5,7 +5,7 @@
 //! `docs/protocol.md` repeats the statements that another language needs to take part.
 
 use chrono::{DateTime, Utc};
-use sqlx::{PgConnection, PgExecutor};
+use sqlx::{PgConnection, PgExecutor, PgPool};
 use uuid::Uuid;
 
 use crate::channel::ChannelName;
@@ -455,6 +455,42 @@ impl JobOutcomeRow {
 }
 
 /// Reads the state of each of `ids` that exists (ids of no job are simply absent).
+/// [`job_outcomes`] by `deadline`, on a pool connection of its own. A look still unanswered then
+/// closes its connection instead of returning it: sqlx tests a returned connection with a ping
+/// that has no time limit, so a connection that stopped answering without closing (a NAT or load
+/// balancer that dropped it) would hold its pool slot for ever.
+pub(crate) async fn job_outcomes_by(
+    pool: &PgPool,
+    ids: &[Uuid],
+    deadline: tokio::time::Instant,
+) -> Result<Vec<JobOutcomeRow>, sqlx::Error> {
+    let mut conn = match tokio::time::timeout_at(deadline, pool.acquire()).await {
+        Ok(conn) => conn?,
+        Err(_) => return Err(sqlx::Error::PoolTimedOut),
+    };
+    match tokio::time::timeout_at(deadline, job_outcomes(&mut *conn, ids)).await {
+        Ok(Ok(rows)) => Ok(rows),
+        Ok(Err(err)) => {
+            if is_unavailable(&err) {
+                conn.close_on_drop();
+            }
+            Err(err)
+        }
+        Err(_) => {
+            conn.close_on_drop();
+            Err(no_answer_in_time())
+        }
+    }
+}
+
+/// The error for a statement given up because no answer came by its deadline.
+pub(crate) fn no_answer_in_time() -> sqlx::Error {
+    sqlx::Error::Io(std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        "no answer from the database in time",
+    ))
+}
+
 pub(crate) async fn job_outcomes(
     executor: impl PgExecutor<'_>,
     ids: &[Uuid],
@@ -546,7 +582,11 @@ pub(crate) async fn recent_failures(
 /// worth retrying later, and reported to callers as "unavailable".
 pub(crate) fn is_unavailable(err: &sqlx::Error) -> bool {
     match err {
+        // Protocol: the stream broke off mid-message, e.g. a proxy or load balancer that accepted
+        // the connection and closed it (no server behind it, a restart): sqlx reports the
+        // empty answer to its TLS request as "unexpected response from SSLRequest: 0x00".
         sqlx::Error::Io(_)
+        | sqlx::Error::Protocol(_)
         | sqlx::Error::Tls(_)
         | sqlx::Error::PoolTimedOut
         | sqlx::Error::PoolClosed
