@@ -79,11 +79,17 @@ bench: db ## Benchmark matrix (c = 1, 16, 64, and drain) beside the pgbench ceil
 	scripts/bench
 
 .PHONY: soak
+# The soak's cluster also listens on loopback TCP, so that the soak can put a proxy that goes
+# silent between the server and some of its processes. Its port is below Linux's ephemeral
+# range (32768+): while the server is down, a connection to a port in that range can connect to
+# itself (TCP simultaneous open) and read back its own bytes.
+SOAK_PG := PG_DIR=$(CURDIR)/.pg-soak PG_PORT=$(or $(SOAK_PG_PORT),15433) PG_LISTEN=127.0.0.1
+
 soak: ## Fault-injection soak on a private cluster of its own (SOAK_SEED=… repeats a run)
-	PG_DIR=$(CURDIR)/.pg-soak scripts/pg start
-	PG_DIR=$(CURDIR)/.pg-soak ACKLOOP_SOAK=1 ACKLOOP_SOAK_URL="$$(PG_DIR=$(CURDIR)/.pg-soak scripts/pg url)" \
+	$(SOAK_PG) scripts/pg start
+	$(SOAK_PG) ACKLOOP_SOAK=1 ACKLOOP_SOAK_URL="$$($(SOAK_PG) scripts/pg url)" \
 	  cargo test --release --test soak; \
-	  status=$$?; PG_DIR=$(CURDIR)/.pg-soak scripts/pg stop; exit $$status
+	  status=$$?; $(SOAK_PG) scripts/pg stop; exit $$status
 
 .PHONY: lint
 lint: migrate ## rustfmt, clippy -D warnings, cargo doc -D warnings, and the .sqlx offline cache check

@@ -1,18 +1,22 @@
-//! `make soak`: the fault-injection soak. Not part of `make test` (it runs for minutes and
-//! restarts its PostgreSQL); without `ACKLOOP_SOAK` set it only says so and exits 0.
+//! `make soak`: the fault-injection soak. Not part of `make test` (it restarts and crashes its
+//! PostgreSQL); without `ACKLOOP_SOAK` set it only says so and exits 0. CI runs it.
 //!
 //! Several `ackloop worker` processes and several signup processes (this binary, re-run as
-//! `soak signer …`) work against a private cluster of their own while, at seeded random moments,
-//! workers are SIGKILLed and restarted, all workers are frozen (SIGSTOP) for longer than a
-//! signup's timeout, listener backends are terminated, PostgreSQL is restarted, and garbage is
-//! notified on both channels. Then it drains the queue, checks the
-//! invariants, prints them as figures, and exits non-zero if any broke.
+//! `soak signer …`) work against a private cluster of their own while, at seeded random moments:
+//! workers are SIGKILLed and restarted, or sent SIGTERM while they start; all workers are frozen
+//! (SIGSTOP) for longer than a signup's timeout; listener backends are terminated; PostgreSQL is
+//! restarted, or its postmaster killed with SIGKILL; another session holds uncommitted inserts of
+//! emails that signups are about to ask for; the connections of one worker and one signer go
+//! silent without closing (they reach the server through a proxy); and garbage is notified on
+//! both channels. A few signups are poison: creating their player kills the session. Then it
+//! drains the queue, checks the invariants, prints each with its figure, and exits non-zero if
+//! any broke.
 //!
 //! Settings (environment): SOAK_SEED (default: from the clock; printed, so a run can be
 //! repeated), SOAK_SIGNUPS (6000), SOAK_SIGNERS (3), SOAK_WORKERS (3), SOAK_TIMEOUT_MS (3000),
 //! SOAK_PAUSE_MS (60: each of a signer's 8 callers pauses this long between signups),
-//! ACKLOOP_SOAK_URL (the soak cluster's URL; `make soak` sets it), PG_DIR (its directory, for
-//! restarts).
+//! ACKLOOP_SOAK_URL (the soak cluster's TCP URL; `make soak` sets it), PG_DIR (its directory,
+//! for restarts and crashes).
 
 use std::collections::HashMap;
 use std::process::{ExitCode, Stdio};
@@ -26,6 +30,10 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::Mutex;
+
+#[path = "support/silent_proxy.rs"]
+mod silent_proxy;
+use silent_proxy::SilentProxy;
 
 const ACKLOOP: &str = env!("CARGO_BIN_EXE_ackloop");
 
@@ -75,6 +83,47 @@ struct Reported {
     outcome: String,
     job_id: Option<JobId>,
     player_id: Option<i64>,
+    /// From the call to its answer.
+    elapsed_ms: u64,
+    /// The error, as the caller would print it.
+    error: Option<String>,
+    /// When the call started, in ms since the signer started.
+    started_ms: u64,
+    /// When the call started, in ms since the Unix epoch (to compare with fault times).
+    started_at_ms: u64,
+}
+
+fn now_ms() -> u64 {
+    u64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis(),
+    )
+    .unwrap()
+}
+
+/// A signer's last line: how its confirmed callers heard of their players.
+#[derive(Debug, Serialize, Deserialize)]
+struct Confirmations {
+    by_notification: u64,
+    by_table_check: u64,
+}
+
+/// How late past its timeout a caller may be answered here: the documented 100 ms, and a
+/// 2-core machine running the server, three workers and three signers at once.
+const LATE_MARGIN_MS: u64 = 1000;
+
+/// Workers' shutdown timeout in the soak, and so the bound on a SIGTERM while one starts.
+const SHUTDOWN_TIMEOUT_MS: u64 = 5000;
+
+/// The email and display name of signup `n`.
+fn soak_user(n: u64) -> NewUser {
+    NewUser::new(soak_email(n), format!("Soak {n}")).unwrap()
+}
+
+fn soak_email(n: u64) -> String {
+    format!("soak-{n}@example.com")
 }
 
 /// A signer process: signs up users `from..from+count`, 8 at a time, and reports each outcome.
@@ -89,6 +138,7 @@ async fn signer(args: &[String]) -> ExitCode {
         timeout_ms.parse().expect("TIMEOUT_MS"),
         pause_ms.parse().expect("PAUSE_MS"),
     );
+    let metrics = ackloop::MetricsHandle::install().expect("install the metrics recorder");
     let options: PgConnectOptions = url.parse().expect("URL");
     let pool = PgPoolOptions::new()
         .max_connections(4)
@@ -105,6 +155,7 @@ async fn signer(args: &[String]) -> ExitCode {
         }
     };
     let next = Arc::new(std::sync::atomic::AtomicU64::new(from));
+    let signer_started = Instant::now();
     let mut callers = tokio::task::JoinSet::new();
     for _ in 0..8 {
         let (signups, next) = (Arc::clone(&signups), Arc::clone(&next));
@@ -114,10 +165,13 @@ async fn signer(args: &[String]) -> ExitCode {
                 if n >= from + count {
                     return;
                 }
-                let user = NewUser::new(format!("soak-{n}@example.com"), format!("Soak {n}")).unwrap();
+                let started = Instant::now();
+                let started_ms = u64::try_from(signer_started.elapsed().as_millis()).unwrap();
+                let started_at_ms = now_ms();
                 let result = signups
-                    .create_user_and_await_player(&user, Duration::from_millis(timeout))
+                    .create_user_and_await_player(&soak_user(n), Duration::from_millis(timeout))
                     .await;
+                let elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap();
                 let (outcome, job_id, player_id) = match &result {
                     Ok(player) => ("confirmed", None, Some(player.id.get())),
                     Err(err @ SignupError::TimedOut { .. }) => ("timed_out", err.job_id(), None),
@@ -131,6 +185,18 @@ async fn signer(args: &[String]) -> ExitCode {
                     outcome: outcome.to_owned(),
                     job_id,
                     player_id,
+                    elapsed_ms,
+                    error: result.as_ref().err().map(|err| {
+                        let mut text = err.to_string();
+                        let mut source = std::error::Error::source(err);
+                        while let Some(cause) = source {
+                            text.push_str(&format!(": {cause}"));
+                            source = cause.source();
+                        }
+                        text
+                    }),
+                    started_ms,
+                    started_at_ms,
                 };
                 println!("{}", serde_json::to_string(&line).unwrap());
                 // Pacing, so the run lasts long enough for faults to land in the middle of it.
@@ -139,21 +205,38 @@ async fn signer(args: &[String]) -> ExitCode {
         });
     }
     callers.join_all().await;
+    let rendered = metrics.render();
+    let confirmations = |via: &str| {
+        let prefix = format!("ackloop_confirmations_total{{via=\"{via}\"}} ");
+        rendered
+            .lines()
+            .find_map(|line| line.strip_prefix(&prefix))
+            .map_or(0, |count| count.trim().parse().unwrap_or(0))
+    };
+    let summary = Confirmations {
+        by_notification: confirmations("notification"),
+        by_table_check: confirmations("table_check"),
+    };
+    println!("{}", serde_json::to_string(&summary).unwrap());
     ExitCode::SUCCESS
 }
 
 struct Cluster {
+    /// The server, directly.
     url: String,
+    /// The server through the proxy that can go silent.
+    proxied_url: String,
 }
 
 impl Cluster {
-    async fn restart(&self) {
+    /// `scripts/pg restart` (a fast shutdown) or `scripts/pg crash` (kill -9 of the postmaster).
+    async fn pg(&self, command: &str) {
         let status = Command::new("scripts/pg")
-            .arg("restart")
+            .arg(command)
             .status()
             .await
-            .expect("run scripts/pg restart");
-        assert!(status.success(), "scripts/pg restart failed");
+            .expect("run scripts/pg");
+        assert!(status.success(), "scripts/pg {command} failed");
     }
 }
 
@@ -167,6 +250,8 @@ fn spawn_worker(url: &str) -> Child {
             "1s",
             "--retry-backoff",
             "100ms",
+            "--shutdown-timeout",
+            "5s",
         ])
         .env("DATABASE_URL", url)
         .env("RUST_LOG", "ackloop=error")
@@ -261,8 +346,19 @@ async fn soak() -> ExitCode {
     }
     admin.close().await;
     let options = admin_options.database(&database);
-    let url = options.to_url_lossy().to_string();
-    let cluster = Cluster { url: url.clone() };
+    // Worker 0 and signer 0 reach the server through a proxy that can go silent.
+    let proxy = SilentProxy::start(options.get_port()).await;
+    let cluster = Cluster {
+        url: options.to_url_lossy().to_string(),
+        proxied_url: options.clone().port(proxy.port).to_url_lossy().to_string(),
+    };
+    let worker_url = |index: usize| {
+        if index == 0 {
+            cluster.proxied_url.clone()
+        } else {
+            cluster.url.clone()
+        }
+    };
     let pool = PgPoolOptions::new()
         .max_connections(2)
         .acquire_timeout(Duration::from_secs(5))
@@ -271,17 +367,45 @@ async fn soak() -> ExitCode {
         .unwrap();
     ackloop::run_migrations(&pool).await.unwrap();
 
-    let mut worker_processes: Vec<Child> = (0..workers).map(|_| spawn_worker(&cluster.url)).collect();
+    // Poison: creating these players kills the session, every time.
+    let poisoned: Vec<u64> = (0..2).map(|_| rng.below(signups)).collect();
+    let poison_names: Vec<String> = poisoned.iter().map(|n| format!("'Soak {n}'")).collect();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "create function kill_own_session() returns trigger language plpgsql as $$
+         begin
+             if new.display_name in ({}) then
+                 perform pg_terminate_backend(pg_backend_pid());
+                 perform pg_sleep(1);
+             end if;
+             return new;
+         end $$;
+         create trigger kill_own_session before insert on players
+             for each row execute function kill_own_session();",
+        poison_names.join(", ")
+    )))
+    .execute(&pool)
+    .await
+    .unwrap();
+
+    let mut worker_processes: Vec<Child> = (0..workers as usize)
+        .map(|index| spawn_worker(&worker_url(index)))
+        .collect();
     let reported = Arc::new(Mutex::new(Vec::<Reported>::new()));
+    let confirmations = Arc::new(Mutex::new(Vec::<Confirmations>::new()));
     let mut signer_tasks = Vec::new();
     let per_signer = signups.div_ceil(signers);
     for index in 0..signers {
         let from = index * per_signer;
         let count = per_signer.min(signups.saturating_sub(from));
+        let url = if index == 0 {
+            &cluster.proxied_url
+        } else {
+            &cluster.url
+        };
         let mut child = Command::new(std::env::current_exe().unwrap())
             .args([
                 "signer",
-                &url,
+                url,
                 &from.to_string(),
                 &count.to_string(),
                 &timeout_ms.to_string(),
@@ -292,13 +416,16 @@ async fn soak() -> ExitCode {
             .spawn()
             .expect("start a signer");
         let stdout = child.stdout.take().unwrap();
-        let reported = Arc::clone(&reported);
+        let (reported, confirmations) = (Arc::clone(&reported), Arc::clone(&confirmations));
         signer_tasks.push(tokio::spawn(async move {
             let mut lines = BufReader::new(stdout).lines();
             while let Ok(Some(line)) = lines.next_line().await {
-                match serde_json::from_str::<Reported>(&line) {
-                    Ok(entry) => reported.lock().await.push(entry),
-                    Err(err) => eprintln!("soak: unreadable signer line {line:?}: {err}"),
+                if let Ok(entry) = serde_json::from_str::<Reported>(&line) {
+                    reported.lock().await.push(entry);
+                } else if let Ok(summary) = serde_json::from_str::<Confirmations>(&line) {
+                    confirmations.lock().await.push(summary);
+                } else {
+                    eprintln!("soak: unreadable signer line {line:?}");
                 }
             }
             child.wait().await.expect("signer exit")
@@ -308,13 +435,26 @@ async fn soak() -> ExitCode {
     // Faults, at seeded random moments, until every signer has finished.
     let started = Instant::now();
     let mut faults: HashMap<&str, u32> = HashMap::new();
+    let mut held_emails = 0;
+    // When the server was away (restart, crash), and when signer 0's connections went silent,
+    // in ms since the epoch: a signup that met one may have run out of time before it could
+    // write, and been told so (unavailable, no job id).
+    let mut outages: Vec<(u64, u64)> = Vec::new();
+    let mut silences: Vec<u64> = Vec::new();
+    let mut slowest_startup_exit = Duration::ZERO;
+    let mut startup_exits_ok = true;
     while signer_tasks.iter().any(|task| !task.is_finished()) {
         tokio::time::sleep(Duration::from_millis(150 + rng.below(600))).await;
-        let fault = match rng.below(10) {
+        let count_of = |faults: &HashMap<&str, u32>, name: &str| faults.get(name).copied().unwrap_or(0);
+        let fault = match rng.below(14) {
             0..=2 => "worker killed",
-            3..=5 => "listeners terminated",
-            6 if faults.get("postgres restarted").copied().unwrap_or(0) < 6 => "postgres restarted",
-            7 if faults.get("workers frozen").copied().unwrap_or(0) < 2 => "workers frozen",
+            3..=4 => "listeners terminated",
+            5 if count_of(&faults, "postgres restarted") < 4 => "postgres restarted",
+            6 if count_of(&faults, "postgres crashed") < 2 => "postgres crashed",
+            7 if count_of(&faults, "workers frozen") < 2 => "workers frozen",
+            8 | 9 => "emails held",
+            10 if count_of(&faults, "connections silenced") < 2 => "connections silenced",
+            11 => "worker stopped while starting",
             _ => "garbage notified",
         };
         println!("soak: {:>6.1}s {fault}", started.elapsed().as_secs_f64());
@@ -324,7 +464,32 @@ async fn soak() -> ExitCode {
                 let index = usize::try_from(rng.below(workers)).unwrap();
                 signal(&worker_processes[index], "-KILL").await;
                 let _ = worker_processes[index].wait().await;
-                worker_processes[index] = spawn_worker(&cluster.url);
+                worker_processes[index] = spawn_worker(&worker_url(index));
+            }
+            "worker stopped while starting" => {
+                // A fresh worker gets SIGTERM at a random moment of its start-up; it must be gone
+                // within its shutdown timeout (plus 1 s), having drained or not started at all.
+                let index = usize::try_from(rng.below(workers)).unwrap();
+                signal(&worker_processes[index], "-KILL").await;
+                let _ = worker_processes[index].wait().await;
+                let mut starting = spawn_worker(&worker_url(index));
+                tokio::time::sleep(Duration::from_millis(rng.below(300))).await;
+                let signalled = Instant::now();
+                signal(&starting, "-TERM").await;
+                let bound = Duration::from_millis(SHUTDOWN_TIMEOUT_MS + 1000 + LATE_MARGIN_MS);
+                let exited = tokio::time::timeout(bound, starting.wait()).await;
+                slowest_startup_exit = slowest_startup_exit.max(signalled.elapsed());
+                // Exit 0, or killed by the signal itself if it came before the handler existed
+                // (the first instants of the process).
+                startup_exits_ok &= match exited {
+                    Ok(Ok(status)) => {
+                        use std::os::unix::process::ExitStatusExt;
+                        status.success() || status.signal() == Some(15)
+                    }
+                    _ => false,
+                };
+                let _ = starting.kill().await;
+                worker_processes[index] = spawn_worker(&worker_url(index));
             }
             "listeners terminated" => {
                 let _ = sqlx::query(
@@ -334,7 +499,17 @@ async fn soak() -> ExitCode {
                 .execute(&pool)
                 .await;
             }
-            "postgres restarted" => cluster.restart().await,
+            "postgres restarted" | "postgres crashed" => {
+                let from = now_ms();
+                cluster
+                    .pg(if fault == "postgres crashed" {
+                        "crash"
+                    } else {
+                        "restart"
+                    })
+                    .await;
+                outages.push((from, now_ms()));
+            }
             // Longer than a signup's timeout: callers time out, and their jobs must still
             // complete once the workers thaw.
             "workers frozen" => {
@@ -345,6 +520,27 @@ async fn soak() -> ExitCode {
                 for worker in &worker_processes {
                     signal(worker, "-CONT").await;
                 }
+            }
+            // Uncommitted inserts of emails a signer is about to ask for, held for less than a
+            // signup's timeout: those signups wait for the lock, then get their players.
+            "emails held" => {
+                let signer = rng.below(signers);
+                let next = {
+                    let reported = reported.lock().await;
+                    let range = signer * per_signer..(signer + 1) * per_signer;
+                    reported
+                        .iter()
+                        .filter(|r| range.contains(&r.n))
+                        .map(|r| r.n + 1)
+                        .max()
+                        .unwrap_or(range.start)
+                };
+                let hold = Duration::from_millis(timeout_ms / 3 + rng.below(timeout_ms / 3));
+                held_emails += hold_emails(&pool, (next + 4..next + 10).filter(|n| *n < signups), hold).await;
+            }
+            "connections silenced" => {
+                silences.push(now_ms());
+                proxy.silence();
             }
             _ => {
                 let garbage = [
@@ -397,6 +593,7 @@ async fn soak() -> ExitCode {
 
     // The invariants, as figures.
     let reported = reported.lock().await;
+    let confirmations = confirmations.lock().await;
     let outcome_count = |name: &str| reported.iter().filter(|r| r.outcome == name).count();
     let (users, players, done, failed, pending, doubled, users_without_job): (
         i64,
@@ -421,22 +618,99 @@ async fn soak() -> ExitCode {
         .fetch_one(&pool)
     })
     .await;
-    let late_jobs: Vec<uuid::Uuid> = reported
+    let is_poison = |n: u64| poisoned.contains(&n);
+
+    // Every failed job is a poison one, failed for killing its session.
+    let failed_jobs: Vec<(String, String)> = patiently(|| {
+        sqlx::query_as(
+            "select users.email, coalesce(jobs.last_error, '')
+             from player_creation_jobs as jobs
+             join users on users.id = jobs.user_id
+             where jobs.status = 'failed'",
+        )
+        .fetch_all(&pool)
+    })
+    .await;
+    let poison_emails: Vec<String> = poisoned.iter().map(|n| soak_email(*n)).collect();
+    let failed_only_poison = failed_jobs
         .iter()
-        .filter(|r| r.outcome != "confirmed")
+        .all(|(email, error)| poison_emails.contains(email) && error.contains("session ended"));
+    let poison_confirmed = reported
+        .iter()
+        .any(|r| is_poison(r.n) && r.outcome == "confirmed");
+    let failed_outcomes_only_poison = reported
+        .iter()
+        .filter(|r| r.outcome == "failed")
+        .all(|r| is_poison(r.n));
+
+    // Each confirmed player is its own signup's.
+    let confirmed: Vec<(u64, i64)> = reported
+        .iter()
+        .filter_map(|r| r.player_id.map(|player| (r.n, player)))
+        .collect();
+    let player_ids: Vec<i64> = confirmed.iter().map(|(_, player)| *player).collect();
+    let owners: HashMap<i64, String> = patiently(|| {
+        sqlx::query_as::<_, (i64, String)>(
+            "select players.id, users.email from players join users on users.id = players.user_id
+             where players.id = any($1)",
+        )
+        .bind(&player_ids)
+        .fetch_all(&pool)
+    })
+    .await
+    .into_iter()
+    .collect();
+    let misowned = confirmed
+        .iter()
+        .filter(|(n, player)| owners.get(player) != Some(&soak_email(*n)))
+        .count();
+
+    // Errors that carry a job id: the job completed (or, for poison, failed).
+    let with_job: Vec<uuid::Uuid> = reported
+        .iter()
+        .filter(|r| r.outcome != "confirmed" && !is_poison(r.n))
         .filter_map(|r| r.job_id.map(|id| id.as_uuid()))
         .collect();
-    let late_not_done: i64 = patiently(|| {
+    let with_job_not_done: i64 = patiently(|| {
         sqlx::query_scalar(
             "select count(*) from player_creation_jobs where id = any($1) and status <> 'done'",
         )
-        .bind(&late_jobs)
+        .bind(&with_job)
         .fetch_one(&pool)
     })
     .await;
+    // Errors without a job id: certainly not committed, so no such user.
+    let without_job: Vec<String> = reported
+        .iter()
+        .filter(|r| r.outcome != "confirmed" && r.job_id.is_none())
+        .map(|r| soak_email(r.n))
+        .collect();
+    let without_job_committed: i64 = patiently(|| {
+        sqlx::query_scalar("select count(*) from users where email = any($1)")
+            .bind(&without_job)
+            .fetch_one(&pool)
+    })
+    .await;
+    let unavailable_without_job = reported
+        .iter()
+        .filter(|r| r.outcome == "unavailable" && r.job_id.is_none())
+        .count();
+    // A caller met a fault if the server was away during its call (plus a second for pools to
+    // reconnect), or its connections were silent (signer 0, until the listener and statement
+    // checks have replaced them: 10 s).
+    let met_fault = |r: &Reported| {
+        let (from, to) = (r.started_at_ms, r.started_at_ms + r.elapsed_ms);
+        let outage = outages.iter().any(|(down, up)| from <= up + 1000 && to >= *down);
+        let silenced = r.n < per_signer && silences.iter().any(|at| from <= at + 10_000 && to >= *at);
+        outage || silenced
+    };
+    let unavailable_without_fault = reported
+        .iter()
+        .filter(|r| r.outcome == "unavailable" && r.job_id.is_none() && !met_fault(r))
+        .count();
     let timed_out_ids: Vec<uuid::Uuid> = reported
         .iter()
-        .filter(|r| r.outcome == "timed_out")
+        .filter(|r| r.outcome == "timed_out" && !is_poison(r.n))
         .filter_map(|r| r.job_id.map(|id| id.as_uuid()))
         .collect();
     let timed_out_done: i64 = patiently(|| {
@@ -445,13 +719,15 @@ async fn soak() -> ExitCode {
             .fetch_one(&pool)
     })
     .await;
-    let confirmed_ids: Vec<i64> = reported.iter().filter_map(|r| r.player_id).collect();
-    let confirmed_exist: i64 = patiently(|| {
-        sqlx::query_scalar("select count(*) from players where id = any($1)")
-            .bind(&confirmed_ids)
-            .fetch_one(&pool)
-    })
-    .await;
+    let latest_ms = reported.iter().map(|r| r.elapsed_ms).max().unwrap_or(0);
+    let late = reported
+        .iter()
+        .filter(|r| r.elapsed_ms > timeout_ms + LATE_MARGIN_MS)
+        .count();
+    let by_notification: u64 = confirmations.iter().map(|c| c.by_notification).sum();
+    let by_table_check: u64 = confirmations.iter().map(|c| c.by_table_check).sum();
+    let notified_share = by_notification as f64 / (by_notification + by_table_check).max(1) as f64;
+    let poison_failed = i64::try_from(failed_jobs.len()).unwrap();
 
     let attempted = reported.len();
     let checks = [
@@ -459,22 +735,44 @@ async fn soak() -> ExitCode {
         ("signer processes exited 0", signers_ok),
         ("queue drained", drained),
         ("workers exited 0 on SIGTERM", workers_exited_cleanly),
-        ("users = players = jobs done", users == players && players == done),
+        (
+            "a worker sent SIGTERM while starting exits within its shutdown timeout + 1 s",
+            startup_exits_ok,
+        ),
+        (
+            "users = players + failed poison jobs",
+            users == players + poison_failed,
+        ),
+        ("players = jobs done", players == done),
         ("players created twice: 0", doubled == 0),
         ("jobs left pending after drain: 0", pending == 0),
-        ("jobs failed: 0", failed == 0),
-        ("every user has its job", users_without_job == 0),
         (
-            "every confirmed player exists",
-            usize::try_from(confirmed_exist).unwrap() == confirmed_ids.len(),
+            "jobs failed: only poison ones, each for ending its session",
+            failed_only_poison && failed_outcomes_only_poison,
+        ),
+        ("no poison signup confirmed", !poison_confirmed),
+        ("every user has its job", users_without_job == 0),
+        ("each confirmed player is its own signup's", misowned == 0),
+        (
+            "every error with a job id: that job completed",
+            with_job_not_done == 0,
+        ),
+        (
+            "every error without a job id: nothing committed",
+            without_job_committed == 0,
+        ),
+        (
+            "no signup unavailable without a job id unless the server was away or its connection silent during the call",
+            unavailable_without_fault == 0,
         ),
         (
             "every timed-out signup's job completed afterwards",
             usize::try_from(timed_out_done).unwrap() == timed_out_ids.len(),
         ),
+        ("no caller answered later than its timeout + 1 s", late == 0),
         (
-            "no committed job of an unconfirmed signup left undone",
-            late_not_done == 0,
+            "at least 90% of confirmations by notification",
+            notified_share >= 0.9,
         ),
         (
             "no email reported taken (all are distinct)",
@@ -484,7 +782,7 @@ async fn soak() -> ExitCode {
 
     println!("soak: seed {seed}; load {load_secs:.1}s; faults {faults:?}");
     println!(
-        "signups attempted {attempted}, confirmed {}, timed out {}, unavailable {}, failed {}, other errors {}",
+        "signups attempted {attempted}, confirmed {}, timed out {}, unavailable {} ({unavailable_without_job} without a job id, {unavailable_without_fault} of them outside faults), failed {}, other errors {}",
         outcome_count("confirmed"),
         outcome_count("timed_out"),
         outcome_count("unavailable"),
@@ -492,12 +790,51 @@ async fn soak() -> ExitCode {
         outcome_count("error"),
     );
     println!(
-        "users {users}, players {players}, jobs done {done}, failed {failed}, pending {pending}, doubled {doubled}"
+        "users {users}, players {players}, jobs done {done}, failed {failed} (poison signups {poisoned:?}), pending {pending}, doubled {doubled}"
     );
     println!(
-        "timed-out signups whose job completed afterwards: {timed_out_done} of {}",
+        "confirmations by notification {by_notification}, by table check {by_table_check} ({:.1}% by notification)",
+        notified_share * 100.0
+    );
+    println!(
+        "slowest answer {latest_ms} ms (timeout {timeout_ms} ms); answered later than timeout + 1 s: {late}"
+    );
+    println!(
+        "emails held by another session: {held_emails}; slowest exit after SIGTERM while starting: {} ms",
+        slowest_startup_exit.as_millis()
+    );
+    println!(
+        "timed-out signups whose job completed afterwards: {timed_out_done} of {}; errors with a job id whose job is not done: {with_job_not_done}; errors without a job id that committed: {without_job_committed}",
         timed_out_ids.len()
     );
+    for summary in confirmations.iter() {
+        println!(
+            "  a signer: {} confirmations by notification, {} by table check",
+            summary.by_notification, summary.by_table_check
+        );
+    }
+    let mut per_ten_seconds: std::collections::BTreeMap<u64, (usize, usize)> = Default::default();
+    for r in reported.iter() {
+        let slot = per_ten_seconds.entry(r.started_ms / 10_000 * 10).or_default();
+        slot.0 += 1;
+        if r.outcome != "confirmed" {
+            slot.1 += 1;
+        }
+    }
+    println!("  signups started per 10 s (not confirmed): {per_ten_seconds:?}");
+    let unavailable = reported.iter().filter(|r| r.outcome == "unavailable").take(8);
+    let unusual = unavailable.chain(reported.iter().filter(|r| r.outcome == "error").take(4));
+    let timed_out = reported.iter().filter(|r| r.outcome == "timed_out").take(3);
+    for r in unusual.chain(timed_out) {
+        println!(
+            "  signup {} at {} ms: {} after {} ms: {}",
+            r.n,
+            r.started_ms,
+            r.outcome,
+            r.elapsed_ms,
+            r.error.as_deref().unwrap_or("")
+        );
+    }
     let mut all_held = true;
     for (check, held) in checks {
         println!("  [{}] {check}", if held { "ok" } else { "BROKEN" });
@@ -511,4 +848,26 @@ async fn soak() -> ExitCode {
         println!("soak: INVARIANT BROKEN (repeat with SOAK_SEED={seed})");
         ExitCode::FAILURE
     }
+}
+
+/// Inserts users with the emails of signups `ns` in a transaction held open for `hold`, then
+/// rolls it back. Returns how many emails were held (none if one was signed up already).
+async fn hold_emails(pool: &sqlx::PgPool, ns: impl Iterator<Item = u64>, hold: Duration) -> usize {
+    let Ok(mut tx) = pool.begin().await else {
+        return 0;
+    };
+    let mut held = 0;
+    for n in ns {
+        let insert = sqlx::query("insert into users (email, display_name) values ($1, 'Holder')")
+            .bind(soak_email(n))
+            .execute(&mut *tx)
+            .await;
+        if insert.is_err() {
+            return 0;
+        }
+        held += 1;
+    }
+    tokio::time::sleep(hold).await;
+    let _ = tx.rollback().await;
+    held
 }

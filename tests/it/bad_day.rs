@@ -356,3 +356,50 @@ async fn a_job_that_kills_its_session_is_failed_and_every_other_job_flows(
     assert_eq!(counts(&pool).await.players, OTHERS as i64);
     worker.stop().await;
 }
+
+/// Every connection of a worker goes silent at once (its pool's and its listener's), as when a
+/// NAT or load balancer between it and the server drops its state: the worker gives the dead
+/// connections up (a pass within 5 s, the listener within 8 s), opens new ones and completes
+/// the jobs committed meanwhile, without a signal or a restart.
+#[tokio::test]
+async fn a_worker_whose_connections_go_silent_opens_new_ones_and_carries_on() {
+    let (_cluster, url) = OwnCluster::start_tcp("silent-worker").await;
+    let direct: PgConnectOptions = url.parse().unwrap();
+    let proxy = SilentProxy::start(direct.get_port()).await;
+    let pool = cluster_pool(&url).await;
+    let proxied_worker_pool = PgPoolOptions::new()
+        .max_connections(3)
+        .test_before_acquire(false)
+        .connect_with(ackloop::worker_session_options(direct.clone().port(proxy.port)))
+        .await
+        .unwrap();
+    let worker = spawn_worker(&proxied_worker_pool, worker_config());
+    let signups = signups(&pool).await;
+    signups
+        .create_user_and_await_player(&user(0), DEADLINE)
+        .await
+        .expect("a signup while the path is fine");
+
+    proxy.silence();
+    let mut conn = pool.acquire().await.unwrap();
+    for n in 1..=10 {
+        ackloop::create_user(&mut conn, &ackloop::Channels::default(), &user(n))
+            .await
+            .unwrap();
+    }
+    drop(conn);
+    let started = Instant::now();
+    wait_until(
+        "the worker completes the jobs committed after the silence",
+        || async { count_jobs_with_status(&pool, "done").await == 11 },
+    )
+    .await;
+    // The listener's liveness check (5 s idle + 3 s for an answer), then a pass given up after
+    // 5 s on each dead pooled connection it meets: about 10 s here, 20 s at worst.
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "took {:?}",
+        started.elapsed()
+    );
+    worker.stop().await;
+}

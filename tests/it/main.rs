@@ -15,4 +15,6 @@ mod metrics;
 mod operations;
 mod pooler;
 mod signup;
+#[path = "../support/silent_proxy.rs"]
+mod silent_proxy;
 mod worker;
