@@ -799,8 +799,9 @@ async fn soak() -> ExitCode {
     println!(
         "slowest answer {latest_ms} ms (timeout {timeout_ms} ms); answered later than timeout + 1 s: {late}"
     );
+    let outage_ms: Vec<u64> = outages.iter().map(|(down, up)| up - down).collect();
     println!(
-        "emails held by another session: {held_emails}; slowest exit after SIGTERM while starting: {} ms",
+        "server away (restart, crash) for {outage_ms:?} ms; emails held by another session: {held_emails}; slowest exit after SIGTERM while starting: {} ms",
         slowest_startup_exit.as_millis()
     );
     println!(
