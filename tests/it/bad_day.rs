@@ -403,3 +403,95 @@ async fn a_worker_whose_connections_go_silent_opens_new_ones_and_carries_on() {
     );
     worker.stop().await;
 }
+
+/// The auth side's own connections go silent mid-load, as behind a NAT that dropped its state:
+/// every caller still returns within its timeout (plus the margin), each error after a possible
+/// commit carries its job id and that job completes, and the pool is whole again afterwards (no
+/// slot kept by a connection that will never answer).
+#[tokio::test]
+async fn signups_whose_connections_go_silent_return_in_time_and_the_pool_recovers() {
+    let (_cluster, url) = OwnCluster::start_tcp("silent-signups").await;
+    let direct: PgConnectOptions = url.parse().unwrap();
+    let proxy = SilentProxy::start(direct.get_port()).await;
+    let pool = cluster_pool(&url).await;
+    let worker = spawn_worker(&cluster_worker_pool(&url).await, worker_config());
+    // The signups' pool and listener both go through the proxy.
+    let proxied_pool = PgPoolOptions::new()
+        .max_connections(4)
+        .test_before_acquire(false)
+        .connect_with(direct.clone().port(proxy.port))
+        .await
+        .unwrap();
+    let signups = Arc::new(signups(&proxied_pool).await);
+    for n in 0..4 {
+        signups
+            .create_user_and_await_player(&user(n), DEADLINE)
+            .await
+            .expect("a signup while the path is fine");
+    }
+
+    proxy.silence();
+    let timeout = Duration::from_secs(2);
+    let mut calls = JoinSet::new();
+    for n in 100..116 {
+        let signups = Arc::clone(&signups);
+        calls.spawn(async move {
+            let started = Instant::now();
+            let result = signups.create_user_and_await_player(&user(n), timeout).await;
+            (n, result, started.elapsed())
+        });
+    }
+    for (n, result, took) in within("every signup to return", calls.join_all()).await {
+        assert!(took <= timeout + MARGIN, "signup {n} took {took:?}");
+        match result {
+            Ok(player) => assert_eq!(player.display_name, format!("Player {n}")),
+            Err(err) => match err.job_id() {
+                // It may have committed: the job must complete.
+                Some(job_id) => {
+                    let job = job_id.to_string();
+                    wait_until(&format!("job {job} of signup {n} completes"), || async {
+                        sqlx::query_scalar::<_, String>(
+                            "select status from player_creation_jobs where id = $1::uuid",
+                        )
+                        .bind(&job)
+                        .fetch_optional(&pool)
+                        .await
+                        .unwrap()
+                        .is_none_or(|status| status == "done")
+                    })
+                    .await;
+                }
+                // Certainly not committed: no such user.
+                None => {
+                    let email = format!("user{n}@example.com");
+                    let users: i64 = sqlx::query_scalar("select count(*) from users where email = $1")
+                        .bind(&email)
+                        .fetch_one(&pool)
+                        .await
+                        .unwrap();
+                    assert_eq!(users, 0, "signup {n} said not written: {err}");
+                }
+            },
+        }
+    }
+
+    // More signups than the pool has slots, one after another: each needs a slot back.
+    for n in 200..212 {
+        signups
+            .create_user_and_await_player(&user(n), DEADLINE)
+            .await
+            .unwrap_or_else(|err| panic!("signup {n} after the silence: {err}"));
+    }
+    let counts = counts(&pool).await;
+    assert_eq!(
+        counts.users, counts.players,
+        "every committed signup has its player"
+    );
+    // Nothing is in use now: every connection the pool holds is back in it, none stuck handing
+    // a silent connection back.
+    wait_until("every pooled connection is idle", || async {
+        proxied_pool.num_idle() == proxied_pool.size() as usize
+    })
+    .await;
+    worker.stop().await;
+}
