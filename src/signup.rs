@@ -532,7 +532,10 @@ impl Signups {
             let attempt = if let Some(err) = maybe_committed.take() {
                 match self.committed_user(job_id, deadline).await {
                     Ok(Some(user_id)) => return Ok(user_id),
-                    // Not there, and its statement is over: write it again.
+                    // Not there now: write it again. The lost statement may still commit later
+                    // (the server can run it after its client has gone); then the same job id and
+                    // the unique email make the new write fail as a taken email, which is checked
+                    // against the job id below, so the signup is neither doubled nor refused.
                     Ok(None) => writer::Attempt::NotCommitted(err),
                     Err(lookup) => writer::Attempt::Unknown(lookup),
                 }
