@@ -544,6 +544,9 @@ impl Signups {
             } else {
                 self.writers.write(new_user, job_id, deadline).await
             };
+            // Once an attempt's fate was unknown, it may yet commit (the server can run a
+            // statement after its client has gone): every answer then keeps the job id.
+            let uncertain_job = was_uncertain.then_some(job_id);
             let retry_after = match attempt {
                 writer::Attempt::Written(user_id) => return Ok(user_id),
                 writer::Attempt::EmailTaken if was_uncertain => {
@@ -563,11 +566,11 @@ impl Signups {
                     alone = true;
                     continue;
                 }
-                writer::Attempt::Expired => return Err(not_written(None)),
+                writer::Attempt::Expired => return Err(not_written(None, uncertain_job)),
                 writer::Attempt::NotCommitted(err)
                     if !store::is_unavailable(&err) && !store::is_lock_timeout(&err) =>
                 {
-                    return Err(classify(err, None));
+                    return Err(classify(err, uncertain_job));
                 }
                 writer::Attempt::NotCommitted(err) => {
                     alone = true;
@@ -591,7 +594,7 @@ impl Signups {
             failures += 1;
             let delay = WRITE_RETRY_BACKOFF.delay(failures);
             if Instant::now() + delay >= deadline {
-                return Err(not_written(Some(retry_after)));
+                return Err(not_written(Some(retry_after), uncertain_job));
             }
             tracing::debug!(
                 job.id = %job_id,
@@ -667,9 +670,11 @@ const WRITE_RETRY_BACKOFF: crate::job::Backoff = crate::job::Backoff {
 };
 
 /// A signup that certainly was not written by its deadline.
-fn not_written(source: Option<sqlx::Error>) -> SignupError {
+/// `Unavailable`: certainly not committed (`job_id` None), or, after an attempt whose fate was
+/// unknown, perhaps committed (`job_id` given).
+fn not_written(source: Option<sqlx::Error>, job_id: Option<JobId>) -> SignupError {
     SignupError::Unavailable {
-        job_id: None,
+        job_id,
         source: source.unwrap_or(sqlx::Error::PoolTimedOut),
     }
 }

@@ -278,6 +278,21 @@ pub(crate) async fn lock_next_due_job(
     .await
 }
 
+/// Seconds until the next job tried before is due (negative if one is due now, but held), or
+/// `None` if no such job is pending.
+pub(crate) async fn next_retry_due_in(executor: impl PgExecutor<'_>) -> Result<Option<f64>, sqlx::Error> {
+    sqlx::query_scalar!(
+        r#"
+        select extract(epoch from min(run_after) - now())::float8
+        from player_creation_jobs
+        where status = 'pending'
+          and attempts > 0
+        "#
+    )
+    .fetch_one(executor)
+    .await
+}
+
 /// Counts attempt number `attempt` before it is made, and leaves the job as it should be found
 /// if the attempt never finishes: `unfinished_error` as its error, not due again for `lease_ms`.
 /// Committed before the attempt, so the count survives a session the attempt kills.
@@ -301,6 +316,37 @@ pub(crate) async fn start_attempt(
         attempt,
         unfinished_error,
         lease_ms,
+    )
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Takes back attempt `attempt` of a job (it never ran: it waited for a lock another session
+/// holds), leaving `error` and the job due again after `delay_ms`; only if the job is as that
+/// attempt left it.
+pub(crate) async fn give_back_attempt(
+    conn: &mut PgConnection,
+    job_id: JobId,
+    attempt: i32,
+    error: &str,
+    delay_ms: i64,
+) -> Result<(), sqlx::Error> {
+    sqlx::query!(
+        r#"
+        update player_creation_jobs
+        set attempts = attempts - 1,
+            last_error = $3,
+            run_after = now() + make_interval(secs => $4::bigint / 1000.0),
+            updated_at = now()
+        where id = $1
+          and status = 'pending'
+          and attempts = $2
+        "#,
+        job_id.as_uuid(),
+        attempt,
+        error,
+        delay_ms,
     )
     .execute(conn)
     .await?;

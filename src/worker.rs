@@ -27,12 +27,27 @@ const UNAVAILABLE_BACKOFF: Backoff = Backoff {
     max: Duration::from_secs(5),
 };
 
+/// How long a loop keeps taking jobs alone after it starts or its session died, at least: a
+/// job that killed a session stays locked by the dying backend for a moment, so a loop that
+/// found nothing due at once looks again before it goes back to batches.
+const ALONE_AT_LEAST: Duration = Duration::from_secs(1);
+
+/// How soon to look again for a retry that is due but held by someone (another worker's
+/// attempt, or the backend of a session a job just killed).
+const RETRY_RECHECK: Duration = Duration::from_millis(250);
+
 /// The longest one pass (a batch, or one job alone) may take before the loop gives its
 /// connection up: a connection that stopped answering without closing (a NAT or load balancer
 /// that dropped it) would otherwise hold the loop until TCP gives up, minutes later. A pass takes
-/// milliseconds; one waiting 5 s on a lock is abandoned too, and the server rolls it back
-/// when it sees the connection closed (`client_connection_check_interval`).
-const PASS_LIMIT: Duration = Duration::from_secs(5);
+/// milliseconds; lock waits end sooner, at the session's `lock_timeout` (see
+/// [`worker_session_options`]), as an error that costs no attempt.
+const PASS_LIMIT: Duration = Duration::from_secs(10);
+
+/// The longest a worker statement waits for a lock another session holds (a `CREATE INDEX`, an
+/// `ALTER TABLE`, a row someone keeps locked), set by [`worker_session_options`]. Then the
+/// statement fails, the worker backs off and tries again, and the wait is not counted as an
+/// attempt of any job: a lock is the database's state, not the job's fault.
+const LOCK_WAIT: &str = "2s";
 
 /// Adds the session settings a worker's connections should carry, so that the server itself
 /// releases the jobs of a worker that died or froze, without waiting for TCP to notice:
@@ -44,6 +59,10 @@ const PASS_LIMIT: Duration = Duration::from_secs(5);
 ///   between the statements of a transaction loses its session, and its claims, after 10s. Only
 ///   the one-job-per-savepoint path holds a transaction open between statements, and never for
 ///   longer than a few statements.
+/// - `lock_timeout = 2s`: a statement waiting on a lock another session holds gives up; the
+///   worker backs off and tries again without counting an attempt. Without it, a wait longer
+///   than the worker's 10 s limit on a pass is taken for a dead connection, and a job being tried
+///   alone then keeps that attempt.
 ///
 /// `ackloop worker` uses these; build an embedded worker's pool with them too. They need
 /// PostgreSQL 14 or later.
@@ -60,6 +79,7 @@ pub fn worker_session_options(options: PgConnectOptions) -> PgConnectOptions {
     options.options([
         ("client_connection_check_interval", "1s"),
         ("idle_in_transaction_session_timeout", "10s"),
+        ("lock_timeout", LOCK_WAIT),
     ])
 }
 
@@ -338,10 +358,15 @@ struct LoopState {
     /// kills sessions is counted, retried with backoff and failed, instead of taking its batch
     /// down with it for ever.
     careful: usize,
+    /// When `careful` was last set.
+    careful_since: Instant,
     /// When a retry this loop knows of comes due.
     next_retry: Option<Instant>,
     /// Look for jobs tried before that are due again (they are never taken in a batch).
     look_for_retries: bool,
+    /// The last look that found no retry due: retries are looked for at least once a poll
+    /// interval, even while wake-ups keep the loop busy with batches.
+    last_retry_look: Instant,
     /// Failed passes in a row, for the backoff.
     unavailable: u32,
 }
@@ -367,8 +392,10 @@ impl Processor {
         poll.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut state = LoopState {
             careful: usize::from(self.config.batch_size),
+            careful_since: Instant::now(),
             next_retry: None,
             look_for_retries: true,
+            last_retry_look: Instant::now(),
             unavailable: 0,
         };
         loop {
@@ -378,14 +405,29 @@ impl Processor {
                     Ok(true) => continue,
                     Ok(false) => break,
                     Err(err) => {
-                        state.careful = usize::from(self.config.batch_size);
                         state.unavailable += 1;
-                        let delay = UNAVAILABLE_BACKOFF.delay(state.unavailable);
-                        tracing::warn!(
-                            error = %Described(&err),
-                            retry_in_ms = delay.as_millis() as u64,
-                            "cannot process jobs; retrying (the next jobs one at a time)"
-                        );
+                        let delay = if state.unavailable == 1 && !store::is_lock_timeout(&err) {
+                            // At once, one job alone: if a job killed the session, its attempt is
+                            // counted before the other loops' batches meet it too.
+                            Duration::ZERO
+                        } else {
+                            UNAVAILABLE_BACKOFF.delay(state.unavailable - 1)
+                        };
+                        if store::is_lock_timeout(&err) {
+                            tracing::warn!(
+                                retry_in_ms = delay.as_millis() as u64,
+                                "jobs wait for a lock another session holds; retrying"
+                            );
+                        } else {
+                            // The session may have died of a job: take the next ones alone.
+                            state.careful = usize::from(self.config.batch_size);
+                            state.careful_since = Instant::now();
+                            tracing::warn!(
+                                error = %Described(&err),
+                                retry_in_ms = delay.as_millis() as u64,
+                                "cannot process jobs; retrying (the next jobs one at a time)"
+                            );
+                        }
                         tokio::select! {
                             () = shutdown.cancelled() => return,
                             () = tokio::time::sleep(delay) => {}
@@ -418,25 +460,44 @@ impl Processor {
         if state.careful > 0 {
             let lone = self.attempt_alone(0, state).await?;
             state.unavailable = 0;
-            state.careful = match lone {
-                Lone::Taken { .. } => state.careful - 1,
-                Lone::NoneDue => 0,
-            };
+            match lone {
+                Lone::Taken { .. } => state.careful -= 1,
+                Lone::NoneDue if state.careful_since.elapsed() >= ALONE_AT_LEAST => state.careful = 0,
+                Lone::NoneDue => {
+                    // Nothing due that nobody holds: look again (alone) a little later.
+                    let again = state.careful_since + ALONE_AT_LEAST;
+                    state.next_retry = earliest(state.next_retry, Some(again));
+                    return Ok(false);
+                }
+            }
+            return Ok(true);
+        }
+        // Retries first when they may be due, so that a busy queue cannot starve them.
+        let now = Instant::now();
+        let retry_due = state.next_retry.is_some_and(|at| at <= now);
+        if state.look_for_retries
+            || retry_due
+            || now.duration_since(state.last_retry_look) >= self.config.poll_interval
+        {
+            let lone = self.attempt_alone(1, state).await?;
+            state.unavailable = 0;
+            if let Lone::NoneDue = lone {
+                state.look_for_retries = false;
+                state.last_retry_look = now;
+                // Ask the table when the next retry is due (any worker's), so that none waits
+                // for a poll tick; one due but held by someone is looked at again shortly.
+                let due_in = store::next_retry_due_in(&self.pool).await?;
+                state.next_retry = due_in.map(|secs| {
+                    let wait = Duration::try_from_secs_f64(secs.max(0.0)).unwrap_or(Duration::MAX);
+                    now + wait.clamp(RETRY_RECHECK, self.config.poll_interval.max(RETRY_RECHECK))
+                });
+            }
             return Ok(true);
         }
         let pass = self.pass().await?;
         state.unavailable = 0;
         state.next_retry = earliest(state.next_retry, pass.retry_at);
-        if pass.claimed == usize::from(self.config.batch_size) {
-            return Ok(true);
-        }
-        if state.look_for_retries {
-            if let Lone::NoneDue = self.attempt_alone(1, state).await? {
-                state.look_for_retries = false;
-            }
-            return Ok(true);
-        }
-        Ok(false)
+        Ok(pass.claimed == usize::from(self.config.batch_size))
     }
 
     /// Takes the next due job tried at least `min_attempts` times, alone: counts the attempt and
@@ -495,7 +556,9 @@ impl Processor {
             tracing::warn!(job.id = %job.id, attempt = job.attempts, "job's last attempt ended with its session; retrying it alone");
         }
         let attempt = job.attempts + 1;
-        let lease = config.backoff.delay(made + 1);
+        // At least a second: between this commit and the next transaction's row lock, the job is
+        // held only by being not yet due, and a loaded machine can pause a task for a while.
+        let lease = config.backoff.delay(made + 1).max(ALONE_AT_LEAST);
         let lease_ms = i64::try_from(lease.as_millis()).unwrap_or(i64::MAX);
         store::start_attempt(&mut tx, job.id, attempt, &unfinished(attempt), lease_ms).await?;
         tx.commit().await?;
@@ -509,27 +572,59 @@ impl Processor {
             attempts: attempt,
         };
         let span = tracing::debug_span!("process_job", job.id = %job.id, attempt);
-        let mut tx = conn.begin().await?;
-        if !store::lock_started_attempt(&mut tx, job.id, attempt).await? {
-            tx.commit().await?;
-            return Ok(Lone::Taken { retry_at: None });
+        match self.make_attempt(conn, &claimed, started).instrument(span).await {
+            Ok(retry_at) => Ok(Lone::Taken { retry_at }),
+            // A lock held elsewhere is not the job's fault: the attempt is given back.
+            Err(err) if store::is_lock_timeout(&err) => {
+                let delay = config.backoff.delay(made + 1);
+                let delay_ms = i64::try_from(delay.as_millis()).unwrap_or(i64::MAX);
+                let blocked = format!(
+                    "attempt {attempt} waited over {LOCK_WAIT} for a lock another session holds; \
+                     it will be tried again, not counted"
+                );
+                let mut tx = conn.begin().await?;
+                store::give_back_attempt(&mut tx, job.id, attempt, &blocked, delay_ms).await?;
+                tx.commit().await?;
+                tracing::warn!(job.id = %job.id, attempt, retry_in_ms = delay_ms, "job waited for a lock; will retry");
+                Ok(Lone::Taken {
+                    retry_at: Some(Instant::now() + delay),
+                })
+            }
+            Err(err) => Err(err),
         }
-        match self.complete(&mut tx, &claimed).instrument(span).await {
+    }
+
+    /// Makes attempt `job.attempts`, already counted, in a transaction of its own: completes the
+    /// job, or records its failure while still holding its row. Returns when a retry is due, if
+    /// one was scheduled.
+    async fn make_attempt(
+        &self,
+        conn: &mut PgConnection,
+        job: &ClaimedJob,
+        claimed_at: Instant,
+    ) -> Result<Option<Instant>, sqlx::Error> {
+        let mut tx = conn.begin().await?;
+        if !store::lock_started_attempt(&mut tx, job.id, job.attempts).await? {
+            tx.commit().await?;
+            return Ok(None);
+        }
+        let mut savepoint = tx.begin().await?;
+        match self.complete(&mut savepoint, job).await {
             Ok(()) => {
+                savepoint.commit().await?;
                 tx.commit().await?;
                 ::metrics::counter!(telemetry::JOBS_DONE).increment(1);
-                ::metrics::histogram!(telemetry::CLAIM_TO_DONE).record(started.elapsed().as_secs_f64());
+                ::metrics::histogram!(telemetry::CLAIM_TO_DONE).record(claimed_at.elapsed().as_secs_f64());
+                Ok(None)
             }
-            Err(err) if store::is_unavailable(&err) => return Err(err),
+            Err(err) if store::is_unavailable(&err) || store::is_lock_timeout(&err) => Err(err),
             Err(err) => {
-                tx.rollback().await?;
-                let mut tx = conn.begin().await?;
-                let retry_at = self.record_failure(&mut tx, &claimed, &err).await?;
+                savepoint.rollback().await?;
+                let retry_at = self.record_failure(&mut tx, job, &err).await?;
                 tx.commit().await?;
-                return Ok(Lone::Taken { retry_at });
+                Ok(retry_at)
             }
         }
-        Ok(Lone::Taken { retry_at: None })
     }
 
     /// Claims and completes one batch in one statement. If that fails, something in the batch is
@@ -565,7 +660,7 @@ impl Processor {
                     retry_at: None,
                 })
             }
-            Err(err) if store::is_unavailable(&err) => Err(err),
+            Err(err) if store::is_unavailable(&err) || store::is_lock_timeout(&err) => Err(err),
             // On the same connection: Postgres reports a failed statement before it has finished
             // aborting it, so for a moment the batch's rows are still locked, and a claim on
             // another connection would skip them and find nothing to do. This connection's next
@@ -590,7 +685,7 @@ impl Processor {
                     savepoint.commit().await?;
                     ::metrics::counter!(telemetry::JOBS_DONE).increment(1);
                 }
-                Err(err) if store::is_unavailable(&err) => return Err(err),
+                Err(err) if store::is_unavailable(&err) || store::is_lock_timeout(&err) => return Err(err),
                 Err(err) => {
                     savepoint.rollback().await?;
                     retry_at = earliest(retry_at, self.record_failure(&mut tx, job, &err).await?);
@@ -645,7 +740,7 @@ async fn within_pass_limit<T>(pass: impl Future<Output = Result<T, sqlx::Error>>
 fn unfinished(attempt: i32) -> String {
     format!(
         "attempt {attempt} did not finish: its database session ended (a crash or terminated \
-         backend, an out-of-memory kill, or the worker stopped)"
+         backend, an out-of-memory kill, or the worker stopped), unless it is running now"
     )
 }
 

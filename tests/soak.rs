@@ -110,6 +110,20 @@ struct Confirmations {
     by_table_check: u64,
 }
 
+/// Every kind of fault the soak injects; each happens at least once a run.
+const FAULT_KINDS: [&str; 10] = [
+    "worker killed",
+    "worker stopped while starting",
+    "listeners terminated",
+    "postgres restarted",
+    "postgres crashed",
+    "workers frozen",
+    "emails held",
+    "connections silenced",
+    "garbage notified",
+    "garbage notified",
+];
+
 /// How late past its timeout a caller may be answered here: the documented 100 ms, and a
 /// 2-core machine running the server, three workers and three signers at once.
 const LATE_MARGIN_MS: u64 = 1000;
@@ -371,9 +385,11 @@ async fn soak() -> ExitCode {
     let poisoned: Vec<u64> = (0..2).map(|_| rng.below(signups)).collect();
     let poison_names: Vec<String> = poisoned.iter().map(|n| format!("'Soak {n}'")).collect();
     sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-        "create function kill_own_session() returns trigger language plpgsql as $$
+        "create sequence poison_kills;
+         create function kill_own_session() returns trigger language plpgsql as $$
          begin
              if new.display_name in ({}) then
+                 perform nextval('poison_kills');
                  perform pg_terminate_backend(pg_backend_pid());
                  perform pg_sleep(1);
              end if;
@@ -436,6 +452,10 @@ async fn soak() -> ExitCode {
     let started = Instant::now();
     let mut faults: HashMap<&str, u32> = HashMap::new();
     let mut held_emails = 0;
+    let mut every_kind = FAULT_KINDS.to_vec();
+    for index in (1..every_kind.len()).rev() {
+        every_kind.swap(index, usize::try_from(rng.below(index as u64 + 1)).unwrap());
+    }
     // When the server was away (restart, crash), and when signer 0's connections went silent,
     // in ms since the epoch: a signup that met one may have run out of time before it could
     // write, and been told so (unavailable, no job id).
@@ -446,16 +466,21 @@ async fn soak() -> ExitCode {
     while signer_tasks.iter().any(|task| !task.is_finished()) {
         tokio::time::sleep(Duration::from_millis(150 + rng.below(600))).await;
         let count_of = |faults: &HashMap<&str, u32>, name: &str| faults.get(name).copied().unwrap_or(0);
-        let fault = match rng.below(14) {
-            0..=2 => "worker killed",
-            3..=4 => "listeners terminated",
-            5 if count_of(&faults, "postgres restarted") < 4 => "postgres restarted",
-            6 if count_of(&faults, "postgres crashed") < 2 => "postgres crashed",
-            7 if count_of(&faults, "workers frozen") < 2 => "workers frozen",
-            8 | 9 => "emails held",
-            10 if count_of(&faults, "connections silenced") < 2 => "connections silenced",
-            11 => "worker stopped while starting",
-            _ => "garbage notified",
+        // Every kind once, in a seeded order, then at random.
+        let fault = if let Some(fault) = every_kind.pop() {
+            fault
+        } else {
+            match rng.below(14) {
+                0..=2 => "worker killed",
+                3..=4 => "listeners terminated",
+                5 if count_of(&faults, "postgres restarted") < 4 => "postgres restarted",
+                6 if count_of(&faults, "postgres crashed") < 2 => "postgres crashed",
+                7 if count_of(&faults, "workers frozen") < 2 => "workers frozen",
+                8 | 9 => "emails held",
+                10 if count_of(&faults, "connections silenced") < 2 => "connections silenced",
+                11 => "worker stopped while starting",
+                _ => "garbage notified",
+            }
         };
         println!("soak: {:>6.1}s {fault}", started.elapsed().as_secs_f64());
         *faults.entry(fault).or_default() += 1;
@@ -591,6 +616,39 @@ async fn soak() -> ExitCode {
         workers_exited_cleanly &= matches!(status, Ok(Ok(status)) if status.success());
     }
 
+    // The poison jobs' callers (long timed out) ask again, and hear of the failure.
+    let poison_heard = {
+        let signups = Signups::connect(pool.clone())
+            .await
+            .expect("listen for the poison jobs");
+        let mut heard = 0;
+        for n in &poisoned {
+            let job: Option<uuid::Uuid> = patiently(|| {
+                sqlx::query_scalar(
+                    "select jobs.id from player_creation_jobs as jobs join users on users.id = jobs.user_id
+                     where users.email = $1",
+                )
+                .bind(soak_email(*n))
+                .fetch_optional(&pool)
+            })
+            .await;
+            let Some(job) = job else { continue };
+            match signups.await_player(job.into(), Duration::from_secs(5)).await {
+                Err(SignupError::JobFailed { reason, .. }) if reason.contains("session ended") => heard += 1,
+                other => println!("soak: poison signup {n} heard {other:?}"),
+            }
+        }
+        heard
+    };
+    let poison_kills: i64 =
+        patiently(|| sqlx::query_scalar("select last_value from poison_kills").fetch_one(&pool)).await;
+    // Each counted attempt ends one session (5 by default); before the first is counted, each
+    // processing loop (2 a worker process, restarted ones included) may meet it in a batch once.
+    let worker_processes_run = workers
+        + u64::from(faults.get("worker killed").copied().unwrap_or(0))
+        + 2 * u64::from(faults.get("worker stopped while starting").copied().unwrap_or(0));
+    let most_kills = i64::try_from(poisoned.len() as u64 * (5 + 2 * worker_processes_run)).unwrap();
+
     // The invariants, as figures.
     let reported = reported.lock().await;
     let confirmations = confirmations.lock().await;
@@ -635,9 +693,6 @@ async fn soak() -> ExitCode {
     let failed_only_poison = failed_jobs
         .iter()
         .all(|(email, error)| poison_emails.contains(email) && error.contains("session ended"));
-    let poison_confirmed = reported
-        .iter()
-        .any(|r| is_poison(r.n) && r.outcome == "confirmed");
     let failed_outcomes_only_poison = reported
         .iter()
         .filter(|r| r.outcome == "failed")
@@ -750,7 +805,19 @@ async fn soak() -> ExitCode {
             "jobs failed: only poison ones, each for ending its session",
             failed_only_poison && failed_outcomes_only_poison,
         ),
-        ("no poison signup confirmed", !poison_confirmed),
+        (
+            "every poison job's caller, asking again, hears JobFailed for its ended sessions",
+            poison_heard == poisoned.len(),
+        ),
+        (
+            "a poison job ends at most max_attempts + one per loop sessions",
+            poison_kills <= most_kills,
+        ),
+        (
+            "every kind of fault happened",
+            FAULT_KINDS.iter().all(|kind| faults.contains_key(kind)),
+        ),
+        ("emails were held by another session", held_emails > 0),
         ("every user has its job", users_without_job == 0),
         ("each confirmed player is its own signup's", misowned == 0),
         (
@@ -790,7 +857,7 @@ async fn soak() -> ExitCode {
         outcome_count("error"),
     );
     println!(
-        "users {users}, players {players}, jobs done {done}, failed {failed} (poison signups {poisoned:?}), pending {pending}, doubled {doubled}"
+        "users {users}, players {players}, jobs done {done}, failed {failed} (poison signups {poisoned:?}, sessions they ended {poison_kills}, at most {most_kills}), pending {pending}, doubled {doubled}"
     );
     println!(
         "confirmations by notification {by_notification}, by table check {by_table_check} ({:.1}% by notification)",

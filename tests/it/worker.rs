@@ -219,3 +219,57 @@ async fn worker_refuses_a_zero_setting(pool: sqlx::PgPool) {
         .unwrap_err();
     assert!(err.to_string().contains("concurrency"), "{err}");
 }
+
+/// A job that failed once comes due while wake-ups keep the worker busy with batches of new
+/// jobs: it is retried within about a poll interval, not only when the load stops.
+#[sqlx::test]
+async fn a_due_retry_is_not_starved_by_a_busy_queue(options: PgPoolOptions, connect: PgConnectOptions) {
+    let pool = pool(options, connect, 8).await;
+    fail_transiently_until_attempt(&pool, 2).await;
+    let config = WorkerConfig {
+        concurrency: 1,
+        poll_interval: Duration::from_millis(300),
+        ..worker_config()
+    };
+    let worker = spawn_worker(&pool, config);
+    let mut conn = pool.acquire().await.unwrap();
+    ackloop::create_user(&mut conn, &ackloop::Channels::default(), &user(0))
+        .await
+        .unwrap();
+    drop(conn);
+    // Steady load until the first job is done (or the test's deadline).
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut producers = tokio::task::JoinSet::new();
+    for producer in 0..4usize {
+        let (pool, done) = (pool.clone(), std::sync::Arc::clone(&done));
+        producers.spawn(async move {
+            let mut n = 1 + producer;
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                let mut conn = pool.acquire().await.unwrap();
+                ackloop::create_user(&mut conn, &ackloop::Channels::default(), &user(n))
+                    .await
+                    .unwrap();
+                n += 4;
+            }
+        });
+    }
+    wait_until("the retried job is done while the load goes on", || async {
+        sqlx::query_scalar::<_, String>(
+            "select jobs.status from player_creation_jobs as jobs \
+             join users on users.id = jobs.user_id where users.email = 'user0@example.com'",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap()
+            == "done"
+    })
+    .await;
+    let still_loaded = !producers.is_empty() && producers.try_join_next().is_none();
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    producers.join_all().await;
+    assert!(
+        still_loaded,
+        "the producers were still running when the retry was done"
+    );
+    worker.stop().await;
+}
