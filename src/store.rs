@@ -249,33 +249,63 @@ pub(crate) struct DueJob {
     pub(crate) waited_secs: f64,
 }
 
-/// Locks the next due job that has had at least `min_attempts` attempts (skipping any another
-/// worker holds), for this transaction, without counting an attempt: [`start_attempt`] does.
-pub(crate) async fn lock_next_due_job(
-    conn: &mut PgConnection,
-    min_attempts: i32,
-) -> Result<Option<DueJob>, sqlx::Error> {
-    sqlx::query_as!(
-        DueJob,
-        r#"
-        select
-            id as "id: JobId",
-            user_id as "user_id: UserId",
-            attempts,
-            last_error,
-            extract(epoch from now() - created_at)::float8 as "waited_secs!"
-        from player_creation_jobs
-        where status = 'pending'
-          and run_after <= now()
-          and attempts >= $1
-        order by run_after, id
-        limit 1
-        for update skip locked
-        "#,
-        min_attempts,
-    )
-    .fetch_optional(conn)
-    .await
+/// Which due jobs a lone attempt takes.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Due {
+    /// Any, new or retried: after a start or a session death.
+    Any,
+    /// Only jobs tried before (never taken in a batch), on their own small index.
+    Retries,
+}
+
+/// Locks the next due job of the kind asked for (skipping any another worker holds), for this
+/// transaction, without counting an attempt: [`start_attempt`] does.
+pub(crate) async fn lock_next_due_job(conn: &mut PgConnection, due: Due) -> Result<Option<DueJob>, sqlx::Error> {
+    match due {
+        Due::Any => {
+            sqlx::query_as!(
+                DueJob,
+                r#"
+                select
+                    id as "id: JobId",
+                    user_id as "user_id: UserId",
+                    attempts,
+                    last_error,
+                    extract(epoch from now() - created_at)::float8 as "waited_secs!"
+                from player_creation_jobs
+                where status = 'pending'
+                  and run_after <= now()
+                order by run_after, id
+                limit 1
+                for update skip locked
+                "#,
+            )
+            .fetch_optional(conn)
+            .await
+        }
+        Due::Retries => {
+            sqlx::query_as!(
+                DueJob,
+                r#"
+                select
+                    id as "id: JobId",
+                    user_id as "user_id: UserId",
+                    attempts,
+                    last_error,
+                    extract(epoch from now() - created_at)::float8 as "waited_secs!"
+                from player_creation_jobs
+                where status = 'pending'
+                  and attempts > 0
+                  and run_after <= now()
+                order by run_after, id
+                limit 1
+                for update skip locked
+                "#,
+            )
+            .fetch_optional(conn)
+            .await
+        }
+    }
 }
 
 /// Seconds until the next job tried before is due (negative if one is due now, but held), or

@@ -18,7 +18,7 @@ use tracing::Instrument;
 use crate::channel::{Channels, Event, IgnoredPayloads, Subscription, parse_job_id};
 use crate::connect::Described;
 use crate::job::Backoff;
-use crate::store::{self, ClaimedJob};
+use crate::store::{self, ClaimedJob, Due};
 use crate::telemetry;
 
 /// Waits after the database could not be reached, before trying again.
@@ -392,7 +392,10 @@ impl Processor {
         poll.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut state = LoopState {
             careful: usize::from(self.config.batch_size),
-            careful_since: Instant::now(),
+            // No dying backend of this loop's holds a job yet: an empty queue ends it at once.
+            careful_since: Instant::now()
+                .checked_sub(ALONE_AT_LEAST)
+                .unwrap_or_else(Instant::now),
             next_retry: None,
             look_for_retries: true,
             last_retry_look: Instant::now(),
@@ -458,7 +461,7 @@ impl Processor {
     /// One step of a drain; true while there may be more to do.
     async fn drain_step(&self, state: &mut LoopState) -> Result<bool, sqlx::Error> {
         if state.careful > 0 {
-            let lone = self.attempt_alone(0, state).await?;
+            let lone = self.attempt_alone(Due::Any, state).await?;
             state.unavailable = 0;
             match lone {
                 Lone::Taken { .. } => state.careful -= 1,
@@ -479,7 +482,7 @@ impl Processor {
             || retry_due
             || now.duration_since(state.last_retry_look) >= self.config.poll_interval
         {
-            let lone = self.attempt_alone(1, state).await?;
+            let lone = self.attempt_alone(Due::Retries, state).await?;
             state.unavailable = 0;
             if let Lone::NoneDue = lone {
                 state.look_for_retries = false;
@@ -500,15 +503,15 @@ impl Processor {
         Ok(pass.claimed == usize::from(self.config.batch_size))
     }
 
-    /// Takes the next due job tried at least `min_attempts` times, alone: counts the attempt and
+    /// Takes the next due job of the kind asked for, alone: counts the attempt and
     /// pushes the job's next try back by its backoff in one committed transaction, then makes
     /// the attempt in another. If the attempt kills the session (or the process), the job keeps
     /// its count and waits out its backoff; once it has used every attempt it is failed here,
     /// before another is made.
-    async fn attempt_alone(&self, min_attempts: i32, state: &mut LoopState) -> Result<Lone, sqlx::Error> {
+    async fn attempt_alone(&self, due: Due, state: &mut LoopState) -> Result<Lone, sqlx::Error> {
         let mut conn = self.pool.acquire().await?;
         let mut unfinished_due = None;
-        let attempt = self.attempt_alone_on(&mut conn, min_attempts, &mut unfinished_due);
+        let attempt = self.attempt_alone_on(&mut conn, due, &mut unfinished_due);
         let result = within_pass_limit(attempt).await;
         match &result {
             Ok(Lone::Taken { retry_at }) => state.next_retry = earliest(state.next_retry, *retry_at),
@@ -530,12 +533,12 @@ impl Processor {
     async fn attempt_alone_on(
         &self,
         conn: &mut PgConnection,
-        min_attempts: i32,
+        due: Due,
         unfinished_due: &mut Option<Instant>,
     ) -> Result<Lone, sqlx::Error> {
         let config = &self.config;
         let mut tx = conn.begin().await?;
-        let Some(job) = store::lock_next_due_job(&mut tx, min_attempts).await? else {
+        let Some(job) = store::lock_next_due_job(&mut tx, due).await? else {
             tx.commit().await?;
             return Ok(Lone::NoneDue);
         };
