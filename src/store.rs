@@ -260,7 +260,10 @@ pub(crate) enum Due {
 
 /// Locks the next due job of the kind asked for (skipping any another worker holds), for this
 /// transaction, without counting an attempt: [`start_attempt`] does.
-pub(crate) async fn lock_next_due_job(conn: &mut PgConnection, due: Due) -> Result<Option<DueJob>, sqlx::Error> {
+pub(crate) async fn lock_next_due_job(
+    conn: &mut PgConnection,
+    due: Due,
+) -> Result<Option<DueJob>, sqlx::Error> {
     match due {
         Due::Any => {
             sqlx::query_as!(
