@@ -316,7 +316,7 @@ pub(crate) async fn lock_next_due_job(
 pub(crate) async fn next_retry_due_in(executor: impl PgExecutor<'_>) -> Result<Option<f64>, sqlx::Error> {
     sqlx::query_scalar!(
         r#"
-        select extract(epoch from min(run_after) - now())::float8
+        select extract(epoch from min(run_after) - now())::float8 as "due_in_secs?"
         from player_creation_jobs
         where status = 'pending'
           and attempts > 0
@@ -585,7 +585,7 @@ pub(crate) async fn job_outcomes(
             players.id as "player_id?: PlayerId",
             players.display_name as "player_display_name?",
             players.created_at as "player_created_at?",
-            extract(epoch from clock_timestamp() - jobs.completed_at)::float8 as since_done_secs
+            extract(epoch from clock_timestamp() - jobs.completed_at)::float8 as "since_done_secs?"
         from player_creation_jobs as jobs
         left join players on players.user_id = jobs.user_id
         where jobs.id = any($1)
@@ -614,7 +614,7 @@ pub(crate) async fn job_counts(executor: impl PgExecutor<'_>) -> Result<JobCount
             count(*) filter (where status = 'done') as "done!",
             count(*) filter (where status = 'failed') as "failed!",
             extract(epoch from now() - min(created_at) filter (where status = 'pending'))::float8
-                as oldest_pending_secs
+                as "oldest_pending_secs?"
         from player_creation_jobs
         "#,
     )
@@ -979,7 +979,7 @@ pub(crate) async fn stale_pending_jobs(
         r#"
         select
             count(*) as "stale!",
-            extract(epoch from now() - min(created_at))::float8 as oldest_secs
+            extract(epoch from now() - min(created_at))::float8 as "oldest_secs?"
         from player_creation_jobs
         where status = 'pending'
           and created_at < now() - make_interval(secs => $1)
