@@ -12,6 +12,9 @@ SHELL := /bin/bash
 SQLX_CLI_VERSION := 0.9.0
 # The query macros read .sqlx/, never a live database, so every build checks the committed cache.
 export SQLX_OFFLINE := true
+# The binary, its tests and the HTTP exporter are behind the `cli` feature (a library user's
+# default build has none of their crates); every target here builds with it.
+FEATURES := --features cli
 
 ifeq ($(strip $(DATABASE_URL)),)
 EMBEDDED_PG := yes
@@ -46,7 +49,7 @@ db-clean: db-stop ## Stop the private cluster and delete its data
 
 .PHONY: build
 build: ## Build the library and the ackloop binary
-	cargo build
+	cargo build $(FEATURES)
 
 .PHONY: sqlx-cli
 sqlx-cli: ## Install the pinned sqlx-cli if it is missing (for migrate, prepare, lint)
@@ -70,12 +73,12 @@ demo: db build ## Migrate, start a worker, sign a user up, print the confirmed p
 .PHONY: test
 test: db ## Run the whole test suite against a real PostgreSQL
 	@scripts/pg pgbouncer >/dev/null
-	cargo test --all-targets
-	cargo test --doc
+	cargo test --all-targets $(FEATURES)
+	cargo test --doc $(FEATURES)
 
 .PHONY: bench
 bench: db ## Benchmark matrix (c = 1, 16, 64, and drain) beside the pgbench ceiling, as ratios
-	cargo build --release
+	cargo build --release $(FEATURES)
 	scripts/bench
 
 .PHONY: soak
@@ -88,16 +91,17 @@ SOAK_PG := PG_DIR=$(CURDIR)/.pg-soak PG_PORT=$(or $(SOAK_PG_PORT),15433) PG_LIST
 soak: ## Fault-injection soak on a private cluster of its own (SOAK_SEED=… repeats a run)
 	$(SOAK_PG) scripts/pg start
 	$(SOAK_PG) ACKLOOP_SOAK=1 ACKLOOP_SOAK_URL="$$($(SOAK_PG) scripts/pg url)" \
-	  cargo test --release --test soak; \
+	  cargo test --release $(FEATURES) --test soak; \
 	  status=$$?; $(SOAK_PG) scripts/pg stop; exit $$status
 
 .PHONY: lint
 lint: migrate ## rustfmt, clippy -D warnings, cargo doc -D warnings, and the .sqlx offline cache check
 	cargo fmt --check
-	cargo clippy --all-targets -- -D warnings
-	RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --quiet
-	SQLX_OFFLINE=false cargo sqlx prepare --check -- --all-targets
+	cargo clippy --all-targets $(FEATURES) -- -D warnings
+	cargo clippy --lib --no-default-features -- -D warnings
+	RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --quiet $(FEATURES)
+	SQLX_OFFLINE=false cargo sqlx prepare --check -- --all-targets $(FEATURES)
 
 .PHONY: prepare
 prepare: migrate ## Refresh the .sqlx offline query cache after changing a query
-	SQLX_OFFLINE=false cargo sqlx prepare -- --all-targets
+	SQLX_OFFLINE=false cargo sqlx prepare -- --all-targets $(FEATURES)

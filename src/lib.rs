@@ -48,6 +48,8 @@ mod channel;
 mod confirm;
 mod connect;
 mod doctor;
+#[cfg(feature = "http")]
+mod exporter;
 mod job;
 mod schema;
 mod signup;
@@ -67,6 +69,8 @@ pub use channel::{
 };
 pub use connect::{BadConnectionString, ConnectConfig, describe_db_error};
 pub use doctor::{Check, diagnose};
+#[cfg(feature = "http")]
+pub use exporter::{MetricsError, MetricsHandle};
 pub use job::{Backoff, JobId, JobStatus, PlayerId, UnknownStatus, UserId};
 pub use schema::{SchemaError, check_schema};
 pub use signup::{
@@ -74,7 +78,7 @@ pub use signup::{
     Signups, SignupsConfig, create_user,
 };
 pub use status::{FailedJob, StatusReport};
-pub use telemetry::{MetricsError, MetricsHandle, sample_queue_gauges};
+pub use telemetry::{describe_metrics, sample_queue_gauges};
 /// The names of the metrics ackloop records.
 pub mod metric_names {
     pub use crate::telemetry::{
