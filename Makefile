@@ -94,14 +94,22 @@ soak: ## Fault-injection soak on a private cluster of its own (SOAK_SEED=… rep
 	  cargo test --release $(FEATURES) --test soak; \
 	  status=$$?; $(SOAK_PG) scripts/pg stop; exit $$status
 
+# The offline cache is made and checked against a freshly migrated, empty database beside
+# DATABASE_URL's (its name + _prepare): sqlx infers some columns' nullability from query plans,
+# and plans depend on the data, so a cache made on a database with rows can fail the check on a
+# clean one.
+PREPARE_URL = $(shell echo '$(DATABASE_URL)' | sed -E 's#/([^/?]+)(\?|$$)#/\1_prepare\2#')
+
 .PHONY: lint
 lint: migrate ## rustfmt, clippy -D warnings, cargo doc -D warnings, and the .sqlx offline cache check
 	cargo fmt --check
 	cargo clippy --all-targets $(FEATURES) -- -D warnings
 	cargo clippy --lib --no-default-features -- -D warnings
 	RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --quiet $(FEATURES)
-	SQLX_OFFLINE=false cargo sqlx prepare --check -- --all-targets $(FEATURES)
+	cargo sqlx database reset -y --database-url '$(PREPARE_URL)' >/dev/null
+	SQLX_OFFLINE=false DATABASE_URL='$(PREPARE_URL)' cargo sqlx prepare --check -- --all-targets $(FEATURES)
 
 .PHONY: prepare
 prepare: migrate ## Refresh the .sqlx offline query cache after changing a query
-	SQLX_OFFLINE=false cargo sqlx prepare -- --all-targets $(FEATURES)
+	cargo sqlx database reset -y --database-url '$(PREPARE_URL)' >/dev/null
+	SQLX_OFFLINE=false DATABASE_URL='$(PREPARE_URL)' cargo sqlx prepare -- --all-targets $(FEATURES)

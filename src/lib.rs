@@ -77,8 +77,8 @@ pub use signup::{
     Field, InvalidInput, MAX_DISPLAY_NAME_CHARS, MAX_EMAIL_CHARS, NewUser, Player, Rule, Signup, SignupError,
     Signups, SignupsConfig, create_user,
 };
-pub use status::{FailedJob, StatusReport};
-pub use telemetry::{describe_metrics, sample_queue_gauges};
+pub use status::{FailedJob, StatusReport, sample_queue_gauges};
+pub use telemetry::describe_metrics;
 /// The names of the metrics ackloop records.
 pub mod metric_names {
     pub use crate::telemetry::{

@@ -1,11 +1,15 @@
 //! A snapshot of the queue for operators: `ackloop status`.
 
+use std::time::Duration;
+
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
 
 use crate::job::{JobId, UserId};
 use crate::store;
+use crate::telemetry::{JOBS_PENDING, NOTIFICATION_QUEUE_USAGE, OLDEST_PENDING};
 
 /// How many recent failures a report lists.
 const RECENT_FAILURES: i64 = 10;
@@ -72,5 +76,32 @@ impl StatusReport {
                 })
                 .collect(),
         })
+    }
+}
+
+/// Samples the queue gauges (pending jobs, oldest pending age, notification queue usage) every
+/// `interval` until `shutdown`; errors are skipped, the next sample tries again.
+///
+/// ```no_run
+/// # async fn demo(pool: sqlx::PgPool) {
+/// let shutdown = tokio_util::sync::CancellationToken::new();
+/// let every = std::time::Duration::from_secs(5);
+/// tokio::spawn(ackloop::sample_queue_gauges(pool, every, shutdown.clone()));
+/// # }
+/// ```
+pub async fn sample_queue_gauges(pool: PgPool, interval: Duration, shutdown: CancellationToken) {
+    let mut ticks = tokio::time::interval(interval);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = ticks.tick() => {}
+        }
+        if let Ok(counts) = store::job_counts(&pool).await {
+            ::metrics::gauge!(JOBS_PENDING).set(counts.pending as f64);
+            ::metrics::gauge!(OLDEST_PENDING).set(counts.oldest_pending_secs.unwrap_or(0.0));
+        }
+        if let Ok(usage) = store::notification_queue_usage(&pool).await {
+            ::metrics::gauge!(NOTIFICATION_QUEUE_USAGE).set(usage);
+        }
     }
 }

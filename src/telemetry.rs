@@ -1,14 +1,8 @@
 //! Metrics of the acknowledgement path, through the `metrics` facade: every metric name, with
-//! the moment it measures, and the sampler of the queue gauges. The library only records;
+//! the moment it measures. A leaf: the modules that record import it, never the reverse (the
+//! gauges' sampler lives with the status report it shares its queries with). The library only records;
 //! nothing is exported until a recorder is installed (`MetricsHandle::install` with the `http`
 //! feature, which also serves them over HTTP, or any `metrics` recorder of your own).
-
-use std::time::Duration;
-
-use sqlx::PgPool;
-use tokio_util::sync::CancellationToken;
-
-use crate::store;
 
 /// Histogram: from a signup's commit to a worker claiming its job (queueing delay).
 pub const COMMIT_TO_CLAIM: &str = "ackloop_commit_to_claim_seconds";
@@ -37,33 +31,6 @@ pub const JOBS_PENDING: &str = "ackloop_jobs_pending";
 pub const OLDEST_PENDING: &str = "ackloop_oldest_pending_seconds";
 /// Gauge: share of the server's notification queue in use, 0 to 1 (sampled).
 pub const NOTIFICATION_QUEUE_USAGE: &str = "ackloop_notification_queue_usage";
-
-/// Samples the queue gauges (pending jobs, oldest pending age, notification queue usage) every
-/// `interval` until `shutdown`; errors are skipped, the next sample tries again.
-///
-/// ```no_run
-/// # async fn demo(pool: sqlx::PgPool) {
-/// let shutdown = tokio_util::sync::CancellationToken::new();
-/// let every = std::time::Duration::from_secs(5);
-/// tokio::spawn(ackloop::sample_queue_gauges(pool, every, shutdown.clone()));
-/// # }
-/// ```
-pub async fn sample_queue_gauges(pool: PgPool, interval: Duration, shutdown: CancellationToken) {
-    let mut ticks = tokio::time::interval(interval);
-    loop {
-        tokio::select! {
-            () = shutdown.cancelled() => return,
-            _ = ticks.tick() => {}
-        }
-        if let Ok(counts) = store::job_counts(&pool).await {
-            ::metrics::gauge!(JOBS_PENDING).set(counts.pending as f64);
-            ::metrics::gauge!(OLDEST_PENDING).set(counts.oldest_pending_secs.unwrap_or(0.0));
-        }
-        if let Ok(usage) = store::notification_queue_usage(&pool).await {
-            ::metrics::gauge!(NOTIFICATION_QUEUE_USAGE).set(usage);
-        }
-    }
-}
 
 /// Describes every metric (unit and help text) to the installed `metrics` recorder: call it once
 /// after installing a recorder of your own. (`MetricsHandle::install` does it for you.)
