@@ -489,7 +489,7 @@ impl Processor {
                 state.last_retry_look = now;
                 // Ask the table when the next retry is due (any worker's), so that none waits
                 // for a poll tick; one due but held by someone is looked at again shortly.
-                let due_in = store::next_retry_due_in(&self.pool).await?;
+                let due_in = self.next_retry_due_in().await?;
                 state.next_retry = due_in.map(|secs| {
                     let wait = Duration::try_from_secs_f64(secs.max(0.0)).unwrap_or(Duration::MAX);
                     now + wait.clamp(RETRY_RECHECK, self.config.poll_interval.max(RETRY_RECHECK))
@@ -501,6 +501,17 @@ impl Processor {
         state.unavailable = 0;
         state.next_retry = earliest(state.next_retry, pass.retry_at);
         Ok(pass.claimed == usize::from(self.config.batch_size))
+    }
+
+    /// Seconds until the next retry is due (see [`store::next_retry_due_in`]), within the pass
+    /// limit like every other statement of a loop.
+    async fn next_retry_due_in(&self) -> Result<Option<f64>, sqlx::Error> {
+        let mut conn = self.pool.acquire().await?;
+        let result = within_pass_limit(store::next_retry_due_in(&mut *conn)).await;
+        if result.as_ref().is_err_and(store::is_unavailable) {
+            conn.close_on_drop();
+        }
+        result
     }
 
     /// Takes the next due job of the kind asked for, alone: counts the attempt and
