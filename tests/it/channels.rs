@@ -207,15 +207,13 @@ async fn poll_only_mode_closes_the_loop_with_no_listen_anywhere(
     worker.stop().await;
 
     // The same through the CLI: a poll-only worker process and a poll-only signup.
-    let mut worker = tokio::process::Command::new(env!("CARGO_BIN_EXE_ackloop"))
+    let mut worker = ackloop_command(&url)
         .args(["--poll-only", "worker", "--poll-interval", "100ms"])
-        .env("DATABASE_URL", &url)
-        .kill_on_drop(true)
         .spawn()
         .unwrap();
     let output = within(
         "a poll-only signup",
-        tokio::process::Command::new(env!("CARGO_BIN_EXE_ackloop"))
+        ackloop_command(&url)
             .args([
                 "--poll-only",
                 "signup",
@@ -224,7 +222,6 @@ async fn poll_only_mode_closes_the_loop_with_no_listen_anywhere(
                 "--display-name",
                 "Poll",
             ])
-            .env("DATABASE_URL", &url)
             .output(),
     )
     .await

@@ -7,19 +7,17 @@ use std::sync::Arc;
 use ackloop::{Channels, Signups, create_user};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, PgPool};
-use tokio::process::{Child, Command};
+use tokio::process::Child;
 use tokio::task::JoinSet;
 
 use crate::common::*;
 
 fn worker_process(url: &str) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_ackloop"))
+    ackloop_command(url)
         .args(["worker", "--concurrency", "2"])
-        .env("DATABASE_URL", url)
         .env("RUST_LOG", "ackloop=info")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
-        .kill_on_drop(true)
         .spawn()
         .expect("start ackloop worker")
 }
@@ -168,15 +166,9 @@ async fn a_schema_newer_than_the_binary_is_refused_with_exit_9(
     .await;
 
     for args in [&["status"][..], &["worker"], &["migrate"]] {
-        let output = within(
-            "ackloop to refuse",
-            Command::new(env!("CARGO_BIN_EXE_ackloop"))
-                .args(args)
-                .env("DATABASE_URL", &url)
-                .output(),
-        )
-        .await
-        .unwrap();
+        let output = within("ackloop to refuse", ackloop_command(&url).args(args).output())
+            .await
+            .unwrap();
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert_eq!(output.status.code(), Some(9), "{args:?}: {stderr}");
         assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");

@@ -7,7 +7,6 @@ use sqlx::ConnectOptions;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
-use tokio::process::Command;
 
 use crate::common::*;
 
@@ -38,9 +37,8 @@ fn sample(metrics: &str, name: &str) -> Option<f64> {
 async fn a_worker_serves_metrics_that_match_the_rows(options: PgPoolOptions, connect: PgConnectOptions) {
     let url = connect.to_url_lossy().to_string();
     let pool = pool(options, connect, 4).await;
-    let mut worker = Command::new(env!("CARGO_BIN_EXE_ackloop"))
+    let mut worker = ackloop_command(&url)
         .args(["worker", "--metrics-addr", "127.0.0.1:0"])
-        .env("DATABASE_URL", &url)
         .env("RUST_LOG", "ackloop=info")
         .env("NO_COLOR", "1")
         .stderr(Stdio::piped())
@@ -70,19 +68,18 @@ async fn a_worker_serves_metrics_that_match_the_rows(options: PgPoolOptions, con
 
     let (status, health) = http_get(&addr, "/healthz").await;
     assert!(status.contains("200"), "{status}: {health}");
-    let (status, metrics) = http_get(&addr, "/metrics").await;
-    assert!(status.contains("200"), "{status}");
     let done_rows = count_jobs_with_status(&pool, "done").await;
-    assert_eq!(
-        sample(&metrics, "ackloop_jobs_done_total"),
-        Some(done_rows as f64),
-        "{metrics}"
-    );
-    assert_eq!(
-        sample(&metrics, "ackloop_commit_to_claim_seconds_count"),
-        Some(3.0),
-        "{metrics}"
-    );
+    assert_eq!(done_rows, 3);
+    // The worker records a job's metrics just after its commit, which may be after its caller
+    // heard of it: wait for them to match the rows.
+    wait_until("the worker's metrics match the rows", || async {
+        let (status, metrics) = http_get(&addr, "/metrics").await;
+        assert!(status.contains("200"), "{status}");
+        sample(&metrics, "ackloop_jobs_done_total") == Some(done_rows as f64)
+            && sample(&metrics, "ackloop_commit_to_claim_seconds_count") == Some(3.0)
+    })
+    .await;
+    let (_, metrics) = http_get(&addr, "/metrics").await;
     assert!(
         metrics.contains("# TYPE ackloop_claim_to_done_seconds histogram"),
         "{metrics}"
