@@ -52,7 +52,7 @@ pub struct BenchConfig {
     #[arg(long)]
     pub garbage: bool,
     /// Reach the database through a proxy adding this round-trip time (1ms: a data centre)
-    #[arg(long, value_parser = crate::cli::parse_duration)]
+    #[arg(long, value_parser = crate::duration_arg::parse_duration)]
     pub rtt: Option<Duration>,
     /// Let the pool ping each connection before handing it out (sqlx's default; one more
     /// round trip per query)
@@ -60,7 +60,7 @@ pub struct BenchConfig {
     pub ping_on_acquire: bool,
     /// Never LISTEN: workers and waiting signups poll the tables at this interval (what the
     /// global --poll-only does, with the interval measured)
-    #[arg(long, value_parser = crate::cli::parse_duration)]
+    #[arg(long, value_parser = crate::duration_arg::parse_duration)]
     pub poll_every: Option<Duration>,
     /// Keep the scratch database for inspection
     #[arg(long)]

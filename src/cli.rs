@@ -15,6 +15,8 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, Connection, PgPool};
 use tokio_util::sync::CancellationToken;
 
+use crate::duration_arg::parse_duration;
+
 /// Hand work from one service to another through PostgreSQL, and know it was done.
 #[derive(Debug, Parser)]
 #[command(name = "ackloop", version, about)]
@@ -890,44 +892,9 @@ async fn doctor(connection: &ConnectionArgs, stale_after: Duration, json: bool) 
     }
 }
 
-/// Reads `500us`, `500ms`, `5s`, `2m`, `1h`, `7d`, or a bare number of seconds.
-pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let value: f64 = number
-        .parse()
-        .map_err(|_| format!("{text:?} is not a duration like 500ms, 5s or 2m"))?;
-    let seconds = match unit {
-        "us" => value / 1_000_000.0,
-        "ms" => value / 1000.0,
-        "" | "s" => value,
-        "m" => value * 60.0,
-        "h" => value * 3600.0,
-        "d" => value * 86400.0,
-        _ => return Err(format!("unknown unit {unit:?}: use us, ms, s, m, h or d")),
-    };
-    Duration::try_from_secs_f64(seconds).map_err(|err| format!("{text:?}: {err}"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn durations_parse_with_units() {
-        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
-        assert_eq!(parse_duration("250us"), Ok(Duration::from_micros(250)));
-        assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
-        assert_eq!(parse_duration("5"), Ok(Duration::from_secs(5)));
-        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
-        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
-        assert!(parse_duration("soon").is_err());
-        assert!(parse_duration("5 parsecs").is_err());
-        assert!(parse_duration("-1s").is_err());
-    }
 
     #[test]
     fn cli_definition_is_consistent() {

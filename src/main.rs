@@ -8,6 +8,7 @@ use tracing_subscriber::EnvFilter;
 
 mod bench;
 mod cli;
+mod duration_arg;
 mod latency;
 
 fn main() -> ExitCode {
