@@ -20,7 +20,7 @@ use uuid::Uuid;
 
 use crate::channel::{ChannelName, Event, IgnoredPayloads, Subscription, parse_job_id};
 use crate::job::{JobId, JobStatus};
-use crate::signup::Player;
+use crate::new_user::Player;
 use crate::store::{self, JobOutcomeRow};
 use crate::telemetry;
 

@@ -51,6 +51,7 @@ mod doctor;
 #[cfg(feature = "http")]
 mod exporter;
 mod job;
+mod new_user;
 mod schema;
 mod signup;
 mod status;

@@ -1,10 +1,8 @@
 //! The auth side: validate a signup, write the user and its job in one transaction, and wait for
 //! the worker's confirmation.
 
-use std::fmt;
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
 use serde::Serialize;
 use sqlx::postgres::PgConnectOptions;
 use sqlx::{PgConnection, PgPool};
@@ -12,195 +10,12 @@ use tokio::time::Instant;
 
 use crate::channel::Channels;
 use crate::confirm::{Checked, Confirmations, Outcome, Source};
-use crate::job::{JobId, PlayerId, UserId};
+use crate::job::{JobId, UserId};
+pub use crate::new_user::{
+    Field, InvalidInput, MAX_DISPLAY_NAME_CHARS, MAX_EMAIL_CHARS, NewUser, Player, Rule,
+};
 use crate::store;
 use crate::writer::{self, Writers};
-
-/// Longest email accepted (RFC 5321's limit on a forward path); the schema checks it too.
-pub const MAX_EMAIL_CHARS: usize = 254;
-/// Longest local part (before the `@`) accepted, per RFC 5321.
-const MAX_EMAIL_LOCAL_CHARS: usize = 64;
-/// Longest display name accepted; the schema checks it too.
-pub const MAX_DISPLAY_NAME_CHARS: usize = 64;
-
-/// A signup's input, validated: construct it with [`NewUser::new`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NewUser {
-    email: String,
-    display_name: String,
-}
-
-impl NewUser {
-    /// Validates an email and a display name. Both are stored exactly as given, never trimmed or
-    /// case-folded (email uniqueness ignores case in the database).
-    ///
-    /// # Errors
-    /// [`InvalidInput`] naming the first field that breaks a rule, and the rule.
-    ///
-    /// ```
-    /// use ackloop::{Field, NewUser};
-    ///
-    /// assert!(NewUser::new("ada@example.com", "Ada").is_ok());
-    /// let err = NewUser::new("ada@example.com", "   ").unwrap_err();
-    /// assert_eq!(err.field, Field::DisplayName);
-    /// ```
-    pub fn new(email: impl Into<String>, display_name: impl Into<String>) -> Result<Self, InvalidInput> {
-        let email = email.into();
-        let display_name = display_name.into();
-        check_email(&email).map_err(|rule| InvalidInput {
-            field: Field::Email,
-            rule,
-        })?;
-        check_display_name(&display_name).map_err(|rule| InvalidInput {
-            field: Field::DisplayName,
-            rule,
-        })?;
-        Ok(Self { email, display_name })
-    }
-
-    /// The email, as given.
-    pub fn email(&self) -> &str {
-        &self.email
-    }
-
-    /// The display name, as given.
-    pub fn display_name(&self) -> &str {
-        &self.display_name
-    }
-}
-
-fn check_email(email: &str) -> Result<(), Rule> {
-    let chars = email.chars().count();
-    if chars == 0 {
-        return Err(Rule::Empty);
-    }
-    if chars > MAX_EMAIL_CHARS {
-        return Err(Rule::TooLong { max: MAX_EMAIL_CHARS });
-    }
-    if email.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return Err(Rule::WhitespaceOrControl);
-    }
-    let Some((local, domain)) = email.split_once('@') else {
-        return Err(Rule::EmailShape("must contain one '@'"));
-    };
-    if domain.contains('@') {
-        return Err(Rule::EmailShape("must contain only one '@'"));
-    }
-    if local.is_empty() || local.chars().count() > MAX_EMAIL_LOCAL_CHARS {
-        return Err(Rule::EmailShape("needs 1 to 64 characters before the '@'"));
-    }
-    if local.chars().any(|c| "<>()[]\\,;:\"".contains(c)) {
-        return Err(Rule::EmailShape("has a character not allowed before the '@'"));
-    }
-    let labels: Vec<&str> = domain.split('.').collect();
-    if labels.len() < 2 {
-        return Err(Rule::EmailShape("needs a domain with a dot, like example.com"));
-    }
-    let label_ok = |label: &&str| {
-        !label.is_empty()
-            && !label.starts_with('-')
-            && !label.ends_with('-')
-            && label.chars().all(|c| c.is_alphanumeric() || c == '-')
-    };
-    if !labels.iter().all(label_ok) {
-        return Err(Rule::EmailShape("has an invalid domain"));
-    }
-    Ok(())
-}
-
-fn check_display_name(name: &str) -> Result<(), Rule> {
-    let chars = name.chars().count();
-    if chars == 0 {
-        return Err(Rule::Empty);
-    }
-    if chars > MAX_DISPLAY_NAME_CHARS {
-        return Err(Rule::TooLong {
-            max: MAX_DISPLAY_NAME_CHARS,
-        });
-    }
-    if name.trim().is_empty() {
-        return Err(Rule::Blank);
-    }
-    if name.chars().any(char::is_control) {
-        return Err(Rule::Control);
-    }
-    if name.trim() != name {
-        return Err(Rule::SurroundingWhitespace);
-    }
-    Ok(())
-}
-
-/// The input field a signup was refused for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Field {
-    /// The user's email.
-    Email,
-    /// The user's (and player's) display name.
-    DisplayName,
-}
-
-impl fmt::Display for Field {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Self::Email => "email",
-            Self::DisplayName => "display name",
-        })
-    }
-}
-
-/// The rule an input broke.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[non_exhaustive]
-pub enum Rule {
-    /// Nothing was given.
-    #[error("must not be empty")]
-    Empty,
-    /// Only whitespace was given.
-    #[error("must not be only whitespace")]
-    Blank,
-    /// More characters than allowed.
-    #[error("must be at most {max} characters")]
-    TooLong {
-        /// The limit, in characters (Unicode scalar values).
-        max: usize,
-    },
-    /// Leading or trailing whitespace, which would be stored and shown as given.
-    #[error("must not start or end with whitespace")]
-    SurroundingWhitespace,
-    /// Whitespace or control characters inside an email.
-    #[error("must not contain spaces or control characters")]
-    WhitespaceOrControl,
-    /// Control characters (newlines, NUL, escapes) in a name.
-    #[error("must not contain control characters")]
-    Control,
-    /// Not shaped like an address.
-    #[error("{0}")]
-    EmailShape(&'static str),
-}
-
-/// A signup refused before anything was written: which field, and which rule it broke.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid {field}: {rule}")]
-pub struct InvalidInput {
-    /// The field that was refused.
-    pub field: Field,
-    /// The rule it broke.
-    pub rule: Rule,
-}
-
-/// A player, as the worker created it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Player {
-    /// The player's id.
-    pub id: PlayerId,
-    /// The user it belongs to.
-    pub user_id: UserId,
-    /// Copied from the user at creation.
-    pub display_name: String,
-    /// When the worker created it.
-    pub created_at: DateTime<Utc>,
-}
 
 /// A committed signup: the user and the job that will create its player.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -328,8 +143,8 @@ pub async fn create_user(
     let job_id = JobId::new();
     let user_id = store::insert_user_and_job(
         conn,
-        &new_user.email,
-        &new_user.display_name,
+        new_user.email(),
+        new_user.display_name(),
         job_id,
         &channels.jobs,
         None,
@@ -697,89 +512,5 @@ fn finish(
             })
         }
         Checked::Missing => Err(SignupError::UnknownJob(job_id)),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn email_rule(email: &str) -> Option<Rule> {
-        check_email(email).err()
-    }
-
-    #[test]
-    fn accepts_ordinary_and_international_addresses() {
-        for email in [
-            "ada@example.com",
-            "Ada.Lovelace+tag@mail.example.co.uk",
-            "o'brien@example.ie",
-            "用户@例子.广告",
-            "a@b.co",
-        ] {
-            assert_eq!(email_rule(email), None, "{email}");
-        }
-    }
-
-    #[test]
-    fn refuses_malformed_addresses_with_a_reason() {
-        for email in [
-            "",
-            "plain",
-            "a@b",
-            "@example.com",
-            "a@@example.com",
-            "a@b@example.com",
-            "a b@example.com",
-            " ada@example.com",
-            "ada@example.com\n",
-            "a\0@example.com",
-            "a@-example.com",
-            "a@example..com",
-            "a@exa_mple.com",
-            "a;drop@example.com",
-        ] {
-            assert!(email_rule(email).is_some(), "{email:?} should be refused");
-        }
-        let long_local = format!("{}@example.com", "a".repeat(65));
-        assert!(email_rule(&long_local).is_some());
-        let too_long = format!("a@{}.com", "b".repeat(MAX_EMAIL_CHARS));
-        assert_eq!(
-            email_rule(&too_long),
-            Some(Rule::TooLong { max: MAX_EMAIL_CHARS })
-        );
-    }
-
-    #[test]
-    fn display_names_are_kept_as_given_or_refused() {
-        for ok in [
-            "Ada",
-            "Ada Lovelace",
-            "ǅemal 🎮",
-            "'; drop table users; --",
-            &"é".repeat(64),
-        ] {
-            assert_eq!(check_display_name(ok), Ok(()), "{ok:?}");
-        }
-        assert_eq!(check_display_name(""), Err(Rule::Empty));
-        assert_eq!(check_display_name("   "), Err(Rule::Blank));
-        assert_eq!(check_display_name("\u{3000}"), Err(Rule::Blank));
-        assert_eq!(check_display_name(" Ada"), Err(Rule::SurroundingWhitespace));
-        assert_eq!(check_display_name("Ada\nLovelace"), Err(Rule::Control));
-        assert_eq!(check_display_name("a\0b"), Err(Rule::Control));
-        assert_eq!(
-            check_display_name(&"é".repeat(65)),
-            Err(Rule::TooLong {
-                max: MAX_DISPLAY_NAME_CHARS
-            })
-        );
-    }
-
-    #[test]
-    fn invalid_input_names_field_and_rule() {
-        let err = NewUser::new("ada@example.com", "").unwrap_err();
-        assert_eq!(err.to_string(), "invalid display name: must not be empty");
-        let err = NewUser::new("nope", "Ada").unwrap_err();
-        assert_eq!(err.field, Field::Email);
     }
 }

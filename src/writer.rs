@@ -29,7 +29,7 @@ use uuid::Uuid;
 
 use crate::channel::Channels;
 use crate::job::{JobId, UserId};
-use crate::signup::NewUser;
+use crate::new_user::NewUser;
 use crate::store;
 
 /// Signups waiting for a writer, at most: past this, callers wait (within their deadlines) for
