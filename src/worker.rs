@@ -506,8 +506,21 @@ impl Processor {
     /// Seconds until the next retry is due (see [`store::next_retry_due_in`]), within the pass
     /// limit like every other statement of a loop.
     async fn next_retry_due_in(&self) -> Result<Option<f64>, sqlx::Error> {
+        self.on_own_connection(async |conn| store::next_retry_due_in(conn).await)
+            .await
+    }
+
+    /// Runs `work` on a pool connection of its own within [`PASS_LIMIT`]. A connection whose
+    /// work failed for want of the database (or ran out of time) is closed, not handed to the
+    /// next pass: its session may be gone, or never answer again.
+    async fn on_own_connection<T>(
+        &self,
+        work: impl AsyncFnOnce(&mut PgConnection) -> Result<T, sqlx::Error>,
+    ) -> Result<T, sqlx::Error> {
         let mut conn = self.pool.acquire().await?;
-        let result = within_pass_limit(store::next_retry_due_in(&mut *conn)).await;
+        let result = tokio::time::timeout(PASS_LIMIT, work(&mut conn))
+            .await
+            .unwrap_or_else(|_| Err(store::no_answer_in_time()));
         if result.as_ref().is_err_and(store::is_unavailable) {
             conn.close_on_drop();
         }
@@ -520,21 +533,15 @@ impl Processor {
     /// its count and waits out its backoff; once it has used every attempt it is failed here,
     /// before another is made.
     async fn attempt_alone(&self, due: Due, state: &mut LoopState) -> Result<Lone, sqlx::Error> {
-        let mut conn = self.pool.acquire().await?;
         let mut unfinished_due = None;
-        let attempt = self.attempt_alone_on(&mut conn, due, &mut unfinished_due);
-        let result = within_pass_limit(attempt).await;
+        let result = self
+            .on_own_connection(async |conn| self.attempt_alone_on(conn, due, &mut unfinished_due).await)
+            .await;
         match &result {
             Ok(Lone::Taken { retry_at }) => state.next_retry = earliest(state.next_retry, *retry_at),
             Ok(Lone::NoneDue) => {}
-            Err(err) => {
-                // The attempt may not have finished: look again when its job is due.
-                state.next_retry = earliest(state.next_retry, unfinished_due);
-                if store::is_unavailable(err) {
-                    // The session may be gone: do not hand it to the next pass.
-                    conn.close_on_drop();
-                }
-            }
+            // The attempt may not have finished: look again when its job is due.
+            Err(_) => state.next_retry = earliest(state.next_retry, unfinished_due),
         }
         result
     }
@@ -645,13 +652,8 @@ impl Processor {
     /// bad: go through a batch again one job per savepoint, to complete the good jobs and record
     /// the bad one's error.
     async fn pass(&self) -> Result<Pass, sqlx::Error> {
-        let mut conn = self.pool.acquire().await?;
-        let result = within_pass_limit(self.pass_on(&mut conn)).await;
-        if result.as_ref().is_err_and(store::is_unavailable) {
-            // The session may be gone: do not hand it to the next pass.
-            conn.close_on_drop();
-        }
-        result
+        self.on_own_connection(async |conn| self.pass_on(conn).await)
+            .await
     }
 
     async fn pass_on(&self, conn: &mut PgConnection) -> Result<Pass, sqlx::Error> {
@@ -741,13 +743,6 @@ impl Processor {
         tracing::warn!(job.id = %job.id, attempt = attempts, retry_in_ms = delay_ms, error = %error, "job attempt failed; will retry");
         Ok(Some(Instant::now() + delay))
     }
-}
-
-/// `pass`, or an I/O error (the database is unavailable) once it has taken [`PASS_LIMIT`].
-async fn within_pass_limit<T>(pass: impl Future<Output = Result<T, sqlx::Error>>) -> Result<T, sqlx::Error> {
-    tokio::time::timeout(PASS_LIMIT, pass)
-        .await
-        .unwrap_or_else(|_| Err(store::no_answer_in_time()))
 }
 
 /// A job's error while an attempt is under way, and for good if the attempt never finishes.
