@@ -88,7 +88,9 @@ pub mod metric_names {
         OLDEST_PENDING, PAYLOADS_IGNORED,
     };
 }
-pub use worker::{Worker, WorkerConfig, WorkerError, worker_session_options};
+pub use worker::{
+    Handler, InsertPlayer, Job, JobError, Worker, WorkerConfig, WorkerError, worker_session_options,
+};
 
 /// The schema migrations, embedded: `MIGRATOR.run(&pool)` applies those not yet applied.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");

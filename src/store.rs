@@ -192,17 +192,22 @@ pub(crate) async fn complete_due_jobs(
     .await
 }
 
-/// A job locked by the current transaction, its attempt already counted.
+/// A job locked by the current transaction, its attempt already counted, with the data a
+/// handler needs.
 #[derive(Debug)]
 pub(crate) struct ClaimedJob {
     pub(crate) id: JobId,
     pub(crate) user_id: UserId,
+    pub(crate) display_name: String,
     /// Attempts including this one.
     pub(crate) attempts: i32,
+    /// From its signup to this claim.
+    pub(crate) waited_secs: f64,
 }
 
 /// Locks up to `limit` due jobs never tried before for this transaction (skipping any another
-/// worker holds) and counts the attempt: the jobs of a batch that failed. The lock lasts until the transaction ends; if it rolls back, or the
+/// worker holds) and counts the attempt: a custom handler's batch, or the jobs of a built-in
+/// batch that failed. The lock lasts until the transaction ends; if it rolls back, or the
 /// connection dies, the jobs are pending again with their attempt uncounted.
 pub(crate) async fn claim_due_jobs(
     conn: &mut PgConnection,
@@ -220,16 +225,28 @@ pub(crate) async fn claim_due_jobs(
             order by run_after, id
             limit $1
             for update skip locked
+        ),
+        counted as (
+            update player_creation_jobs
+            set attempts = player_creation_jobs.attempts + 1,
+                updated_at = now()
+            from claimed
+            where player_creation_jobs.id = claimed.id
+            returning
+                player_creation_jobs.id,
+                player_creation_jobs.user_id,
+                player_creation_jobs.attempts,
+                player_creation_jobs.created_at
         )
-        update player_creation_jobs
-        set attempts = player_creation_jobs.attempts + 1,
-            updated_at = now()
-        from claimed
-        where player_creation_jobs.id = claimed.id
-        returning
-            player_creation_jobs.id as "id: JobId",
-            player_creation_jobs.user_id as "user_id: UserId",
-            player_creation_jobs.attempts
+        select
+            counted.id as "id: JobId",
+            counted.user_id as "user_id: UserId",
+            users.display_name,
+            counted.attempts,
+            extract(epoch from now() - counted.created_at)::float8 as "waited_secs!"
+        from counted
+        join users on users.id = counted.user_id
+        order by counted.id
         "#,
         limit,
     )
@@ -242,6 +259,7 @@ pub(crate) async fn claim_due_jobs(
 pub(crate) struct DueJob {
     pub(crate) id: JobId,
     pub(crate) user_id: UserId,
+    pub(crate) display_name: String,
     /// Attempts made before this one.
     pub(crate) attempts: i32,
     pub(crate) last_error: Option<String>,
@@ -270,17 +288,19 @@ pub(crate) async fn lock_next_due_job(
                 DueJob,
                 r#"
                 select
-                    id as "id: JobId",
-                    user_id as "user_id: UserId",
-                    attempts,
-                    last_error,
-                    extract(epoch from now() - created_at)::float8 as "waited_secs!"
-                from player_creation_jobs
+                    jobs.id as "id: JobId",
+                    jobs.user_id as "user_id: UserId",
+                    users.display_name,
+                    jobs.attempts,
+                    jobs.last_error,
+                    extract(epoch from now() - jobs.created_at)::float8 as "waited_secs!"
+                from player_creation_jobs as jobs
+                join users on users.id = jobs.user_id
                 where status = 'pending'
                   and run_after <= now()
-                order by run_after, id
+                order by run_after, jobs.id
                 limit 1
-                for update skip locked
+                for update of jobs skip locked
                 "#,
             )
             .fetch_optional(conn)
@@ -291,18 +311,20 @@ pub(crate) async fn lock_next_due_job(
                 DueJob,
                 r#"
                 select
-                    id as "id: JobId",
-                    user_id as "user_id: UserId",
-                    attempts,
-                    last_error,
-                    extract(epoch from now() - created_at)::float8 as "waited_secs!"
-                from player_creation_jobs
+                    jobs.id as "id: JobId",
+                    jobs.user_id as "user_id: UserId",
+                    users.display_name,
+                    jobs.attempts,
+                    jobs.last_error,
+                    extract(epoch from now() - jobs.created_at)::float8 as "waited_secs!"
+                from player_creation_jobs as jobs
+                join users on users.id = jobs.user_id
                 where status = 'pending'
                   and attempts > 0
                   and run_after <= now()
-                order by run_after, id
+                order by run_after, jobs.id
                 limit 1
-                for update skip locked
+                for update of jobs skip locked
                 "#,
             )
             .fetch_optional(conn)
@@ -410,30 +432,34 @@ pub(crate) async fn lock_started_attempt(
     Ok(locked.is_some())
 }
 
-/// Creates the user's player from the user's display name. A player that already exists is left
-/// as it is: the effect is in place, so the job can be marked done.
-pub(crate) async fn insert_player(conn: &mut PgConnection, user_id: UserId) -> Result<(), sqlx::Error> {
+/// Creates the user's player from the display name the job carries. A player that already
+/// exists is left as it is: the effect is in place, so the job can be marked done.
+pub(crate) async fn insert_player(
+    conn: &mut PgConnection,
+    user_id: UserId,
+    display_name: &str,
+) -> Result<(), sqlx::Error> {
     sqlx::query!(
         r#"
         insert into players (user_id, display_name)
-        select id, display_name
-        from users
-        where id = $1
+        values ($1, $2)
         on conflict (user_id) do nothing
         "#,
         user_id.get(),
+        display_name,
     )
     .execute(conn)
     .await?;
     Ok(())
 }
 
-/// Marks a claimed job done and notifies its id on the done channel (delivered at commit).
-pub(crate) async fn mark_job_done(
+/// Marks claimed jobs done and notifies each id on the done channel (delivered at commit).
+pub(crate) async fn mark_jobs_done(
     conn: &mut PgConnection,
-    job_id: JobId,
+    job_ids: &[JobId],
     done_channel: &ChannelName,
 ) -> Result<(), sqlx::Error> {
+    let ids: Vec<Uuid> = job_ids.iter().map(|id| id.as_uuid()).collect();
     sqlx::query!(
         r#"
         with completed as (
@@ -442,18 +468,43 @@ pub(crate) async fn mark_job_done(
                 last_error = null,
                 updated_at = now(),
                 completed_at = now()
-            where id = $1
+            where id = any($1)
             returning id
         )
         select completed.id
         from completed
         cross join lateral pg_notify($2, completed.id::text) as notified
         "#,
-        job_id.as_uuid(),
+        &ids,
         done_channel.as_str(),
     )
-    .fetch_one(conn)
+    .fetch_all(conn)
     .await?;
+    Ok(())
+}
+
+/// Marks the point one job's work can be undone to, inside the current transaction. Released
+/// by [`release_job_savepoint`] or undone by [`rollback_to_job_savepoint`]; the same name each
+/// time, so the innermost one is meant.
+pub(crate) async fn job_savepoint(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
+    sqlx::raw_sql("savepoint ackloop_job").execute(conn).await?;
+    Ok(())
+}
+
+/// Keeps what a job wrote since its savepoint (it commits, or not, with the transaction).
+pub(crate) async fn release_job_savepoint(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
+    sqlx::raw_sql("release savepoint ackloop_job")
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// Undoes everything a job wrote since its savepoint, and the error state a failed statement
+/// left the transaction in.
+pub(crate) async fn rollback_to_job_savepoint(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
+    sqlx::raw_sql("rollback to savepoint ackloop_job; release savepoint ackloop_job")
+        .execute(conn)
+        .await?;
     Ok(())
 }
 

@@ -21,6 +21,10 @@ use crate::job::Backoff;
 use crate::store::{self, ClaimedJob, Due};
 use crate::telemetry;
 
+mod handler;
+
+pub use handler::{Handler, InsertPlayer, Job, JobError};
+
 /// Waits after the database could not be reached, before trying again.
 const UNAVAILABLE_BACKOFF: Backoff = Backoff {
     base: Duration::from_millis(100),
@@ -150,10 +154,15 @@ pub enum WorkerError {
 }
 
 /// The player worker. Run it with [`Worker::run`] as a service of its own (`ackloop worker`) or
-/// inside another tokio service.
-pub struct Worker {
+/// inside another tokio service. It runs the built-in [`InsertPlayer`] unless given a
+/// [`Handler`] of your own with [`Worker::with_handler`].
+pub struct Worker<H = InsertPlayer> {
     pool: PgPool,
     config: WorkerConfig,
+    handler: H,
+    /// Whether `handler` is the built-in one that [`Worker::new`] set, which completes a whole
+    /// batch in one statement.
+    built_in: bool,
 }
 
 impl Worker {
@@ -174,7 +183,47 @@ impl Worker {
     /// # Ok(()) }
     /// ```
     pub fn new(pool: PgPool, config: WorkerConfig) -> Self {
-        Self { pool, config }
+        Self {
+            pool,
+            config,
+            handler: InsertPlayer,
+            built_in: true,
+        }
+    }
+}
+
+impl<H: Handler> Worker<H> {
+    /// The same worker running `handler` for each job instead of the built-in player insert.
+    /// See [`Handler`] for what a handler may do and how its answers are taken.
+    ///
+    /// ```no_run
+    /// # async fn demo(pool: sqlx::PgPool) {
+    /// use ackloop::{Handler, Job, JobError, Worker, WorkerConfig};
+    /// use sqlx::PgConnection;
+    ///
+    /// struct CreatePlayer;
+    ///
+    /// impl Handler for CreatePlayer {
+    ///     async fn handle(&self, job: &Job, conn: &mut PgConnection) -> Result<(), JobError> {
+    ///         sqlx::query("insert into players (user_id, display_name) values ($1, $2)")
+    ///             .bind(job.user_id.get())
+    ///             .bind(&job.display_name)
+    ///             .execute(&mut *conn)
+    ///             .await?;
+    ///         Ok(())
+    ///     }
+    /// }
+    ///
+    /// let worker = Worker::new(pool, WorkerConfig::default()).with_handler(CreatePlayer);
+    /// # }
+    /// ```
+    pub fn with_handler<G: Handler>(self, handler: G) -> Worker<G> {
+        Worker {
+            pool: self.pool,
+            config: self.config,
+            handler,
+            built_in: false,
+        }
     }
 
     /// Processes jobs until `shutdown` is cancelled, then lets in-flight batches finish (up to
@@ -231,6 +280,8 @@ impl Worker {
             pool: self.pool,
             wake: Notify::new(),
             config,
+            handler: self.handler,
+            built_in: self.built_in,
         });
         let listener = subscription.map(|subscription| {
             tokio::spawn(
@@ -282,9 +333,9 @@ impl Worker {
     }
 }
 
-fn spawn_loop(
+fn spawn_loop<H: Handler>(
     loops: &mut JoinSet<()>,
-    processor: &Arc<Processor>,
+    processor: &Arc<Processor<H>>,
     shutdown: &CancellationToken,
     index: usize,
 ) {
@@ -298,9 +349,9 @@ fn spawn_loop(
 
 /// Turns notifications into wake-ups. The payload is checked only to tell garbage from job ids;
 /// which jobs to take is decided by the claim, from the table.
-async fn wake_on_notifications(
+async fn wake_on_notifications<H: Handler>(
     mut subscription: Subscription,
-    processor: Arc<Processor>,
+    processor: Arc<Processor<H>>,
     shutdown: CancellationToken,
 ) {
     let loops = processor.config.concurrency;
@@ -337,10 +388,12 @@ fn is_job_id(payload: &str, ignored: &mut IgnoredPayloads) -> bool {
     }
 }
 
-struct Processor {
+struct Processor<H> {
     pool: PgPool,
     wake: Notify,
     config: WorkerConfig,
+    handler: H,
+    built_in: bool,
 }
 
 /// What one pass over the queue did.
@@ -382,7 +435,7 @@ enum Lone {
     },
 }
 
-impl Processor {
+impl<H: Handler> Processor<H> {
     /// One processing loop: drain the queue, then wait for a reason to look again.
     async fn process_until(self: Arc<Self>, shutdown: CancellationToken) {
         let mut poll = tokio::time::interval_at(
@@ -590,7 +643,9 @@ impl Processor {
         let claimed = ClaimedJob {
             id: job.id,
             user_id: job.user_id,
+            display_name: job.display_name,
             attempts: attempt,
+            waited_secs: job.waited_secs,
         };
         let span = tracing::debug_span!("process_job", job.id = %job.id, attempt);
         match self.make_attempt(conn, &claimed, started).instrument(span).await {
@@ -629,18 +684,15 @@ impl Processor {
             tx.commit().await?;
             return Ok(None);
         }
-        let mut savepoint = tx.begin().await?;
-        match self.complete(&mut savepoint, job).await {
+        match self.attempt(&mut tx, job).await? {
             Ok(()) => {
-                savepoint.commit().await?;
+                store::mark_jobs_done(&mut tx, &[job.id], &self.config.channels.done).await?;
                 tx.commit().await?;
                 ::metrics::counter!(telemetry::JOBS_DONE).increment(1);
                 ::metrics::histogram!(telemetry::CLAIM_TO_DONE).record(claimed_at.elapsed().as_secs_f64());
                 Ok(None)
             }
-            Err(err) if store::is_unavailable(&err) || store::is_lock_timeout(&err) => Err(err),
             Err(err) => {
-                savepoint.rollback().await?;
                 let retry_at = self.record_failure(&mut tx, job, &err).await?;
                 tx.commit().await?;
                 Ok(retry_at)
@@ -658,6 +710,9 @@ impl Processor {
 
     async fn pass_on(&self, conn: &mut PgConnection) -> Result<Pass, sqlx::Error> {
         let limit = i64::from(self.config.batch_size);
+        if !self.built_in {
+            return self.pass_one_by_one(conn, limit).await;
+        }
         let started = Instant::now();
         match store::complete_due_jobs(&mut *conn, limit, &self.config.channels.done).await {
             Ok(done) => {
@@ -676,7 +731,7 @@ impl Processor {
                     retry_at: None,
                 })
             }
-            Err(err) if store::is_unavailable(&err) || store::is_lock_timeout(&err) => Err(err),
+            Err(err) if is_not_the_jobs_fault(&err) => Err(err),
             // On the same connection: Postgres reports a failed statement before it has finished
             // aborting it, so for a moment the batch's rows are still locked, and a claim on
             // another connection would skip them and find nothing to do. This connection's next
@@ -688,36 +743,69 @@ impl Processor {
         }
     }
 
+    /// Claims a batch and runs the handler on each job in a savepoint of its own, then marks the
+    /// jobs it finished done, in one transaction.
     async fn pass_one_by_one(&self, conn: &mut PgConnection, limit: i64) -> Result<Pass, sqlx::Error> {
+        let started = Instant::now();
         let mut tx = conn.begin().await?;
         let jobs = store::claim_due_jobs(&mut tx, limit).await?;
+        let mut done = Vec::with_capacity(jobs.len());
         let mut retry_at = None;
         for job in &jobs {
             let span = tracing::debug_span!("process_job", job.id = %job.id, attempt = job.attempts);
-            let mut savepoint = tx.begin().await?;
-            let result = self.complete(&mut savepoint, job).instrument(span).await;
-            match result {
-                Ok(()) => {
-                    savepoint.commit().await?;
-                    ::metrics::counter!(telemetry::JOBS_DONE).increment(1);
-                }
-                Err(err) if store::is_unavailable(&err) || store::is_lock_timeout(&err) => return Err(err),
-                Err(err) => {
-                    savepoint.rollback().await?;
-                    retry_at = earliest(retry_at, self.record_failure(&mut tx, job, &err).await?);
-                }
+            match self.attempt(&mut tx, job).instrument(span).await? {
+                Ok(()) => done.push(job.id),
+                Err(err) => retry_at = earliest(retry_at, self.record_failure(&mut tx, job, &err).await?),
             }
         }
+        if !done.is_empty() {
+            store::mark_jobs_done(&mut tx, &done, &self.config.channels.done).await?;
+        }
         tx.commit().await?;
+        let took = started.elapsed().as_secs_f64();
+        for job in jobs.iter().filter(|job| done.contains(&job.id)) {
+            ::metrics::histogram!(telemetry::COMMIT_TO_CLAIM).record(job.waited_secs);
+            ::metrics::histogram!(telemetry::CLAIM_TO_DONE).record(took);
+        }
+        ::metrics::counter!(telemetry::JOBS_DONE).increment(done.len() as u64);
         Ok(Pass {
             claimed: jobs.len(),
             retry_at,
         })
     }
 
-    async fn complete(&self, conn: &mut PgConnection, job: &ClaimedJob) -> Result<(), sqlx::Error> {
-        store::insert_player(conn, job.user_id).await?;
-        store::mark_job_done(conn, job.id, &self.config.channels.done).await
+    /// Runs the handler on `job` in a savepoint of its own: its writes are kept if it succeeds
+    /// and undone if not. The inner error is the job's (to be recorded); the outer one is the
+    /// pass's (the database could not be reached, or a lock wait ran out), for which the whole
+    /// transaction is given up and no attempt counted.
+    async fn attempt(
+        &self,
+        conn: &mut PgConnection,
+        job: &ClaimedJob,
+    ) -> Result<Result<(), JobError>, sqlx::Error> {
+        store::job_savepoint(conn).await?;
+        let handed = Job {
+            id: job.id,
+            user_id: job.user_id,
+            display_name: job.display_name.clone(),
+            attempt: u32::try_from(job.attempts).unwrap_or(u32::MAX),
+        };
+        let error = match handler::run_caught(&self.handler, &handed, conn).await {
+            Ok(()) => match store::release_job_savepoint(conn).await {
+                Ok(()) => return Ok(Ok(())),
+                Err(err) if is_not_the_jobs_fault(&err) => return Err(err),
+                // A statement of the handler's failed and it returned success anyway: the
+                // transaction is aborted and nothing it wrote can be kept.
+                Err(_) => JobError::retry_later(
+                    "the handler returned success after one of its statements failed; nothing it \
+                     wrote was kept",
+                ),
+            },
+            Err(JobError::Database(err)) if is_not_the_jobs_fault(&err) => return Err(err),
+            Err(err) => err,
+        };
+        store::rollback_to_job_savepoint(conn).await?;
+        Ok(Err(error))
     }
 
     /// Marks the job failed (and tells its caller) or schedules its retry. Returns when the retry
@@ -726,11 +814,15 @@ impl Processor {
         &self,
         conn: &mut PgConnection,
         job: &ClaimedJob,
-        err: &sqlx::Error,
+        err: &JobError,
     ) -> Result<Option<Instant>, sqlx::Error> {
-        let error = crate::describe_db_error(err);
+        let (error, permanent) = match err {
+            JobError::Database(err) => (crate::describe_db_error(err), store::is_permanent(err)),
+            JobError::RetryLater(reason) => (handler::storable_reason(reason), false),
+            JobError::Fail(reason) => (handler::storable_reason(reason), true),
+        };
         let attempts = u32::try_from(job.attempts).unwrap_or(u32::MAX);
-        if store::is_permanent(err) || attempts >= self.config.max_attempts {
+        if permanent || attempts >= self.config.max_attempts {
             store::mark_job_failed(conn, job.id, &error, &self.config.channels.done).await?;
             ::metrics::counter!(telemetry::JOBS_FAILED).increment(1);
             tracing::error!(job.id = %job.id, attempts, error, "job failed");
@@ -743,6 +835,12 @@ impl Processor {
         tracing::warn!(job.id = %job.id, attempt = attempts, retry_in_ms = delay_ms, error = %error, "job attempt failed; will retry");
         Ok(Some(Instant::now() + delay))
     }
+}
+
+/// Whether a statement failed for want of the database (or of a lock another session holds)
+/// rather than for anything in the job: then the pass is given up, not the job's attempt.
+fn is_not_the_jobs_fault(err: &sqlx::Error) -> bool {
+    store::is_unavailable(err) || store::is_lock_timeout(err)
 }
 
 /// A job's error while an attempt is under way, and for good if the attempt never finishes.
