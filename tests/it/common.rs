@@ -3,7 +3,7 @@
 use std::future::Future;
 use std::time::Duration;
 
-use ackloop::{Backoff, Channels, NewUser, Signups, SignupsConfig, Worker, WorkerConfig};
+use ackloop::{Backoff, Channels, Handler, NewUser, Signups, SignupsConfig, Worker, WorkerConfig};
 use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgListener, PgNotification, PgPoolOptions};
 use tokio::task::JoinHandle;
@@ -68,10 +68,16 @@ pub fn init_logs() {
     });
 }
 
+/// Runs the built-in worker on `pool` in the background.
 pub fn spawn_worker(pool: &PgPool, config: WorkerConfig) -> RunningWorker {
+    run_in_background(Worker::new(pool.clone(), config))
+}
+
+/// Runs `worker` (with whatever handler it has) in the background.
+pub fn run_in_background<H: Handler>(worker: Worker<H>) -> RunningWorker {
     init_logs();
     let shutdown = CancellationToken::new();
-    let task = tokio::spawn(Worker::new(pool.clone(), config).run(shutdown.clone()));
+    let task = tokio::spawn(worker.run(shutdown.clone()));
     RunningWorker { shutdown, task }
 }
 

@@ -14,6 +14,7 @@ mod faults;
 mod hostile_input;
 mod metrics;
 mod operations;
+mod player_service;
 mod pooler;
 mod signup;
 #[path = "../support/silent_proxy.rs"]

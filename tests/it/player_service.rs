@@ -1,0 +1,251 @@
+//! The example player service (`examples/player_service.rs`): a handler of its own, with its own
+//! tables, through the whole loop.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ackloop::{Handler, Job, JobError, JobId, NewUser, Player, SignupError, WorkerConfig};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{PgConnection, PgPool};
+
+use crate::common::*;
+
+#[path = "../../examples/player_service.rs"]
+#[allow(dead_code)]
+mod example;
+
+use example::{STARTING_COINS, StarterKit};
+
+const NO_STARTER_ITEMS: &str = "no starter items are configured; add rows to starter_items";
+
+/// A pool on the test's database with the player service's schema added to ackloop's.
+async fn service_pool(options: PgPoolOptions, connect: PgConnectOptions) -> PgPool {
+    let pool = pool(options, connect, 8).await;
+    example::migrate(&pool)
+        .await
+        .expect("apply the player service's migrations");
+    pool
+}
+
+/// The service's player row: (level, coins), if there is one.
+async fn player_row(pool: &PgPool, user_id: ackloop::UserId) -> Option<(i32, i64)> {
+    sqlx::query_as("select level, coins from players where user_id = $1")
+        .bind(user_id.get())
+        .fetch_optional(pool)
+        .await
+        .unwrap()
+}
+
+async fn inventory(pool: &PgPool, user_id: ackloop::UserId) -> Vec<(String, i32)> {
+    sqlx::query_as("select item, quantity from player_inventory where user_id = $1 order by item")
+        .bind(user_id.get())
+        .fetch_all(pool)
+        .await
+        .unwrap()
+}
+
+async fn job_row(pool: &PgPool, job_id: JobId) -> (String, i32, Option<String>) {
+    sqlx::query_as("select status, attempts, last_error from player_creation_jobs where id = $1")
+        .bind(job_id.as_uuid())
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
+fn starter_kit() -> Vec<(String, i32)> {
+    vec![("health potion".to_owned(), 3), ("wooden sword".to_owned(), 1)]
+}
+
+#[sqlx::test]
+async fn the_handlers_writes_commit_with_the_ack(options: PgPoolOptions, connect: PgConnectOptions) {
+    let pool = service_pool(options, connect).await;
+    let worker = run_in_background(example::worker(pool.clone(), worker_config()));
+    let signups = Arc::new(signups(&pool).await);
+
+    let mut calls = tokio::task::JoinSet::new();
+    for n in 0..20 {
+        let signups = Arc::clone(&signups);
+        calls.spawn(async move { signups.create_user_and_await_player(&user(n), DEADLINE).await });
+    }
+    let mut players: Vec<Player> = Vec::new();
+    while let Some(call) = calls.join_next().await {
+        players.push(call.unwrap().expect("every signup gets its player"));
+    }
+
+    // Read right after each confirmation: the handler's rows are there with the ack.
+    for player in &players {
+        assert_eq!(player_row(&pool, player.user_id).await, Some((1, STARTING_COINS)));
+        assert_eq!(inventory(&pool, player.user_id).await, starter_kit());
+    }
+    let done_without_kit: i64 = sqlx::query_scalar(
+        "select count(*) from player_creation_jobs as jobs
+         where status = 'done'
+           and not exists (select 1 from player_inventory where user_id = jobs.user_id)",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(done_without_kit, 0);
+    assert_eq!(count_jobs_with_status(&pool, "done").await, 20);
+    worker.stop().await;
+}
+
+#[sqlx::test]
+async fn a_handler_error_leaves_none_of_its_writes_and_the_job_retries(
+    options: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let pool = service_pool(options, connect).await;
+    execute(&pool, "delete from starter_items").await;
+    let config = WorkerConfig {
+        max_attempts: 1_000,
+        ..worker_config()
+    };
+    let worker = run_in_background(example::worker(pool.clone(), config));
+    let signups = signups(&pool).await;
+
+    let err = signups
+        .create_user_and_await_player(&user(1), Duration::from_millis(300))
+        .await
+        .expect_err("no player while the handler cannot finish");
+    let SignupError::TimedOut { job_id, user_id, .. } = err else {
+        panic!("expected a timeout, got {err:?}");
+    };
+    let user_id = user_id.expect("a timed-out signup was written: its user id is known");
+    // A retry's attempt is counted (with a provisional error) before it is made: wait for one
+    // that finished with the handler's reason.
+    wait_until(
+        "the job is tried three times, each ending with the handler's reason",
+        || async {
+            let (_, attempts, last_error) = job_row(&pool, job_id).await;
+            attempts >= 3 && last_error.as_deref() == Some(NO_STARTER_ITEMS)
+        },
+    )
+    .await;
+    assert_eq!(job_row(&pool, job_id).await.0, "pending");
+    // The handler inserted the player before it found no kit: undone with its savepoint.
+    assert_eq!(player_row(&pool, user_id).await, None);
+    assert!(inventory(&pool, user_id).await.is_empty());
+
+    execute(
+        &pool,
+        "insert into starter_items (item, quantity) values ('wooden sword', 1)",
+    )
+    .await;
+    let player = signups
+        .await_player(job_id, DEADLINE)
+        .await
+        .expect("the player once the kit exists");
+    assert_eq!(player.user_id, user_id);
+    assert_eq!(player_row(&pool, user_id).await, Some((1, STARTING_COINS)));
+    assert_eq!(
+        inventory(&pool, user_id).await,
+        vec![("wooden sword".to_owned(), 1)]
+    );
+    worker.stop().await;
+}
+
+/// The example's handler, with a bug: it panics on one display name.
+struct PanicsOnBoom;
+
+impl Handler for PanicsOnBoom {
+    async fn handle(&self, job: &Job, conn: &mut PgConnection) -> Result<(), JobError> {
+        StarterKit.handle(job, conn).await?;
+        if job.display_name == "Boom" {
+            panic!("boom: a bug in the handler");
+        }
+        Ok(())
+    }
+}
+
+#[sqlx::test]
+async fn a_panicking_handler_fails_its_job_without_stopping_the_worker_or_other_jobs(
+    options: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let pool = service_pool(options, connect).await;
+    let config = WorkerConfig {
+        max_attempts: 2,
+        ..worker_config()
+    };
+    let worker = run_in_background(ackloop::Worker::new(pool.clone(), config).with_handler(PanicsOnBoom));
+    let signups = Arc::new(signups(&pool).await);
+
+    let boom = NewUser::new("boom@example.com", "Boom").unwrap();
+    let mut calls = tokio::task::JoinSet::new();
+    for n in 0..10 {
+        let signups = Arc::clone(&signups);
+        calls.spawn(async move { signups.create_user_and_await_player(&user(n), DEADLINE).await });
+    }
+    let boom_call = {
+        let signups = Arc::clone(&signups);
+        tokio::spawn(async move { signups.create_user_and_await_player(&boom, DEADLINE).await })
+    };
+    while let Some(call) = calls.join_next().await {
+        let player = call.unwrap().expect("the other signups get their players");
+        assert_eq!(inventory(&pool, player.user_id).await, starter_kit());
+    }
+    let err = boom_call.await.unwrap().expect_err("the panicking job fails");
+    let SignupError::JobFailed { job_id, reason, .. } = &err else {
+        panic!("expected JobFailed, got {err:?}");
+    };
+    assert!(
+        reason.contains("the handler panicked") && reason.contains("boom: a bug in the handler"),
+        "{reason}"
+    );
+    let (status, attempts, _) = job_row(&pool, *job_id).await;
+    assert_eq!((status.as_str(), attempts), ("failed", 2));
+    let boom_user: i64 = sqlx::query_scalar("select id from users where email = 'boom@example.com'")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(player_row(&pool, ackloop::UserId::from(boom_user)).await, None);
+
+    // The worker is still running.
+    let after = signups
+        .create_user_and_await_player(&user(99), DEADLINE)
+        .await
+        .expect("a signup after the panics");
+    assert_eq!(inventory(&pool, after.user_id).await, starter_kit());
+    worker.stop().await;
+}
+
+#[sqlx::test]
+async fn the_caller_hears_job_failed_with_the_handlers_reason(
+    options: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let pool = service_pool(options, connect).await;
+    let config = WorkerConfig {
+        max_attempts: 3,
+        ..worker_config()
+    };
+    let worker = run_in_background(example::worker(pool.clone(), config));
+    let signups = signups(&pool).await;
+
+    // Fail now: one attempt, the handler's reason.
+    let staff = NewUser::new("staff@example.com", "Admin").unwrap();
+    let err = signups
+        .create_user_and_await_player(&staff, DEADLINE)
+        .await
+        .expect_err("a reserved name fails");
+    let SignupError::JobFailed { job_id, reason, .. } = &err else {
+        panic!("expected JobFailed, got {err:?}");
+    };
+    assert_eq!(reason, "the display name is reserved for staff");
+    assert_eq!(job_row(&pool, *job_id).await.1, 1);
+
+    // Retry later, until the last attempt: the caller hears the last reason.
+    execute(&pool, "delete from starter_items").await;
+    let err = signups
+        .create_user_and_await_player(&user(1), DEADLINE)
+        .await
+        .expect_err("no kit, no player");
+    let SignupError::JobFailed { job_id, reason, .. } = &err else {
+        panic!("expected JobFailed, got {err:?}");
+    };
+    assert_eq!(reason, NO_STARTER_ITEMS);
+    let (status, attempts, _) = job_row(&pool, *job_id).await;
+    assert_eq!((status.as_str(), attempts), ("failed", 3));
+    worker.stop().await;
+}
