@@ -1,0 +1,207 @@
+//! The auth side's statements: write signups, read their outcomes.
+
+use chrono::{DateTime, Utc};
+use sqlx::{PgExecutor, PgPool};
+use uuid::Uuid;
+
+use super::is_unavailable;
+use crate::channel::ChannelName;
+use crate::job::{JobId, JobStatus, PlayerId, UnknownStatus, UserId};
+
+/// Inserts a user and its player-creation job and notifies the jobs channel with the job id, in
+/// one statement: in autocommit that is one transaction and one round trip; inside a caller's
+/// transaction, everything (the notification included) happens at that transaction's commit.
+///
+/// `lock_wait` bounds how long the insert may wait for a row lock (another session's
+/// uncommitted insert of the same email, a `LOCK TABLE`): `lock_timeout`, set for this
+/// statement's transaction before the insert runs (the insert reads its row from `limits`).
+/// `None` leaves the session's setting, for writes inside a caller's transaction.
+pub(crate) async fn insert_user_and_job(
+    executor: impl PgExecutor<'_>,
+    email: &str,
+    display_name: &str,
+    job_id: JobId,
+    jobs_channel: &ChannelName,
+    lock_wait: Option<std::time::Duration>,
+) -> Result<UserId, sqlx::Error> {
+    sqlx::query_scalar!(
+        r#"
+        with limits as (
+            select set_config('lock_timeout', coalesce($5, current_setting('lock_timeout')), true)
+        ),
+        new_user as (
+            insert into users (email, display_name)
+            select $1, $2
+            from limits
+            returning id
+        ),
+        new_job as (
+            insert into player_creation_jobs (id, user_id)
+            select $3, id
+            from new_user
+            returning id, user_id
+        )
+        select new_job.user_id as "user_id!: UserId"
+        from new_job
+        cross join lateral pg_notify($4, new_job.id::text) as notified
+        "#,
+        email,
+        display_name,
+        job_id.as_uuid(),
+        jobs_channel.as_str(),
+        lock_wait.map(lock_timeout_setting),
+    )
+    .fetch_one(executor)
+    .await
+}
+
+/// A duration as a `lock_timeout` value: whole milliseconds, at least 1 (0 would mean no limit).
+fn lock_timeout_setting(wait: std::time::Duration) -> String {
+    format!("{}ms", wait.as_millis().max(1))
+}
+
+/// A signup that [`insert_users_and_jobs`] wrote.
+#[derive(Debug)]
+pub(crate) struct WrittenSignup {
+    pub(crate) job_id: JobId,
+    pub(crate) user_id: UserId,
+}
+
+/// Writes many signups in one statement (one commit, one fsync, one hold of Postgres' notify
+/// lock), each with its user, its job and its wake-up, exactly as [`insert_user_and_job`] would.
+/// A signup whose email is taken (by an existing user, or earlier in the same batch, ignoring
+/// case) is skipped: it is the one signup missing from the result. Any other error fails the
+/// whole statement and writes nothing.
+/// `lock_wait` bounds lock waits as in [`insert_user_and_job`].
+pub(crate) async fn insert_users_and_jobs(
+    executor: impl PgExecutor<'_>,
+    emails: &[String],
+    display_names: &[String],
+    job_ids: &[Uuid],
+    jobs_channel: &ChannelName,
+    lock_wait: std::time::Duration,
+) -> Result<Vec<WrittenSignup>, sqlx::Error> {
+    sqlx::query_as!(
+        WrittenSignup,
+        r#"
+        with limits as (
+            select set_config('lock_timeout', $5, true)
+        ),
+        input as (
+            select *
+            from unnest($1::text[], $2::text[], $3::uuid[])
+                with ordinality as input (email, display_name, job_id, position)
+        ),
+        new_users as (
+            insert into users (email, display_name)
+            select email, display_name
+            from input, limits
+            order by position
+            on conflict ((lower(email))) do nothing
+            returning id, email
+        ),
+        new_jobs as (
+            insert into player_creation_jobs (id, user_id)
+            -- Identical emails in one batch: the first was inserted, the rest skipped.
+            select distinct on (new_users.id) input.job_id, new_users.id
+            from new_users
+            join input on input.email = new_users.email
+            order by new_users.id, input.position
+            returning id, user_id
+        )
+        select new_jobs.id as "job_id!: JobId", new_jobs.user_id as "user_id!: UserId"
+        from new_jobs
+        cross join lateral pg_notify($4, new_jobs.id::text) as notified
+        "#,
+        emails,
+        display_names,
+        job_ids,
+        jobs_channel.as_str(),
+        lock_timeout_setting(lock_wait),
+    )
+    .fetch_all(executor)
+    .await
+}
+
+/// A job's state as the tables tell it, with its player when there is one.
+#[derive(Debug, Clone)]
+pub(crate) struct JobOutcomeRow {
+    pub(crate) id: JobId,
+    pub(crate) user_id: UserId,
+    pub(crate) status: String,
+    pub(crate) last_error: Option<String>,
+    pub(crate) player_id: Option<PlayerId>,
+    pub(crate) player_display_name: Option<String>,
+    pub(crate) player_created_at: Option<DateTime<Utc>>,
+    /// Seconds since the job finished, by the server's clock.
+    pub(crate) since_done_secs: Option<f64>,
+}
+
+impl JobOutcomeRow {
+    pub(crate) fn status(&self) -> Result<JobStatus, UnknownStatus> {
+        self.status.parse()
+    }
+}
+
+/// Reads the state of each of `ids` that exists (ids of no job are simply absent).
+/// [`job_outcomes`] by `deadline`, on a pool connection of its own. A look still unanswered then
+/// closes its connection instead of returning it: sqlx tests a returned connection with a ping
+/// that has no time limit, so a connection that stopped answering without closing (a NAT or load
+/// balancer that dropped it) would hold its pool slot for ever.
+pub(crate) async fn job_outcomes_by(
+    pool: &PgPool,
+    ids: &[Uuid],
+    deadline: tokio::time::Instant,
+) -> Result<Vec<JobOutcomeRow>, sqlx::Error> {
+    let mut conn = match tokio::time::timeout_at(deadline, pool.acquire()).await {
+        Ok(conn) => conn?,
+        Err(_) => return Err(sqlx::Error::PoolTimedOut),
+    };
+    match tokio::time::timeout_at(deadline, job_outcomes(&mut *conn, ids)).await {
+        Ok(Ok(rows)) => Ok(rows),
+        Ok(Err(err)) => {
+            if is_unavailable(&err) {
+                conn.close_on_drop();
+            }
+            Err(err)
+        }
+        Err(_) => {
+            conn.close_on_drop();
+            Err(no_answer_in_time())
+        }
+    }
+}
+
+/// The error for a statement given up because no answer came by its deadline.
+pub(crate) fn no_answer_in_time() -> sqlx::Error {
+    sqlx::Error::Io(std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        "no answer from the database in time",
+    ))
+}
+
+pub(crate) async fn job_outcomes(
+    executor: impl PgExecutor<'_>,
+    ids: &[Uuid],
+) -> Result<Vec<JobOutcomeRow>, sqlx::Error> {
+    sqlx::query_as!(
+        JobOutcomeRow,
+        r#"
+        select
+            jobs.id as "id!: JobId",
+            jobs.user_id as "user_id!: UserId",
+            jobs.status as "status!",
+            jobs.last_error,
+            players.id as "player_id?: PlayerId",
+            players.display_name as "player_display_name?",
+            players.created_at as "player_created_at?",
+            extract(epoch from clock_timestamp() - jobs.completed_at)::float8 as "since_done_secs?"
+        from player_creation_jobs as jobs
+        left join players on players.user_id = jobs.user_id
+        where jobs.id = any($1)
+        "#,
+        ids,
+    )
+    .fetch_all(executor)
+    .await
+}

@@ -1,0 +1,445 @@
+//! The player side's statements: claim, complete, retry and fail jobs.
+
+use sqlx::{PgConnection, PgExecutor};
+use uuid::Uuid;
+
+use crate::channel::ChannelName;
+use crate::job::{JobId, UserId};
+
+/// A job [`complete_due_jobs`] completed.
+#[derive(Debug)]
+pub(crate) struct CompletedJob {
+    pub(crate) id: JobId,
+    /// From its signup to this claim.
+    pub(crate) waited_secs: f64,
+}
+
+/// Claims up to `limit` due jobs never tried before, creates their players, marks them done and
+/// notifies each id on the done channel, in one statement. Returns the ids completed; fewer than
+/// `limit` means the queue had no more such jobs that nobody else holds.
+///
+/// Any failure fails the whole batch and leaves every job as it was, its attempt uncounted; the
+/// worker then falls back to [`claim_due_jobs`] and one savepoint per job to find the culprit,
+/// or, when the session died, to one job at a time with each attempt counted first. A job tried
+/// before is always retried alone ([`lock_next_due_job`]): it may be the one that kills sessions.
+pub(crate) async fn complete_due_jobs(
+    executor: impl PgExecutor<'_>,
+    limit: i64,
+    done_channel: &ChannelName,
+) -> Result<Vec<CompletedJob>, sqlx::Error> {
+    sqlx::query_as!(
+        CompletedJob,
+        r#"
+        with claimed as (
+            select id, user_id
+            from player_creation_jobs
+            where status = 'pending'
+              and run_after <= now()
+              and attempts = 0
+            order by run_after, id
+            limit $1
+            for update skip locked
+        ),
+        new_players as (
+            insert into players (user_id, display_name)
+            select users.id, users.display_name
+            from claimed
+            join users on users.id = claimed.user_id
+            on conflict (user_id) do nothing
+            returning user_id
+        ),
+        completed as (
+            update player_creation_jobs
+            set status = 'done',
+                attempts = player_creation_jobs.attempts + 1,
+                last_error = null,
+                updated_at = now(),
+                completed_at = now()
+            from claimed
+            where player_creation_jobs.id = claimed.id
+            returning
+                player_creation_jobs.id,
+                extract(epoch from now() - player_creation_jobs.created_at)::float8 as waited_secs
+        )
+        select completed.id as "id!: JobId", completed.waited_secs as "waited_secs!"
+        from completed
+        cross join lateral pg_notify($2, completed.id::text) as notified
+        "#,
+        limit,
+        done_channel.as_str(),
+    )
+    .fetch_all(executor)
+    .await
+}
+
+/// A job locked by the current transaction, its attempt already counted, with the data a
+/// handler needs.
+#[derive(Debug)]
+pub(crate) struct ClaimedJob {
+    pub(crate) id: JobId,
+    pub(crate) user_id: UserId,
+    pub(crate) display_name: String,
+    /// Attempts including this one.
+    pub(crate) attempts: i32,
+    /// From its signup to this claim.
+    pub(crate) waited_secs: f64,
+}
+
+/// Locks up to `limit` due jobs never tried before for this transaction (skipping any another
+/// worker holds) and counts the attempt: a custom handler's batch, or the jobs of a built-in
+/// batch that failed. The lock lasts until the transaction ends; if it rolls back, or the
+/// connection dies, the jobs are pending again with their attempt uncounted.
+pub(crate) async fn claim_due_jobs(
+    conn: &mut PgConnection,
+    limit: i64,
+) -> Result<Vec<ClaimedJob>, sqlx::Error> {
+    sqlx::query_as!(
+        ClaimedJob,
+        r#"
+        with claimed as (
+            select id
+            from player_creation_jobs
+            where status = 'pending'
+              and run_after <= now()
+              and attempts = 0
+            order by run_after, id
+            limit $1
+            for update skip locked
+        ),
+        counted as (
+            update player_creation_jobs
+            set attempts = player_creation_jobs.attempts + 1,
+                updated_at = now()
+            from claimed
+            where player_creation_jobs.id = claimed.id
+            returning
+                player_creation_jobs.id,
+                player_creation_jobs.user_id,
+                player_creation_jobs.attempts,
+                player_creation_jobs.created_at
+        )
+        select
+            counted.id as "id: JobId",
+            counted.user_id as "user_id: UserId",
+            users.display_name,
+            counted.attempts,
+            extract(epoch from now() - counted.created_at)::float8 as "waited_secs!"
+        from counted
+        join users on users.id = counted.user_id
+        order by counted.id
+        "#,
+        limit,
+    )
+    .fetch_all(conn)
+    .await
+}
+
+/// A due job locked for an attempt of its own, as it stands before that attempt.
+#[derive(Debug)]
+pub(crate) struct DueJob {
+    pub(crate) id: JobId,
+    pub(crate) user_id: UserId,
+    pub(crate) display_name: String,
+    /// Attempts made before this one.
+    pub(crate) attempts: i32,
+    pub(crate) last_error: Option<String>,
+    /// From its signup to this claim.
+    pub(crate) waited_secs: f64,
+}
+
+/// Which due jobs a lone attempt takes.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Due {
+    /// Any, new or retried: after a start or a session death.
+    Any,
+    /// Only jobs tried before (never taken in a batch), on their own small index.
+    Retries,
+}
+
+/// Locks the next due job of the kind asked for (skipping any another worker holds), for this
+/// transaction, without counting an attempt: [`start_attempt`] does.
+pub(crate) async fn lock_next_due_job(
+    conn: &mut PgConnection,
+    due: Due,
+) -> Result<Option<DueJob>, sqlx::Error> {
+    match due {
+        Due::Any => {
+            sqlx::query_as!(
+                DueJob,
+                r#"
+                select
+                    jobs.id as "id: JobId",
+                    jobs.user_id as "user_id: UserId",
+                    users.display_name,
+                    jobs.attempts,
+                    jobs.last_error,
+                    extract(epoch from now() - jobs.created_at)::float8 as "waited_secs!"
+                from player_creation_jobs as jobs
+                join users on users.id = jobs.user_id
+                where status = 'pending'
+                  and run_after <= now()
+                order by run_after, jobs.id
+                limit 1
+                for update of jobs skip locked
+                "#,
+            )
+            .fetch_optional(conn)
+            .await
+        }
+        Due::Retries => {
+            sqlx::query_as!(
+                DueJob,
+                r#"
+                select
+                    jobs.id as "id: JobId",
+                    jobs.user_id as "user_id: UserId",
+                    users.display_name,
+                    jobs.attempts,
+                    jobs.last_error,
+                    extract(epoch from now() - jobs.created_at)::float8 as "waited_secs!"
+                from player_creation_jobs as jobs
+                join users on users.id = jobs.user_id
+                where status = 'pending'
+                  and attempts > 0
+                  and run_after <= now()
+                order by run_after, jobs.id
+                limit 1
+                for update of jobs skip locked
+                "#,
+            )
+            .fetch_optional(conn)
+            .await
+        }
+    }
+}
+
+/// Seconds until the next job tried before is due (negative if one is due now, but held), or
+/// `None` if no such job is pending.
+pub(crate) async fn next_retry_due_in(executor: impl PgExecutor<'_>) -> Result<Option<f64>, sqlx::Error> {
+    sqlx::query_scalar!(
+        r#"
+        select extract(epoch from min(run_after) - now())::float8 as "due_in_secs?"
+        from player_creation_jobs
+        where status = 'pending'
+          and attempts > 0
+        "#
+    )
+    .fetch_one(executor)
+    .await
+}
+
+/// Counts attempt number `attempt` before it is made, and leaves the job as it should be found
+/// if the attempt never finishes: `unfinished_error` as its error, not due again for `lease_ms`.
+/// Committed before the attempt, so the count survives a session the attempt kills.
+pub(crate) async fn start_attempt(
+    conn: &mut PgConnection,
+    job_id: JobId,
+    attempt: i32,
+    unfinished_error: &str,
+    lease_ms: i64,
+) -> Result<(), sqlx::Error> {
+    sqlx::query!(
+        r#"
+        update player_creation_jobs
+        set attempts = $2,
+            last_error = $3,
+            run_after = now() + make_interval(secs => $4::bigint / 1000.0),
+            updated_at = now()
+        where id = $1
+        "#,
+        job_id.as_uuid(),
+        attempt,
+        unfinished_error,
+        lease_ms,
+    )
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Takes back attempt `attempt` of a job (it never ran: it waited for a lock another session
+/// holds), leaving `error` and the job due again after `delay_ms`; only if the job is as that
+/// attempt left it.
+pub(crate) async fn give_back_attempt(
+    conn: &mut PgConnection,
+    job_id: JobId,
+    attempt: i32,
+    error: &str,
+    delay_ms: i64,
+) -> Result<(), sqlx::Error> {
+    sqlx::query!(
+        r#"
+        update player_creation_jobs
+        set attempts = attempts - 1,
+            last_error = $3,
+            run_after = now() + make_interval(secs => $4::bigint / 1000.0),
+            updated_at = now()
+        where id = $1
+          and status = 'pending'
+          and attempts = $2
+        "#,
+        job_id.as_uuid(),
+        attempt,
+        error,
+        delay_ms,
+    )
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Locks a job for the attempt [`start_attempt`] counted; false when the job has changed since
+/// (an operator finished or retried it, or its lease ran out and another worker took it).
+pub(crate) async fn lock_started_attempt(
+    conn: &mut PgConnection,
+    job_id: JobId,
+    attempt: i32,
+) -> Result<bool, sqlx::Error> {
+    let locked = sqlx::query_scalar!(
+        r#"
+        select id
+        from player_creation_jobs
+        where id = $1
+          and status = 'pending'
+          and attempts = $2
+        for update
+        "#,
+        job_id.as_uuid(),
+        attempt,
+    )
+    .fetch_optional(conn)
+    .await?;
+    Ok(locked.is_some())
+}
+
+/// Creates the user's player from the display name the job carries. A player that already
+/// exists is left as it is: the effect is in place, so the job can be marked done.
+pub(crate) async fn insert_player(
+    conn: &mut PgConnection,
+    user_id: UserId,
+    display_name: &str,
+) -> Result<(), sqlx::Error> {
+    sqlx::query!(
+        r#"
+        insert into players (user_id, display_name)
+        values ($1, $2)
+        on conflict (user_id) do nothing
+        "#,
+        user_id.get(),
+        display_name,
+    )
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Marks claimed jobs done and notifies each id on the done channel (delivered at commit).
+pub(crate) async fn mark_jobs_done(
+    conn: &mut PgConnection,
+    job_ids: &[JobId],
+    done_channel: &ChannelName,
+) -> Result<(), sqlx::Error> {
+    let ids: Vec<Uuid> = job_ids.iter().map(|id| id.as_uuid()).collect();
+    sqlx::query!(
+        r#"
+        with completed as (
+            update player_creation_jobs
+            set status = 'done',
+                last_error = null,
+                updated_at = now(),
+                completed_at = now()
+            where id = any($1)
+            returning id
+        )
+        select completed.id
+        from completed
+        cross join lateral pg_notify($2, completed.id::text) as notified
+        "#,
+        &ids,
+        done_channel.as_str(),
+    )
+    .fetch_all(conn)
+    .await?;
+    Ok(())
+}
+
+/// Marks the point one job's work can be undone to, inside the current transaction. Released
+/// by [`release_job_savepoint`] or undone by [`rollback_to_job_savepoint`]; the same name each
+/// time, so the innermost one is meant.
+pub(crate) async fn job_savepoint(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
+    sqlx::raw_sql("savepoint ackloop_job").execute(conn).await?;
+    Ok(())
+}
+
+/// Keeps what a job wrote since its savepoint (it commits, or not, with the transaction).
+pub(crate) async fn release_job_savepoint(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
+    sqlx::raw_sql("release savepoint ackloop_job")
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// Undoes everything a job wrote since its savepoint, and the error state a failed statement
+/// left the transaction in.
+pub(crate) async fn rollback_to_job_savepoint(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
+    sqlx::raw_sql("rollback to savepoint ackloop_job; release savepoint ackloop_job")
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// Marks a claimed job failed for good and notifies its id on the done channel, so a waiting
+/// caller learns of the failure at once instead of timing out.
+pub(crate) async fn mark_job_failed(
+    conn: &mut PgConnection,
+    job_id: JobId,
+    error: &str,
+    done_channel: &ChannelName,
+) -> Result<(), sqlx::Error> {
+    sqlx::query!(
+        r#"
+        with failed as (
+            update player_creation_jobs
+            set status = 'failed',
+                last_error = $2,
+                updated_at = now(),
+                completed_at = now()
+            where id = $1
+            returning id
+        )
+        select failed.id
+        from failed
+        cross join lateral pg_notify($3, failed.id::text) as notified
+        "#,
+        job_id.as_uuid(),
+        error,
+        done_channel.as_str(),
+    )
+    .fetch_one(conn)
+    .await?;
+    Ok(())
+}
+
+/// Leaves a claimed job pending with its error, not to be claimed again before `delay_ms` from now.
+pub(crate) async fn schedule_retry(
+    conn: &mut PgConnection,
+    job_id: JobId,
+    error: &str,
+    delay_ms: i64,
+) -> Result<(), sqlx::Error> {
+    sqlx::query!(
+        r#"
+        update player_creation_jobs
+        set last_error = $2,
+            run_after = now() + make_interval(secs => $3::bigint / 1000.0),
+            updated_at = now()
+        where id = $1
+        "#,
+        job_id.as_uuid(),
+        error,
+        delay_ms,
+    )
+    .execute(conn)
+    .await?;
+    Ok(())
+}
