@@ -9,7 +9,6 @@ use tracing_subscriber::EnvFilter;
 mod bench;
 mod cli;
 mod duration_arg;
-mod latency;
 
 fn main() -> ExitCode {
     let cli = cli::Cli::parse();

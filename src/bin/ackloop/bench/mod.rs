@@ -15,6 +15,8 @@ use sqlx::{ConnectOptions, Connection, PgConnection, PgPool};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+mod proxy;
+
 /// Finished rows put in the scratch database before measuring: on empty tables each backend
 /// caches a sequential-scan plan for the foreign-key check, and throughput halves as they grow.
 const PREFILL_ROWS: i64 = 20_000;
@@ -219,10 +221,10 @@ async fn run_on(options: PgConnectOptions, config: &BenchConfig) -> Result<Bench
 /// trip. `PgConnectOptions` cannot drop a socket path once set, so the URL is rebuilt.
 fn through_proxy(direct: &PgConnectOptions, rtt: Duration) -> Result<PgConnectOptions, sqlx::Error> {
     let upstream = match direct.get_socket() {
-        Some(dir) => crate::latency::Upstream::Unix(dir.join(format!(".s.PGSQL.{}", direct.get_port()))),
-        None => crate::latency::Upstream::Tcp(format!("{}:{}", direct.get_host(), direct.get_port())),
+        Some(dir) => proxy::Upstream::Unix(dir.join(format!(".s.PGSQL.{}", direct.get_port()))),
+        None => proxy::Upstream::Tcp(format!("{}:{}", direct.get_host(), direct.get_port())),
     };
-    let port = crate::latency::start(upstream, rtt / 2).map_err(sqlx::Error::Io)?;
+    let port = proxy::start(upstream, rtt / 2).map_err(sqlx::Error::Io)?;
     let url = direct.to_url_lossy().to_string();
     // postgres://user[:password]@HOST:PORT/database?params: replace HOST:PORT.
     let after_at = url.rfind('@').map_or(0, |at| at + 1);
