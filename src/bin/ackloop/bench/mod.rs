@@ -15,6 +15,8 @@ use sqlx::{ConnectOptions, Connection, PgConnection, PgPool};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use crate::args::BenchConfig;
+
 mod proxy;
 
 /// Finished rows put in the scratch database before measuring: on empty tables each backend
@@ -22,52 +24,6 @@ mod proxy;
 const PREFILL_ROWS: i64 = 20_000;
 /// How long one signup may wait before it counts as timed out (and the run as failed).
 const SIGNUP_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// What to run: the flags of `ackloop bench`.
-#[derive(Debug, Clone, clap::Args)]
-pub struct BenchConfig {
-    /// Signups to run (or jobs to drain)
-    #[arg(long, default_value_t = 10_000)]
-    pub signups: usize,
-    /// Concurrent callers of create_user_and_await_player
-    #[arg(long, default_value_t = 64)]
-    pub concurrency: usize,
-    /// Worker processing loops in all
-    #[arg(long, default_value_t = WorkerConfig::default().concurrency)]
-    pub workers: usize,
-    /// Run the workers as this many `ackloop worker` processes instead of in this process
-    #[arg(long, default_value_t = 0)]
-    pub worker_processes: usize,
-    /// Jobs claimed and completed per worker transaction
-    #[arg(long, default_value_t = WorkerConfig::default().batch_size)]
-    pub batch_size: u16,
-    /// Signup writer tasks (concurrent signups share their transactions)
-    #[arg(long, default_value_t = SignupsConfig::default().writers)]
-    pub writers: usize,
-    /// Most signups per transaction (1 writes each signup alone)
-    #[arg(long, default_value_t = SignupsConfig::default().max_batch)]
-    pub max_batch: usize,
-    /// Enqueue every job first, then time the workers alone
-    #[arg(long)]
-    pub drain: bool,
-    /// Flood both channels with garbage payloads from one connection during the run
-    #[arg(long)]
-    pub garbage: bool,
-    /// Reach the database through a proxy adding this round-trip time (1ms: a data centre)
-    #[arg(long, value_parser = crate::duration_arg::parse_duration)]
-    pub rtt: Option<Duration>,
-    /// Let the pool ping each connection before handing it out (sqlx's default; one more
-    /// round trip per query)
-    #[arg(long)]
-    pub ping_on_acquire: bool,
-    /// Never LISTEN: workers and waiting signups poll the tables at this interval (what the
-    /// global --poll-only does, with the interval measured)
-    #[arg(long, value_parser = crate::duration_arg::parse_duration)]
-    pub poll_every: Option<Duration>,
-    /// Keep the scratch database for inspection
-    #[arg(long)]
-    pub keep: bool,
-}
 
 /// The figures, also the `--json` line.
 #[derive(Debug, Serialize)]
