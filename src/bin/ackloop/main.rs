@@ -1,4 +1,8 @@
 //! The `ackloop` binary: parse arguments, set up logging, run the command, exit with its code.
+//!
+//! Imports point one way, down the layers: `commands` (one file per group of subcommands), then
+//! `bench` and `connect` (pools), then `args` (the clap types), then `exit` (the exit-code table)
+//! and `duration_arg`; below them, only the library.
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
@@ -6,13 +10,15 @@ use std::process::ExitCode;
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
+mod args;
 mod bench;
-mod cli;
+mod commands;
+mod connect;
 mod duration_arg;
-mod latency;
+mod exit;
 
 fn main() -> ExitCode {
-    let cli = cli::Cli::parse();
+    let cli = args::Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("ackloop=info")))
         .with_writer(std::io::stderr)
@@ -20,13 +26,13 @@ fn main() -> ExitCode {
         .init();
     // The worker runs many loops at once; the one-shot commands need only one thread.
     let runtime = match cli.command {
-        cli::Command::Worker { .. } | cli::Command::Bench { .. } => {
+        args::Command::Worker { .. } | args::Command::Bench { .. } => {
             tokio::runtime::Builder::new_multi_thread().enable_all().build()
         }
         _ => tokio::runtime::Builder::new_current_thread().enable_all().build(),
     };
     match runtime {
-        Ok(runtime) => runtime.block_on(cli::run(cli)),
+        Ok(runtime) => runtime.block_on(commands::run(cli)),
         Err(err) => {
             eprintln!("error: cannot start the async runtime: {err}");
             ExitCode::FAILURE

@@ -1,0 +1,177 @@
+//! `ackloop bench`: drives the full loop through the public library API on a scratch database and
+//! prints figures. It asserts nothing about speed; it does verify that every signup got exactly
+//! one player.
+//!
+//! Layout: `load` drives signups or a drain (and garbage notifications), `histogram` records
+//! latencies, `report` prints the figures and the progress bar, `proxy` adds a round-trip time.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{ConnectOptions, Connection, PgConnection, PgPool};
+
+use crate::args::BenchConfig;
+
+mod histogram;
+mod load;
+mod proxy;
+mod report;
+
+pub use report::BenchReport;
+
+/// Finished rows put in the scratch database before measuring: on empty tables each backend
+/// caches a sequential-scan plan for the foreign-key check, and throughput halves as they grow.
+const PREFILL_ROWS: i64 = 20_000;
+
+/// Runs one benchmark on a scratch database next to the one `admin` points at.
+pub async fn run(admin: PgConnectOptions, config: BenchConfig) -> Result<BenchReport, sqlx::Error> {
+    let scratch = format!("ackloop_bench_{}", std::process::id());
+    let mut admin_conn = admin.connect().await?;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("drop database if exists {scratch}")))
+        .execute(&mut admin_conn)
+        .await?;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("create database {scratch}")))
+        .execute(&mut admin_conn)
+        .await?;
+    let options = admin.clone().database(&scratch);
+    let result = run_on(options, &config).await;
+    if !config.keep {
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "drop database if exists {scratch} with (force)"
+        )))
+        .execute(&mut admin_conn)
+        .await?;
+    }
+    admin_conn.close().await?;
+    result
+}
+
+async fn run_on(options: PgConnectOptions, config: &BenchConfig) -> Result<BenchReport, sqlx::Error> {
+    let setup = PgPoolOptions::new()
+        .max_connections(1)
+        .connect_with(options.clone())
+        .await?;
+    ackloop::run_migrations(&setup)
+        .await
+        .map_err(|err| sqlx::Error::Migrate(Box::new(err)))?;
+    prefill(&setup).await?;
+    setup.close().await;
+
+    // The loop itself (signups, workers, their listeners) goes through the delaying proxy when
+    // asked; set-up, sampling and verification connect directly.
+    let direct = options;
+    let options = match config.rtt {
+        Some(rtt) => through_proxy(&direct, rtt)?,
+        None => direct.clone(),
+    };
+    let workers_per_process = config.workers.div_ceil(config.worker_processes.max(1)).max(1);
+    // Independent of the number of callers: writers and worker loops hold one connection each
+    // while they work, and two more cover confirmation reads and final checks.
+    let pool_size = u32::try_from(config.writers + workers_per_process + 2).unwrap_or(u32::MAX);
+    let pool = PgPoolOptions::new()
+        .max_connections(pool_size)
+        .min_connections(pool_size)
+        .test_before_acquire(config.ping_on_acquire)
+        .connect_with(options.clone())
+        .await?;
+    let peak_connections = Arc::new(AtomicU64::new(0));
+    let sampler = tokio::spawn(sample_connections(direct.clone(), Arc::clone(&peak_connections)));
+    let garbage_sent = Arc::new(AtomicU64::new(0));
+    let flood = config
+        .garbage
+        .then(|| tokio::spawn(load::flood_garbage(direct.clone(), Arc::clone(&garbage_sent))));
+
+    let report = if config.drain {
+        load::drain(&pool, &options, config, workers_per_process).await?
+    } else {
+        load::signups(&pool, &options, config, workers_per_process).await?
+    };
+    sampler.abort();
+    if let Some(flood) = flood {
+        flood.abort();
+    }
+    let connections = i64::try_from(peak_connections.load(Ordering::Relaxed)).unwrap_or(i64::MAX);
+    let (ok, verification) = verify(&pool, config.signups).await?;
+    pool.close().await;
+    Ok(BenchReport {
+        connections,
+        rtt_ms: config.rtt.map_or(0.0, |rtt| rtt.as_secs_f64() * 1000.0),
+        garbage_sent: garbage_sent.load(Ordering::Relaxed),
+        ok: ok && report.timeouts == 0 && report.errors == 0,
+        verification,
+        ..report
+    })
+}
+
+/// Connect options that reach the same database through a local proxy adding `rtt` per round
+/// trip. `PgConnectOptions` cannot drop a socket path once set, so the URL is rebuilt.
+fn through_proxy(direct: &PgConnectOptions, rtt: Duration) -> Result<PgConnectOptions, sqlx::Error> {
+    let upstream = match direct.get_socket() {
+        Some(dir) => proxy::Upstream::Unix(dir.join(format!(".s.PGSQL.{}", direct.get_port()))),
+        None => proxy::Upstream::Tcp(format!("{}:{}", direct.get_host(), direct.get_port())),
+    };
+    let port = proxy::start(upstream, rtt / 2).map_err(sqlx::Error::Io)?;
+    let url = direct.to_url_lossy().to_string();
+    // postgres://user[:password]@HOST:PORT/database?params: replace HOST:PORT.
+    let after_at = url.rfind('@').map_or(0, |at| at + 1);
+    let path = url[after_at..]
+        .find('/')
+        .map_or(url.len(), |slash| after_at + slash);
+    let proxied = format!("{}127.0.0.1:{port}{}", &url[..after_at], &url[path..]);
+    proxied.parse()
+}
+
+/// Inserts finished users, jobs and players, then analyses, so plans are those of a live system.
+async fn prefill(pool: &PgPool) -> Result<(), sqlx::Error> {
+    let sql = format!(
+        "insert into users (email, display_name)
+             select 'prefill-' || n || '@example.com', 'Prefill ' || n from generate_series(1, {PREFILL_ROWS}) as n;
+         insert into player_creation_jobs (id, user_id, status, attempts, completed_at)
+             select gen_random_uuid(), id, 'done', 1, now() from users;
+         insert into players (user_id, display_name) select id, display_name from users;
+         analyze users; analyze player_creation_jobs; analyze players;"
+    );
+    sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(pool).await?;
+    Ok(())
+}
+
+/// Users = players = jobs done (beyond the prefill), no user with two players, nothing pending.
+async fn verify(pool: &PgPool, expected: usize) -> Result<(bool, String), sqlx::Error> {
+    let (users, players, done, pending, doubled): (i64, i64, i64, i64, i64) = sqlx::query_as(
+        "select
+             (select count(*) from users) - $1,
+             (select count(*) from players) - $1,
+             (select count(*) from player_creation_jobs where status = 'done') - $1,
+             (select count(*) from player_creation_jobs where status <> 'done'),
+             (select count(*) from (select user_id from players group by user_id having count(*) > 1) as d)",
+    )
+    .bind(PREFILL_ROWS)
+    .fetch_one(pool)
+    .await?;
+    let expected = i64::try_from(expected).unwrap_or(i64::MAX);
+    let ok = users == expected && players == expected && done == expected && pending == 0 && doubled == 0;
+    Ok((
+        ok,
+        format!("users {users}, players {players}, jobs done {done}, not done {pending}, doubled {doubled}"),
+    ))
+}
+
+/// Samples the scratch database's backends every 50ms and keeps the largest count.
+async fn sample_connections(options: PgConnectOptions, peak: Arc<AtomicU64>) {
+    let Ok(mut conn) = PgConnection::connect_with(&options).await else {
+        return;
+    };
+    loop {
+        let count: Result<i64, _> = sqlx::query_scalar(
+            "select count(*) from pg_stat_activity where datname = current_database() and pid <> pg_backend_pid()",
+        )
+        .fetch_one(&mut conn)
+        .await;
+        if let Ok(count) = count {
+            peak.fetch_max(u64::try_from(count).unwrap_or(0), Ordering::Relaxed);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -1,0 +1,66 @@
+//! `ackloop signup` and `ackloop await`: sign a user up, or wait for a committed signup, until
+//! its player exists.
+
+use std::time::{Duration, Instant};
+
+use ackloop::{NewUser, SignupError};
+use serde_json::json;
+
+use crate::args::ConnectionArgs;
+use crate::exit::Failure;
+
+pub(super) async fn signup(
+    connection: &ConnectionArgs,
+    email: String,
+    display_name: String,
+    timeout: Duration,
+    json: bool,
+) -> Result<(), Failure> {
+    // Validate before connecting: bad input is reported the same with or without a database.
+    let new_user = NewUser::new(email, display_name).map_err(SignupError::from)?;
+    let pool = connection.migrated_pool(2).await?;
+    let signups = connection.signups(pool).await?;
+    let started = Instant::now();
+    let player = signups.create_user_and_await_player(&new_user, timeout).await?;
+    let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
+    if json {
+        println!("{}", json!({ "player": player, "elapsed_ms": elapsed_ms }));
+    } else {
+        println!(
+            "player {} ({:?}) created for user {}, confirmed in {elapsed_ms:.1} ms",
+            player.id, player.display_name, player.user_id
+        );
+    }
+    Ok(())
+}
+
+pub(super) async fn await_player(
+    connection: &ConnectionArgs,
+    job_id: Option<ackloop::JobId>,
+    email: Option<String>,
+    timeout: Duration,
+    json: bool,
+) -> Result<(), Failure> {
+    let pool = connection.migrated_pool(2).await?;
+    let job_id = match (job_id, email) {
+        (Some(job_id), _) => job_id,
+        (None, Some(email)) => ackloop::find_job_by_email(&pool, &email).await?,
+        (None, None) => unreachable!("clap requires a job id or --email"),
+    };
+    let signups = connection.signups(pool).await?;
+    let started = Instant::now();
+    let player = signups.await_player(job_id, timeout).await?;
+    let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
+    if json {
+        println!(
+            "{}",
+            json!({ "player": player, "job_id": job_id, "elapsed_ms": elapsed_ms })
+        );
+    } else {
+        println!(
+            "player {} ({:?}) of user {} exists (job {job_id}), confirmed in {elapsed_ms:.1} ms",
+            player.id, player.display_name, player.user_id
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,109 @@
+//! How the binary reaches the database: the connection flags read as libpq would, pools that
+//! say at once why a connection failed, and the signup side with this invocation's channels.
+
+use std::time::Duration;
+
+use ackloop::{Channels, ConnectConfig, Signups, SignupsConfig};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{ConnectOptions, Connection, PgPool};
+
+use crate::args::ConnectionArgs;
+use crate::exit::Failure;
+
+/// With --poll-only, how often a waiting signup looks for its player: a tenth of a second added
+/// to each signup, at one cheap indexed query per interval for all waiting signups together.
+const POLL_ONLY_CONFIRM_INTERVAL: Duration = Duration::from_millis(100);
+
+/// How long to wait for the database before giving up with exit code 7, unless the connection
+/// string's `connect_timeout` says otherwise.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl ConnectionArgs {
+    /// DATABASE_URL read as libpq would, or libpq's environment variables when it is unset.
+    pub fn connect_config(&self) -> Result<ConnectConfig, Failure> {
+        match self.database_url.as_deref() {
+            Some(url) => parse_url(url, "DATABASE_URL"),
+            None => ConnectConfig::from_libpq_env().map_err(|source| Failure::BadUrl {
+                which: "PG* environment variables",
+                source,
+            }),
+        }
+    }
+
+    pub fn connect_options(&self) -> Result<PgConnectOptions, Failure> {
+        Ok(self.connect_config()?.into_options())
+    }
+
+    pub fn listen_options(&self) -> Result<Option<PgConnectOptions>, Failure> {
+        self.listen_url
+            .as_deref()
+            .map(|url| parse_url(url, "ACKLOOP_LISTEN_URL").map(ConnectConfig::into_options))
+            .transpose()
+    }
+
+    /// A pool (as [`ConnectionArgs::pool`]) on a database whose schema this version can use.
+    pub async fn migrated_pool(&self, connections: u32) -> Result<PgPool, Failure> {
+        let pool = self.pool(connections).await?;
+        ackloop::check_schema(&pool).await?;
+        Ok(pool)
+    }
+
+    pub fn channels(&self) -> Result<Channels, Failure> {
+        Ok(Channels::new(&self.jobs_channel, &self.done_channel)?)
+    }
+
+    /// The signup side, with this invocation's channels, listen URL and polling.
+    pub async fn signups(&self, pool: PgPool) -> Result<Signups, Failure> {
+        let config = SignupsConfig {
+            channels: self.channels()?,
+            listen_options: self.listen_options()?,
+            poll_only: self.poll_only.then_some(POLL_ONLY_CONFIRM_INTERVAL),
+            ..SignupsConfig::default()
+        };
+        Ok(Signups::connect_with(pool, config).await?)
+    }
+
+    /// A pool of at most `connections` on `DATABASE_URL`.
+    pub async fn pool(&self, connections: u32) -> Result<PgPool, Failure> {
+        connect(self, |options| options, connections).await
+    }
+}
+
+/// A pool of at most `connections`, with `adjust` applied to the connect options. One direct
+/// connection is made first: the pool would retry a refused connection until its timeout and
+/// then report only that it timed out, where a user needs the reason at once.
+pub async fn connect(
+    connection: &ConnectionArgs,
+    adjust: impl FnOnce(PgConnectOptions) -> PgConnectOptions,
+    connections: u32,
+) -> Result<PgPool, Failure> {
+    let config = connection.connect_config()?;
+    let target = config.to_string();
+    let timeout = config.connect_timeout().unwrap_or(CONNECT_TIMEOUT);
+    let options = adjust(config.into_options());
+    let failed = |source| Failure::Connect {
+        target: target.clone(),
+        from_env: connection.database_url.is_none(),
+        source,
+    };
+    let probe = tokio::time::timeout(timeout, options.connect())
+        .await
+        .map_err(|_| failed(sqlx::Error::Io(std::io::ErrorKind::TimedOut.into())))?
+        .map_err(failed)?;
+    let pool = PgPoolOptions::new()
+        .max_connections(connections)
+        .acquire_timeout(timeout)
+        // sqlx pings every connection it hands out by default: a round trip before each query.
+        // A connection a restart killed fails its query instead, which the worker retries and
+        // a signup reports as Unavailable.
+        .test_before_acquire(false)
+        .connect_lazy_with(options);
+    // Hand the probe to nobody: closing it keeps the pool's connection count honest.
+    let _ = probe.close().await;
+    Ok(pool)
+}
+
+fn parse_url(url: &str, which: &'static str) -> Result<ConnectConfig, Failure> {
+    // The parse error never repeats the URL, so no password reaches the terminal or the logs.
+    ConnectConfig::parse(url).map_err(|source| Failure::BadUrl { which, source })
+}

@@ -1,0 +1,165 @@
+//! The one place where an error becomes an exit code: the table `--help` prints (README's
+//! table says the same), the `match` that implements it, and how a failure is reported.
+
+use std::fmt::Write as _;
+use std::process::ExitCode;
+
+use ackloop::{SignupError, WorkerError};
+use serde_json::json;
+
+/// Printed after `--help`; kept beside [`Failure::exit_code`] so the two change together.
+pub const EXIT_CODES: &str = "\
+Exit codes:
+  0  success
+  1  unexpected database error
+  2  usage error
+  3  invalid input (the message names the field)
+  4  email already registered
+  5  timed out: the signup is committed and its job will still complete
+  6  the job failed (the message gives the recorded error)
+  7  cannot reach the database, or the connection string is malformed
+  8  the schema is missing or behind: run `ackloop migrate`
+  9  the schema is newer than this ackloop: upgrade ackloop
+  10 doctor found something that needs attention; `jobs retry` was given a job it cannot act
+     on (the message says why and what to do)";
+
+/// Everything a subcommand can fail with, each mapped to one exit code in [`Failure::exit_code`].
+#[derive(Debug, thiserror::Error)]
+pub enum Failure {
+    #[error("invalid {which}")]
+    BadUrl {
+        which: &'static str,
+        #[source]
+        source: ackloop::BadConnectionString,
+    },
+    #[error("cannot connect to the database at {target}{}", unset_hint(.from_env))]
+    Connect {
+        target: String,
+        /// Whether DATABASE_URL was unset and libpq's defaults were tried.
+        from_env: bool,
+        #[source]
+        source: sqlx::Error,
+    },
+    #[error(transparent)]
+    Channel(#[from] ackloop::InvalidChannelName),
+    #[error(transparent)]
+    Signup(#[from] SignupError),
+    #[error(transparent)]
+    Worker(#[from] WorkerError),
+    #[error("migration failed")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error(transparent)]
+    Schema(#[from] ackloop::SchemaError),
+    #[error(transparent)]
+    Admin(#[from] ackloop::AdminError),
+    #[error("doctor found {0} problem(s)")]
+    Doctor(usize),
+    #[error(transparent)]
+    Metrics(ackloop::MetricsError),
+    #[error("cannot serve metrics on {addr}")]
+    MetricsAddr {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot read the queue")]
+    Query(#[source] sqlx::Error),
+    #[error("benchmark failed")]
+    Bench(#[source] sqlx::Error),
+    #[error("benchmark verification failed: not every signup got exactly one player")]
+    BenchVerification,
+}
+
+impl Failure {
+    fn exit_code(&self) -> u8 {
+        match self {
+            Self::Signup(SignupError::Invalid(_)) | Self::Channel(_) => 3,
+            Self::Signup(SignupError::EmailTaken) => 4,
+            Self::Signup(SignupError::TimedOut { .. }) => 5,
+            Self::Signup(SignupError::JobFailed { .. }) => 6,
+            Self::BadUrl { .. }
+            | Self::Connect { .. }
+            | Self::Signup(SignupError::Unavailable { .. })
+            | Self::Worker(WorkerError::Listen { .. }) => 7,
+            Self::Schema(ackloop::SchemaError::Missing | ackloop::SchemaError::Behind { .. }) => 8,
+            // sqlx refuses to migrate a database holding migrations it does not have.
+            Self::Schema(ackloop::SchemaError::Newer { .. })
+            | Self::Migrate(sqlx::migrate::MigrateError::VersionMissing(_)) => 9,
+            Self::Worker(WorkerError::Config(_)) | Self::MetricsAddr { .. } => 2,
+            Self::Admin(ackloop::AdminError::UnknownJob(_)) | Self::Signup(SignupError::UnknownJob(_)) => 3,
+            Self::Admin(
+                ackloop::AdminError::AlreadyDone(_)
+                | ackloop::AdminError::DoneWithoutPlayer(_)
+                | ackloop::AdminError::StillPending(_)
+                | ackloop::AdminError::StillFailed(_),
+            )
+            | Self::Doctor(_) => 10,
+            _ => 1,
+        }
+    }
+
+    /// A short machine-readable name for `--json` output.
+    fn kind(&self) -> &'static str {
+        match self.exit_code() {
+            3 => "invalid_input",
+            4 => "email_taken",
+            5 => "timed_out",
+            6 => "job_failed",
+            7 => "unavailable",
+            8 => "schema_missing",
+            9 => "schema_newer",
+            10 => "attention",
+            _ => "error",
+        }
+    }
+
+    /// The error and its chain of causes, one line. A driver error ends the chain, told in a
+    /// user's words (its own text and causes carry internals such as the server's source line).
+    fn message(&self) -> String {
+        let mut message = self.to_string();
+        let mut source = std::error::Error::source(self);
+        while let Some(cause) = source {
+            if let Some(db_err) = cause.downcast_ref::<sqlx::Error>() {
+                let _ = write!(message, ": {}", ackloop::describe_db_error(db_err));
+                break;
+            }
+            // Many errors already print their source in their own message; say each thing once.
+            let text = cause.to_string();
+            if !message.contains(&text) {
+                let _ = write!(message, ": {text}");
+            }
+            source = cause.source();
+        }
+        message
+    }
+}
+
+/// The exit code for a command's result. A failure is printed as `error: <message>` on stderr,
+/// and also as one JSON object on stdout when `json` is set.
+pub fn report(result: Result<(), Failure>, json: bool) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(failure) => {
+            // doctor has printed its report, problems included.
+            if json && !matches!(failure, Failure::Doctor(_)) {
+                let mut object = json!({ "error": failure.kind(), "message": failure.message() });
+                if let Failure::Signup(err) = &failure
+                    && let Some(job_id) = err.job_id()
+                {
+                    object["job_id"] = json!(job_id);
+                }
+                println!("{object}");
+            }
+            eprintln!("error: {}", failure.message());
+            ExitCode::from(failure.exit_code())
+        }
+    }
+}
+
+fn unset_hint(from_env: &bool) -> &'static str {
+    if *from_env {
+        " (DATABASE_URL is not set, so libpq's PGHOST, PGUSER, ... and defaults were used)"
+    } else {
+        ""
+    }
+}
