@@ -45,20 +45,17 @@
 
 mod admin;
 mod channel;
-mod confirm;
 mod connect;
 mod doctor;
 #[cfg(feature = "http")]
 mod exporter;
 mod job;
-mod new_user;
 mod schema;
 mod signup;
 mod status;
 mod store;
 mod telemetry;
 mod worker;
-mod writer;
 
 pub use admin::{
     AdminError, JobDetails, PRUNE_BATCH, count_prunable_jobs, find_job_by_email, job_details,
