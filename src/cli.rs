@@ -5,9 +5,10 @@ use std::fmt::Write as _;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
+use ackloop::admin::{self, StatusReport};
 use ackloop::{
-    Backoff, Channels, ConnectConfig, NewUser, SignupError, Signups, SignupsConfig, StatusReport, Worker,
-    WorkerConfig, WorkerError,
+    Backoff, Channels, ConnectConfig, NewUser, SignupError, Signups, SignupsConfig, Worker, WorkerConfig,
+    WorkerError,
 };
 use clap::{ArgGroup, Args, Parser, Subcommand};
 use serde_json::json;
@@ -277,7 +278,7 @@ enum Failure {
     #[error(transparent)]
     Schema(#[from] ackloop::SchemaError),
     #[error(transparent)]
-    Admin(#[from] ackloop::AdminError),
+    Admin(#[from] admin::AdminError),
     #[error("doctor found {0} problem(s)")]
     Doctor(usize),
     #[error(transparent)]
@@ -312,12 +313,12 @@ impl Failure {
             Self::Schema(ackloop::SchemaError::Newer { .. })
             | Self::Migrate(sqlx::migrate::MigrateError::VersionMissing(_)) => 9,
             Self::Worker(WorkerError::Config(_)) | Self::MetricsAddr { .. } => 2,
-            Self::Admin(ackloop::AdminError::UnknownJob(_)) | Self::Signup(SignupError::UnknownJob(_)) => 3,
+            Self::Admin(admin::AdminError::UnknownJob(_)) | Self::Signup(SignupError::UnknownJob(_)) => 3,
             Self::Admin(
-                ackloop::AdminError::AlreadyDone(_)
-                | ackloop::AdminError::DoneWithoutPlayer(_)
-                | ackloop::AdminError::StillPending(_)
-                | ackloop::AdminError::StillFailed(_),
+                admin::AdminError::AlreadyDone(_)
+                | admin::AdminError::DoneWithoutPlayer(_)
+                | admin::AdminError::StillPending(_)
+                | admin::AdminError::StillFailed(_),
             )
             | Self::Doctor(_) => 10,
             _ => 1,
@@ -735,7 +736,7 @@ async fn await_player(
     let pool = connection.migrated_pool(2).await?;
     let job_id = match (job_id, email) {
         (Some(job_id), _) => job_id,
-        (None, Some(email)) => ackloop::find_job_by_email(&pool, &email).await?,
+        (None, Some(email)) => admin::find_job_by_email(&pool, &email).await?,
         (None, None) => unreachable!("clap requires a job id or --email"),
     };
     let signups = connection.signups(pool).await?;
@@ -760,7 +761,7 @@ async fn jobs(connection: &ConnectionArgs, command: JobsCommand) -> Result<(), F
     let pool = connection.migrated_pool(1).await?;
     match command {
         JobsCommand::Show { job_id, json } => {
-            let job = ackloop::job_details(&pool, job_id).await?;
+            let job = admin::job_details(&pool, job_id).await?;
             if json {
                 println!("{}", serde_json::to_string(&job).expect("job details serialise"));
                 return Ok(());
@@ -775,15 +776,15 @@ async fn jobs(connection: &ConnectionArgs, command: JobsCommand) -> Result<(), F
             let channels = connection.channels()?;
             let jobs = match (repair, job_id) {
                 (false, Some(job_id)) => {
-                    ackloop::retry_failed_job(&pool, &channels, job_id).await?;
+                    admin::retry_failed_job(&pool, &channels, job_id).await?;
                     vec![job_id]
                 }
-                (false, None) => ackloop::retry_all_failed_jobs(&pool, &channels).await?,
+                (false, None) => admin::retry_all_failed_jobs(&pool, &channels).await?,
                 (true, Some(job_id)) => {
-                    ackloop::repair_job(&pool, &channels, job_id).await?;
+                    admin::repair_job(&pool, &channels, job_id).await?;
                     vec![job_id]
                 }
-                (true, None) => ackloop::repair_all_missing_players(&pool, &channels).await?,
+                (true, None) => admin::repair_all_missing_players(&pool, &channels).await?,
             };
             let (key, what) = if repair {
                 ("repaired", "done job(s) without a player")
@@ -805,10 +806,10 @@ async fn jobs(connection: &ConnectionArgs, command: JobsCommand) -> Result<(), F
             json,
         } => {
             let (count, verb) = if dry_run {
-                let count = ackloop::count_prunable_jobs(&pool, older_than).await?;
+                let count = admin::count_prunable_jobs(&pool, older_than).await?;
                 (u64::try_from(count).unwrap_or_default(), "would delete")
             } else {
-                (ackloop::prune_finished_jobs(&pool, older_than).await?, "deleted")
+                (admin::prune_finished_jobs(&pool, older_than).await?, "deleted")
             };
             if json {
                 println!("{}", json!({ "dry_run": dry_run, "jobs": count }));
@@ -822,7 +823,7 @@ async fn jobs(connection: &ConnectionArgs, command: JobsCommand) -> Result<(), F
 
 /// `jobs show`'s lines: a name and a value each, with a "problem" line when the job is done but
 /// its player is missing.
-fn job_rows(job: &ackloop::JobDetails) -> Vec<(&'static str, String)> {
+fn job_rows(job: &admin::JobDetails) -> Vec<(&'static str, String)> {
     let time = |t: chrono::DateTime<chrono::Utc>| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
     let mut rows = vec![
         ("job", job.job_id.to_string()),
@@ -863,7 +864,7 @@ async fn doctor(connection: &ConnectionArgs, stale_after: Duration, json: bool) 
         Some(options) => options,
         None => connection.connect_options()?,
     };
-    let checks = ackloop::diagnose(&pool, listen_options, stale_after).await;
+    let checks = admin::diagnose(&pool, listen_options, stale_after).await;
     let problems = checks.iter().filter(|check| !check.ok).count();
     if json {
         println!("{}", json!({ "ok": problems == 0, "checks": checks }));
@@ -962,9 +963,9 @@ mod tests {
         );
     }
 
-    fn done_job(player_id: Option<ackloop::PlayerId>) -> ackloop::JobDetails {
+    fn done_job(player_id: Option<ackloop::PlayerId>) -> admin::JobDetails {
         let now = chrono::Utc::now();
-        ackloop::JobDetails {
+        admin::JobDetails {
             job_id: ackloop::JobId::new(),
             user_id: ackloop::UserId::from(1),
             email: "ada@example.com".to_owned(),

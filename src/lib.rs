@@ -39,43 +39,36 @@
 //!   transaction and [`Signups::await_player`] after commit.
 //! - Player side: [`Worker::run`], or `ackloop worker`.
 //! - Schema: [`MIGRATOR`] (or `sqlx migrate run` on `migrations/`).
+//! - Operators: [`admin`], or `ackloop jobs`, `status` and `doctor`.
 
 #![warn(missing_docs)]
 #![forbid(unsafe_code)]
 
-mod admin;
+pub mod admin;
 mod channel;
 mod connect;
-mod doctor;
 #[cfg(feature = "http")]
 mod exporter;
 mod job;
-mod schema;
 mod signup;
-mod status;
 mod store;
 mod telemetry;
 mod worker;
 
-pub use admin::{
-    AdminError, JobDetails, PRUNE_BATCH, count_prunable_jobs, find_job_by_email, job_details,
-    prune_finished_jobs, repair_all_missing_players, repair_job, retry_all_failed_jobs, retry_failed_job,
-};
+pub use admin::status::sample_queue_gauges;
+pub use admin::{SchemaError, check_schema};
 pub use channel::{
     BadPayload, ChannelName, Channels, DEFAULT_DONE_CHANNEL, DEFAULT_JOBS_CHANNEL, InvalidChannelName,
     parse_job_id,
 };
 pub use connect::{BadConnectionString, ConnectConfig, describe_db_error};
-pub use doctor::{Check, diagnose};
 #[cfg(feature = "http")]
 pub use exporter::{MetricsError, MetricsHandle};
 pub use job::{Backoff, JobId, JobStatus, PlayerId, UnknownStatus, UserId};
-pub use schema::{SchemaError, check_schema};
 pub use signup::{
     Field, InvalidInput, MAX_DISPLAY_NAME_CHARS, MAX_EMAIL_CHARS, NewUser, Player, Rule, Signup, SignupError,
     Signups, SignupsConfig, create_user,
 };
-pub use status::{FailedJob, StatusReport, sample_queue_gauges};
 pub use telemetry::describe_metrics;
 /// The names of the metrics ackloop records.
 pub mod metric_names {
