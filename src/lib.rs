@@ -39,46 +39,62 @@
 //!   transaction and [`Signups::await_player`] after commit.
 //! - Player side: [`Worker::run`], or `ackloop worker`.
 //! - Schema: [`MIGRATOR`] (or `sqlx migrate run` on `migrations/`).
+//! - Operators: [`admin`], or `ackloop jobs`, `status` and `doctor`.
+//!
+//! # The public surface
+//! The crate root holds what a service running the loop uses:
+//! - auth side: [`Signups`], [`SignupsConfig`], [`Signup`], [`create_user`], [`SignupError`];
+//!   its input and output: [`NewUser`], [`Player`], [`InvalidInput`], [`Field`], [`Rule`],
+//!   [`MAX_EMAIL_CHARS`], [`MAX_DISPLAY_NAME_CHARS`];
+//! - player side: [`Worker`], [`WorkerConfig`], [`WorkerError`], [`worker_session_options`],
+//!   [`Backoff`];
+//! - ids: [`JobId`], [`UserId`], [`PlayerId`], [`JobStatus`], [`UnknownStatus`];
+//! - channels: [`Channels`], [`ChannelName`], [`DEFAULT_JOBS_CHANNEL`], [`DEFAULT_DONE_CHANNEL`],
+//!   [`InvalidChannelName`], [`parse_job_id`], [`BadPayload`];
+//! - connecting: [`ConnectConfig`], [`BadConnectionString`], [`describe_db_error`];
+//! - schema: [`MIGRATOR`], [`run_migrations`], [`check_schema`], [`SchemaError`];
+//! - metrics: [`describe_metrics`], [`sample_queue_gauges`], and with the `http` feature
+//!   `MetricsHandle` and `MetricsError`.
+//!
+//! And two modules:
+//! - [`admin`]: operator calls, what `ackloop jobs`, `status` and `doctor` run: look jobs up,
+//!   retry, repair and prune them ([`admin::job_details`], [`admin::retry_failed_job`],
+//!   [`admin::repair_job`], [`admin::prune_finished_jobs`], …), [`admin::StatusReport`],
+//!   [`admin::diagnose`];
+//! - [`metric_names`]: the names of the metrics recorded.
+//!
+//! Every item has one path, but [`check_schema`] and [`SchemaError`]: a service calls them at
+//! start-up, beside [`run_migrations`], and an operator finds them in [`admin`] beside
+//! [`admin::diagnose`], which runs the same check.
 
 #![warn(missing_docs)]
 #![forbid(unsafe_code)]
 
-mod admin;
+pub mod admin;
 mod channel;
-mod confirm;
 mod connect;
-mod doctor;
 #[cfg(feature = "http")]
 mod exporter;
 mod job;
-mod new_user;
-mod schema;
 mod signup;
-mod status;
 mod store;
 mod telemetry;
 mod worker;
-mod writer;
 
-pub use admin::{
-    AdminError, JobDetails, PRUNE_BATCH, count_prunable_jobs, find_job_by_email, job_details,
-    prune_finished_jobs, repair_all_missing_players, repair_job, retry_all_failed_jobs, retry_failed_job,
-};
+pub use admin::status::sample_queue_gauges;
+pub use admin::{SchemaError, check_schema};
 pub use channel::{
     BadPayload, ChannelName, Channels, DEFAULT_DONE_CHANNEL, DEFAULT_JOBS_CHANNEL, InvalidChannelName,
     parse_job_id,
 };
 pub use connect::{BadConnectionString, ConnectConfig, describe_db_error};
-pub use doctor::{Check, diagnose};
 #[cfg(feature = "http")]
 pub use exporter::{MetricsError, MetricsHandle};
 pub use job::{Backoff, JobId, JobStatus, PlayerId, UnknownStatus, UserId};
-pub use schema::{SchemaError, check_schema};
 pub use signup::{
     Field, InvalidInput, MAX_DISPLAY_NAME_CHARS, MAX_EMAIL_CHARS, NewUser, Player, Rule, Signup, SignupError,
     Signups, SignupsConfig, create_user,
 };
-pub use status::{FailedJob, StatusReport, sample_queue_gauges};
 pub use telemetry::describe_metrics;
 /// The names of the metrics ackloop records.
 pub mod metric_names {

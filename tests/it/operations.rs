@@ -1,6 +1,7 @@
 //! Operator commands, run as the real binary: jobs show / retry / prune, await, doctor.
 
-use ackloop::{AdminError, JobId};
+use ackloop::JobId;
+use ackloop::admin::{self, AdminError};
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
@@ -347,7 +348,7 @@ async fn a_done_job_without_its_player_is_shown_as_a_problem_and_not_retried(
     assert_eq!(job_row(&pool, job_id).await, before);
     assert_nothing_sent_before_marker(&pool, &mut listener, ackloop::DEFAULT_JOBS_CHANNEL).await;
 
-    let library = ackloop::retry_failed_job(&pool, &ackloop::Channels::default(), job_id).await;
+    let library = admin::retry_failed_job(&pool, &ackloop::Channels::default(), job_id).await;
     assert!(
         matches!(library, Err(AdminError::DoneWithoutPlayer(id)) if id == job_id),
         "{library:?}"
@@ -460,13 +461,13 @@ async fn jobs_retry_repair_touches_only_done_jobs_without_a_player(
         assert!(stderr(&refused).contains(says), "{}", stderr(&refused));
     }
     let channels = ackloop::Channels::default();
-    let library = ackloop::repair_job(&pool, &channels, healthy).await;
+    let library = admin::repair_job(&pool, &channels, healthy).await;
     assert!(matches!(library, Err(AdminError::AlreadyDone(_))), "{library:?}");
-    let library = ackloop::repair_job(&pool, &channels, failed).await;
+    let library = admin::repair_job(&pool, &channels, failed).await;
     assert!(matches!(library, Err(AdminError::StillFailed(_))), "{library:?}");
-    let library = ackloop::repair_job(&pool, &channels, pending).await;
+    let library = admin::repair_job(&pool, &channels, pending).await;
     assert!(matches!(library, Err(AdminError::StillPending(_))), "{library:?}");
-    let library = ackloop::repair_job(&pool, &channels, JobId::new()).await;
+    let library = admin::repair_job(&pool, &channels, JobId::new()).await;
     assert!(matches!(library, Err(AdminError::UnknownJob(_))), "{library:?}");
     let all = run_ackloop(&url, &["jobs", "retry", "--repair", "--all-missing", "--json"]).await;
     assert_eq!(all.status.code(), Some(0), "{}", stderr(&all));
@@ -559,7 +560,7 @@ async fn doctor_flags_done_jobs_without_a_player_until_they_are_repaired(
         .collect();
     assert_eq!(failing, ["done jobs without a player"], "{report}");
 
-    let repaired = ackloop::repair_all_missing_players(&pool, &ackloop::Channels::default())
+    let repaired = admin::repair_all_missing_players(&pool, &ackloop::Channels::default())
         .await
         .expect("repair");
     assert_eq!(repaired, [jobs[1]]);

@@ -2,7 +2,8 @@
 
 use std::time::Duration;
 
-use ackloop::{Channels, SignupError, StatusReport, WorkerConfig, create_user};
+use ackloop::admin::StatusReport;
+use ackloop::{Channels, SignupError, WorkerConfig, create_user};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 
 use crate::common::*;

@@ -51,7 +51,7 @@ pub enum Failure {
     #[error(transparent)]
     Schema(#[from] ackloop::SchemaError),
     #[error(transparent)]
-    Admin(#[from] ackloop::AdminError),
+    Admin(#[from] ackloop::admin::AdminError),
     #[error("doctor found {0} problem(s)")]
     Doctor(usize),
     #[error(transparent)]
@@ -86,12 +86,13 @@ impl Failure {
             Self::Schema(ackloop::SchemaError::Newer { .. })
             | Self::Migrate(sqlx::migrate::MigrateError::VersionMissing(_)) => 9,
             Self::Worker(WorkerError::Config(_)) | Self::MetricsAddr { .. } => 2,
-            Self::Admin(ackloop::AdminError::UnknownJob(_)) | Self::Signup(SignupError::UnknownJob(_)) => 3,
+            Self::Admin(ackloop::admin::AdminError::UnknownJob(_))
+            | Self::Signup(SignupError::UnknownJob(_)) => 3,
             Self::Admin(
-                ackloop::AdminError::AlreadyDone(_)
-                | ackloop::AdminError::DoneWithoutPlayer(_)
-                | ackloop::AdminError::StillPending(_)
-                | ackloop::AdminError::StillFailed(_),
+                ackloop::admin::AdminError::AlreadyDone(_)
+                | ackloop::admin::AdminError::DoneWithoutPlayer(_)
+                | ackloop::admin::AdminError::StillPending(_)
+                | ackloop::admin::AdminError::StillFailed(_),
             )
             | Self::Doctor(_) => 10,
             _ => 1,

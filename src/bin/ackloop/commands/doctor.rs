@@ -17,7 +17,7 @@ pub(super) async fn run(
         Some(options) => options,
         None => connection.connect_options()?,
     };
-    let checks = ackloop::diagnose(&pool, listen_options, stale_after).await;
+    let checks = ackloop::admin::diagnose(&pool, listen_options, stale_after).await;
     let problems = checks.iter().filter(|check| !check.ok).count();
     if json {
         println!("{}", json!({ "ok": problems == 0, "checks": checks }));

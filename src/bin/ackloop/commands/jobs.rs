@@ -9,7 +9,7 @@ pub(super) async fn run(connection: &ConnectionArgs, command: JobsCommand) -> Re
     let pool = connection.migrated_pool(1).await?;
     match command {
         JobsCommand::Show { job_id, json } => {
-            let job = ackloop::job_details(&pool, job_id).await?;
+            let job = ackloop::admin::job_details(&pool, job_id).await?;
             if json {
                 println!("{}", serde_json::to_string(&job).expect("job details serialise"));
                 return Ok(());
@@ -24,15 +24,15 @@ pub(super) async fn run(connection: &ConnectionArgs, command: JobsCommand) -> Re
             let channels = connection.channels()?;
             let jobs = match (repair, job_id) {
                 (false, Some(job_id)) => {
-                    ackloop::retry_failed_job(&pool, &channels, job_id).await?;
+                    ackloop::admin::retry_failed_job(&pool, &channels, job_id).await?;
                     vec![job_id]
                 }
-                (false, None) => ackloop::retry_all_failed_jobs(&pool, &channels).await?,
+                (false, None) => ackloop::admin::retry_all_failed_jobs(&pool, &channels).await?,
                 (true, Some(job_id)) => {
-                    ackloop::repair_job(&pool, &channels, job_id).await?;
+                    ackloop::admin::repair_job(&pool, &channels, job_id).await?;
                     vec![job_id]
                 }
-                (true, None) => ackloop::repair_all_missing_players(&pool, &channels).await?,
+                (true, None) => ackloop::admin::repair_all_missing_players(&pool, &channels).await?,
             };
             let (key, what) = if repair {
                 ("repaired", "done job(s) without a player")
@@ -54,10 +54,13 @@ pub(super) async fn run(connection: &ConnectionArgs, command: JobsCommand) -> Re
             json,
         } => {
             let (count, verb) = if dry_run {
-                let count = ackloop::count_prunable_jobs(&pool, older_than).await?;
+                let count = ackloop::admin::count_prunable_jobs(&pool, older_than).await?;
                 (u64::try_from(count).unwrap_or_default(), "would delete")
             } else {
-                (ackloop::prune_finished_jobs(&pool, older_than).await?, "deleted")
+                (
+                    ackloop::admin::prune_finished_jobs(&pool, older_than).await?,
+                    "deleted",
+                )
             };
             if json {
                 println!("{}", json!({ "dry_run": dry_run, "jobs": count }));
@@ -71,7 +74,7 @@ pub(super) async fn run(connection: &ConnectionArgs, command: JobsCommand) -> Re
 
 /// `jobs show`'s lines: a name and a value each, with a "problem" line when the job is done but
 /// its player is missing.
-fn job_rows(job: &ackloop::JobDetails) -> Vec<(&'static str, String)> {
+fn job_rows(job: &ackloop::admin::JobDetails) -> Vec<(&'static str, String)> {
     let time = |t: chrono::DateTime<chrono::Utc>| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
     let mut rows = vec![
         ("job", job.job_id.to_string()),
@@ -110,9 +113,9 @@ fn job_rows(job: &ackloop::JobDetails) -> Vec<(&'static str, String)> {
 mod tests {
     use super::*;
 
-    fn done_job(player_id: Option<ackloop::PlayerId>) -> ackloop::JobDetails {
+    fn done_job(player_id: Option<ackloop::PlayerId>) -> ackloop::admin::JobDetails {
         let now = chrono::Utc::now();
-        ackloop::JobDetails {
+        ackloop::admin::JobDetails {
             job_id: ackloop::JobId::new(),
             user_id: ackloop::UserId::from(1),
             email: "ada@example.com".to_owned(),

@@ -44,7 +44,7 @@ pub(super) async fn await_player(
     let pool = connection.migrated_pool(2).await?;
     let job_id = match (job_id, email) {
         (Some(job_id), _) => job_id,
-        (None, Some(email)) => ackloop::find_job_by_email(&pool, &email).await?,
+        (None, Some(email)) => ackloop::admin::find_job_by_email(&pool, &email).await?,
         (None, None) => unreachable!("clap requires a job id or --email"),
     };
     let signups = connection.signups(pool).await?;

@@ -1,6 +1,6 @@
 //! `ackloop status`: job counts, the oldest pending job's age and recent failures.
 
-use ackloop::StatusReport;
+use ackloop::admin::StatusReport;
 
 use crate::args::ConnectionArgs;
 use crate::exit::Failure;

@@ -53,7 +53,7 @@ impl StatusReport {
     ///
     /// ```no_run
     /// # async fn demo(pool: sqlx::PgPool) -> Result<(), sqlx::Error> {
-    /// let report = ackloop::StatusReport::read(&pool).await?;
+    /// let report = ackloop::admin::StatusReport::read(&pool).await?;
     /// println!("{} pending", report.pending);
     /// # Ok(()) }
     /// ```

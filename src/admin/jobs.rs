@@ -76,8 +76,8 @@ pub enum AdminError {
 /// [`AdminError::UnknownJob`], [`AdminError::Database`].
 ///
 /// ```no_run
-/// # async fn demo(pool: sqlx::PgPool, job_id: ackloop::JobId) -> Result<(), ackloop::AdminError> {
-/// let job = ackloop::job_details(&pool, job_id).await?;
+/// # async fn demo(pool: sqlx::PgPool, job_id: ackloop::JobId) -> Result<(), ackloop::admin::AdminError> {
+/// let job = ackloop::admin::job_details(&pool, job_id).await?;
 /// println!("{} after {} attempts", job.status, job.attempts);
 /// # Ok(()) }
 /// ```
@@ -108,8 +108,8 @@ pub async fn job_details(pool: &PgPool, job_id: JobId) -> Result<JobDetails, Adm
 /// [`AdminError::UnknownJob`] when no user has the email, [`AdminError::Database`].
 ///
 /// ```no_run
-/// # async fn demo(pool: sqlx::PgPool) -> Result<(), ackloop::AdminError> {
-/// let job_id = ackloop::find_job_by_email(&pool, "ada@example.com").await?;
+/// # async fn demo(pool: sqlx::PgPool) -> Result<(), ackloop::admin::AdminError> {
+/// let job_id = ackloop::admin::find_job_by_email(&pool, "ada@example.com").await?;
 /// # Ok(()) }
 /// ```
 pub async fn find_job_by_email(pool: &PgPool, email: &str) -> Result<JobId, AdminError> {
@@ -131,8 +131,8 @@ fn is_player_missing(status: JobStatus, player_id: Option<PlayerId>) -> bool {
 /// [`AdminError::Database`].
 ///
 /// ```no_run
-/// # async fn demo(pool: sqlx::PgPool, job_id: ackloop::JobId) -> Result<(), ackloop::AdminError> {
-/// ackloop::retry_failed_job(&pool, &ackloop::Channels::default(), job_id).await?;
+/// # async fn demo(pool: sqlx::PgPool, job_id: ackloop::JobId) -> Result<(), ackloop::admin::AdminError> {
+/// ackloop::admin::retry_failed_job(&pool, &ackloop::Channels::default(), job_id).await?;
 /// # Ok(()) }
 /// ```
 pub async fn retry_failed_job(pool: &PgPool, channels: &Channels, job_id: JobId) -> Result<(), AdminError> {
@@ -162,8 +162,8 @@ pub async fn retry_failed_job(pool: &PgPool, channels: &Channels, job_id: JobId)
 /// [`AdminError::Database`].
 ///
 /// ```no_run
-/// # async fn demo(pool: sqlx::PgPool) -> Result<(), ackloop::AdminError> {
-/// let retried = ackloop::retry_all_failed_jobs(&pool, &ackloop::Channels::default()).await?;
+/// # async fn demo(pool: sqlx::PgPool) -> Result<(), ackloop::admin::AdminError> {
+/// let retried = ackloop::admin::retry_all_failed_jobs(&pool, &ackloop::Channels::default()).await?;
 /// # Ok(()) }
 /// ```
 pub async fn retry_all_failed_jobs(pool: &PgPool, channels: &Channels) -> Result<Vec<JobId>, AdminError> {
@@ -184,10 +184,10 @@ const REPAIR_ROUNDS: usize = 3;
 /// [`AdminError::UnknownJob`], [`AdminError::Database`].
 ///
 /// ```no_run
-/// # async fn demo(pool: sqlx::PgPool, job_id: ackloop::JobId) -> Result<(), ackloop::AdminError> {
-/// let job = ackloop::job_details(&pool, job_id).await?;
+/// # async fn demo(pool: sqlx::PgPool, job_id: ackloop::JobId) -> Result<(), ackloop::admin::AdminError> {
+/// let job = ackloop::admin::job_details(&pool, job_id).await?;
 /// if job.player_missing {
-///     ackloop::repair_job(&pool, &ackloop::Channels::default(), job_id).await?;
+///     ackloop::admin::repair_job(&pool, &ackloop::Channels::default(), job_id).await?;
 /// }
 /// # Ok(()) }
 /// ```
@@ -222,8 +222,8 @@ pub async fn repair_job(pool: &PgPool, channels: &Channels, job_id: JobId) -> Re
 /// [`AdminError::Database`].
 ///
 /// ```no_run
-/// # async fn demo(pool: sqlx::PgPool) -> Result<(), ackloop::AdminError> {
-/// let repaired = ackloop::repair_all_missing_players(&pool, &ackloop::Channels::default()).await?;
+/// # async fn demo(pool: sqlx::PgPool) -> Result<(), ackloop::admin::AdminError> {
+/// let repaired = ackloop::admin::repair_all_missing_players(&pool, &ackloop::Channels::default()).await?;
 /// # Ok(()) }
 /// ```
 pub async fn repair_all_missing_players(
@@ -245,9 +245,9 @@ pub const PRUNE_BATCH: i64 = 1000;
 /// [`AdminError::Database`]; the batches deleted before the error stay deleted.
 ///
 /// ```no_run
-/// # async fn demo(pool: sqlx::PgPool) -> Result<(), ackloop::AdminError> {
+/// # async fn demo(pool: sqlx::PgPool) -> Result<(), ackloop::admin::AdminError> {
 /// let week = std::time::Duration::from_secs(7 * 24 * 3600);
-/// let deleted = ackloop::prune_finished_jobs(&pool, week).await?;
+/// let deleted = ackloop::admin::prune_finished_jobs(&pool, week).await?;
 /// # Ok(()) }
 /// ```
 pub async fn prune_finished_jobs(pool: &PgPool, older_than: Duration) -> Result<u64, AdminError> {
@@ -267,8 +267,8 @@ pub async fn prune_finished_jobs(pool: &PgPool, older_than: Duration) -> Result<
 /// [`AdminError::Database`].
 ///
 /// ```no_run
-/// # async fn demo(pool: sqlx::PgPool) -> Result<(), ackloop::AdminError> {
-/// let would = ackloop::count_prunable_jobs(&pool, std::time::Duration::from_secs(86400)).await?;
+/// # async fn demo(pool: sqlx::PgPool) -> Result<(), ackloop::admin::AdminError> {
+/// let would = ackloop::admin::count_prunable_jobs(&pool, std::time::Duration::from_secs(86400)).await?;
 /// # Ok(()) }
 /// ```
 pub async fn count_prunable_jobs(pool: &PgPool, older_than: Duration) -> Result<i64, AdminError> {

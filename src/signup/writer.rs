@@ -27,9 +27,9 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use uuid::Uuid;
 
+use super::input::NewUser;
 use crate::channel::Channels;
 use crate::job::{JobId, UserId};
-use crate::new_user::NewUser;
 use crate::store;
 
 /// Signups waiting for a writer, at most: past this, callers wait (within their deadlines) for

@@ -6,7 +6,7 @@ use serde::Serialize;
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
 use sqlx::{ConnectOptions, Connection, PgPool};
 
-use crate::schema::{SchemaError, check_schema};
+use super::schema::{SchemaError, check_schema};
 use crate::{MIGRATOR, store};
 
 /// Above this share of the notification queue in use, a listener is stuck.
@@ -54,7 +54,7 @@ impl Check {
 /// ```no_run
 /// # async fn demo(pool: sqlx::PgPool) {
 /// let options = (*pool.connect_options()).clone();
-/// for check in ackloop::diagnose(&pool, options, std::time::Duration::from_secs(60)).await {
+/// for check in ackloop::admin::diagnose(&pool, options, std::time::Duration::from_secs(60)).await {
 ///     println!("{} {}: {}", if check.ok { "ok" } else { "!!" }, check.name, check.detail);
 /// }
 /// # }

@@ -18,9 +18,9 @@ use tokio::time::Instant;
 use tracing::Instrument;
 use uuid::Uuid;
 
+use super::input::Player;
 use crate::channel::{ChannelName, Event, IgnoredPayloads, Subscription, parse_job_id};
 use crate::job::{JobId, JobStatus};
-use crate::new_user::Player;
 use crate::store::{self, JobOutcomeRow};
 use crate::telemetry;
 

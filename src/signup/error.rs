@@ -1,0 +1,97 @@
+//! What can go wrong with a signup, sorted so a caller can act on it: [`SignupError`], and the
+//! one classifier that turns a driver error into it (a taken email is matched by constraint name).
+
+use std::time::Duration;
+
+use super::input::InvalidInput;
+use crate::job::{JobId, UserId};
+use crate::store;
+
+/// Why a signup, or a wait for its player, did not return a player.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SignupError {
+    /// The input broke a rule; nothing was written.
+    #[error(transparent)]
+    Invalid(#[from] InvalidInput),
+    /// Another user has this email (compared without case); nothing was written.
+    #[error("email already registered")]
+    EmailTaken,
+    /// The signup committed but no worker finished its job in time. Nothing is lost: the job is
+    /// durable and will be completed; wait again with
+    /// [`Signups::await_player`](crate::Signups::await_player).
+    #[error("job {job_id} still pending after {waited:.1?}; it will complete when a worker takes it")]
+    TimedOut {
+        /// The pending job.
+        job_id: JobId,
+        /// The user, who exists already.
+        user_id: Option<UserId>,
+        /// How long the caller waited.
+        waited: Duration,
+    },
+    /// The worker gave up on the job after its last attempt.
+    #[error("job {job_id} failed: {reason}")]
+    JobFailed {
+        /// The failed job; `ackloop status` lists it.
+        job_id: JobId,
+        /// The error recorded with the job.
+        reason: String,
+    },
+    /// No job has this id.
+    #[error("no job {0}")]
+    UnknownJob(JobId),
+    /// The database could not be reached. With a job id, the signup may have committed before the
+    /// connection broke: look the job up (or wait on it) before signing up again.
+    #[error("database unavailable{}", job_hint(.job_id))]
+    Unavailable {
+        /// The job that may or may not have been committed.
+        job_id: Option<JobId>,
+        /// What the driver reported.
+        #[source]
+        source: sqlx::Error,
+    },
+    /// Any other database error: a schema that is missing or newer, a permission, a bug.
+    #[error("database error")]
+    Database(#[source] sqlx::Error),
+}
+
+fn job_hint(job_id: &Option<JobId>) -> String {
+    job_id.map_or_else(String::new, |id| format!(" (job {id} may have been committed)"))
+}
+
+impl SignupError {
+    /// The job concerned, when there is one: wait on it or look it up.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let job_id = ackloop::JobId::new();
+    /// let err = ackloop::SignupError::TimedOut { job_id, user_id: None, waited: Duration::from_secs(5) };
+    /// assert_eq!(err.job_id(), Some(job_id));
+    /// assert_eq!(ackloop::SignupError::EmailTaken.job_id(), None);
+    /// ```
+    pub fn job_id(&self) -> Option<JobId> {
+        match self {
+            Self::TimedOut { job_id, .. } | Self::JobFailed { job_id, .. } => Some(*job_id),
+            Self::UnknownJob(job_id) => Some(*job_id),
+            Self::Unavailable { job_id, .. } => *job_id,
+            _ => None,
+        }
+    }
+}
+
+/// Sorts a driver error into what a caller can act on. `job_id` is the job whose commit the error
+/// leaves uncertain, if any.
+pub(super) fn classify(err: sqlx::Error, job_id: Option<JobId>) -> SignupError {
+    if let Some(db_err) = err.as_database_error()
+        && db_err.is_unique_violation()
+        && db_err.constraint() == Some("users_email_key")
+    {
+        return SignupError::EmailTaken;
+    }
+    if store::is_unavailable(&err) {
+        // A request that never left the pool cannot have committed anything.
+        let job_id = job_id.filter(|_| !matches!(err, sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed));
+        return SignupError::Unavailable { job_id, source: err };
+    }
+    SignupError::Database(err)
+}
