@@ -363,15 +363,24 @@ pub(crate) async fn mark_jobs_done(
     Ok(())
 }
 
-/// Marks the point one job's work can be undone to, inside the current transaction. Released
-/// by [`release_job_savepoint`] or undone by [`rollback_to_job_savepoint`]; the same name each
-/// time, so the innermost one is meant.
+/// Sets the point one job's work can be undone to, inside the current transaction: a
+/// savepoint, always of the same name, so there is never more than one.
 pub(crate) async fn job_savepoint(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
     sqlx::raw_sql("savepoint ackloop_job").execute(conn).await?;
     Ok(())
 }
 
-/// Keeps what a job wrote since its savepoint (it commits, or not, with the transaction).
+/// Keeps what the last job wrote (it commits, or not, with the transaction) and sets the next
+/// job's savepoint, in one round trip. If the release fails (the transaction is aborted), the
+/// savepoint is still set, and nothing else ran.
+pub(crate) async fn renew_job_savepoint(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
+    sqlx::raw_sql("release savepoint ackloop_job; savepoint ackloop_job")
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// Keeps what the last job wrote; no savepoint is left set.
 pub(crate) async fn release_job_savepoint(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
     sqlx::raw_sql("release savepoint ackloop_job")
         .execute(conn)
@@ -379,10 +388,10 @@ pub(crate) async fn release_job_savepoint(conn: &mut PgConnection) -> Result<(),
     Ok(())
 }
 
-/// Undoes everything a job wrote since its savepoint, and the error state a failed statement
-/// left the transaction in.
+/// Undoes everything written since the job's savepoint, and the error state a failed statement
+/// left the transaction in; the savepoint stays set.
 pub(crate) async fn rollback_to_job_savepoint(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
-    sqlx::raw_sql("rollback to savepoint ackloop_job; release savepoint ackloop_job")
+    sqlx::raw_sql("rollback to savepoint ackloop_job")
         .execute(conn)
         .await?;
     Ok(())

@@ -684,7 +684,8 @@ impl<H: Handler> Processor<H> {
             tx.commit().await?;
             return Ok(None);
         }
-        match self.attempt(&mut tx, job).await? {
+        store::job_savepoint(&mut tx).await?;
+        match self.attempt(&mut tx, job, Then::Release).await? {
             Ok(()) => {
                 store::mark_jobs_done(&mut tx, &[job.id], &self.config.channels.done).await?;
                 tx.commit().await?;
@@ -744,18 +745,32 @@ impl<H: Handler> Processor<H> {
     }
 
     /// Claims a batch and runs the handler on each job in a savepoint of its own, then marks the
-    /// jobs it finished done, in one transaction.
+    /// jobs it finished done, in one transaction. Between two jobs, one round trip releases the
+    /// last job's savepoint and sets the next one's: what a handler costs beyond its own
+    /// statements.
     async fn pass_one_by_one(&self, conn: &mut PgConnection, limit: i64) -> Result<Pass, sqlx::Error> {
         let started = Instant::now();
         let mut tx = conn.begin().await?;
         let jobs = store::claim_due_jobs(&mut tx, limit).await?;
         let mut done = Vec::with_capacity(jobs.len());
         let mut retry_at = None;
-        for job in &jobs {
+        if !jobs.is_empty() {
+            store::job_savepoint(&mut tx).await?;
+        }
+        for (index, job) in jobs.iter().enumerate() {
+            let more = index + 1 < jobs.len();
+            let then = if more { Then::Renew } else { Then::Release };
             let span = tracing::debug_span!("process_job", job.id = %job.id, attempt = job.attempts);
-            match self.attempt(&mut tx, job).instrument(span).await? {
+            match self.attempt(&mut tx, job, then).instrument(span).await? {
                 Ok(()) => done.push(job.id),
-                Err(err) => retry_at = earliest(retry_at, self.record_failure(&mut tx, job, &err).await?),
+                Err(err) => {
+                    retry_at = earliest(retry_at, self.record_failure(&mut tx, job, &err).await?);
+                    // The record is kept (released into the transaction) before the next job
+                    // starts, so that job's rollback cannot undo it.
+                    if more {
+                        store::renew_job_savepoint(&mut tx).await?;
+                    }
+                }
             }
         }
         if !done.is_empty() {
@@ -774,16 +789,18 @@ impl<H: Handler> Processor<H> {
         })
     }
 
-    /// Runs the handler on `job` in a savepoint of its own: its writes are kept if it succeeds
-    /// and undone if not. The inner error is the job's (to be recorded); the outer one is the
-    /// pass's (the database could not be reached, or a lock wait ran out), for which the whole
-    /// transaction is given up and no attempt counted.
+    /// Runs the handler on `job` in the savepoint set for it: on success the savepoint is released
+    /// (and, with [`Then::Renew`], a new one set for the next job); otherwise it is rolled back
+    /// to, undoing the job's writes, and left set for the failure to be recorded in. The inner
+    /// error is the job's (to be recorded); the outer one is the pass's (the database could not
+    /// be reached, or a lock wait ran out), for which the whole transaction is given up and no
+    /// attempt counted.
     async fn attempt(
         &self,
         conn: &mut PgConnection,
         job: &ClaimedJob,
+        then: Then,
     ) -> Result<Result<(), JobError>, sqlx::Error> {
-        store::job_savepoint(conn).await?;
         let handed = Job {
             id: job.id,
             user_id: job.user_id,
@@ -791,16 +808,22 @@ impl<H: Handler> Processor<H> {
             attempt: u32::try_from(job.attempts).unwrap_or(u32::MAX),
         };
         let error = match handler::run_caught(&self.handler, &handed, conn).await {
-            Ok(()) => match store::release_job_savepoint(conn).await {
-                Ok(()) => return Ok(Ok(())),
-                Err(err) if is_not_the_jobs_fault(&err) => return Err(err),
-                // A statement of the handler's failed and it returned success anyway: the
-                // transaction is aborted and nothing it wrote can be kept.
-                Err(_) => JobError::retry_later(
-                    "the handler returned success after one of its statements failed; nothing it \
-                     wrote was kept",
-                ),
-            },
+            Ok(()) => {
+                let kept = match then {
+                    Then::Renew => store::renew_job_savepoint(conn).await,
+                    Then::Release => store::release_job_savepoint(conn).await,
+                };
+                match kept {
+                    Ok(()) => return Ok(Ok(())),
+                    Err(err) if is_not_the_jobs_fault(&err) => return Err(err),
+                    // A statement of the handler's failed and it returned success anyway: the
+                    // transaction is aborted and nothing it wrote can be kept.
+                    Err(_) => JobError::retry_later(
+                        "the handler returned success after one of its statements failed; nothing \
+                         it wrote was kept",
+                    ),
+                }
+            }
             Err(JobError::Database(err)) if is_not_the_jobs_fault(&err) => return Err(err),
             Err(err) => err,
         };
@@ -835,6 +858,15 @@ impl<H: Handler> Processor<H> {
         tracing::warn!(job.id = %job.id, attempt = attempts, retry_in_ms = delay_ms, error = %error, "job attempt failed; will retry");
         Ok(Some(Instant::now() + delay))
     }
+}
+
+/// What to do with a job's savepoint once its handler succeeded.
+#[derive(Debug, Clone, Copy)]
+enum Then {
+    /// Release it and set the next job's, in one round trip.
+    Renew,
+    /// Release it: no job follows.
+    Release,
 }
 
 /// Whether a statement failed for want of the database (or of a lock another session holds)

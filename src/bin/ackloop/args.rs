@@ -274,6 +274,30 @@ pub struct BenchConfig {
     /// Keep the scratch database for inspection
     #[arg(long)]
     pub keep: bool,
+    /// What the workers run for each job: the built-in player insert (one statement per batch),
+    /// or a trivial custom handler doing the same insert through the handler API (a savepoint
+    /// per job); in-process workers only
+    #[arg(long, value_enum, default_value_t = BenchHandler::BuiltIn)]
+    pub handler: BenchHandler,
+}
+
+/// The handler `ackloop bench --handler` runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BenchHandler {
+    /// `Worker::new`: the built-in insert
+    BuiltIn,
+    /// `Worker::with_handler`: the same insert as a handler of the user's own
+    Custom,
+}
+
+impl BenchHandler {
+    /// The name the report prints.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::BuiltIn => "built-in",
+            Self::Custom => "custom",
+        }
+    }
 }
 
 #[cfg(test)]

@@ -13,9 +13,10 @@ use sqlx::{ConnectOptions, Connection, PgConnection, PgPool};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use super::handler::InsertPlayerAsUser;
 use super::histogram::Histogram;
 use super::report::{BenchReport, clear_progress, peak_rss_mb, show_progress};
-use crate::args::BenchConfig;
+use crate::args::{BenchConfig, BenchHandler};
 
 /// How long one signup may wait before it counts as timed out (and the run as failed).
 const SIGNUP_TIMEOUT: Duration = Duration::from_secs(30);
@@ -48,10 +49,18 @@ impl Workers {
                 poll_interval: config.poll_every.unwrap_or(WorkerConfig::default().poll_interval),
                 ..WorkerConfig::default()
             };
-            workers.in_process.push(tokio::spawn(
-                Worker::new(pool.clone(), worker_config).run(shutdown),
-            ));
+            let worker = Worker::new(pool.clone(), worker_config);
+            let task = match config.handler {
+                BenchHandler::BuiltIn => tokio::spawn(worker.run(shutdown)),
+                BenchHandler::Custom => tokio::spawn(worker.with_handler(InsertPlayerAsUser).run(shutdown)),
+            };
+            workers.in_process.push(task);
             return Ok(workers);
+        }
+        if config.handler == BenchHandler::Custom {
+            return Err(sqlx::Error::Configuration(
+                "--handler custom runs in this process's workers; drop --worker-processes".into(),
+            ));
         }
         let exe = std::env::current_exe().map_err(sqlx::Error::Io)?;
         let url = options.to_url_lossy().to_string();
@@ -157,6 +166,7 @@ pub(super) async fn signups(
     Ok(BenchReport {
         system: "ackloop",
         variant: "ackloop",
+        handler: config.handler.name(),
         n: config.signups,
         c: config.concurrency,
         w: config.workers,
@@ -229,6 +239,7 @@ pub(super) async fn drain(
     Ok(BenchReport {
         system: "ackloop",
         variant: "drain",
+        handler: config.handler.name(),
         n: config.signups,
         c: config.concurrency,
         w: config.workers,

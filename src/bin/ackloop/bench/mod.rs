@@ -3,7 +3,8 @@
 //! one player.
 //!
 //! Layout: `load` drives signups or a drain (and garbage notifications), `histogram` records
-//! latencies, `report` prints the figures and the progress bar, `proxy` adds a round-trip time.
+//! latencies, `report` prints the figures and the progress bar, `proxy` adds a round-trip time,
+//! `handler` is the trivial custom handler of `--handler custom`.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -14,6 +15,7 @@ use sqlx::{ConnectOptions, Connection, PgConnection, PgPool};
 
 use crate::args::BenchConfig;
 
+mod handler;
 mod histogram;
 mod load;
 mod proxy;

@@ -13,6 +13,8 @@ use serde::Serialize;
 pub struct BenchReport {
     pub(super) system: &'static str,
     pub(super) variant: &'static str,
+    /// The handler the workers ran: "built-in" or "custom".
+    pub(super) handler: &'static str,
     pub(super) n: usize,
     pub(super) c: usize,
     pub(super) w: usize,
@@ -52,8 +54,8 @@ impl BenchReport {
             "acknowledged signups"
         };
         println!(
-            "{} {what} in {:.2}s: {:.0}/s  (c={} w={} p={} rtt={}ms)",
-            self.n, self.secs, self.throughput, self.c, self.w, self.p, self.rtt_ms
+            "{} {what} in {:.2}s: {:.0}/s  (c={} w={} p={} rtt={}ms handler={})",
+            self.n, self.secs, self.throughput, self.c, self.w, self.p, self.rtt_ms, self.handler
         );
         if self.variant != "drain" {
             println!(
