@@ -1,9 +1,19 @@
--- The signup transaction, exactly as ackloop runs it (src/store.rs insert_user_and_job):
--- user + job + wake-up in one statement, one commit.
+-- The signup transaction, exactly as ackloop runs it: user + job + wake-up in one statement, one
+-- commit. tests/it/protocol.rs checks it against the code, with these binds:
+-- store::insert_user_and_job
+-- $1 = 'pgbench-' || gen_random_uuid() || '@example.com'
+-- $2 = 'Bench ' || :n
+-- $3 = gen_random_uuid()
+-- $4 = 'player_jobs'
+-- $5 = null
 \set n random(1, 2000000000)
-with new_user as (
+with limits as (
+    select set_config('lock_timeout', coalesce(null, current_setting('lock_timeout')), true)
+),
+new_user as (
     insert into users (email, display_name)
-    values ('pgbench-' || gen_random_uuid() || '@example.com', 'Bench ' || :n)
+    select 'pgbench-' || gen_random_uuid() || '@example.com', 'Bench ' || :n
+    from limits
     returning id
 ),
 new_job as (
@@ -12,6 +22,6 @@ new_job as (
     from new_user
     returning id, user_id
 )
-select new_job.user_id
+select new_job.user_id as user_id
 from new_job
 cross join lateral pg_notify('player_jobs', new_job.id::text) as notified;

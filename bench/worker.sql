@@ -1,5 +1,9 @@
--- The worker transaction, exactly as ackloop runs it (src/store.rs complete_due_jobs):
--- claim up to 32 due jobs, create their players, mark them done, notify each, one commit.
+-- The worker transaction, exactly as ackloop runs it: claim up to 32 due jobs, create their
+-- players, mark them done, notify each, one commit. tests/it/protocol.rs checks it against the
+-- code, with these binds:
+-- store::complete_due_jobs
+-- $1 = 32
+-- $2 = 'player_jobs_done'
 with claimed as (
     select id, user_id
     from player_creation_jobs
@@ -31,6 +35,6 @@ completed as (
         player_creation_jobs.id,
         extract(epoch from now() - player_creation_jobs.created_at)::float8 as waited_secs
 )
-select completed.id, completed.waited_secs
+select completed.id as id, completed.waited_secs as waited_secs
 from completed
 cross join lateral pg_notify('player_jobs_done', completed.id::text) as notified;

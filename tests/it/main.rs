@@ -16,6 +16,7 @@ mod metrics;
 mod operations;
 mod player_service;
 mod pooler;
+mod protocol;
 mod signup;
 #[path = "../support/silent_proxy.rs"]
 mod silent_proxy;
