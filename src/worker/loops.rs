@@ -1,0 +1,186 @@
+//! One processing loop: drain the queue pass after pass, take jobs alone when a session may
+//! have died of one, and wait for a wake-up, a retry coming due or the poll tick.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::{Instant, MissedTickBehavior};
+use tokio_util::sync::CancellationToken;
+
+use super::handler::Handler;
+use super::passes::{ALONE_AT_LEAST, Lone, Processor, earliest};
+use crate::connect::Described;
+use crate::job::Backoff;
+use crate::store::{self, Due};
+
+/// Waits after the database could not be reached, before trying again.
+const UNAVAILABLE_BACKOFF: Backoff = Backoff {
+    base: Duration::from_millis(100),
+    max: Duration::from_secs(5),
+};
+
+/// How soon to look again for a retry that is due but held by someone (another worker's
+/// attempt, or the backend of a session a job just killed).
+const RETRY_RECHECK: Duration = Duration::from_millis(250);
+
+/// Where a processing loop stands between passes.
+struct LoopState {
+    /// Jobs still to take one at a time, each attempt counted in its own committed transaction
+    /// before it is made. Set when the loop starts (the last process may have died of a job)
+    /// and after any pass the session did not survive (a job may have killed it), so a job that
+    /// kills sessions is counted, retried with backoff and failed, instead of taking its batch
+    /// down with it for ever.
+    careful: usize,
+    /// When `careful` was last set.
+    careful_since: Instant,
+    /// When a retry this loop knows of comes due.
+    next_retry: Option<Instant>,
+    /// Look for jobs tried before that are due again (they are never taken in a batch).
+    look_for_retries: bool,
+    /// The last look that found no retry due: retries are looked for at least once a poll
+    /// interval, even while wake-ups keep the loop busy with batches.
+    last_retry_look: Instant,
+    /// Failed passes in a row, for the backoff.
+    unavailable: u32,
+}
+
+impl<H: Handler> Processor<H> {
+    /// One processing loop: drain the queue, then wait for a reason to look again.
+    pub(super) async fn process_until(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut poll = tokio::time::interval_at(
+            Instant::now() + self.config.poll_interval,
+            self.config.poll_interval,
+        );
+        poll.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut state = LoopState {
+            careful: usize::from(self.config.batch_size),
+            // No dying backend of this loop's holds a job yet: an empty queue ends it at once.
+            careful_since: Instant::now()
+                .checked_sub(ALONE_AT_LEAST)
+                .unwrap_or_else(Instant::now),
+            next_retry: None,
+            look_for_retries: true,
+            last_retry_look: Instant::now(),
+            unavailable: 0,
+        };
+        loop {
+            // Drain: on start, after every wake-up and tick, until nothing due is left.
+            while !shutdown.is_cancelled() {
+                match self.drain_step(&mut state).await {
+                    Ok(true) => continue,
+                    Ok(false) => break,
+                    Err(err) => {
+                        state.unavailable += 1;
+                        let delay = if state.unavailable == 1 && !store::is_lock_timeout(&err) {
+                            // At once, one job alone: if a job killed the session, its attempt is
+                            // counted before the other loops' batches meet it too.
+                            Duration::ZERO
+                        } else {
+                            UNAVAILABLE_BACKOFF.delay(state.unavailable - 1)
+                        };
+                        if store::is_lock_timeout(&err) {
+                            tracing::warn!(
+                                retry_in_ms = delay.as_millis() as u64,
+                                "jobs wait for a lock another session holds; retrying"
+                            );
+                        } else {
+                            // The session may have died of a job: take the next ones alone.
+                            state.careful = usize::from(self.config.batch_size);
+                            state.careful_since = Instant::now();
+                            tracing::warn!(
+                                error = %Described(&err),
+                                retry_in_ms = delay.as_millis() as u64,
+                                "cannot process jobs; retrying (the next jobs one at a time)"
+                            );
+                        }
+                        tokio::select! {
+                            () = shutdown.cancelled() => return,
+                            () = tokio::time::sleep(delay) => {}
+                        }
+                    }
+                }
+            }
+            let next_retry = state.next_retry;
+            let retry_due = async {
+                match next_retry {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                biased;
+                () = shutdown.cancelled() => return,
+                () = self.wake.notified() => {}
+                () = retry_due => {
+                    state.next_retry = None;
+                    state.look_for_retries = true;
+                }
+                _ = poll.tick() => state.look_for_retries = true,
+            }
+        }
+    }
+
+    /// One step of a drain; true while there may be more to do.
+    async fn drain_step(&self, state: &mut LoopState) -> Result<bool, sqlx::Error> {
+        if state.careful > 0 {
+            let lone = self.attempt_alone(Due::Any, state).await?;
+            state.unavailable = 0;
+            match lone {
+                Lone::Taken { .. } => state.careful -= 1,
+                Lone::NoneDue if state.careful_since.elapsed() >= ALONE_AT_LEAST => state.careful = 0,
+                Lone::NoneDue => {
+                    // Nothing due that nobody holds: look again (alone) a little later.
+                    let again = state.careful_since + ALONE_AT_LEAST;
+                    state.next_retry = earliest(state.next_retry, Some(again));
+                    return Ok(false);
+                }
+            }
+            return Ok(true);
+        }
+        // Retries first when they may be due, so that a busy queue cannot starve them.
+        let now = Instant::now();
+        let retry_due = state.next_retry.is_some_and(|at| at <= now);
+        if state.look_for_retries
+            || retry_due
+            || now.duration_since(state.last_retry_look) >= self.config.poll_interval
+        {
+            let lone = self.attempt_alone(Due::Retries, state).await?;
+            state.unavailable = 0;
+            if let Lone::NoneDue = lone {
+                state.look_for_retries = false;
+                state.last_retry_look = now;
+                // Ask the table when the next retry is due (any worker's), so that none waits
+                // for a poll tick; one due but held by someone is looked at again shortly.
+                let due_in = self.next_retry_due_in().await?;
+                state.next_retry = due_in.map(|secs| {
+                    let wait = Duration::try_from_secs_f64(secs.max(0.0)).unwrap_or(Duration::MAX);
+                    now + wait.clamp(RETRY_RECHECK, self.config.poll_interval.max(RETRY_RECHECK))
+                });
+            }
+            return Ok(true);
+        }
+        let pass = self.pass().await?;
+        state.unavailable = 0;
+        state.next_retry = earliest(state.next_retry, pass.retry_at);
+        Ok(pass.claimed == usize::from(self.config.batch_size))
+    }
+
+    /// Takes the next due job of the kind asked for, alone: counts the attempt and
+    /// pushes the job's next try back by its backoff in one committed transaction, then makes
+    /// the attempt in another. If the attempt kills the session (or the process), the job keeps
+    /// its count and waits out its backoff; once it has used every attempt it is failed here,
+    /// before another is made.
+    async fn attempt_alone(&self, due: Due, state: &mut LoopState) -> Result<Lone, sqlx::Error> {
+        let mut unfinished_due = None;
+        let result = self
+            .on_own_connection(async |conn| self.attempt_alone_on(conn, due, &mut unfinished_due).await)
+            .await;
+        match &result {
+            Ok(Lone::Taken { retry_at }) => state.next_retry = earliest(state.next_retry, *retry_at),
+            Ok(Lone::NoneDue) => {}
+            // The attempt may not have finished: look again when its job is due.
+            Err(_) => state.next_retry = earliest(state.next_retry, unfinished_due),
+        }
+        result
+    }
+}

@@ -1,0 +1,372 @@
+//! One pass over the queue, and its transactions: a batch (one statement for the built-in
+//! handler, a savepoint per job for another), or one job alone with its attempt counted first.
+
+use std::time::Duration;
+
+use sqlx::{Acquire, PgConnection, PgPool};
+use tokio::sync::Notify;
+use tokio::time::Instant;
+use tracing::Instrument;
+
+use super::config::{LOCK_WAIT, WorkerConfig};
+use super::handler::{self, Handler, Job, JobError};
+use crate::connect::Described;
+use crate::store::{self, ClaimedJob, Due};
+use crate::telemetry;
+
+/// How long a loop keeps taking jobs alone after it starts or its session died, at least: a
+/// job that killed a session stays locked by the dying backend for a moment, so a loop that
+/// found nothing due at once looks again before it goes back to batches.
+pub(super) const ALONE_AT_LEAST: Duration = Duration::from_secs(1);
+
+/// The longest one pass (a batch, or one job alone) may take before the loop gives its
+/// connection up: a connection that stopped answering without closing (a NAT or load balancer
+/// that dropped it) would otherwise hold the loop until TCP gives up, minutes later. A pass takes
+/// milliseconds; lock waits end sooner, at the session's `lock_timeout` (see
+/// [`worker_session_options`](super::worker_session_options)), as an error that costs no attempt.
+const PASS_LIMIT: Duration = Duration::from_secs(10);
+
+/// What the processing loops share: the pool, the wake-up, the settings and the handler.
+pub(super) struct Processor<H> {
+    pub(super) pool: PgPool,
+    pub(super) wake: Notify,
+    pub(super) config: WorkerConfig,
+    pub(super) handler: H,
+    /// Whether `handler` is the built-in one, which completes a batch in one statement.
+    pub(super) built_in: bool,
+}
+
+/// What one pass over the queue did.
+pub(super) struct Pass {
+    pub(super) claimed: usize,
+    /// The earliest retry this pass scheduled.
+    pub(super) retry_at: Option<Instant>,
+}
+
+/// What one lone attempt did.
+pub(super) enum Lone {
+    /// No due job was left to take.
+    NoneDue,
+    /// A job was taken: done, failed, scheduled for a retry, or found changed.
+    Taken {
+        /// When its retry is due, if one was scheduled.
+        retry_at: Option<Instant>,
+    },
+}
+
+impl<H: Handler> Processor<H> {
+    /// Seconds until the next retry is due (see [`store::next_retry_due_in`]), within the pass
+    /// limit like every other statement of a loop.
+    pub(super) async fn next_retry_due_in(&self) -> Result<Option<f64>, sqlx::Error> {
+        self.on_own_connection(async |conn| store::next_retry_due_in(conn).await)
+            .await
+    }
+
+    /// Runs `work` on a pool connection of its own within [`PASS_LIMIT`]. A connection whose
+    /// work failed for want of the database (or ran out of time) is closed, not handed to the
+    /// next pass: its session may be gone, or never answer again.
+    pub(super) async fn on_own_connection<T>(
+        &self,
+        work: impl AsyncFnOnce(&mut PgConnection) -> Result<T, sqlx::Error>,
+    ) -> Result<T, sqlx::Error> {
+        let mut conn = self.pool.acquire().await?;
+        let result = tokio::time::timeout(PASS_LIMIT, work(&mut conn))
+            .await
+            .unwrap_or_else(|_| Err(store::no_answer_in_time()));
+        if result.as_ref().is_err_and(store::is_unavailable) {
+            conn.close_on_drop();
+        }
+        result
+    }
+
+    /// [`Self::attempt_alone`] on `conn`; sets `unfinished_due` to when the job is due again
+    /// should the attempt it counted never finish.
+    pub(super) async fn attempt_alone_on(
+        &self,
+        conn: &mut PgConnection,
+        due: Due,
+        unfinished_due: &mut Option<Instant>,
+    ) -> Result<Lone, sqlx::Error> {
+        let config = &self.config;
+        let mut tx = conn.begin().await?;
+        let Some(job) = store::lock_next_due_job(&mut tx, due).await? else {
+            tx.commit().await?;
+            return Ok(Lone::NoneDue);
+        };
+        let made = u32::try_from(job.attempts).unwrap_or(u32::MAX);
+        if made >= config.max_attempts {
+            // Its last attempt never recorded an outcome: it ended with its session.
+            let reason = match &job.last_error {
+                Some(last) => format!("gave up after {made} attempts; {last}"),
+                None => format!("gave up after {made} attempts"),
+            };
+            store::mark_job_failed(&mut tx, job.id, &reason, &config.channels.done).await?;
+            tx.commit().await?;
+            ::metrics::counter!(telemetry::JOBS_FAILED).increment(1);
+            tracing::error!(job.id = %job.id, attempts = made, error = reason, "job failed");
+            return Ok(Lone::Taken { retry_at: None });
+        }
+        if job.attempts > 0 && job.last_error.as_deref() == Some(&*unfinished(job.attempts)) {
+            tracing::warn!(job.id = %job.id, attempt = job.attempts, "job's last attempt ended with its session; retrying it alone");
+        }
+        let attempt = job.attempts + 1;
+        // At least a second: between this commit and the next transaction's row lock, the job is
+        // held only by being not yet due, and a loaded machine can pause a task for a while.
+        let lease = config.backoff.delay(made + 1).max(ALONE_AT_LEAST);
+        let lease_ms = i64::try_from(lease.as_millis()).unwrap_or(i64::MAX);
+        store::start_attempt(&mut tx, job.id, attempt, &unfinished(attempt), lease_ms).await?;
+        tx.commit().await?;
+        *unfinished_due = Some(Instant::now() + lease);
+        ::metrics::histogram!(telemetry::COMMIT_TO_CLAIM).record(job.waited_secs);
+        let started = Instant::now();
+
+        let claimed = ClaimedJob {
+            id: job.id,
+            user_id: job.user_id,
+            display_name: job.display_name,
+            attempts: attempt,
+            waited_secs: job.waited_secs,
+        };
+        let span = tracing::debug_span!("process_job", job.id = %job.id, attempt);
+        match self.make_attempt(conn, &claimed, started).instrument(span).await {
+            Ok(retry_at) => Ok(Lone::Taken { retry_at }),
+            // A lock held elsewhere is not the job's fault: the attempt is given back.
+            Err(err) if store::is_lock_timeout(&err) => {
+                let delay = config.backoff.delay(made + 1);
+                let delay_ms = i64::try_from(delay.as_millis()).unwrap_or(i64::MAX);
+                let blocked = format!(
+                    "attempt {attempt} waited over {LOCK_WAIT} for a lock another session holds; \
+                     it will be tried again, not counted"
+                );
+                let mut tx = conn.begin().await?;
+                store::give_back_attempt(&mut tx, job.id, attempt, &blocked, delay_ms).await?;
+                tx.commit().await?;
+                tracing::warn!(job.id = %job.id, attempt, retry_in_ms = delay_ms, "job waited for a lock; will retry");
+                Ok(Lone::Taken {
+                    retry_at: Some(Instant::now() + delay),
+                })
+            }
+            Err(err) => Err(err),
+        }
+    }
+
+    /// Makes attempt `job.attempts`, already counted, in a transaction of its own: completes the
+    /// job, or records its failure while still holding its row. Returns when a retry is due, if
+    /// one was scheduled.
+    async fn make_attempt(
+        &self,
+        conn: &mut PgConnection,
+        job: &ClaimedJob,
+        claimed_at: Instant,
+    ) -> Result<Option<Instant>, sqlx::Error> {
+        let mut tx = conn.begin().await?;
+        if !store::lock_started_attempt(&mut tx, job.id, job.attempts).await? {
+            tx.commit().await?;
+            return Ok(None);
+        }
+        store::job_savepoint(&mut tx).await?;
+        match self.attempt(&mut tx, job, Then::Release).await? {
+            Ok(()) => {
+                store::mark_jobs_done(&mut tx, &[job.id], &self.config.channels.done).await?;
+                tx.commit().await?;
+                ::metrics::counter!(telemetry::JOBS_DONE).increment(1);
+                ::metrics::histogram!(telemetry::CLAIM_TO_DONE).record(claimed_at.elapsed().as_secs_f64());
+                Ok(None)
+            }
+            Err(err) => {
+                let retry_at = self.record_failure(&mut tx, job, &err).await?;
+                tx.commit().await?;
+                Ok(retry_at)
+            }
+        }
+    }
+
+    /// Claims and completes one batch in one statement. If that fails, something in the batch is
+    /// bad: go through a batch again one job per savepoint, to complete the good jobs and record
+    /// the bad one's error.
+    pub(super) async fn pass(&self) -> Result<Pass, sqlx::Error> {
+        self.on_own_connection(async |conn| self.pass_on(conn).await)
+            .await
+    }
+
+    async fn pass_on(&self, conn: &mut PgConnection) -> Result<Pass, sqlx::Error> {
+        let limit = i64::from(self.config.batch_size);
+        if !self.built_in {
+            return self.pass_one_by_one(conn, limit).await;
+        }
+        let started = Instant::now();
+        match store::complete_due_jobs(&mut *conn, limit, &self.config.channels.done).await {
+            Ok(done) => {
+                if !done.is_empty() {
+                    tracing::debug!(jobs = done.len(), "batch done");
+                    let took = started.elapsed().as_secs_f64();
+                    for job in &done {
+                        tracing::debug!(job.id = %job.id, waited_secs = job.waited_secs, "job done");
+                        ::metrics::histogram!(telemetry::COMMIT_TO_CLAIM).record(job.waited_secs);
+                        ::metrics::histogram!(telemetry::CLAIM_TO_DONE).record(took);
+                    }
+                    ::metrics::counter!(telemetry::JOBS_DONE).increment(done.len() as u64);
+                }
+                Ok(Pass {
+                    claimed: done.len(),
+                    retry_at: None,
+                })
+            }
+            Err(err) if is_not_the_jobs_fault(&err) => Err(err),
+            // On the same connection: Postgres reports a failed statement before it has finished
+            // aborting it, so for a moment the batch's rows are still locked, and a claim on
+            // another connection would skip them and find nothing to do. This connection's next
+            // command waits for the abort.
+            Err(err) => {
+                tracing::debug!(error = %Described(&err), "batch failed; completing its jobs one at a time");
+                self.pass_one_by_one(conn, limit).await
+            }
+        }
+    }
+
+    /// Claims a batch and runs the handler on each job in a savepoint of its own, then marks the
+    /// jobs it finished done, in one transaction. Between two jobs, one round trip releases the
+    /// last job's savepoint and sets the next one's: what a handler costs beyond its own
+    /// statements.
+    async fn pass_one_by_one(&self, conn: &mut PgConnection, limit: i64) -> Result<Pass, sqlx::Error> {
+        let started = Instant::now();
+        let mut tx = conn.begin().await?;
+        let jobs = store::claim_due_jobs(&mut tx, limit).await?;
+        let mut done = Vec::with_capacity(jobs.len());
+        let mut retry_at = None;
+        if !jobs.is_empty() {
+            store::job_savepoint(&mut tx).await?;
+        }
+        for (index, job) in jobs.iter().enumerate() {
+            let more = index + 1 < jobs.len();
+            let then = if more { Then::Renew } else { Then::Release };
+            let span = tracing::debug_span!("process_job", job.id = %job.id, attempt = job.attempts);
+            match self.attempt(&mut tx, job, then).instrument(span).await? {
+                Ok(()) => done.push(job.id),
+                Err(err) => {
+                    retry_at = earliest(retry_at, self.record_failure(&mut tx, job, &err).await?);
+                    // The record is kept (released into the transaction) before the next job
+                    // starts, so that job's rollback cannot undo it.
+                    if more {
+                        store::renew_job_savepoint(&mut tx).await?;
+                    }
+                }
+            }
+        }
+        if !done.is_empty() {
+            store::mark_jobs_done(&mut tx, &done, &self.config.channels.done).await?;
+        }
+        tx.commit().await?;
+        let took = started.elapsed().as_secs_f64();
+        for job in jobs.iter().filter(|job| done.contains(&job.id)) {
+            ::metrics::histogram!(telemetry::COMMIT_TO_CLAIM).record(job.waited_secs);
+            ::metrics::histogram!(telemetry::CLAIM_TO_DONE).record(took);
+        }
+        ::metrics::counter!(telemetry::JOBS_DONE).increment(done.len() as u64);
+        Ok(Pass {
+            claimed: jobs.len(),
+            retry_at,
+        })
+    }
+
+    /// Runs the handler on `job` in the savepoint set for it: on success the savepoint is released
+    /// (and, with [`Then::Renew`], a new one set for the next job); otherwise it is rolled back
+    /// to, undoing the job's writes, and left set for the failure to be recorded in. The inner
+    /// error is the job's (to be recorded); the outer one is the pass's (the database could not
+    /// be reached, or a lock wait ran out), for which the whole transaction is given up and no
+    /// attempt counted.
+    async fn attempt(
+        &self,
+        conn: &mut PgConnection,
+        job: &ClaimedJob,
+        then: Then,
+    ) -> Result<Result<(), JobError>, sqlx::Error> {
+        let handed = Job {
+            id: job.id,
+            user_id: job.user_id,
+            display_name: job.display_name.clone(),
+            attempt: u32::try_from(job.attempts).unwrap_or(u32::MAX),
+        };
+        let error = match handler::run_caught(&self.handler, &handed, conn).await {
+            Ok(()) => {
+                let kept = match then {
+                    Then::Renew => store::renew_job_savepoint(conn).await,
+                    Then::Release => store::release_job_savepoint(conn).await,
+                };
+                match kept {
+                    Ok(()) => return Ok(Ok(())),
+                    Err(err) if is_not_the_jobs_fault(&err) => return Err(err),
+                    // A statement of the handler's failed and it returned success anyway: the
+                    // transaction is aborted and nothing it wrote can be kept.
+                    Err(_) => JobError::retry_later(
+                        "the handler returned success after one of its statements failed; nothing \
+                         it wrote was kept",
+                    ),
+                }
+            }
+            Err(JobError::Database(err)) if is_not_the_jobs_fault(&err) => return Err(err),
+            Err(err) => err,
+        };
+        store::rollback_to_job_savepoint(conn).await?;
+        Ok(Err(error))
+    }
+
+    /// Marks the job failed (and tells its caller) or schedules its retry. Returns when the retry
+    /// is due.
+    async fn record_failure(
+        &self,
+        conn: &mut PgConnection,
+        job: &ClaimedJob,
+        err: &JobError,
+    ) -> Result<Option<Instant>, sqlx::Error> {
+        let (error, permanent) = match err {
+            JobError::Database(err) => (crate::describe_db_error(err), store::is_permanent(err)),
+            JobError::RetryLater(reason) => (handler::storable_reason(reason), false),
+            JobError::Fail(reason) => (handler::storable_reason(reason), true),
+        };
+        let attempts = u32::try_from(job.attempts).unwrap_or(u32::MAX);
+        if permanent || attempts >= self.config.max_attempts {
+            store::mark_job_failed(conn, job.id, &error, &self.config.channels.done).await?;
+            ::metrics::counter!(telemetry::JOBS_FAILED).increment(1);
+            tracing::error!(job.id = %job.id, attempts, error, "job failed");
+            return Ok(None);
+        }
+        let delay = self.config.backoff.delay(attempts);
+        let delay_ms = i64::try_from(delay.as_millis()).unwrap_or(i64::MAX);
+        store::schedule_retry(conn, job.id, &error, delay_ms).await?;
+        ::metrics::counter!(telemetry::JOBS_RETRIED).increment(1);
+        tracing::warn!(job.id = %job.id, attempt = attempts, retry_in_ms = delay_ms, error = %error, "job attempt failed; will retry");
+        Ok(Some(Instant::now() + delay))
+    }
+}
+
+/// What to do with a job's savepoint once its handler succeeded.
+#[derive(Debug, Clone, Copy)]
+enum Then {
+    /// Release it and set the next job's, in one round trip.
+    Renew,
+    /// Release it: no job follows.
+    Release,
+}
+
+/// Whether a statement failed for want of the database (or of a lock another session holds)
+/// rather than for anything in the job: then the pass is given up, not the job's attempt.
+fn is_not_the_jobs_fault(err: &sqlx::Error) -> bool {
+    store::is_unavailable(err) || store::is_lock_timeout(err)
+}
+
+/// A job's error while an attempt is under way, and for good if the attempt never finishes.
+fn unfinished(attempt: i32) -> String {
+    format!(
+        "attempt {attempt} did not finish: its database session ended (a crash or terminated \
+         backend, an out-of-memory kill, or the worker stopped), unless it is running now"
+    )
+}
+
+/// The sooner of two optional instants.
+pub(super) fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
