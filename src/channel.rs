@@ -1,5 +1,5 @@
-//! Notification channels: validated names, untrusted payloads, and a listener that survives
-//! reconnects.
+//! Notification channels: validated names and untrusted payloads. The listener that survives
+//! reconnects is `listen.rs`.
 //!
 //! A notification is only ever a hint. Its payload is one job id, which is checked against the
 //! tables before anything acts on it; a lost notification costs latency (the table sweeps find
@@ -8,30 +8,12 @@
 use std::fmt;
 use std::time::Duration;
 
-use sqlx::postgres::{PgConnectOptions, PgListener, PgNotification, PgPool, PgPoolOptions};
-
-use crate::connect::Described;
-use crate::job::{Backoff, JobId};
+use crate::job::JobId;
 
 /// The default channel that wakes workers: payload = the new job's id.
 pub const DEFAULT_JOBS_CHANNEL: &str = "player_jobs";
 /// The default channel that confirms jobs to waiting callers: payload = the finished job's id.
 pub const DEFAULT_DONE_CHANNEL: &str = "player_jobs_done";
-
-/// Waits between attempts to reconnect a lost listener: quick at first (a restarted backend is
-/// usually back at once), then capped so a long outage logs a line every few seconds, not a flood.
-const RECONNECT_BACKOFF: Backoff = Backoff {
-    base: Duration::from_millis(100),
-    max: Duration::from_secs(5),
-};
-
-/// How long a listener may hear nothing before it checks that its connection still answers.
-const LIVENESS_IDLE: Duration = Duration::from_secs(5);
-
-/// How long that check may take before the connection is deemed dead and replaced. A dead
-/// listener is therefore noticed within [`LIVENESS_IDLE`] + `LIVENESS_ANSWER` (8 s); waiting
-/// callers do not wait for that, as their jobs are re-read from the tables every second.
-const LIVENESS_ANSWER: Duration = Duration::from_secs(3);
 
 /// A Postgres channel name that is safe to `LISTEN` on: `^[a-z_][a-z0-9_]{0,62}$`.
 ///
@@ -203,150 +185,6 @@ impl IgnoredPayloads {
         self.last_logged = Some(now);
         self.not_logged = 0;
     }
-}
-
-/// A listener's own pool: lazily connected, never expiring its connection.
-fn listener_pool(options: PgConnectOptions) -> PgPool {
-    PgPoolOptions::new()
-        // Two: a replacement can connect while a dead connection is still being dropped.
-        .max_connections(2)
-        .min_connections(0)
-        .max_lifetime(None)
-        .idle_timeout(None)
-        .acquire_timeout(Duration::from_secs(10))
-        .connect_lazy_with(options)
-}
-
-/// What a [`Subscription`] reports.
-pub(crate) enum Event {
-    /// A notification; its payload is still untrusted.
-    Notification(PgNotification),
-    /// The listener has just (re)connected and is listening again. Anything sent while it was
-    /// away is lost for good: whoever holds the subscription must look at the tables now.
-    Resubscribed,
-}
-
-/// A `LISTEN` on one channel, over a connection of its own that is never inside a transaction,
-/// reconnecting by itself with capped backoff whenever the connection is lost.
-pub(crate) struct Subscription {
-    /// A pool of its own, so the listener never takes a connection the application needs and a
-    /// transaction-mode pooler in front of the application pool can be bypassed.
-    pool: PgPool,
-    /// Where the listener connects, for the fresh pool that replaces a silent connection's.
-    options: PgConnectOptions,
-    channel: ChannelName,
-    listener: Option<PgListener>,
-    failed_reconnects: u32,
-}
-
-impl Subscription {
-    /// Connects and starts listening; returns once `LISTEN` is in effect, so anything committed
-    /// from then on is delivered.
-    pub(crate) async fn connect(
-        options: PgConnectOptions,
-        channel: ChannelName,
-    ) -> Result<Self, sqlx::Error> {
-        let pool = listener_pool(options.clone());
-        let listener = listen(&pool, &channel).await?;
-        Ok(Self {
-            pool,
-            options,
-            channel,
-            listener: Some(listener),
-            failed_reconnects: 0,
-        })
-    }
-
-    /// The next notification, or news that the listener reconnected. Never fails: a lost
-    /// connection is retried until it comes back (each failure logged), so callers select on
-    /// this alongside their shutdown signal.
-    pub(crate) async fn next(&mut self) -> Event {
-        loop {
-            let Some(listener) = self.listener.as_mut() else {
-                if self.failed_reconnects > 0 {
-                    tokio::time::sleep(RECONNECT_BACKOFF.delay(self.failed_reconnects)).await;
-                }
-                match listen(&self.pool, &self.channel).await {
-                    Ok(listener) => {
-                        self.listener = Some(listener);
-                        self.failed_reconnects = 0;
-                        self.count_reconnect();
-                        tracing::info!(channel = %self.channel, "listener reconnected");
-                        return Event::Resubscribed;
-                    }
-                    Err(err) => {
-                        self.failed_reconnects += 1;
-                        tracing::warn!(
-                            channel = %self.channel,
-                            error = %Described(&err),
-                            attempt = self.failed_reconnects,
-                            "cannot listen; retrying"
-                        );
-                        continue;
-                    }
-                }
-            };
-            // A connection can stop answering without closing (an idle drop by a NAT or a load
-            // balancer, a failover behind a VIP): reads then hang until TCP gives up, minutes
-            // later. So a listener that hears nothing for a while asks the server something.
-            let received = match tokio::time::timeout(LIVENESS_IDLE, listener.try_recv()).await {
-                Ok(received) => received,
-                Err(_) => {
-                    let ping =
-                        tokio::time::timeout(LIVENESS_ANSWER, crate::store::ping(&mut *listener)).await;
-                    if !matches!(ping, Ok(Ok(()))) {
-                        tracing::warn!(
-                            channel = %self.channel,
-                            "listener connection did not answer a liveness check; replacing it"
-                        );
-                        // Dropping a listener sends UNLISTEN and hands its connection back to its
-                        // pool, neither with a time limit: on a connection that stopped answering
-                        // that never ends and keeps the pool's slot. So reconnect from a new pool.
-                        self.listener = None;
-                        self.pool = listener_pool(self.options.clone());
-                    }
-                    continue;
-                }
-            };
-            match received {
-                Ok(Some(notification)) => return Event::Notification(notification),
-                // sqlx has already reconnected and re-issued LISTEN before returning this.
-                Ok(None) => {
-                    self.count_reconnect();
-                    tracing::info!(channel = %self.channel, "listener reconnected");
-                    return Event::Resubscribed;
-                }
-                Err(err) => {
-                    // Some errors (a FATAL from pg_terminate_backend, a reset socket) leave
-                    // sqlx's connection in place; drop the listener so the next pass builds a
-                    // fresh one instead of reading a dead socket in a loop.
-                    tracing::warn!(channel = %self.channel, error = %Described(&err), "listener connection lost");
-                    self.listener = None;
-                }
-            }
-        }
-    }
-
-    /// A notification that has already arrived, without waiting; for draining bursts in one go.
-    pub(crate) fn next_buffered(&mut self) -> Option<PgNotification> {
-        self.listener.as_mut()?.next_buffered()
-    }
-
-    fn count_reconnect(&self) {
-        ::metrics::counter!(crate::telemetry::LISTENER_RECONNECTS, "channel" => self.channel.to_string())
-            .increment(1);
-    }
-
-    /// The channel listened on.
-    pub(crate) fn channel(&self) -> &ChannelName {
-        &self.channel
-    }
-}
-
-async fn listen(pool: &PgPool, channel: &ChannelName) -> Result<PgListener, sqlx::Error> {
-    let mut listener = PgListener::connect_with(pool).await?;
-    listener.listen(channel.as_str()).await?;
-    Ok(listener)
 }
 
 #[cfg(test)]

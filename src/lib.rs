@@ -76,6 +76,7 @@ mod connect;
 #[cfg(feature = "http")]
 mod exporter;
 mod job;
+mod listen;
 mod signup;
 mod store;
 mod telemetry;

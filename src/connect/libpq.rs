@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use super::{BadConnectionString, KNOWN_PARAMETERS};
+use super::refusal::{BadConnectionString, KNOWN_PARAMETERS};
 
 /// Parses `[user[:password]@][host[:port]][/dbname][?key=value&…]` (after the scheme).
 pub(super) fn parse_uri(rest: &str) -> Result<BTreeMap<String, String>, BadConnectionString> {

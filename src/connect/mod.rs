@@ -16,38 +16,15 @@ use sqlx::postgres::{PgConnectOptions, PgSslMode};
 
 mod describe;
 mod libpq;
+mod refusal;
 pub(crate) use describe::Described;
 pub use describe::describe_db_error;
 use libpq::{parse_key_values, parse_uri, percent_encode, shorten};
+pub use refusal::BadConnectionString;
+use refusal::KNOWN_PARAMETERS;
 
 /// libpq's floor for `connect_timeout`: smaller values are taken as 2 seconds.
 const MIN_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
-
-/// The forms a connection string may take, shown in every refusal.
-const ACCEPTED_FORMS: &str = "use postgres://user:password@host:5432/dbname?sslmode=require, \
-     postgres://user@/dbname?host=/run/postgresql (a Unix socket), \
-     or host=db.example.com port=5432 dbname=app user=app";
-
-/// The settings ackloop understands (libpq's, and sqlx's statement-cache-capacity), listed in
-/// refusals of any other.
-const KNOWN_PARAMETERS: [&str; 16] = [
-    "host",
-    "hostaddr",
-    "port",
-    "dbname",
-    "user",
-    "password",
-    "connect_timeout",
-    "sslmode",
-    "sslrootcert",
-    "sslcert",
-    "sslkey",
-    "application_name",
-    "options",
-    "channel_binding",
-    "target_session_attrs",
-    "statement-cache-capacity",
-];
 
 /// Where a database is and how to reach it: a libpq connection string, read.
 ///
@@ -293,21 +270,6 @@ impl fmt::Display for ConnectConfig {
                 options.get_host(),
                 options.get_port()
             ),
-        }
-    }
-}
-
-/// A connection string ackloop cannot use: what is wrong, and the forms it accepts.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{problem}; {ACCEPTED_FORMS}")]
-pub struct BadConnectionString {
-    problem: String,
-}
-
-impl BadConnectionString {
-    fn new(problem: impl Into<String>) -> Self {
-        Self {
-            problem: problem.into(),
         }
     }
 }

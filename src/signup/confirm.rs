@@ -19,8 +19,9 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 use super::input::Player;
-use crate::channel::{ChannelName, Event, IgnoredPayloads, Subscription, parse_job_id};
+use crate::channel::{ChannelName, IgnoredPayloads, parse_job_id};
 use crate::job::{JobId, JobStatus};
+use crate::listen::{Event, Subscription};
 use crate::store::{self, JobOutcomeRow};
 use crate::telemetry;
 

@@ -1,6 +1,6 @@
 //! Every SQL statement the crate runs, each behind a named function, split by who runs it:
 //! `signup` (the auth side), `worker` (the player side) and `admin` (operators and health
-//! checks). This module holds what they share: how a driver error is classified.
+//! checks). `classify` holds what they share: what a driver error means.
 //!
 //! Nothing here begins or commits a transaction: the callers in `signup/` and `worker/` decide
 //! the transaction boundaries, because that is where the atomicity argument is made.
@@ -8,46 +8,11 @@
 //! (`tests/it/protocol.rs`) fails if it, `bench/*.sql` and this code disagree.
 
 mod admin;
+mod classify;
 mod signup;
 mod worker;
 
 pub(crate) use admin::*;
+pub(crate) use classify::*;
 pub(crate) use signup::*;
 pub(crate) use worker::*;
-
-/// Whether `err` means the database could not be reached (as opposed to refusing a statement):
-/// worth retrying later, and reported to callers as "unavailable".
-pub(crate) fn is_unavailable(err: &sqlx::Error) -> bool {
-    match err {
-        // Protocol: the stream broke off mid-message, e.g. a proxy or load balancer that accepted
-        // the connection and closed it (no server behind it, a restart): sqlx reports the
-        // empty answer to its TLS request as "unexpected response from SSLRequest: 0x00".
-        sqlx::Error::Io(_)
-        | sqlx::Error::Protocol(_)
-        | sqlx::Error::Tls(_)
-        | sqlx::Error::PoolTimedOut
-        | sqlx::Error::PoolClosed
-        | sqlx::Error::WorkerCrashed => true,
-        sqlx::Error::Database(db_err) => db_err.code().is_some_and(|code| {
-            // 08: connection exceptions; 57P01-03: the server is shutting down, crashed or
-            // starting; 53300: too many connections.
-            code.starts_with("08") || matches!(&*code, "57P01" | "57P02" | "57P03" | "53300")
-        }),
-        _ => false,
-    }
-}
-
-/// Whether a statement gave up waiting for a row lock (`lock_timeout`, SQLSTATE 55P03).
-pub(crate) fn is_lock_timeout(err: &sqlx::Error) -> bool {
-    err.as_database_error()
-        .and_then(|db_err| db_err.code())
-        .is_some_and(|code| code == "55P03")
-}
-
-/// Whether a failed attempt cannot succeed by being tried again as it is: the data breaks a
-/// constraint or a type (SQLSTATE classes 22 and 23).
-pub(crate) fn is_permanent(err: &sqlx::Error) -> bool {
-    err.as_database_error()
-        .and_then(|db_err| db_err.code())
-        .is_some_and(|code| code.starts_with("22") || code.starts_with("23"))
-}

@@ -4,7 +4,7 @@ use chrono::{DateTime, Utc};
 use sqlx::{PgExecutor, PgPool};
 use uuid::Uuid;
 
-use super::is_unavailable;
+use super::classify::is_unavailable;
 use crate::channel::ChannelName;
 use crate::job::{JobId, JobStatus, PlayerId, UnknownStatus, UserId};
 

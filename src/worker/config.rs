@@ -47,7 +47,7 @@ pub fn worker_session_options(options: PgConnectOptions) -> PgConnectOptions {
     ])
 }
 
-/// How a [`Worker`](super::Worker) runs. `WorkerConfig::default()` suits most deployments.
+/// How a [`Worker`](crate::Worker) runs. `WorkerConfig::default()` suits most deployments.
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
     /// Processing loops in this process, each with at most one transaction open. Claiming in

@@ -16,7 +16,8 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::channel::{Event, IgnoredPayloads, Subscription, parse_job_id};
+use crate::channel::{IgnoredPayloads, parse_job_id};
+use crate::listen::{Event, Subscription};
 
 mod config;
 mod handler;

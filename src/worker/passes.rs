@@ -23,7 +23,7 @@ pub(super) const ALONE_AT_LEAST: Duration = Duration::from_secs(1);
 /// connection up: a connection that stopped answering without closing (a NAT or load balancer
 /// that dropped it) would otherwise hold the loop until TCP gives up, minutes later. A pass takes
 /// milliseconds; lock waits end sooner, at the session's `lock_timeout` (see
-/// [`worker_session_options`](super::worker_session_options)), as an error that costs no attempt.
+/// [`worker_session_options`](super::config::worker_session_options)), as an error that costs no attempt.
 const PASS_LIMIT: Duration = Duration::from_secs(10);
 
 /// What the processing loops share: the pool, the wake-up, the settings and the handler.

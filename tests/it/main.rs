@@ -12,6 +12,7 @@ mod cutting_proxy;
 mod example_service;
 mod faults;
 mod hostile_input;
+mod layout;
 mod metrics;
 mod operations;
 mod player_service;
