@@ -249,3 +249,65 @@ async fn the_caller_hears_job_failed_with_the_handlers_reason(
     assert_eq!((status.as_str(), attempts), ("failed", 3));
     worker.stop().await;
 }
+
+/// The example's handler, with a bug: for one display name it runs a statement that fails and
+/// returns success anyway.
+struct HidesAFailure;
+
+impl Handler for HidesAFailure {
+    async fn handle(&self, job: &Job, conn: &mut PgConnection) -> Result<(), JobError> {
+        StarterKit.handle(job, conn).await?;
+        if job.display_name == "Liar" {
+            let _ignored = sqlx::query("select 1 / 0").execute(&mut *conn).await;
+        }
+        Ok(())
+    }
+}
+
+#[sqlx::test]
+async fn a_handler_that_hides_a_failed_statement_keeps_nothing(
+    options: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let pool = service_pool(options, connect).await;
+    let config = WorkerConfig {
+        max_attempts: 2,
+        ..worker_config()
+    };
+    let worker = run_in_background(ackloop::Worker::new(pool.clone(), config).with_handler(HidesAFailure));
+    let signups = Arc::new(signups(&pool).await);
+
+    let liar = NewUser::new("liar@example.com", "Liar").unwrap();
+    let liar_call = {
+        let signups = Arc::clone(&signups);
+        tokio::spawn(async move { signups.create_user_and_await_player(&liar, DEADLINE).await })
+    };
+    let mut calls = tokio::task::JoinSet::new();
+    for n in 0..5 {
+        let signups = Arc::clone(&signups);
+        calls.spawn(async move { signups.create_user_and_await_player(&user(n), DEADLINE).await });
+    }
+    while let Some(call) = calls.join_next().await {
+        let player = call.unwrap().expect("the honest jobs complete");
+        assert_eq!(inventory(&pool, player.user_id).await, starter_kit());
+    }
+    let err = liar_call
+        .await
+        .unwrap()
+        .expect_err("the job whose transaction was aborted fails");
+    let SignupError::JobFailed { reason, .. } = &err else {
+        panic!("expected JobFailed, got {err:?}");
+    };
+    assert!(
+        reason.contains("returned success after one of its statements failed"),
+        "{reason}"
+    );
+    let liar_user: i64 = sqlx::query_scalar("select id from users where email = 'liar@example.com'")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    let liar_user = ackloop::UserId::from(liar_user);
+    assert_eq!(player_row(&pool, liar_user).await, None);
+    assert!(inventory(&pool, liar_user).await.is_empty());
+    worker.stop().await;
+}
