@@ -158,34 +158,56 @@ impl Handler for PanicsOnBoom {
     }
 }
 
+/// Runs a worker with `handler` (two attempts a job) and signs `bad` up beside `honest` other
+/// users at once; checks each honest one got its player and kit, and returns the bad one's
+/// answer, the worker and the signups (to sign up more).
+async fn one_bad_signup_among_honest_ones<H: Handler>(
+    pool: &PgPool,
+    handler: H,
+    bad: NewUser,
+    honest: usize,
+) -> (Result<Player, SignupError>, RunningWorker, Arc<ackloop::Signups>) {
+    let config = WorkerConfig {
+        max_attempts: 2,
+        ..worker_config()
+    };
+    let worker = run_in_background(ackloop::Worker::new(pool.clone(), config).with_handler(handler));
+    let signups = Arc::new(signups(pool).await);
+    let bad_call = {
+        let signups = Arc::clone(&signups);
+        tokio::spawn(async move { signups.create_user_and_await_player(&bad, DEADLINE).await })
+    };
+    let mut calls = tokio::task::JoinSet::new();
+    for n in 0..honest {
+        let signups = Arc::clone(&signups);
+        calls.spawn(async move { signups.create_user_and_await_player(&user(n), DEADLINE).await });
+    }
+    while let Some(call) = calls.join_next().await {
+        let player = call.unwrap().expect("the other signups get their players");
+        assert_eq!(inventory(pool, player.user_id).await, starter_kit());
+    }
+    (bad_call.await.unwrap(), worker, signups)
+}
+
+async fn user_id_of(pool: &PgPool, email: &str) -> ackloop::UserId {
+    let id: i64 = sqlx::query_scalar("select id from users where email = $1")
+        .bind(email)
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    ackloop::UserId::from(id)
+}
+
 #[sqlx::test]
 async fn a_panicking_handler_fails_its_job_without_stopping_the_worker_or_other_jobs(
     options: PgPoolOptions,
     connect: PgConnectOptions,
 ) {
     let pool = service_pool(options, connect).await;
-    let config = WorkerConfig {
-        max_attempts: 2,
-        ..worker_config()
-    };
-    let worker = run_in_background(ackloop::Worker::new(pool.clone(), config).with_handler(PanicsOnBoom));
-    let signups = Arc::new(signups(&pool).await);
-
     let boom = NewUser::new("boom@example.com", "Boom").unwrap();
-    let mut calls = tokio::task::JoinSet::new();
-    for n in 0..10 {
-        let signups = Arc::clone(&signups);
-        calls.spawn(async move { signups.create_user_and_await_player(&user(n), DEADLINE).await });
-    }
-    let boom_call = {
-        let signups = Arc::clone(&signups);
-        tokio::spawn(async move { signups.create_user_and_await_player(&boom, DEADLINE).await })
-    };
-    while let Some(call) = calls.join_next().await {
-        let player = call.unwrap().expect("the other signups get their players");
-        assert_eq!(inventory(&pool, player.user_id).await, starter_kit());
-    }
-    let err = boom_call.await.unwrap().expect_err("the panicking job fails");
+    let (answer, worker, signups) = one_bad_signup_among_honest_ones(&pool, PanicsOnBoom, boom, 10).await;
+
+    let err = answer.expect_err("the panicking job fails");
     let SignupError::JobFailed { job_id, reason, .. } = &err else {
         panic!("expected JobFailed, got {err:?}");
     };
@@ -195,11 +217,10 @@ async fn a_panicking_handler_fails_its_job_without_stopping_the_worker_or_other_
     );
     let (status, attempts, _) = job_row(&pool, *job_id).await;
     assert_eq!((status.as_str(), attempts), ("failed", 2));
-    let boom_user: i64 = sqlx::query_scalar("select id from users where email = 'boom@example.com'")
-        .fetch_one(&pool)
-        .await
-        .unwrap();
-    assert_eq!(player_row(&pool, ackloop::UserId::from(boom_user)).await, None);
+    assert_eq!(
+        player_row(&pool, user_id_of(&pool, "boom@example.com").await).await,
+        None
+    );
 
     // The worker is still running.
     let after = signups
@@ -270,31 +291,10 @@ async fn a_handler_that_hides_a_failed_statement_keeps_nothing(
     connect: PgConnectOptions,
 ) {
     let pool = service_pool(options, connect).await;
-    let config = WorkerConfig {
-        max_attempts: 2,
-        ..worker_config()
-    };
-    let worker = run_in_background(ackloop::Worker::new(pool.clone(), config).with_handler(HidesAFailure));
-    let signups = Arc::new(signups(&pool).await);
-
     let liar = NewUser::new("liar@example.com", "Liar").unwrap();
-    let liar_call = {
-        let signups = Arc::clone(&signups);
-        tokio::spawn(async move { signups.create_user_and_await_player(&liar, DEADLINE).await })
-    };
-    let mut calls = tokio::task::JoinSet::new();
-    for n in 0..5 {
-        let signups = Arc::clone(&signups);
-        calls.spawn(async move { signups.create_user_and_await_player(&user(n), DEADLINE).await });
-    }
-    while let Some(call) = calls.join_next().await {
-        let player = call.unwrap().expect("the honest jobs complete");
-        assert_eq!(inventory(&pool, player.user_id).await, starter_kit());
-    }
-    let err = liar_call
-        .await
-        .unwrap()
-        .expect_err("the job whose transaction was aborted fails");
+    let (answer, worker, _signups) = one_bad_signup_among_honest_ones(&pool, HidesAFailure, liar, 5).await;
+
+    let err = answer.expect_err("the job whose transaction was aborted fails");
     let SignupError::JobFailed { reason, .. } = &err else {
         panic!("expected JobFailed, got {err:?}");
     };
@@ -302,11 +302,7 @@ async fn a_handler_that_hides_a_failed_statement_keeps_nothing(
         reason.contains("returned success after one of its statements failed"),
         "{reason}"
     );
-    let liar_user: i64 = sqlx::query_scalar("select id from users where email = 'liar@example.com'")
-        .fetch_one(&pool)
-        .await
-        .unwrap();
-    let liar_user = ackloop::UserId::from(liar_user);
+    let liar_user = user_id_of(&pool, "liar@example.com").await;
     assert_eq!(player_row(&pool, liar_user).await, None);
     assert!(inventory(&pool, liar_user).await.is_empty());
     worker.stop().await;
