@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use ackloop::{NewUser, SignupError};
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::postgres::PgConnectOptions;
 
 use crate::common::*;
 use crate::cutting_proxy::{CuttingProxy, Fault};
@@ -31,12 +31,7 @@ impl LostAnswer {
         let direct_options: PgConnectOptions = url.parse().unwrap();
         let proxy = CuttingProxy::start(direct_options.get_port()).await;
         // Fresh connections, which have never prepared the write: its SQL crosses the proxy.
-        let through_proxy = PgPoolOptions::new()
-            .max_connections(4)
-            .test_before_acquire(false)
-            .connect_with(direct_options.clone().port(proxy.port))
-            .await
-            .expect("connect through the proxy");
+        let through_proxy = unpinged_pool(direct_options.clone().port(proxy.port), 4).await;
         let config = ackloop::SignupsConfig {
             listen_options: Some(direct_options),
             ..ackloop::SignupsConfig::default()

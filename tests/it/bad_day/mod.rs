@@ -236,11 +236,7 @@ async fn a_job_that_kills_its_session_is_failed_and_every_other_job_flows(
     let mut conn = pool.acquire().await.unwrap();
     // The poison job sits behind the first 150, beyond what a starting worker takes one at a
     // time, so the batches meet it.
-    for n in 0..150 {
-        ackloop::create_user(&mut conn, &ackloop::Channels::default(), &user(n))
-            .await
-            .unwrap();
-    }
+    commit_signups(&mut conn, 0..150).await;
     let poisoned_caller = {
         let signups = Arc::clone(&signups);
         tokio::spawn(async move {
@@ -252,11 +248,7 @@ async fn a_job_that_kills_its_session_is_failed_and_every_other_job_flows(
         counts(&pool).await.users == 151
     })
     .await;
-    for n in 150..OTHERS {
-        ackloop::create_user(&mut conn, &ackloop::Channels::default(), &user(n))
-            .await
-            .unwrap();
-    }
+    commit_signups(&mut conn, 150..OTHERS).await;
     drop(conn);
 
     let config = ackloop::WorkerConfig {
@@ -318,11 +310,7 @@ async fn a_long_lock_on_players_costs_jobs_no_attempts(options: PgPoolOptions, c
         .await
         .unwrap();
     let mut conn = pool.acquire().await.unwrap();
-    for n in 0..3 {
-        ackloop::create_user(&mut conn, &ackloop::Channels::default(), &user(n))
-            .await
-            .unwrap();
-    }
+    commit_signups(&mut conn, 0..3).await;
     drop(conn);
     let mut holder = pool.begin().await.unwrap();
     sqlx::query("lock table players in share mode")

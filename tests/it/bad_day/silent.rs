@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::postgres::PgConnectOptions;
 use tokio::task::JoinSet;
 
 use super::MARGIN;
@@ -80,12 +80,11 @@ async fn a_worker_whose_connections_go_silent_opens_new_ones_and_carries_on() {
     let direct: PgConnectOptions = url.parse().unwrap();
     let proxy = SilentProxy::start(direct.get_port()).await;
     let pool = cluster_pool(&url).await;
-    let proxied_worker_pool = PgPoolOptions::new()
-        .max_connections(3)
-        .test_before_acquire(false)
-        .connect_with(ackloop::worker_session_options(direct.clone().port(proxy.port)))
-        .await
-        .unwrap();
+    let proxied_worker_pool = unpinged_pool(
+        ackloop::worker_session_options(direct.clone().port(proxy.port)),
+        3,
+    )
+    .await;
     let worker = spawn_worker(&proxied_worker_pool, worker_config());
     let signups = signups(&pool).await;
     signups
@@ -95,11 +94,7 @@ async fn a_worker_whose_connections_go_silent_opens_new_ones_and_carries_on() {
 
     proxy.silence();
     let mut conn = pool.acquire().await.unwrap();
-    for n in 1..=10 {
-        ackloop::create_user(&mut conn, &ackloop::Channels::default(), &user(n))
-            .await
-            .unwrap();
-    }
+    commit_signups(&mut conn, 1..=10).await;
     drop(conn);
     let started = Instant::now();
     wait_until(
@@ -129,12 +124,7 @@ async fn signups_whose_connections_go_silent_return_in_time_and_the_pool_recover
     let pool = cluster_pool(&url).await;
     let worker = spawn_worker(&cluster_worker_pool(&url).await, worker_config());
     // The signups' pool and listener both go through the proxy.
-    let proxied_pool = PgPoolOptions::new()
-        .max_connections(4)
-        .test_before_acquire(false)
-        .connect_with(direct.clone().port(proxy.port))
-        .await
-        .unwrap();
+    let proxied_pool = unpinged_pool(direct.clone().port(proxy.port), 4).await;
     let signups = Arc::new(signups(&proxied_pool).await);
     for n in 0..4 {
         signups

@@ -101,6 +101,17 @@ pub(super) async fn relay(mut client: TcpStream, mut server: TcpStream, shared: 
 }
 
 impl Relay {
+    /// Records the server's ErrorResponse for [`CuttingProxy::server_errors`](super::CuttingProxy::server_errors).
+    fn note_error(&self, message: &Message) {
+        if message.kind == b'E' {
+            self.shared
+                .server_errors
+                .lock()
+                .unwrap()
+                .push(message.error_summary());
+        }
+    }
+
     async fn on_client_message(&mut self, message: Message, server: &mut OwnedWriteHalf) -> Next {
         if let Some(sql) = message.sql() {
             self.deliver_stranded_before(&sql).await;
@@ -178,13 +189,7 @@ impl Relay {
         message: Message,
         client: &mut OwnedWriteHalf,
     ) -> Option<oneshot::Receiver<()>> {
-        if message.kind == b'E' {
-            self.shared
-                .server_errors
-                .lock()
-                .unwrap()
-                .push(message.error_summary());
-        }
+        self.note_error(&message);
         let is_ready = message.kind == b'Z';
         let withheld = match &mut self.watch {
             Some(Watch {
@@ -248,13 +253,7 @@ impl Relay {
                 return;
             };
             for message in from_server.push(&down[..read]) {
-                if message.kind == b'E' {
-                    self.shared
-                        .server_errors
-                        .lock()
-                        .unwrap()
-                        .push(message.error_summary());
-                }
+                self.note_error(&message);
                 if message.kind == b'Z' {
                     self.ready_seen += 1;
                 }
