@@ -44,13 +44,7 @@ async fn worker_and_signup_commands_close_the_loop(options: PgPoolOptions, conne
     assert_eq!(json["player"]["id"], player_id);
 
     // SIGTERM: the worker drains and exits 0.
-    signal(&worker, "-TERM").await;
-    let exited = within("the worker to exit after SIGTERM", worker.wait_with_output())
-        .await
-        .unwrap();
-    let log = String::from_utf8_lossy(&exited.stderr);
-    assert_eq!(exited.status.code(), Some(0), "{log}");
-    assert!(log.contains("worker stopped"), "{log}");
+    let log = terminate_worker(worker, "the worker to exit after SIGTERM").await;
     assert!(
         !log.contains("ada@example.com"),
         "the worker must not log emails: {log}"

@@ -4,8 +4,8 @@ use std::future::Future;
 use std::time::Duration;
 
 use ackloop::{Backoff, Channels, Handler, NewUser, Signups, SignupsConfig, Worker, WorkerConfig};
-use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgListener, PgNotification, PgPoolOptions};
+use sqlx::{PgConnection, PgPool};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -246,6 +246,17 @@ pub async fn signal(child: &tokio::process::Child, name: &str) {
     assert!(status.success(), "kill {name} {pid}");
 }
 
+/// Sends SIGTERM to an `ackloop worker` process and waits, naming `what`, for it to exit;
+/// asserts that it drained and exited 0 ("worker stopped"), and returns its log (stderr).
+pub async fn terminate_worker(worker: tokio::process::Child, what: &str) -> String {
+    signal(&worker, "-TERM").await;
+    let exited = within(what, worker.wait_with_output()).await.unwrap();
+    let log = String::from_utf8_lossy(&exited.stderr).into_owned();
+    assert_eq!(exited.status.code(), Some(0), "{log}");
+    assert!(log.contains("worker stopped"), "{log}");
+    log
+}
+
 /// A signup committed with no worker running; returns its job id.
 pub async fn pending_signup(pool: &PgPool, n: usize) -> ackloop::JobId {
     let mut conn = pool.acquire().await.unwrap();
@@ -253,6 +264,15 @@ pub async fn pending_signup(pool: &PgPool, n: usize) -> ackloop::JobId {
         .await
         .unwrap()
         .job_id
+}
+
+/// Signups `numbers` committed one after another on `conn`, with no worker running.
+pub async fn commit_signups(conn: &mut PgConnection, numbers: impl IntoIterator<Item = usize>) {
+    for n in numbers {
+        ackloop::create_user(conn, &Channels::default(), &user(n))
+            .await
+            .unwrap();
+    }
 }
 
 /// A private cluster for one test, so that restarting it (or configuring it) disturbs no other
@@ -352,6 +372,17 @@ pub async fn cluster_pool(url: &str) -> PgPool {
         .expect("connect to the test's cluster");
     ackloop::run_migrations(&pool).await.unwrap();
     pool
+}
+
+/// A pool of `connections` on `connect` (through a proxy, as a rule) whose connections are not
+/// pinged before use, as `ackloop` builds them: one that went silent is handed out to the code.
+pub async fn unpinged_pool(connect: PgConnectOptions, connections: u32) -> PgPool {
+    PgPoolOptions::new()
+        .max_connections(connections)
+        .test_before_acquire(false)
+        .connect_with(connect)
+        .await
+        .expect("connect through the proxy")
 }
 
 /// A worker's pool on a test's own cluster, with the worker session settings.

@@ -44,11 +44,7 @@ async fn a_worker_killed_mid_job_releases_its_jobs_to_another(
     let url = connect.to_url_lossy().to_string();
     let pool = pool(options, connect, 6).await;
     let mut conn = pool.acquire().await.unwrap();
-    for n in 0..5 {
-        create_user(&mut conn, &Channels::default(), &user(n))
-            .await
-            .unwrap();
-    }
+    commit_signups(&mut conn, 0..5).await;
     drop(conn);
     // Hold every user row, so the worker claims jobs, then blocks creating their players (the
     // foreign key check needs a share lock on the user).
@@ -133,13 +129,7 @@ async fn sigterm_under_load_drains_and_no_signup_is_lost(options: PgPoolOptions,
         counts(&pool).await.players >= 20
     })
     .await;
-    signal(&worker, "-TERM").await;
-    let exited = within("the worker to drain and exit", worker.wait_with_output())
-        .await
-        .unwrap();
-    let log = String::from_utf8_lossy(&exited.stderr);
-    assert_eq!(exited.status.code(), Some(0), "{log}");
-    assert!(log.contains("worker stopped"), "{log}");
+    terminate_worker(worker, "the worker to drain and exit").await;
 
     // What the stopped worker left is pending, not half-done; a new worker finishes it and every
     // caller is confirmed.
