@@ -24,9 +24,11 @@ fn root() -> PathBuf {
 }
 
 #[test]
-fn no_source_file_is_over_500_lines() {
+fn no_source_or_test_file_is_over_500_lines() {
     let mut files = Vec::new();
     rust_files(&root().join("src"), &mut files);
+    rust_files(&root().join("tests"), &mut files);
+    rust_files(&root().join("examples"), &mut files);
     let long: Vec<String> = files
         .iter()
         .filter_map(|file| {
