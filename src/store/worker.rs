@@ -72,8 +72,8 @@ pub(crate) async fn complete_due_jobs(
     .await
 }
 
-/// A job locked by the current transaction, its attempt already counted, with the data a
-/// handler needs.
+/// A job locked by the current transaction for an attempt, with the data a handler needs. The
+/// attempt is counted in the job's row by the statement that records its outcome.
 #[derive(Debug)]
 pub(crate) struct ClaimedJob {
     pub(crate) id: JobId,
@@ -86,9 +86,12 @@ pub(crate) struct ClaimedJob {
 }
 
 /// Locks up to `limit` due jobs never tried before for this transaction (skipping any another
-/// worker holds) and counts the attempt: a custom handler's batch, or the jobs of a built-in
-/// batch that failed. The lock lasts until the transaction ends; if it rolls back, or the
-/// connection dies, the jobs are pending again with their attempt uncounted.
+/// worker holds): a custom handler's batch, or the jobs of a built-in batch that failed. The
+/// attempt is counted by the statement that records its outcome ([`mark_jobs_done`],
+/// [`schedule_retry`], [`mark_job_failed`]) in the same transaction, so each job gets one new
+/// row version, not two: the attempt is committed, or uncounted, with the transaction. The lock
+/// lasts until the transaction ends; if it rolls back, or the connection dies, the jobs are
+/// pending again with their attempt uncounted.
 pub(crate) async fn claim_due_jobs(
     conn: &mut PgConnection,
     limit: i64,
@@ -97,7 +100,7 @@ pub(crate) async fn claim_due_jobs(
         ClaimedJob,
         r#"
         with claimed as (
-            select id
+            select id, user_id, attempts, created_at
             from player_creation_jobs
             where status = 'pending'
               and run_after <= now()
@@ -105,28 +108,16 @@ pub(crate) async fn claim_due_jobs(
             order by run_after, id
             limit $1
             for update skip locked
-        ),
-        counted as (
-            update player_creation_jobs
-            set attempts = player_creation_jobs.attempts + 1,
-                updated_at = now()
-            from claimed
-            where player_creation_jobs.id = claimed.id
-            returning
-                player_creation_jobs.id,
-                player_creation_jobs.user_id,
-                player_creation_jobs.attempts,
-                player_creation_jobs.created_at
         )
         select
-            counted.id as "id: JobId",
-            counted.user_id as "user_id: UserId",
+            claimed.id as "id: JobId",
+            claimed.user_id as "user_id: UserId",
             users.display_name,
-            counted.attempts,
-            extract(epoch from now() - counted.created_at)::float8 as "waited_secs!"
-        from counted
-        join users on users.id = counted.user_id
-        order by counted.id
+            claimed.attempts + 1 as "attempts!",
+            extract(epoch from now() - claimed.created_at)::float8 as "waited_secs!"
+        from claimed
+        join users on users.id = claimed.user_id
+        order by claimed.id
         "#,
         limit,
     )
@@ -333,23 +324,27 @@ pub(crate) async fn insert_player(
     Ok(())
 }
 
-/// Marks claimed jobs done and notifies each id on the done channel (delivered at commit).
+/// Marks claimed jobs done, each with the attempt that did it (the number of attempts it took),
+/// and notifies each id on the done channel (delivered at commit).
 pub(crate) async fn mark_jobs_done(
     conn: &mut PgConnection,
-    job_ids: &[JobId],
+    jobs: &[(JobId, i32)],
     done_channel: &ChannelName,
 ) -> Result<(), sqlx::Error> {
-    let ids: Vec<Uuid> = job_ids.iter().map(|id| id.as_uuid()).collect();
+    let ids: Vec<Uuid> = jobs.iter().map(|(id, _)| id.as_uuid()).collect();
+    let attempts: Vec<i32> = jobs.iter().map(|(_, attempt)| *attempt).collect();
     sqlx::query!(
         r#"
         with completed as (
             update player_creation_jobs
             set status = 'done',
+                attempts = done.attempt,
                 last_error = null,
                 updated_at = now(),
                 completed_at = now()
-            where id = any($1)
-            returning id
+            from unnest($1::uuid[], $3::int4[]) as done(id, attempt)
+            where player_creation_jobs.id = done.id
+            returning player_creation_jobs.id
         )
         select completed.id
         from completed
@@ -357,6 +352,7 @@ pub(crate) async fn mark_jobs_done(
         "#,
         &ids,
         done_channel.as_str(),
+        &attempts,
     )
     .fetch_all(conn)
     .await?;
@@ -397,11 +393,12 @@ pub(crate) async fn rollback_to_job_savepoint(conn: &mut PgConnection) -> Result
     Ok(())
 }
 
-/// Marks a claimed job failed for good and notifies its id on the done channel, so a waiting
-/// caller learns of the failure at once instead of timing out.
+/// Marks a claimed job failed for good after `attempts` attempts and notifies its id on the done
+/// channel, so a waiting caller learns of the failure at once instead of timing out.
 pub(crate) async fn mark_job_failed(
     conn: &mut PgConnection,
     job_id: JobId,
+    attempts: i32,
     error: &str,
     done_channel: &ChannelName,
 ) -> Result<(), sqlx::Error> {
@@ -410,6 +407,7 @@ pub(crate) async fn mark_job_failed(
         with failed as (
             update player_creation_jobs
             set status = 'failed',
+                attempts = $4,
                 last_error = $2,
                 updated_at = now(),
                 completed_at = now()
@@ -423,23 +421,27 @@ pub(crate) async fn mark_job_failed(
         job_id.as_uuid(),
         error,
         done_channel.as_str(),
+        attempts,
     )
     .fetch_one(conn)
     .await?;
     Ok(())
 }
 
-/// Leaves a claimed job pending with its error, not to be claimed again before `delay_ms` from now.
+/// Leaves a claimed job pending after `attempts` attempts, with its error, not to be claimed
+/// again before `delay_ms` from now.
 pub(crate) async fn schedule_retry(
     conn: &mut PgConnection,
     job_id: JobId,
+    attempts: i32,
     error: &str,
     delay_ms: i64,
 ) -> Result<(), sqlx::Error> {
     sqlx::query!(
         r#"
         update player_creation_jobs
-        set last_error = $2,
+        set attempts = $4,
+            last_error = $2,
             run_after = now() + make_interval(secs => $3::bigint / 1000.0),
             updated_at = now()
         where id = $1
@@ -447,6 +449,7 @@ pub(crate) async fn schedule_retry(
         job_id.as_uuid(),
         error,
         delay_ms,
+        attempts,
     )
     .execute(conn)
     .await?;

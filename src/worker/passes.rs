@@ -100,7 +100,7 @@ impl<H: Handler> Processor<H> {
                 Some(last) => format!("gave up after {made} attempts; {last}"),
                 None => format!("gave up after {made} attempts"),
             };
-            store::mark_job_failed(&mut tx, job.id, &reason, &config.channels.done).await?;
+            store::mark_job_failed(&mut tx, job.id, job.attempts, &reason, &config.channels.done).await?;
             tx.commit().await?;
             ::metrics::counter!(telemetry::JOBS_FAILED).increment(1);
             tracing::error!(job.id = %job.id, attempts = made, error = reason, "job failed");
@@ -167,7 +167,7 @@ impl<H: Handler> Processor<H> {
         store::job_savepoint(&mut tx).await?;
         match self.attempt(&mut tx, job, Then::Release).await? {
             Ok(()) => {
-                store::mark_jobs_done(&mut tx, &[job.id], &self.config.channels.done).await?;
+                store::mark_jobs_done(&mut tx, &[(job.id, job.attempts)], &self.config.channels.done).await?;
                 tx.commit().await?;
                 ::metrics::counter!(telemetry::JOBS_DONE).increment(1);
                 ::metrics::histogram!(telemetry::CLAIM_TO_DONE).record(claimed_at.elapsed().as_secs_f64());
@@ -242,7 +242,7 @@ impl<H: Handler> Processor<H> {
             let then = if more { Then::Renew } else { Then::Release };
             let span = tracing::debug_span!("process_job", job.id = %job.id, attempt = job.attempts);
             match self.attempt(&mut tx, job, then).instrument(span).await? {
-                Ok(()) => done.push(job.id),
+                Ok(()) => done.push((job.id, job.attempts)),
                 Err(err) => {
                     retry_at = earliest(retry_at, self.record_failure(&mut tx, job, &err).await?);
                     // The record is kept (released into the transaction) before the next job
@@ -258,7 +258,7 @@ impl<H: Handler> Processor<H> {
         }
         tx.commit().await?;
         let took = started.elapsed().as_secs_f64();
-        for job in jobs.iter().filter(|job| done.contains(&job.id)) {
+        for job in jobs.iter().filter(|job| done.iter().any(|(id, _)| *id == job.id)) {
             ::metrics::histogram!(telemetry::COMMIT_TO_CLAIM).record(job.waited_secs);
             ::metrics::histogram!(telemetry::CLAIM_TO_DONE).record(took);
         }
@@ -326,14 +326,14 @@ impl<H: Handler> Processor<H> {
         };
         let attempts = u32::try_from(job.attempts).unwrap_or(u32::MAX);
         if permanent || attempts >= self.config.max_attempts {
-            store::mark_job_failed(conn, job.id, &error, &self.config.channels.done).await?;
+            store::mark_job_failed(conn, job.id, job.attempts, &error, &self.config.channels.done).await?;
             ::metrics::counter!(telemetry::JOBS_FAILED).increment(1);
             tracing::error!(job.id = %job.id, attempts, error, "job failed");
             return Ok(None);
         }
         let delay = self.config.backoff.delay(attempts);
         let delay_ms = i64::try_from(delay.as_millis()).unwrap_or(i64::MAX);
-        store::schedule_retry(conn, job.id, &error, delay_ms).await?;
+        store::schedule_retry(conn, job.id, job.attempts, &error, delay_ms).await?;
         ::metrics::counter!(telemetry::JOBS_RETRIED).increment(1);
         tracing::warn!(job.id = %job.id, attempt = attempts, retry_in_ms = delay_ms, error = %error, "job attempt failed; will retry");
         Ok(Some(Instant::now() + delay))
