@@ -37,7 +37,8 @@
 //! - Auth side: [`Signups::connect`] once per process, then
 //!   [`Signups::create_user_and_await_player`] per signup; or [`create_user`] inside your own
 //!   transaction and [`Signups::await_player`] after commit.
-//! - Player side: [`Worker::run`], or `ackloop worker`.
+//! - Player side: [`Worker::run`], or `ackloop worker`; with the player service's own code,
+//!   [`Worker::with_handler`] and a [`Handler`].
 //! - Schema: [`MIGRATOR`] (or `sqlx migrate run` on `migrations/`).
 //! - Operators: [`admin`], or `ackloop jobs`, `status` and `doctor`.
 //!
@@ -47,7 +48,8 @@
 //!   its input and output: [`NewUser`], [`Player`], [`InvalidInput`], [`Field`], [`Rule`],
 //!   [`MAX_EMAIL_CHARS`], [`MAX_DISPLAY_NAME_CHARS`];
 //! - player side: [`Worker`], [`WorkerConfig`], [`WorkerError`], [`worker_session_options`],
-//!   [`Backoff`];
+//!   [`Backoff`]; the player service's own code: [`Handler`], [`Job`], [`JobError`], and the
+//!   built-in [`InsertPlayer`];
 //! - ids: [`JobId`], [`UserId`], [`PlayerId`], [`JobStatus`], [`UnknownStatus`];
 //! - channels: [`Channels`], [`ChannelName`], [`DEFAULT_JOBS_CHANNEL`], [`DEFAULT_DONE_CHANNEL`],
 //!   [`InvalidChannelName`], [`parse_job_id`], [`BadPayload`];
