@@ -248,6 +248,33 @@ pub(crate) async fn start_attempt(
     Ok(())
 }
 
+/// Replaces the provisional error [`start_attempt`] left on attempt `attempt` with what
+/// actually ended it, when it ended with an error its session survived; only if the job is as
+/// that attempt left it. The attempt stays counted.
+pub(crate) async fn note_unfinished_attempt(
+    conn: &mut PgConnection,
+    job_id: JobId,
+    attempt: i32,
+    error: &str,
+) -> Result<(), sqlx::Error> {
+    sqlx::query!(
+        r#"
+        update player_creation_jobs
+        set last_error = $3,
+            updated_at = now()
+        where id = $1
+          and status = 'pending'
+          and attempts = $2
+        "#,
+        job_id.as_uuid(),
+        attempt,
+        error,
+    )
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
 /// Takes back attempt `attempt` of a job (it never ran: it waited for a lock another session
 /// holds), leaving `error` and the job due again after `delay_ms`; only if the job is as that
 /// attempt left it.

@@ -20,9 +20,9 @@ pub(super) const LOCK_WAIT: &str = "2s";
 ///   while a statement ran, or waited on a lock, notices within a second and rolls back: its
 ///   claimed jobs are pending again for the other workers.
 /// - `idle_in_transaction_session_timeout = 10s`: a worker frozen (SIGSTOP, a hung process)
-///   between the statements of a transaction loses its session, and its claims, after 10s. Only
-///   the one-job-per-savepoint path holds a transaction open between statements, and never for
-///   longer than a few statements.
+///   between the statements of a transaction loses its session, and its claims, after 10s. The
+///   built-in batch is one statement; a handler's batch, and a job taken alone, hold a
+///   transaction open between statements, for as long as the handlers take.
 /// - `lock_timeout = 2s`: a statement waiting on a lock another session holds gives up; the
 ///   worker backs off and tries again without counting an attempt. Without it, a wait longer
 ///   than the worker's 10 s limit on a pass is taken for a dead connection, and a job being tried

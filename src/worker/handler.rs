@@ -24,6 +24,18 @@ pub struct Job {
     pub attempt: u32,
 }
 
+impl Job {
+    /// A job as the worker hands it to a handler: for calling a handler in your own tests.
+    pub fn new(id: JobId, user_id: UserId, display_name: impl Into<String>, attempt: u32) -> Self {
+        Self {
+            id,
+            user_id,
+            display_name: display_name.into(),
+            attempt,
+        }
+    }
+}
+
 /// Why a [`Handler`] did not finish its job. What happens next is decided by the variant.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -38,8 +50,10 @@ pub enum JobError {
     Fail(String),
     /// A statement failed (`?` on any sqlx call gives this). Treated as the built-in handler's
     /// own errors are: data or constraint errors (SQLSTATE classes 22, 23) fail the job now; a
-    /// lost connection or an unreachable database is not the job's fault and costs it no
-    /// attempt (the batch is tried again); anything else is retried after the backoff.
+    /// lock wait that ran out (`lock_timeout`, 55P03) puts the job back for after its backoff
+    /// without counting the attempt; a lost connection or an unreachable database gives up the
+    /// whole batch, which costs its jobs no attempt (a job being tried alone keeps its counted
+    /// attempt, with this error as its reason); anything else is retried after the backoff.
     #[error(transparent)]
     Database(#[from] sqlx::Error),
 }
@@ -72,9 +86,28 @@ impl JobError {
 /// A job is done at least once and its effect committed exactly once: an attempt whose
 /// transaction did not commit (a crash, a lost connection) is made again, so code with effects
 /// outside the database (an email, an HTTP call) should be idempotent, keyed by [`Job::id`].
-/// Keep handlers short: the transaction holds the job's row lock while they run, a whole batch
-/// must finish within the worker's 10 s limit on a pass, and the server ends a session left idle
-/// in its transaction for 10 s (see `worker_session_options`).
+/// Keep handlers short: the transaction holds the job's row lock while they run, a batch stops
+/// starting jobs after 5 s (the rest wait for the next pass, uncounted) and is given up at the
+/// worker's 10 s limit on a pass, and the server ends a session left idle in its transaction for
+/// 10 s (see `worker_session_options`). The handler may be called again with the same
+/// [`Job::attempt`]: an attempt whose transaction was lost is not counted.
+///
+/// What a handler must do and must not do:
+/// - On success, leave the user's row in `players` (insert it, or call [`InsertPlayer`]): the
+///   signup side reads the player from there, and reports a done job without one as failed.
+/// - Never end or reshape the transaction: no `COMMIT`, `ROLLBACK`, `RELEASE` or `ROLLBACK TO`
+///   of the worker's savepoint (`ackloop_job`), and no session-level `SET` (it would outlive the
+///   job on a pooled connection; `SET LOCAL` lasts until the batch commits). Nested savepoints
+///   (`conn.begin()`) are fine. A `COMMIT` would commit the batch's earlier jobs' writes without
+///   their `done` status, and they would be made again.
+/// - Constraints it writes to that are `DEFERRABLE INITIALLY DEFERRED` are checked at the
+///   batch's commit, not in its savepoint: a violation there loses the whole batch, which is
+///   then retried. Keep them immediate (or `SET CONSTRAINTS … IMMEDIATE` inside the handler).
+/// - Each job's savepoint is a subtransaction; PostgreSQL caches 64 of them per transaction
+///   and gets slower for every session beyond that, so keep `batch_size` × (1 + the savepoints
+///   a handler opens) under 64 (the default, 32, with none of its own, is).
+/// - A panic is caught only with unwinding (`panic = "unwind"`, Rust's default). State the
+///   handler shares between jobs (a `std::sync::Mutex` poisoned by a panic) is its own concern.
 ///
 /// Implement it with `async fn`; the future must be `Send`:
 ///
@@ -121,17 +154,26 @@ pub(crate) async fn run_caught<H: Handler>(
     job: &Job,
     conn: &mut PgConnection,
 ) -> Result<(), JobError> {
-    let mut work = std::pin::pin!(handler.handle(job, conn));
+    // A handler written without `async fn` may panic before it returns its future.
+    let mut conn = Some(conn);
+    let start = AssertUnwindSafe(|| handler.handle(job, conn.take().expect("called once")));
+    let work = match std::panic::catch_unwind(start) {
+        Ok(work) => work,
+        Err(panic) => return Err(panicked(&*panic)),
+    };
+    let mut work = std::pin::pin!(work);
     std::future::poll_fn(
         |cx| match std::panic::catch_unwind(AssertUnwindSafe(|| work.as_mut().poll(cx))) {
             Ok(poll) => poll,
-            Err(panic) => Poll::Ready(Err(JobError::RetryLater(format!(
-                "the handler panicked: {}",
-                panic_message(&*panic)
-            )))),
+            Err(panic) => Poll::Ready(Err(panicked(&*panic))),
         },
     )
     .await
+}
+
+/// A caught panic as a failed attempt.
+fn panicked(panic: &(dyn std::any::Any + Send)) -> JobError {
+    JobError::RetryLater(format!("the handler panicked: {}", panic_message(panic)))
 }
 
 fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {

@@ -146,7 +146,22 @@ impl<H: Handler> Processor<H> {
                     retry_at: Some(Instant::now() + delay),
                 })
             }
-            Err(err) => Err(err),
+            Err(err) => {
+                // The attempt stays counted. If the session survived (the handler's own
+                // connection elsewhere failed, say), say what ended it instead of "its session
+                // ended"; if not, this fails too and the provisional reason stands.
+                let reason = format!(
+                    "attempt {attempt} did not finish: {}",
+                    crate::describe_db_error(&err)
+                );
+                if store::note_unfinished_attempt(conn, job.id, attempt, &reason)
+                    .await
+                    .is_ok()
+                {
+                    tracing::warn!(job.id = %job.id, attempt, error = %Described(&err), "job's attempt did not finish");
+                }
+                Err(err)
+            }
         }
     }
 
@@ -238,6 +253,15 @@ impl<H: Handler> Processor<H> {
             store::job_savepoint(&mut tx).await?;
         }
         for (index, job) in jobs.iter().enumerate() {
+            if started.elapsed() >= PASS_LIMIT / 2 {
+                // Slow handlers: commit what is done before the pass limit gives it all up. The
+                // jobs not reached were only locked: the commit releases them, uncounted.
+                tracing::warn!(
+                    jobs = jobs.len() - index,
+                    "handlers are slow; leaving the rest of the batch for the next pass"
+                );
+                break;
+            }
             let more = index + 1 < jobs.len();
             let then = if more { Then::Renew } else { Then::Release };
             let span = tracing::debug_span!("process_job", job.id = %job.id, attempt = job.attempts);
@@ -304,11 +328,36 @@ impl<H: Handler> Processor<H> {
                     ),
                 }
             }
-            Err(JobError::Database(err)) if is_not_the_jobs_fault(&err) => return Err(err),
+            // A lock wait that ran out inside the handler is recorded for this job alone
+            // (postponed, not counted) so that it cannot hold up the rest of its batch.
+            Err(JobError::Database(err)) if store::is_unavailable(&err) => return Err(err),
             Err(err) => err,
         };
         store::rollback_to_job_savepoint(conn).await?;
         Ok(Err(error))
+    }
+
+    /// Puts `job` back for later without counting this attempt: it waited too long for a lock
+    /// another session holds (a `lock_timeout`), which is the database's state, not the job's
+    /// fault. Returns when it is due again.
+    async fn postpone_uncounted(
+        &self,
+        conn: &mut PgConnection,
+        job: &ClaimedJob,
+    ) -> Result<Instant, sqlx::Error> {
+        let attempt = job.attempts;
+        let delay = self
+            .config
+            .backoff
+            .delay(u32::try_from(attempt).unwrap_or(u32::MAX));
+        let delay_ms = i64::try_from(delay.as_millis()).unwrap_or(i64::MAX);
+        let blocked = format!(
+            "attempt {attempt} waited over {LOCK_WAIT} for a lock another session holds; it will be \
+             tried again, not counted"
+        );
+        store::schedule_retry(conn, job.id, attempt - 1, &blocked, delay_ms).await?;
+        tracing::warn!(job.id = %job.id, attempt, retry_in_ms = delay_ms, "job waited for a lock; will retry");
+        Ok(Instant::now() + delay)
     }
 
     /// Marks the job failed (and tells its caller) or schedules its retry. Returns when the retry
@@ -319,6 +368,11 @@ impl<H: Handler> Processor<H> {
         job: &ClaimedJob,
         err: &JobError,
     ) -> Result<Option<Instant>, sqlx::Error> {
+        if let JobError::Database(db_err) = err
+            && store::is_lock_timeout(db_err)
+        {
+            return self.postpone_uncounted(conn, job).await.map(Some);
+        }
         let (error, permanent) = match err {
             JobError::Database(err) => (crate::describe_db_error(err), store::is_permanent(err)),
             JobError::RetryLater(reason) => (handler::storable_reason(reason), false),

@@ -307,3 +307,114 @@ async fn a_handler_that_hides_a_failed_statement_keeps_nothing(
     assert!(inventory(&pool, liar_user).await.is_empty());
     worker.stop().await;
 }
+
+/// The example's handler, touching a row another session may hold locked for one display name.
+struct WaitsForALock;
+
+impl Handler for WaitsForALock {
+    async fn handle(&self, job: &Job, conn: &mut PgConnection) -> Result<(), JobError> {
+        StarterKit.handle(job, conn).await?;
+        if job.display_name == "Blocked" {
+            sqlx::query("update starter_items set quantity = quantity where item = 'wooden sword'")
+                .execute(&mut *conn)
+                .await?;
+        }
+        Ok(())
+    }
+}
+
+#[sqlx::test]
+async fn a_handler_waiting_on_a_lock_holds_up_neither_its_batch_nor_its_count(
+    options: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    // The worker's sessions give up a lock wait after 2 s, as `ackloop worker`'s do.
+    let pool = service_pool(options, ackloop::worker_session_options(connect)).await;
+    let config = WorkerConfig {
+        concurrency: 1,
+        ..worker_config()
+    };
+    let worker = run_in_background(ackloop::Worker::new(pool.clone(), config).with_handler(WaitsForALock));
+    let signups = signups(&pool).await;
+    // Once a first job is done and nothing else is due, the loop takes batches.
+    signups
+        .create_user_and_await_player(&user(0), DEADLINE)
+        .await
+        .expect("a first signup");
+
+    let mut holder = pool.begin().await.unwrap();
+    sqlx::query("select 1 from starter_items where item = 'wooden sword' for update")
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    // One transaction: the worker meets all five in one batch.
+    let mut tx = pool.begin().await.unwrap();
+    let blocked = NewUser::new("blocked@example.com", "Blocked").unwrap();
+    let blocked = ackloop::create_user(&mut tx, signups.channels(), &blocked)
+        .await
+        .unwrap();
+    let mut honest = Vec::new();
+    for n in 1..5 {
+        honest.push(
+            ackloop::create_user(&mut tx, signups.channels(), &user(n))
+                .await
+                .unwrap(),
+        );
+    }
+    tx.commit().await.unwrap();
+
+    for signup in &honest {
+        signups
+            .await_player(signup.job_id, DEADLINE)
+            .await
+            .expect("the jobs batched with a blocked one complete");
+    }
+    wait_until("the blocked job is put back, uncounted", || async {
+        let (status, attempts, last_error) = job_row(&pool, blocked.job_id).await;
+        status == "pending"
+            && attempts == 0
+            && last_error.is_some_and(|error| error.contains("waited over 2s for a lock"))
+    })
+    .await;
+    assert_eq!(player_row(&pool, blocked.user_id).await, None);
+
+    holder.rollback().await.unwrap();
+    signups
+        .await_player(blocked.job_id, DEADLINE)
+        .await
+        .expect("the blocked job completes once the lock is gone");
+    assert_eq!(inventory(&pool, blocked.user_id).await, starter_kit());
+    worker.stop().await;
+}
+
+/// A handler whose own other connection fails for one display name.
+struct ItsOwnPoolIsAway;
+
+impl Handler for ItsOwnPoolIsAway {
+    async fn handle(&self, job: &Job, conn: &mut PgConnection) -> Result<(), JobError> {
+        if job.display_name == "Away" {
+            return Err(sqlx::Error::PoolTimedOut.into());
+        }
+        StarterKit.handle(job, conn).await
+    }
+}
+
+#[sqlx::test]
+async fn a_job_failing_for_want_of_the_handlers_own_database_says_so(
+    options: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let pool = service_pool(options, connect).await;
+    let away = NewUser::new("away@example.com", "Away").unwrap();
+    let (answer, worker, _signups) = one_bad_signup_among_honest_ones(&pool, ItsOwnPoolIsAway, away, 5).await;
+
+    let err = answer.expect_err("the job fails after its attempts");
+    let SignupError::JobFailed { reason, .. } = &err else {
+        panic!("expected JobFailed, got {err:?}");
+    };
+    assert!(
+        reason.contains("gave up after 2 attempts") && !reason.contains("session ended"),
+        "{reason}"
+    );
+    worker.stop().await;
+}
