@@ -96,9 +96,9 @@ pub async fn sample_queue_gauges(pool: PgPool, interval: Duration, shutdown: Can
             () = shutdown.cancelled() => return,
             _ = ticks.tick() => {}
         }
-        if let Ok(counts) = store::job_counts(&pool).await {
-            ::metrics::gauge!(JOBS_PENDING).set(counts.pending as f64);
-            ::metrics::gauge!(OLDEST_PENDING).set(counts.oldest_pending_secs.unwrap_or(0.0));
+        if let Ok(pending) = store::pending_jobs(&pool).await {
+            ::metrics::gauge!(JOBS_PENDING).set(pending.pending as f64);
+            ::metrics::gauge!(OLDEST_PENDING).set(pending.oldest_pending_secs.unwrap_or(0.0));
         }
         if let Ok(usage) = store::notification_queue_usage(&pool).await {
             ::metrics::gauge!(NOTIFICATION_QUEUE_USAGE).set(usage);

@@ -32,6 +32,30 @@ pub(crate) async fn job_counts(executor: impl PgExecutor<'_>) -> Result<JobCount
     .await
 }
 
+/// The pending jobs the queue gauges show: how many, and how long the oldest has waited.
+#[derive(Debug, Clone)]
+pub(crate) struct PendingJobs {
+    pub(crate) pending: i64,
+    pub(crate) oldest_pending_secs: Option<f64>,
+}
+
+/// [`PendingJobs`], reading only pending rows (through the partial pending index): it runs
+/// every few seconds in every worker, so it must not grow with the finished jobs kept.
+pub(crate) async fn pending_jobs(executor: impl PgExecutor<'_>) -> Result<PendingJobs, sqlx::Error> {
+    sqlx::query_as!(
+        PendingJobs,
+        r#"
+        select
+            count(*) as "pending!",
+            extract(epoch from now() - min(created_at))::float8 as "oldest_pending_secs?"
+        from player_creation_jobs
+        where status = 'pending'
+        "#,
+    )
+    .fetch_one(executor)
+    .await
+}
+
 /// A failed job, for the status report.
 #[derive(Debug, Clone)]
 pub(crate) struct FailedJobRow {
@@ -254,7 +278,9 @@ pub(crate) async fn delete_finished_jobs(
 ) -> Result<u64, sqlx::Error> {
     let result = sqlx::query!(
         r#"
-        with doomed as (
+        delete from player_creation_jobs
+        -- An array, not a join: the planner hashes a join against the whole table.
+        where id = any(array(
             select id
             from player_creation_jobs
             where status <> 'pending'
@@ -262,10 +288,7 @@ pub(crate) async fn delete_finished_jobs(
             order by completed_at
             limit $2
             for update skip locked
-        )
-        delete from player_creation_jobs
-        using doomed
-        where player_creation_jobs.id = doomed.id
+        ))
         "#,
         older_than_secs,
         limit,

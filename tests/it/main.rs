@@ -18,6 +18,7 @@ mod operations;
 mod player_service;
 mod pooler;
 mod protocol;
+mod scans;
 mod signup;
 #[path = "../support/silent_proxy.rs"]
 mod silent_proxy;

@@ -38,7 +38,7 @@ fn read(path: &str) -> String {
 }
 
 /// The first SQL string of each `pub(crate) async fn` in the store's files.
-fn code_statements() -> BTreeMap<String, String> {
+pub(crate) fn code_statements() -> BTreeMap<String, String> {
     let mut statements = BTreeMap::new();
     for file in ["src/store/signup.rs", "src/store/worker.rs", "src/store/admin.rs"] {
         let source = read(file);
