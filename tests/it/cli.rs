@@ -81,6 +81,19 @@ async fn signup_command_exit_codes_tell_what_happened(options: PgPoolOptions, co
             .unwrap();
     assert_eq!(json["job_id"], job_id.to_string());
 
+    // Waiting again from a script: the job id comes back on stdout with the timeout.
+    let waited = run_ackloop(
+        &url,
+        &["await", &job_id.to_string(), "--timeout", "100ms", "--json"],
+    )
+    .await;
+    assert_eq!(waited.status.code(), Some(5), "{}", stderr(&waited));
+    let json = stdout_json(&waited);
+    assert_eq!(
+        (json["error"].as_str(), json["job_id"].as_str()),
+        (Some("timed_out"), Some(&*job_id.to_string()))
+    );
+
     let taken = signup(&url, "Ada@Example.com", "Ada", &[]).await;
     assert_eq!(taken.status.code(), Some(4));
     assert!(stderr(&taken).contains("email already registered"));

@@ -158,12 +158,14 @@ pub enum Command {
 
 impl Command {
     /// Whether a failure is also printed as one JSON object on stdout, as README documents for
-    /// `signup --json` (with the job id when the signup committed). The other commands' `--json`
-    /// covers success only.
+    /// `signup --json` and `await --json` (with the job id, which a script needs to wait again).
+    /// The other commands' `--json` covers success only.
     pub fn reports_failure_as_json(&self) -> bool {
         matches!(
             self,
-            Command::Signup { json: true, .. } | Command::Status { json: true }
+            Command::Signup { json: true, .. }
+                | Command::Await { json: true, .. }
+                | Command::Status { json: true }
         )
     }
 }
