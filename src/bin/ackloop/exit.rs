@@ -21,7 +21,8 @@ Exit codes:
   8  the schema is missing or behind: run `ackloop migrate`
   9  the schema is newer than this ackloop: upgrade ackloop
   10 doctor found something that needs attention; `jobs retry` was given a job it cannot act
-     on (the message says why and what to do)";
+     on (the message says why and what to do)
+  130 worker: a second SIGINT or SIGTERM stopped it at once";
 
 /// Everything a subcommand can fail with, each mapped to one exit code in [`Failure::exit_code`].
 #[derive(Debug, thiserror::Error)]
