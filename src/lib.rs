@@ -53,7 +53,8 @@
 //! - ids: [`JobId`], [`UserId`], [`PlayerId`], [`JobStatus`], [`UnknownStatus`];
 //! - channels: [`Channels`], [`ChannelName`], [`DEFAULT_JOBS_CHANNEL`], [`DEFAULT_DONE_CHANNEL`],
 //!   [`InvalidChannelName`], [`parse_job_id`], [`BadPayload`];
-//! - connecting: [`ConnectConfig`], [`BadConnectionString`], [`describe_db_error`];
+//! - connecting: [`ConnectConfig`], [`BadConnectionString`], [`describe_db_error`],
+//!   [`is_unavailable`];
 //! - schema: [`MIGRATOR`], [`run_migrations`], [`check_schema`], [`SchemaError`];
 //! - metrics: [`describe_metrics`], [`sample_queue_gauges`], and with the `http` feature
 //!   `MetricsHandle` and `MetricsError`.
@@ -98,6 +99,7 @@ pub use signup::{
     Field, InvalidInput, MAX_DISPLAY_NAME_CHARS, MAX_EMAIL_CHARS, NewUser, Player, Rule, Signup, SignupError,
     Signups, SignupsConfig, create_user,
 };
+pub use store::is_unavailable;
 pub use telemetry::describe_metrics;
 /// The names of the metrics ackloop records.
 pub mod metric_names {

@@ -2,8 +2,13 @@
 //! cannot succeed as it is.
 
 /// Whether `err` means the database could not be reached (as opposed to refusing a statement):
-/// worth retrying later, and reported to callers as "unavailable".
-pub(crate) fn is_unavailable(err: &sqlx::Error) -> bool {
+/// worth retrying later, and reported to callers as "unavailable". The CLI exits 7 for these.
+///
+/// ```
+/// assert!(ackloop::is_unavailable(&sqlx::Error::PoolTimedOut));
+/// assert!(!ackloop::is_unavailable(&sqlx::Error::RowNotFound));
+/// ```
+pub fn is_unavailable(err: &sqlx::Error) -> bool {
     match err {
         // Protocol: the stream broke off mid-message, e.g. a proxy or load balancer that accepted
         // the connection and closed it (no server behind it, a restart): sqlx reports the

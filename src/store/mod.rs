@@ -13,6 +13,7 @@ mod signup;
 mod worker;
 
 pub(crate) use admin::*;
+pub use classify::is_unavailable;
 pub(crate) use classify::*;
 pub(crate) use signup::*;
 pub(crate) use worker::*;

@@ -96,8 +96,22 @@ impl Failure {
                 | ackloop::admin::AdminError::StillFailed(_),
             )
             | Self::Doctor(_) => 10,
+            // The database went away after the connection was made: still "cannot reach".
+            _ if self.database_unreachable() => 7,
             _ => 1,
         }
+    }
+
+    /// Whether a driver error in the chain of causes says the database could not be reached.
+    fn database_unreachable(&self) -> bool {
+        let mut source = std::error::Error::source(self);
+        while let Some(cause) = source {
+            if let Some(db_err) = cause.downcast_ref::<sqlx::Error>() {
+                return ackloop::is_unavailable(db_err);
+            }
+            source = cause.source();
+        }
+        false
     }
 
     /// A short machine-readable name for `--json` output.
@@ -163,5 +177,20 @@ fn unset_hint(from_env: &bool) -> &'static str {
         " (DATABASE_URL is not set, so libpq's PGHOST, PGUSER, ... and defaults were used)"
     } else {
         ""
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn losing_the_database_mid_command_exits_7_and_other_database_errors_1() {
+        let lost = Failure::Query(sqlx::Error::Io(std::io::Error::from(
+            std::io::ErrorKind::ConnectionReset,
+        )));
+        assert_eq!(lost.exit_code(), 7);
+        assert_eq!(Failure::Bench(sqlx::Error::PoolTimedOut).exit_code(), 7);
+        assert_eq!(Failure::Query(sqlx::Error::RowNotFound).exit_code(), 1);
     }
 }
