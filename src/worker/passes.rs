@@ -113,8 +113,7 @@ impl<H: Handler> Processor<H> {
         // At least a second: between this commit and the next transaction's row lock, the job is
         // held only by being not yet due, and a loaded machine can pause a task for a while.
         let lease = config.backoff.delay(made + 1).max(ALONE_AT_LEAST);
-        let lease_ms = i64::try_from(lease.as_millis()).unwrap_or(i64::MAX);
-        store::start_attempt(&mut tx, job.id, attempt, &unfinished(attempt), lease_ms).await?;
+        store::start_attempt(&mut tx, job.id, attempt, &unfinished(attempt), millis(lease)).await?;
         tx.commit().await?;
         *unfinished_due = Some(Instant::now() + lease);
         ::metrics::histogram!(telemetry::COMMIT_TO_CLAIM).record(job.waited_secs);
@@ -133,15 +132,17 @@ impl<H: Handler> Processor<H> {
             // A lock held elsewhere is not the job's fault: the attempt is given back.
             Err(err) if store::is_lock_timeout(&err) => {
                 let delay = config.backoff.delay(made + 1);
-                let delay_ms = i64::try_from(delay.as_millis()).unwrap_or(i64::MAX);
-                let blocked = format!(
-                    "attempt {attempt} waited over {LOCK_WAIT} for a lock another session holds; \
-                     it will be tried again, not counted"
-                );
                 let mut tx = conn.begin().await?;
-                store::give_back_attempt(&mut tx, job.id, attempt, &blocked, delay_ms).await?;
+                store::give_back_attempt(
+                    &mut tx,
+                    job.id,
+                    attempt,
+                    &lock_wait_reason(attempt),
+                    millis(delay),
+                )
+                .await?;
                 tx.commit().await?;
-                tracing::warn!(job.id = %job.id, attempt, retry_in_ms = delay_ms, "job waited for a lock; will retry");
+                tracing::warn!(job.id = %job.id, attempt, retry_in_ms = millis(delay), "job waited for a lock; will retry");
                 Ok(Lone::Taken {
                     retry_at: Some(Instant::now() + delay),
                 })
@@ -328,8 +329,9 @@ impl<H: Handler> Processor<H> {
                     ),
                 }
             }
-            // A lock wait that ran out inside the handler is recorded for this job alone
-            // (postponed, not counted) so that it cannot hold up the rest of its batch.
+            // The database out of reach gives up the pass. A lock wait that ran out is not
+            // passed up: it is this job's to record (postponed, uncounted, by record_failure),
+            // so that it cannot take the rest of its batch down with it.
             Err(JobError::Database(err)) if store::is_unavailable(&err) => return Err(err),
             Err(err) => err,
         };
@@ -350,13 +352,15 @@ impl<H: Handler> Processor<H> {
             .config
             .backoff
             .delay(u32::try_from(attempt).unwrap_or(u32::MAX));
-        let delay_ms = i64::try_from(delay.as_millis()).unwrap_or(i64::MAX);
-        let blocked = format!(
-            "attempt {attempt} waited over {LOCK_WAIT} for a lock another session holds; it will be \
-             tried again, not counted"
-        );
-        store::schedule_retry(conn, job.id, attempt - 1, &blocked, delay_ms).await?;
-        tracing::warn!(job.id = %job.id, attempt, retry_in_ms = delay_ms, "job waited for a lock; will retry");
+        store::schedule_retry(
+            conn,
+            job.id,
+            attempt - 1,
+            &lock_wait_reason(attempt),
+            millis(delay),
+        )
+        .await?;
+        tracing::warn!(job.id = %job.id, attempt, retry_in_ms = millis(delay), "job waited for a lock; will retry");
         Ok(Instant::now() + delay)
     }
 
@@ -386,10 +390,9 @@ impl<H: Handler> Processor<H> {
             return Ok(None);
         }
         let delay = self.config.backoff.delay(attempts);
-        let delay_ms = i64::try_from(delay.as_millis()).unwrap_or(i64::MAX);
-        store::schedule_retry(conn, job.id, job.attempts, &error, delay_ms).await?;
+        store::schedule_retry(conn, job.id, job.attempts, &error, millis(delay)).await?;
         ::metrics::counter!(telemetry::JOBS_RETRIED).increment(1);
-        tracing::warn!(job.id = %job.id, attempt = attempts, retry_in_ms = delay_ms, error = %error, "job attempt failed; will retry");
+        tracing::warn!(job.id = %job.id, attempt = attempts, retry_in_ms = millis(delay), error = %error, "job attempt failed; will retry");
         Ok(Some(Instant::now() + delay))
     }
 }
@@ -401,6 +404,20 @@ enum Then {
     Renew,
     /// Release it: no job follows.
     Release,
+}
+
+/// A job's error after attempt `attempt` waited too long for a lock and was given back,
+/// uncounted (by the lone path's own statements, or by a handler).
+fn lock_wait_reason(attempt: i32) -> String {
+    format!(
+        "attempt {attempt} waited over {LOCK_WAIT} for a lock another session holds; it will be tried \
+         again, not counted"
+    )
+}
+
+/// A delay as the whole milliseconds the statements take.
+fn millis(delay: Duration) -> i64 {
+    i64::try_from(delay.as_millis()).unwrap_or(i64::MAX)
 }
 
 /// Whether a statement failed for want of the database (or of a lock another session holds)

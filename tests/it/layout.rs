@@ -104,17 +104,14 @@ fn library_imports() -> BTreeMap<String, BTreeSet<String>> {
             }
         }
         // A parent uses its children.
-        for child in modules.iter().filter(|other| {
-            other.strip_prefix(module.as_str()).is_some_and(|rest| {
-                let rest = rest.strip_prefix("::").unwrap_or(rest);
-                !module.is_empty()
-                    && !rest.is_empty()
-                    && !rest.contains("::")
-                    && other.starts_with(&format!("{module}::"))
-            })
-        }) {
-            uses.insert(child.clone());
-        }
+        let prefix = format!("{module}::");
+        let children = modules.iter().filter(|other| {
+            !module.is_empty()
+                && other
+                    .strip_prefix(&prefix)
+                    .is_some_and(|rest| !rest.contains("::"))
+        });
+        uses.extend(children.cloned());
         imports.insert(module.clone(), uses);
     }
     imports
