@@ -9,8 +9,8 @@
 //! ```text
 //! signup/mod.rs ─┬─▶ error.rs    SignupError, the classifier  ─▶ input, job, store
 //!                ├─▶ writer.rs   grouped commits              ─▶ input, job, store, channel, connect
-//!                ├─▶ confirm.rs  waiters, the LISTEN on done  ─▶ input, job, store, channel, connect,
-//!                │                                               telemetry
+//!                ├─▶ confirm.rs  waiters, the LISTEN on done  ─▶ input, job, store, channel, listen,
+//!                │                                               connect, telemetry
 //!                └─▶ input.rs    NewUser, Player, the rules   ─▶ job (the side's leaf)
 //! ```
 //!
