@@ -89,11 +89,15 @@ fn check_email(email: &str) -> Result<(), Rule> {
     if labels.len() < 2 {
         return Err(Rule::EmailShape("needs a domain with a dot, like example.com"));
     }
+    // ASCII letters, digits and inner hyphens, or any character beyond ASCII (an
+    // internationalised name): a rule the database's `ackloop.email_problem` applies exactly.
     let label_ok = |label: &&str| {
         !label.is_empty()
             && !label.starts_with('-')
             && !label.ends_with('-')
-            && label.chars().all(|c| c.is_alphanumeric() || c == '-')
+            && label
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || !c.is_ascii())
     };
     if !labels.iter().all(label_ok) {
         return Err(Rule::EmailShape("has an invalid domain"));

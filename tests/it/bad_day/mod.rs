@@ -324,17 +324,22 @@ async fn a_long_lock_on_players_costs_jobs_no_attempts(options: PgPoolOptions, c
     };
     // A starting worker takes its first jobs alone: each of those attempts meets the lock.
     let worker = spawn_worker(&worker_pool, config);
+    // Each job goes back and forth between an attempt under way (counted while it runs) and
+    // given back; seen given back once, each has met the lock.
+    let given_back = std::sync::Mutex::new(std::collections::BTreeSet::new());
     wait_until(
         "every job has waited for the lock and been given its attempt back",
         || async {
-            sqlx::query_scalar::<_, i64>(
-                "select count(*) from player_creation_jobs \
-             where status = 'pending' and attempts = 0 and last_error like '%waited over 2s for a lock%'",
+            let ids = sqlx::query_scalar::<_, uuid::Uuid>(
+                "select id from player_creation_jobs \
+                 where status = 'pending' and attempts = 0 and last_error like '%waited over 2s for a lock%'",
             )
-            .fetch_one(&pool)
+            .fetch_all(&pool)
             .await
-            .unwrap()
-                == 3
+            .unwrap();
+            let mut given_back = given_back.lock().unwrap();
+            given_back.extend(ids);
+            given_back.len() == 3
         },
     )
     .await;
