@@ -15,8 +15,26 @@ begin
 end
 $$;
 
--- Both sides check the schema version before they start.
-grant select on _sqlx_migrations to ackloop_auth, ackloop_worker;
+-- Both sides check the schema version before they start, and call the contract's functions
+-- (they run with the caller's privileges, granted below).
+grant usage on schema ackloop to ackloop_auth, ackloop_worker;
+grant select on ackloop.applied_migrations to ackloop_auth, ackloop_worker;
+revoke execute on all functions in schema ackloop from public;
+grant execute on function
+    ackloop.uuid_v7(), ackloop.email_problem(text), ackloop.display_name_problem(text)
+    to ackloop_auth, ackloop_worker;
+grant execute on function
+    ackloop.sign_up(text, text, uuid, text, integer),
+    ackloop.sign_up_many(text[], text[], uuid[], text, integer),
+    ackloop.job_outcomes(uuid[])
+    to ackloop_auth;
+grant execute on function
+    ackloop.complete_jobs(integer, text),
+    ackloop.claim_jobs(integer),
+    ackloop.mark_done(uuid[], integer[], text),
+    ackloop.backoff_ms(integer, bigint, bigint),
+    ackloop.record_failure(uuid, integer, text, boolean, text, integer, bigint, bigint, boolean)
+    to ackloop_worker;
 
 -- The auth side writes users and their jobs (returning the new ids) and reads outcomes.
 grant select (id, email), insert (email, display_name) on users to ackloop_auth;

@@ -32,7 +32,9 @@ pub enum SchemaError {
     Database(#[source] sqlx::Error),
 }
 
-/// Checks that every migration this version knows is applied, and no other.
+/// Checks that every migration this version knows is applied, and no other, as the migrations
+/// record themselves in `ackloop.applied_migrations`: a database migrated by `sqlx migrate run`,
+/// `ackloop migrate`, or psql and other tools from the same files passes alike.
 ///
 /// # Errors
 /// [`SchemaError::Missing`], [`SchemaError::Behind`], [`SchemaError::Newer`], or
@@ -46,7 +48,12 @@ pub enum SchemaError {
 pub async fn check_schema(pool: &PgPool) -> Result<(), SchemaError> {
     let applied = match store::applied_migrations(pool).await {
         Ok(applied) => applied,
-        Err(err) if is_undefined_table(&err) => return Err(SchemaError::Missing),
+        // A schema from before the migrations recorded themselves: only sqlx's table tells.
+        Err(err) if is_undefined_table(&err) => match store::applied_sqlx_migrations(pool).await {
+            Ok(applied) => applied,
+            Err(err) if is_undefined_table(&err) => return Err(SchemaError::Missing),
+            Err(err) => return Err(SchemaError::Database(err)),
+        },
         Err(err) => return Err(SchemaError::Database(err)),
     };
     let unknown: Vec<i64> = applied

@@ -91,8 +91,23 @@ pub(crate) async fn recent_failures(
     .await
 }
 
-/// The versions of the migrations applied successfully, in order.
+/// The versions of the migrations applied, in order, as the migrations themselves record them
+/// (since the contract's, 20261126000002): whatever tool applied them.
 pub(crate) async fn applied_migrations(executor: impl PgExecutor<'_>) -> Result<Vec<i64>, sqlx::Error> {
+    sqlx::query_scalar!(
+        r#"
+        select version
+        from ackloop.applied_migrations
+        order by version
+        "#
+    )
+    .fetch_all(executor)
+    .await
+}
+
+/// The versions sqlx recorded as applied, in order: what tells a schema older than the
+/// contract's migration, which recorded nothing itself.
+pub(crate) async fn applied_sqlx_migrations(executor: impl PgExecutor<'_>) -> Result<Vec<i64>, sqlx::Error> {
     sqlx::query_scalar!(
         r#"
         select version

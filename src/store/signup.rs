@@ -9,12 +9,12 @@ use crate::channel::ChannelName;
 use crate::job::{JobId, JobStatus, PlayerId, UnknownStatus, UserId};
 
 /// Inserts a user and its player-creation job and notifies the jobs channel with the job id, in
-/// one statement: in autocommit that is one transaction and one round trip; inside a caller's
+/// one statement (`ackloop.sign_up`, which applies the input rules again): in autocommit that is one transaction and one round trip; inside a caller's
 /// transaction, everything (the notification included) happens at that transaction's commit.
 ///
 /// `lock_wait` bounds how long the insert may wait for a row lock (another session's
 /// uncommitted insert of the same email, a `LOCK TABLE`): `lock_timeout`, set for this
-/// statement's transaction before the insert runs (the insert reads its row from `limits`).
+/// statement's transaction before the insert runs.
 /// `None` leaves the session's setting, for writes inside a caller's transaction.
 pub(crate) async fn insert_user_and_job(
     executor: impl PgExecutor<'_>,
@@ -26,38 +26,22 @@ pub(crate) async fn insert_user_and_job(
 ) -> Result<UserId, sqlx::Error> {
     sqlx::query_scalar!(
         r#"
-        with limits as (
-            select set_config('lock_timeout', coalesce($5, current_setting('lock_timeout')), true)
-        ),
-        new_user as (
-            insert into users (email, display_name)
-            select $1, $2
-            from limits
-            returning id
-        ),
-        new_job as (
-            insert into player_creation_jobs (id, user_id)
-            select $3, id
-            from new_user
-            returning id, user_id
-        )
-        select new_job.user_id as "user_id!: UserId"
-        from new_job
-        cross join lateral pg_notify($4, new_job.id::text) as notified
+        select user_id as "user_id!: UserId"
+        from ackloop.sign_up($1, $2, $3, $4, $5)
         "#,
         email,
         display_name,
         job_id.as_uuid(),
         jobs_channel.as_str(),
-        lock_wait.map(lock_timeout_setting),
+        lock_wait.map(lock_wait_ms),
     )
     .fetch_one(executor)
     .await
 }
 
-/// A duration as a `lock_timeout` value: whole milliseconds, at least 1 (0 would mean no limit).
-fn lock_timeout_setting(wait: std::time::Duration) -> String {
-    format!("{}ms", wait.as_millis().max(1))
+/// A lock wait as whole milliseconds, at least 1 (0 would mean no limit).
+fn lock_wait_ms(wait: std::time::Duration) -> i32 {
+    i32::try_from(wait.as_millis().max(1)).unwrap_or(i32::MAX)
 }
 
 /// A signup that [`insert_users_and_jobs`] wrote.
@@ -84,40 +68,14 @@ pub(crate) async fn insert_users_and_jobs(
     sqlx::query_as!(
         WrittenSignup,
         r#"
-        with limits as (
-            select set_config('lock_timeout', $5, true)
-        ),
-        input as (
-            select *
-            from unnest($1::text[], $2::text[], $3::uuid[])
-                with ordinality as input (email, display_name, job_id, position)
-        ),
-        new_users as (
-            insert into users (email, display_name)
-            select email, display_name
-            from input, limits
-            order by position
-            on conflict ((lower(email))) do nothing
-            returning id, email
-        ),
-        new_jobs as (
-            insert into player_creation_jobs (id, user_id)
-            -- Identical emails in one batch: the first was inserted, the rest skipped.
-            select distinct on (new_users.id) input.job_id, new_users.id
-            from new_users
-            join input on input.email = new_users.email
-            order by new_users.id, input.position
-            returning id, user_id
-        )
-        select new_jobs.id as "job_id!: JobId", new_jobs.user_id as "user_id!: UserId"
-        from new_jobs
-        cross join lateral pg_notify($4, new_jobs.id::text) as notified
+        select job_id as "job_id!: JobId", user_id as "user_id!: UserId"
+        from ackloop.sign_up_many($1, $2, $3, $4, $5)
         "#,
         emails,
         display_names,
         job_ids,
         jobs_channel.as_str(),
-        lock_timeout_setting(lock_wait),
+        lock_wait_ms(lock_wait),
     )
     .fetch_all(executor)
     .await
@@ -188,17 +146,15 @@ pub(crate) async fn job_outcomes(
         JobOutcomeRow,
         r#"
         select
-            jobs.id as "id!: JobId",
-            jobs.user_id as "user_id!: UserId",
-            jobs.status as "status!",
-            jobs.last_error,
-            players.id as "player_id?: PlayerId",
-            players.display_name as "player_display_name?",
-            players.created_at as "player_created_at?",
-            extract(epoch from clock_timestamp() - jobs.completed_at)::float8 as "since_done_secs?"
-        from player_creation_jobs as jobs
-        left join players on players.user_id = jobs.user_id
-        where jobs.id = any($1)
+            job_id as "id!: JobId",
+            user_id as "user_id!: UserId",
+            status as "status!",
+            last_error,
+            player_id as "player_id?: PlayerId",
+            player_display_name,
+            player_created_at,
+            since_done_secs
+        from ackloop.job_outcomes($1)
         "#,
         ids,
     )

@@ -4,7 +4,7 @@ use sqlx::{PgConnection, PgExecutor};
 use uuid::Uuid;
 
 use crate::channel::ChannelName;
-use crate::job::{JobId, UserId};
+use crate::job::{Backoff, JobId, UserId};
 
 /// A job [`complete_due_jobs`] completed.
 #[derive(Debug)]
@@ -24,46 +24,14 @@ pub(crate) struct CompletedJob {
 /// before is always retried alone ([`lock_next_due_job`]): it may be the one that kills sessions.
 pub(crate) async fn complete_due_jobs(
     executor: impl PgExecutor<'_>,
-    limit: i64,
+    limit: i32,
     done_channel: &ChannelName,
 ) -> Result<Vec<CompletedJob>, sqlx::Error> {
     sqlx::query_as!(
         CompletedJob,
         r#"
-        with claimed as (
-            select id, user_id
-            from player_creation_jobs
-            where status = 'pending'
-              and run_after <= now()
-              and attempts = 0
-            order by run_after, id
-            limit $1
-            for update skip locked
-        ),
-        new_players as (
-            insert into players (user_id, display_name)
-            select users.id, users.display_name
-            from claimed
-            join users on users.id = claimed.user_id
-            on conflict (user_id) do nothing
-            returning user_id
-        ),
-        completed as (
-            update player_creation_jobs
-            set status = 'done',
-                attempts = player_creation_jobs.attempts + 1,
-                last_error = null,
-                updated_at = now(),
-                completed_at = now()
-            from claimed
-            where player_creation_jobs.id = claimed.id
-            returning
-                player_creation_jobs.id,
-                extract(epoch from now() - player_creation_jobs.created_at)::float8 as waited_secs
-        )
-        select completed.id as "id!: JobId", completed.waited_secs as "waited_secs!"
-        from completed
-        cross join lateral pg_notify($2, completed.id::text) as notified
+        select job_id as "id!: JobId", waited_secs as "waited_secs!"
+        from ackloop.complete_jobs($1, $2)
         "#,
         limit,
         done_channel.as_str(),
@@ -94,30 +62,18 @@ pub(crate) struct ClaimedJob {
 /// pending again with their attempt uncounted.
 pub(crate) async fn claim_due_jobs(
     conn: &mut PgConnection,
-    limit: i64,
+    limit: i32,
 ) -> Result<Vec<ClaimedJob>, sqlx::Error> {
     sqlx::query_as!(
         ClaimedJob,
         r#"
-        with claimed as (
-            select id, user_id, attempts, created_at
-            from player_creation_jobs
-            where status = 'pending'
-              and run_after <= now()
-              and attempts = 0
-            order by run_after, id
-            limit $1
-            for update skip locked
-        )
         select
-            claimed.id as "id: JobId",
-            claimed.user_id as "user_id: UserId",
-            users.display_name,
-            claimed.attempts + 1 as "attempts!",
-            extract(epoch from now() - claimed.created_at)::float8 as "waited_secs!"
-        from claimed
-        join users on users.id = claimed.user_id
-        order by claimed.id
+            job_id as "id!: JobId",
+            user_id as "user_id!: UserId",
+            display_name as "display_name!",
+            attempt as "attempts!",
+            waited_secs as "waited_secs!"
+        from ackloop.claim_jobs($1)
         "#,
         limit,
     )
@@ -362,24 +318,12 @@ pub(crate) async fn mark_jobs_done(
     let attempts: Vec<i32> = jobs.iter().map(|(_, attempt)| *attempt).collect();
     sqlx::query!(
         r#"
-        with completed as (
-            update player_creation_jobs
-            set status = 'done',
-                attempts = done.attempt,
-                last_error = null,
-                updated_at = now(),
-                completed_at = now()
-            from unnest($1::uuid[], $3::int4[]) as done(id, attempt)
-            where player_creation_jobs.id = done.id
-            returning player_creation_jobs.id
-        )
-        select completed.id
-        from completed
-        cross join lateral pg_notify($2, completed.id::text) as notified
+        select id as "id!"
+        from ackloop.mark_done($1, $2, $3) as id
         "#,
         &ids,
-        done_channel.as_str(),
         &attempts,
+        done_channel.as_str(),
     )
     .fetch_all(conn)
     .await?;
@@ -420,65 +364,74 @@ pub(crate) async fn rollback_to_job_savepoint(conn: &mut PgConnection) -> Result
     Ok(())
 }
 
-/// Marks a claimed job failed for good after `attempts` attempts and notifies its id on the done
-/// channel, so a waiting caller learns of the failure at once instead of timing out.
-pub(crate) async fn mark_job_failed(
+/// A claimed job's failed attempt, to record with [`record_failure`].
+#[derive(Debug)]
+pub(crate) struct Failure<'a> {
+    pub(crate) job_id: JobId,
+    /// The attempt that failed: claim_jobs' number, or the one a lone attempt counted.
+    pub(crate) attempt: i32,
+    pub(crate) error: &'a str,
+    /// False for an error retrying cannot fix: the job fails now.
+    pub(crate) retryable: bool,
+    /// False when the attempt never ran (it waited for a lock another session holds): it is
+    /// given back, and the job retried after the backoff, however many attempts it has made.
+    pub(crate) counted: bool,
+}
+
+/// What [`record_failure`] made of a failure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Recorded {
+    /// Failed for good; its id was notified on the done channel.
+    Failed,
+    /// Pending again, due after this many milliseconds.
+    RetryInMs(i64),
+}
+
+/// Records a claimed job's failed attempt (`ackloop.record_failure`): the job is failed and its
+/// id notified on the done channel (so a waiting caller hears at once) when the error is not
+/// retryable or the attempt was the last of `max_attempts`; otherwise it is pending again after
+/// the backoff.
+pub(crate) async fn record_failure(
     conn: &mut PgConnection,
-    job_id: JobId,
-    attempts: i32,
-    error: &str,
+    failure: &Failure<'_>,
+    max_attempts: u32,
+    backoff: &Backoff,
     done_channel: &ChannelName,
-) -> Result<(), sqlx::Error> {
-    sqlx::query!(
+) -> Result<Recorded, sqlx::Error> {
+    let recorded = sqlx::query!(
         r#"
-        with failed as (
-            update player_creation_jobs
-            set status = 'failed',
-                attempts = $4,
-                last_error = $2,
-                updated_at = now(),
-                completed_at = now()
-            where id = $1
-            returning id
+        select status as "status!", retry_in_ms
+        from ackloop.record_failure(
+            job_id => $1,
+            attempt => $2,
+            error => $3,
+            retryable => $4,
+            done_channel => $5,
+            max_attempts => $6,
+            backoff_base_ms => $7,
+            backoff_max_ms => $8,
+            counted => $9
         )
-        select failed.id
-        from failed
-        cross join lateral pg_notify($3, failed.id::text) as notified
         "#,
-        job_id.as_uuid(),
-        error,
+        failure.job_id.as_uuid(),
+        failure.attempt,
+        failure.error,
+        failure.retryable,
         done_channel.as_str(),
-        attempts,
+        i32::try_from(max_attempts).unwrap_or(i32::MAX),
+        millis(backoff.base),
+        millis(backoff.max),
+        failure.counted,
     )
     .fetch_one(conn)
     .await?;
-    Ok(())
+    Ok(match (recorded.status.as_str(), recorded.retry_in_ms) {
+        ("pending", Some(delay)) => Recorded::RetryInMs(delay),
+        _ => Recorded::Failed,
+    })
 }
 
-/// Leaves a claimed job pending after `attempts` attempts, with its error, not to be claimed
-/// again before `delay_ms` from now.
-pub(crate) async fn schedule_retry(
-    conn: &mut PgConnection,
-    job_id: JobId,
-    attempts: i32,
-    error: &str,
-    delay_ms: i64,
-) -> Result<(), sqlx::Error> {
-    sqlx::query!(
-        r#"
-        update player_creation_jobs
-        set attempts = $4,
-            last_error = $2,
-            run_after = now() + make_interval(secs => $3::bigint / 1000.0),
-            updated_at = now()
-        where id = $1
-        "#,
-        job_id.as_uuid(),
-        error,
-        delay_ms,
-        attempts,
-    )
-    .execute(conn)
-    .await?;
-    Ok(())
+/// A duration as whole milliseconds.
+pub(crate) fn millis(delay: std::time::Duration) -> i64 {
+    i64::try_from(delay.as_millis()).unwrap_or(i64::MAX)
 }

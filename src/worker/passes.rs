@@ -11,7 +11,7 @@ use tracing::Instrument;
 use super::config::{LOCK_WAIT, WorkerConfig};
 use super::handler::{self, Handler, Job, JobError};
 use crate::connect::Described;
-use crate::store::{self, ClaimedJob, Due};
+use crate::store::{self, ClaimedJob, Due, millis};
 use crate::telemetry;
 
 /// How long a loop keeps taking jobs alone after it starts or its session died, at least: a
@@ -100,7 +100,21 @@ impl<H: Handler> Processor<H> {
                 Some(last) => format!("gave up after {made} attempts; {last}"),
                 None => format!("gave up after {made} attempts"),
             };
-            store::mark_job_failed(&mut tx, job.id, job.attempts, &reason, &config.channels.done).await?;
+            let failure = store::Failure {
+                job_id: job.id,
+                attempt: job.attempts,
+                error: &reason,
+                retryable: false,
+                counted: true,
+            };
+            store::record_failure(
+                &mut tx,
+                &failure,
+                config.max_attempts,
+                &config.backoff,
+                &config.channels.done,
+            )
+            .await?;
             tx.commit().await?;
             ::metrics::counter!(telemetry::JOBS_FAILED).increment(1);
             tracing::error!(job.id = %job.id, attempts = made, error = reason, "job failed");
@@ -206,7 +220,7 @@ impl<H: Handler> Processor<H> {
     }
 
     async fn pass_on(&self, conn: &mut PgConnection) -> Result<Pass, sqlx::Error> {
-        let limit = i64::from(self.config.batch_size);
+        let limit = i32::from(self.config.batch_size);
         if !self.built_in {
             return self.pass_one_by_one(conn, limit).await;
         }
@@ -244,7 +258,7 @@ impl<H: Handler> Processor<H> {
     /// jobs it finished done, in one transaction. Between two jobs, one round trip releases the
     /// last job's savepoint and sets the next one's: what a handler costs beyond its own
     /// statements.
-    async fn pass_one_by_one(&self, conn: &mut PgConnection, limit: i64) -> Result<Pass, sqlx::Error> {
+    async fn pass_one_by_one(&self, conn: &mut PgConnection, limit: i32) -> Result<Pass, sqlx::Error> {
         let started = Instant::now();
         let mut tx = conn.begin().await?;
         let jobs = store::claim_due_jobs(&mut tx, limit).await?;
@@ -339,61 +353,56 @@ impl<H: Handler> Processor<H> {
         Ok(Err(error))
     }
 
-    /// Puts `job` back for later without counting this attempt: it waited too long for a lock
-    /// another session holds (a `lock_timeout`), which is the database's state, not the job's
-    /// fault. Returns when it is due again.
-    async fn postpone_uncounted(
-        &self,
-        conn: &mut PgConnection,
-        job: &ClaimedJob,
-    ) -> Result<Instant, sqlx::Error> {
-        let attempt = job.attempts;
-        let delay = self
-            .config
-            .backoff
-            .delay(u32::try_from(attempt).unwrap_or(u32::MAX));
-        store::schedule_retry(
-            conn,
-            job.id,
-            attempt - 1,
-            &lock_wait_reason(attempt),
-            millis(delay),
-        )
-        .await?;
-        tracing::warn!(job.id = %job.id, attempt, retry_in_ms = millis(delay), "job waited for a lock; will retry");
-        Ok(Instant::now() + delay)
-    }
-
-    /// Marks the job failed (and tells its caller) or schedules its retry. Returns when the retry
-    /// is due.
+    /// Records a failed attempt of `job`: failed for good (and its caller told) or scheduled for
+    /// a retry, decided by `ackloop.record_failure`. A lock wait that ran out (a `lock_timeout`)
+    /// is given back uncounted: a lock another session holds is the database's state, not the
+    /// job's fault. Returns when the retry is due.
     async fn record_failure(
         &self,
         conn: &mut PgConnection,
         job: &ClaimedJob,
         err: &JobError,
     ) -> Result<Option<Instant>, sqlx::Error> {
-        if let JobError::Database(db_err) = err
-            && store::is_lock_timeout(db_err)
-        {
-            return self.postpone_uncounted(conn, job).await.map(Some);
-        }
+        let lock_wait = matches!(err, JobError::Database(db_err) if store::is_lock_timeout(db_err));
         let (error, permanent) = match err {
+            _ if lock_wait => (lock_wait_reason(job.attempts), false),
             JobError::Database(err) => (crate::describe_db_error(err), store::is_permanent(err)),
             JobError::RetryLater(reason) => (handler::storable_reason(reason), false),
             JobError::Fail(reason) => (handler::storable_reason(reason), true),
         };
-        let attempts = u32::try_from(job.attempts).unwrap_or(u32::MAX);
-        if permanent || attempts >= self.config.max_attempts {
-            store::mark_job_failed(conn, job.id, job.attempts, &error, &self.config.channels.done).await?;
-            ::metrics::counter!(telemetry::JOBS_FAILED).increment(1);
-            tracing::error!(job.id = %job.id, attempts, error, "job failed");
-            return Ok(None);
+        let failure = store::Failure {
+            job_id: job.id,
+            attempt: job.attempts,
+            error: &error,
+            retryable: !permanent,
+            counted: !lock_wait,
+        };
+        let config = &self.config;
+        let attempt = job.attempts;
+        match store::record_failure(
+            conn,
+            &failure,
+            config.max_attempts,
+            &config.backoff,
+            &config.channels.done,
+        )
+        .await?
+        {
+            store::Recorded::Failed => {
+                ::metrics::counter!(telemetry::JOBS_FAILED).increment(1);
+                tracing::error!(job.id = %job.id, attempts = attempt, error, "job failed");
+                Ok(None)
+            }
+            store::Recorded::RetryInMs(delay) if lock_wait => {
+                tracing::warn!(job.id = %job.id, attempt, retry_in_ms = delay, "job waited for a lock; will retry");
+                Ok(Some(Instant::now() + Duration::from_millis(delay.unsigned_abs())))
+            }
+            store::Recorded::RetryInMs(delay) => {
+                ::metrics::counter!(telemetry::JOBS_RETRIED).increment(1);
+                tracing::warn!(job.id = %job.id, attempt, retry_in_ms = delay, error = %error, "job attempt failed; will retry");
+                Ok(Some(Instant::now() + Duration::from_millis(delay.unsigned_abs())))
+            }
         }
-        let delay = self.config.backoff.delay(attempts);
-        store::schedule_retry(conn, job.id, job.attempts, &error, millis(delay)).await?;
-        ::metrics::counter!(telemetry::JOBS_RETRIED).increment(1);
-        tracing::warn!(job.id = %job.id, attempt = attempts, retry_in_ms = millis(delay), error = %error, "job attempt failed; will retry");
-        Ok(Some(Instant::now() + delay))
     }
 }
 
@@ -413,11 +422,6 @@ fn lock_wait_reason(attempt: i32) -> String {
         "attempt {attempt} waited over {LOCK_WAIT} for a lock another session holds; it will be tried \
          again, not counted"
     )
-}
-
-/// A delay as the whole milliseconds the statements take.
-fn millis(delay: Duration) -> i64 {
-    i64::try_from(delay.as_millis()).unwrap_or(i64::MAX)
 }
 
 /// Whether a statement failed for want of the database (or of a lock another session holds)

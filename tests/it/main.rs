@@ -8,6 +8,7 @@ mod cli;
 mod common;
 mod concurrency;
 mod connecting;
+mod contract;
 mod cutting_proxy;
 mod example_service;
 mod faults;

@@ -11,7 +11,7 @@ use crate::common::*;
 use crate::cutting_proxy::{CuttingProxy, Fault};
 
 /// Text of the signup's write statement (alone or batched), by which the proxy finds it.
-const SIGNUP_WRITE: &str = "insert into users";
+const SIGNUP_WRITE: &str = "ackloop.sign_up";
 
 /// A lost-answer scene on a cluster of its own: the signup side's pool goes through a
 /// [`CuttingProxy`]; its listener, the worker and the test's own queries reach the server

@@ -1,0 +1,335 @@
+//! The contract in the database (`ackloop.*`, docs/protocol.md) applies exactly the Rust side's
+//! rules and defaults, refuses what Rust refuses whoever writes, and is recognised however the
+//! migrations were applied.
+
+use sqlx::PgPool;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+
+use crate::common::*;
+
+/// Characters that sit on the edges of the rules: Unicode whitespace and controls (the ones
+/// ASCII does not have too), the local part's forbidden set, dots, hyphens, letters beyond
+/// ASCII, symbols, an emoji.
+const EDGES: &[char] = &[
+    'a', 'Z', '0', '9', '.', '-', '_', '@', '+', '\'', ' ', '\t', '\n', '\r', '\u{b}', '\u{c}', '\u{1}',
+    '\u{1f}', '\u{7f}', '\u{80}', '\u{85}', '\u{9f}', '\u{a0}', '\u{1680}', '\u{2000}', '\u{200a}',
+    '\u{200b}', '\u{2028}', '\u{2029}', '\u{202f}', '\u{205f}', '\u{3000}', '\u{feff}', '<', '>', '(', ')',
+    '[', ']', '\\', ',', ';', ':', '"', 'é', 'ß', 'ǅ', '用', '例', '٣', 'Ⅻ', '²', '\u{301}', '…', '☃', '🎮',
+    '。',
+];
+
+/// Hand-picked inputs, then `count` strings drawn from [`EDGES`] around real-looking addresses.
+fn corpus(count: usize) -> Vec<String> {
+    let mut inputs: Vec<String> = [
+        "",
+        "a",
+        "ada@example.com",
+        "Ada.Lovelace+tag@mail.example.co.uk",
+        "o'brien@example.ie",
+        "用户@例子.广告",
+        "a@b.co",
+        "plain",
+        "a@b",
+        "@example.com",
+        "a@@example.com",
+        "a@b@example.com",
+        "a b@example.com",
+        " ada@example.com",
+        "ada@example.com\n",
+        "a@-example.com",
+        "a@example-.com",
+        "a@example..com",
+        "a@.example.com",
+        "a@example.com.",
+        "a@exa_mple.com",
+        "a;drop@example.com",
+        "a@ex\u{a0}ample.com",
+        "a@☃.com",
+        "a@x.٣",
+        "Ada",
+        "Ada Lovelace",
+        " Ada",
+        "Ada ",
+        "\u{3000}",
+        "   ",
+        "Ada\nLovelace",
+        "ǅemal 🎮",
+        "'; drop table users; --",
+        "\u{85}Ada",
+        "Ada\u{200b}",
+        "\u{feff}",
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .collect();
+    inputs.push(format!("{}@example.com", "a".repeat(64)));
+    inputs.push(format!("{}@example.com", "a".repeat(65)));
+    inputs.push(format!("a@{}.com", "b".repeat(250)));
+    inputs.push(format!("a@{}.com", "b".repeat(248)));
+    inputs.push("é".repeat(64));
+    inputs.push("é".repeat(65));
+    // A small deterministic generator: the same corpus on every run.
+    let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut next = move |bound: usize| {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        usize::try_from(state % bound as u64).expect("small")
+    };
+    for _ in 0..count {
+        let mut text: Vec<char> = "ada.l@mail.example.com".chars().collect();
+        for _ in 0..=next(3) {
+            let at = next(text.len() + 1);
+            match next(3) {
+                0 => text.insert(at, EDGES[next(EDGES.len())]),
+                1 if at < text.len() => text[at] = EDGES[next(EDGES.len())],
+                _ if at < text.len() => {
+                    text.remove(at);
+                }
+                _ => text.push(EDGES[next(EDGES.len())]),
+            }
+        }
+        inputs.push(text.into_iter().collect());
+    }
+    inputs
+}
+
+/// What Rust says of `email` and `name`: the rule each breaks, as its message reads.
+fn rust_problems(email: &str, name: &str) -> (Option<String>, Option<String>) {
+    let email_problem = match ackloop::NewUser::new(email, "Ada") {
+        Ok(_) => None,
+        Err(err) => Some(err.rule.to_string()),
+    };
+    let name_problem = match ackloop::NewUser::new("ada@example.com", name) {
+        Ok(_) => None,
+        Err(err) => Some(err.rule.to_string()),
+    };
+    (email_problem, name_problem)
+}
+
+#[sqlx::test]
+async fn rust_and_the_database_apply_the_same_input_rules(options: PgPoolOptions, connect: PgConnectOptions) {
+    let pool = pool(options, connect, 2).await;
+    let inputs = corpus(4000);
+    let rows: Vec<(String, Option<String>, Option<String>)> = sqlx::query_as(
+        "select input, ackloop.email_problem(input), ackloop.display_name_problem(input)
+         from unnest($1::text[]) as input",
+    )
+    .bind(&inputs)
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(rows.len(), inputs.len());
+    let (mut accepted, mut refused) = (0, 0);
+    for (input, email_in_db, name_in_db) in rows {
+        let (email_in_rust, name_in_rust) = rust_problems(&input, &input);
+        assert_eq!(email_in_db, email_in_rust, "the email rules differ for {input:?}");
+        assert_eq!(
+            name_in_db, name_in_rust,
+            "the display-name rules differ for {input:?}"
+        );
+        if email_in_rust.is_some() {
+            refused += 1
+        } else {
+            accepted += 1
+        }
+    }
+    // Both outcomes are well represented, or the comparison proves little.
+    assert!(
+        accepted > 500 && refused > 500,
+        "accepted {accepted}, refused {refused}"
+    );
+}
+
+#[sqlx::test]
+async fn a_client_that_skips_the_checks_cannot_store_what_rust_refuses(
+    options: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let pool = pool(options, connect, 2).await;
+    for (email, name, constraint) in [
+        (" ada@example.com", "Ada", "users_email_valid"),
+        ("ada@example.com", "Ada\t", "users_display_name_valid"),
+    ] {
+        let direct = sqlx::query("insert into users (email, display_name) values ($1, $2)")
+            .bind(email)
+            .bind(name)
+            .execute(&pool)
+            .await
+            .expect_err("a direct insert of refused input");
+        let direct = direct.as_database_error().expect("a database error");
+        assert_eq!(direct.code().as_deref(), Some("23514"));
+        assert_eq!(direct.constraint(), Some(constraint));
+
+        let through = sqlx::query("select * from ackloop.sign_up($1, $2)")
+            .bind(email)
+            .bind(name)
+            .execute(&pool)
+            .await
+            .expect_err("sign_up of refused input");
+        let through = through.as_database_error().expect("a database error");
+        assert_eq!(through.code().as_deref(), Some("23514"));
+        assert_eq!(through.constraint(), Some(constraint));
+        let (email_rule, name_rule) = rust_problems(email, name);
+        let rule = email_rule.or(name_rule).expect("Rust refuses it too");
+        assert!(
+            through.message().ends_with(&rule),
+            "{} should name the rule {rule:?}",
+            through.message()
+        );
+    }
+    let counts = counts(&pool).await;
+    assert_eq!((counts.users, counts.jobs), (0, 0), "nothing partial was written");
+}
+
+#[sqlx::test]
+async fn the_databases_defaults_are_the_rust_sides(options: PgPoolOptions, connect: PgConnectOptions) {
+    let pool = pool(options, connect, 2).await;
+    let config = ackloop::WorkerConfig::default();
+    let arguments = |function: &'static str| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_scalar::<_, String>("select pg_get_function_arguments($1::regproc)")
+                .bind(function)
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+        }
+    };
+    let record = arguments("ackloop.record_failure").await;
+    for expected in [
+        format!("max_attempts integer DEFAULT {}", config.max_attempts),
+        format!(
+            "backoff_base_ms bigint DEFAULT {}",
+            config.backoff.base.as_millis()
+        ),
+        format!("backoff_max_ms bigint DEFAULT {}", config.backoff.max.as_millis()),
+        format!(
+            "done_channel text DEFAULT '{}'::text",
+            ackloop::DEFAULT_DONE_CHANNEL
+        ),
+    ] {
+        assert!(
+            record.contains(&expected),
+            "record_failure({record}) lacks {expected}"
+        );
+    }
+    let batch = format!("batch_size integer DEFAULT {}", config.batch_size);
+    assert!(arguments("ackloop.claim_jobs").await.contains(&batch));
+    assert!(arguments("ackloop.complete_jobs").await.contains(&batch));
+    let jobs_channel = format!(
+        "jobs_channel text DEFAULT '{}'::text",
+        ackloop::DEFAULT_JOBS_CHANNEL
+    );
+    assert!(arguments("ackloop.sign_up").await.contains(&jobs_channel));
+    for failed in 1..=40u32 {
+        let in_db: i64 = sqlx::query_scalar("select ackloop.backoff_ms($1)")
+            .bind(i32::try_from(failed).unwrap())
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        let in_rust = config.backoff.delay(failed).as_millis();
+        assert_eq!(
+            u128::try_from(in_db).unwrap(),
+            in_rust,
+            "backoff after {failed} failures"
+        );
+    }
+}
+
+#[sqlx::test]
+async fn uuid_v7_makes_version_7_ids_stamped_with_now(options: PgPoolOptions, connect: PgConnectOptions) {
+    let pool = pool(options, connect, 2).await;
+    let before = now_ms(&pool).await;
+    let ids: Vec<uuid::Uuid> = sqlx::query_scalar("select ackloop.uuid_v7() from generate_series(1, 1000)")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    let after = now_ms(&pool).await;
+    let distinct: std::collections::BTreeSet<_> = ids.iter().collect();
+    assert_eq!(distinct.len(), ids.len());
+    for id in &ids {
+        assert_eq!(id.get_version_num(), 7, "{id}");
+        assert_eq!(id.get_variant(), uuid::Variant::RFC4122, "{id}");
+        let bytes = id.as_bytes();
+        let stamp = bytes[..6]
+            .iter()
+            .fold(0u64, |ms, byte| ms << 8 | u64::from(*byte));
+        assert!(
+            (before..=after).contains(&stamp),
+            "{id}: {stamp} not in {before}..={after}"
+        );
+    }
+}
+
+async fn now_ms(pool: &PgPool) -> u64 {
+    let ms: i64 = sqlx::query_scalar("select floor(extract(epoch from clock_timestamp()) * 1000)::bigint")
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    u64::try_from(ms).unwrap()
+}
+
+#[sqlx::test]
+async fn a_schema_migrated_by_another_tool_is_recognised(options: PgPoolOptions, connect: PgConnectOptions) {
+    let pool = pool(options, connect, 2).await;
+    // What psql or Flyway leaves: the migrations' own record, no sqlx bookkeeping.
+    execute(&pool, "drop table _sqlx_migrations").await;
+    ackloop::check_schema(&pool)
+        .await
+        .expect("the migrations' own record suffices");
+    execute(
+        &pool,
+        "delete from ackloop.applied_migrations where version = 20261126000002",
+    )
+    .await;
+    assert!(
+        matches!(
+            ackloop::check_schema(&pool).await,
+            Err(ackloop::SchemaError::Behind { ref missing }) if missing == &[20261126000002]
+        ),
+        "a missing version is reported"
+    );
+    execute(
+        &pool,
+        "insert into ackloop.applied_migrations (version, description) values (20991231000001, 'future')",
+    )
+    .await;
+    assert!(matches!(
+        ackloop::check_schema(&pool).await,
+        Err(ackloop::SchemaError::Newer { .. })
+    ));
+}
+
+#[sqlx::test]
+async fn a_schema_from_before_the_contract_is_behind(options: PgPoolOptions, connect: PgConnectOptions) {
+    let pool = pool(options, connect, 2).await;
+    execute(&pool, "drop schema ackloop cascade").await;
+    execute(
+        &pool,
+        "delete from _sqlx_migrations where version = 20261126000002",
+    )
+    .await;
+    assert!(matches!(
+        ackloop::check_schema(&pool).await,
+        Err(ackloop::SchemaError::Behind { ref missing }) if missing == &[20261126000002]
+    ));
+}
+
+#[sqlx::test]
+async fn every_migration_records_itself(options: PgPoolOptions, connect: PgConnectOptions) {
+    let pool = pool(options, connect, 2).await;
+    let recorded: Vec<i64> =
+        sqlx::query_scalar("select version from ackloop.applied_migrations order by version")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    let known: Vec<i64> = ackloop::MIGRATOR
+        .iter()
+        .map(|migration| migration.version)
+        .collect();
+    assert_eq!(
+        recorded, known,
+        "a migration must end by inserting its row into ackloop.applied_migrations"
+    );
+}
