@@ -76,6 +76,10 @@ test: db ## Run the whole test suite against a real PostgreSQL
 	cargo test --all-targets $(FEATURES)
 	cargo test --doc $(FEATURES)
 
+.PHONY: interop
+interop: db build ## Node and Python peers beside the Rust binary, through the ackloop.* functions only
+	ACKLOOP_BIN=$(BIN) scripts/interop
+
 .PHONY: bench
 bench: db ## Benchmark matrix (c = 1, 16, 64, and drain) beside the pgbench ceiling, as ratios
 	cargo build --release $(FEATURES)
