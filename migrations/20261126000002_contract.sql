@@ -44,11 +44,13 @@ $$;
 -- The input rules, exactly as the Rust side's `NewUser` applies them, in the same order: null when
 -- the value is acceptable, else the rule it breaks (the text Rust's error shows). Whitespace is
 -- Unicode's White_Space set and control characters are Unicode's Cc, spelled out so that no
--- locale changes them.
+-- locale changes them. PL/pgSQL, not SQL: a SQL function would be inlined, its text parsed
+-- again, into every insert's check constraints, which cost a signup about 0.25 ms.
 create function ackloop.email_problem(email text) returns text
-language sql immutable parallel safe
+language plpgsql immutable parallel safe
 as $$
-    select case
+begin
+    return case
         when email is null or email = '' then 'must not be empty'
         when char_length(email) > 254 then 'must be at most 254 characters'
         when email ~ '[\u0001-\u0020\u007f-\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]'
@@ -65,13 +67,15 @@ as $$
         -- character beyond ASCII (internationalised names), separated by single dots.
         when split_part(email, '@', 2) !~ '^([a-zA-Z0-9\u0080-\U0010ffff]([a-zA-Z0-9\u0080-\U0010ffff-]*[a-zA-Z0-9\u0080-\U0010ffff])?\.)+[a-zA-Z0-9\u0080-\U0010ffff]([a-zA-Z0-9\u0080-\U0010ffff-]*[a-zA-Z0-9\u0080-\U0010ffff])?$'
             then 'has an invalid domain'
-    end
+    end;
+end
 $$;
 
 create function ackloop.display_name_problem(display_name text) returns text
-language sql immutable parallel safe
+language plpgsql immutable parallel safe
 as $$
-    select case
+begin
+    return case
         when display_name is null or display_name = '' then 'must not be empty'
         when char_length(display_name) > 64 then 'must be at most 64 characters'
         when display_name ~ '^[\u0009-\u000d\u0020\u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]*$'
@@ -79,12 +83,18 @@ as $$
         when display_name ~ '[\u0001-\u001f\u007f-\u009f]' then 'must not contain control characters'
         when display_name ~ '^[\u0009-\u000d\u0020\u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]|[\u0009-\u000d\u0020\u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]$'
             then 'must not start or end with whitespace'
-    end
+    end;
+end
 $$;
 
 -- No client, in any language, stores what the rules refuse. Checking the existing rows holds up
 -- writes to users while it runs: on a table of millions, apply this when signups are quiet.
+-- The older length and blank checks are part of these rules: dropped, so a refusal always names
+-- one of these two (PostgreSQL checks constraints in name order: the display name's first).
 alter table users
+    drop constraint users_email_length,
+    drop constraint users_display_name_length,
+    drop constraint users_display_name_not_blank,
     add constraint users_email_valid check (ackloop.email_problem(email) is null),
     add constraint users_display_name_valid check (ackloop.display_name_problem(display_name) is null);
 
@@ -105,8 +115,6 @@ as $$
 #variable_conflict use_column
 declare
     problem text;
-    new_job uuid := coalesce(new_job_id, ackloop.uuid_v7());
-    new_user bigint;
 begin
     problem := ackloop.email_problem(sign_up.email);
     if problem is not null then
@@ -120,22 +128,39 @@ begin
             using errcode = 'check_violation', constraint = 'users_display_name_valid',
                   column = 'display_name', table = 'users', schema = 'public';
     end if;
-    if lock_wait_ms is not null then
-        perform set_config('lock_timeout', greatest(lock_wait_ms, 1) || 'ms', true);
-    end if;
-    insert into users (email, display_name)
-    values (sign_up.email, sign_up.display_name)
-    returning id into new_user;
-    insert into player_creation_jobs (id, user_id) values (new_job, new_user);
-    perform pg_notify(jobs_channel, new_job::text);
-    return query select new_job, new_user;
+    -- One statement: each statement a function runs costs about as much as the rules above.
+    return query
+    with limits as (
+        select set_config(
+            'lock_timeout',
+            -- greatest() skips nulls: test for null first, or no limit would become 1 ms.
+            case when lock_wait_ms is null then current_setting('lock_timeout') else greatest(lock_wait_ms, 1) || 'ms' end,
+            true
+        )
+    ),
+    new_user as (
+        insert into users (email, display_name)
+        select sign_up.email, sign_up.display_name
+        from limits
+        returning users.id
+    ),
+    new_job as (
+        insert into player_creation_jobs (id, user_id)
+        select coalesce(new_job_id, ackloop.uuid_v7()), new_user.id
+        from new_user
+        returning player_creation_jobs.id, player_creation_jobs.user_id
+    )
+    select new_job.id, new_job.user_id
+    from new_job
+    cross join lateral pg_notify(jobs_channel, new_job.id::text) as notified;
 end
 $$;
 
 -- Signs many users up in one statement (one commit, one fsync, one hold of the notify lock), each
 -- exactly as sign_up would. A signup whose email is taken (by an existing user, or earlier in the
--- same call, ignoring case) is skipped: the one missing from the result. Input a rule refuses
--- fails the whole call (23514, the constraint named) and writes nothing: check it first.
+-- same call, ignoring case) is skipped: the one missing from the result. A null job id gets a
+-- new UUIDv7. Input a rule refuses fails the whole call (23514, the check constraint named) and
+-- writes nothing: check it first.
 create function ackloop.sign_up_many(
     emails text[],
     display_names text[],
@@ -146,11 +171,21 @@ create function ackloop.sign_up_many(
 language plpgsql volatile
 as $$
 begin
-    if lock_wait_ms is not null then
-        perform set_config('lock_timeout', greatest(lock_wait_ms, 1) || 'ms', true);
+    if cardinality(emails) is distinct from cardinality(display_names)
+        or cardinality(emails) is distinct from cardinality(job_ids) then
+        raise exception 'sign_up_many needs as many display names and job ids as emails'
+            using errcode = 'invalid_parameter_value';
     end if;
     return query
-    with input as (
+    with limits as (
+        select set_config(
+            'lock_timeout',
+            -- greatest() skips nulls: test for null first, or no limit would become 1 ms.
+            case when lock_wait_ms is null then current_setting('lock_timeout') else greatest(lock_wait_ms, 1) || 'ms' end,
+            true
+        )
+    ),
+    input as (
         select *
         from unnest(emails, display_names, job_ids)
             with ordinality as input (email, display_name, job_id, position)
@@ -158,7 +193,7 @@ begin
     new_users as (
         insert into users (email, display_name)
         select input.email, input.display_name
-        from input
+        from input, limits
         order by input.position
         on conflict ((lower(email))) do nothing
         returning users.id, users.email
@@ -166,7 +201,7 @@ begin
     new_jobs as (
         insert into player_creation_jobs (id, user_id)
         -- Identical emails in one call: the first was inserted, the rest skipped.
-        select distinct on (new_users.id) input.job_id, new_users.id
+        select distinct on (new_users.id) coalesce(input.job_id, ackloop.uuid_v7()), new_users.id
         from new_users
         join input on input.email = new_users.email
         order by new_users.id, input.position
@@ -182,6 +217,7 @@ $$;
 -- before (skipping any another worker holds), creates their players, marks them done and
 -- notifies each id on `done_channel`. Any failure fails the whole call and leaves every job as
 -- it was, its attempt uncounted: then take the batch again with claim_jobs, one job at a time.
+-- A lock wait over 2 s fails it (55P03), and a worker gone while it runs is noticed within 1 s.
 create function ackloop.complete_jobs(
     batch_size integer default 32,
     done_channel text default 'player_jobs_done'
@@ -189,6 +225,8 @@ create function ackloop.complete_jobs(
 language plpgsql volatile
 as $$
 begin
+    perform set_config('client_connection_check_interval', '1s', true),
+            set_config('lock_timeout', '2s', true);
     return query
     with claimed as (
         select jobs.id, jobs.user_id
@@ -264,7 +302,8 @@ end
 $$;
 
 -- Marks claimed jobs done, each with the attempt that did it (claim_jobs' `attempt`), and
--- notifies each id on `done_channel` (delivered at commit). Returns the ids marked.
+-- notifies each id on `done_channel` (delivered at commit). Returns the ids marked: a job no
+-- longer pending (finished by an operator) is left as it is and not returned.
 create function ackloop.mark_done(
     job_ids uuid[],
     attempts integer[],
@@ -283,6 +322,7 @@ begin
             completed_at = now()
         from unnest(job_ids, mark_done.attempts) as done (id, attempt)
         where jobs.id = done.id
+          and jobs.status = 'pending'
         returning jobs.id
     )
     select completed.id
@@ -310,7 +350,8 @@ $$;
 -- notified on `done_channel`, so a waiting caller hears at once. Otherwise it is pending again,
 -- not due before the backoff. `counted` false gives the attempt back (it never ran: it waited for
 -- a lock another session holds), so it does not bring the job closer to failing. Returns the
--- job's status after the call and, when pending, the milliseconds until it is due.
+-- job's status after the call and, when pending, the milliseconds until it is due; no row when
+-- the job is not pending (finished by an operator meanwhile), which is left as it is.
 create function ackloop.record_failure(
     job_id uuid,
     attempt integer,
@@ -334,22 +375,140 @@ begin
         update player_creation_jobs
         set status = 'failed', attempts = made, last_error = reason,
             updated_at = now(), completed_at = now()
-        where id = record_failure.job_id;
-        perform pg_notify(done_channel, record_failure.job_id::text);
-        return query select 'failed'::text, null::bigint;
+        where id = record_failure.job_id and status = 'pending';
+        if found then
+            perform pg_notify(done_channel, record_failure.job_id::text);
+            return query select 'failed'::text, null::bigint;
+        end if;
     else
         update player_creation_jobs
         set attempts = made, last_error = reason,
             run_after = now() + make_interval(secs => delay / 1000.0),
             updated_at = now()
-        where id = record_failure.job_id;
-        return query select 'pending'::text, delay;
+        where id = record_failure.job_id and status = 'pending';
+        if found then
+            return query select 'pending'::text, delay;
+        end if;
     end if;
+end
+$$;
+
+-- The text a started attempt leaves as the job's error until it records its outcome: what the
+-- job shows if its session ends before it does.
+create function ackloop.unfinished_attempt_error(attempt integer) returns text
+language sql immutable parallel safe
+as $$
+    select 'attempt ' || attempt || ' did not finish: its database session ended (a crash or '
+        || 'terminated backend, an out-of-memory kill, or the worker stopped), unless it is running now'
+$$;
+
+-- Starts an attempt of the next due job tried before (`any_job`: of any due job), for a worker
+-- that takes such jobs one at a time, as a job that killed its session must be: locks it
+-- (skipping any another worker holds), counts the attempt, and leaves the job as it should be
+-- found if the attempt never finishes (`unfinished_attempt_error` as its error, not due again
+-- before the backoff after this attempt, and at least 1 s: `lease_ms`). Call it alone in its
+-- transaction and commit before making the attempt, so the count survives a job that kills its session; then make the attempt in a new transaction that
+-- begins with lock_attempt. A job whose `max_attempts` are used up is failed instead (its id
+-- notified on `done_channel`): status 'gave_up'. Otherwise status 'started', with `attempt` the
+-- attempt now counted and `last_error` what the job showed before. No row: nothing is due.
+create function ackloop.start_attempt(
+    max_attempts integer default 5,
+    backoff_base_ms bigint default 1000,
+    backoff_max_ms bigint default 300000,
+    done_channel text default 'player_jobs_done',
+    any_job boolean default false
+) returns table (
+    status text,
+    job_id uuid,
+    user_id bigint,
+    display_name text,
+    attempt integer,
+    waited_secs double precision,
+    last_error text,
+    lease_ms bigint
+)
+language plpgsql volatile
+as $$
+#variable_conflict use_column
+declare
+    job record;
+    reason text;
+    lease bigint;
+begin
+    perform set_config('client_connection_check_interval', '1s', true),
+            set_config('lock_timeout', '2s', true);
+    -- Two statements, so that looking for retries stays on their own small index.
+    if any_job then
+        select jobs.id, jobs.user_id, users.display_name, jobs.attempts, jobs.last_error,
+               extract(epoch from now() - jobs.created_at)::float8 as waited
+        into job
+        from player_creation_jobs as jobs
+        join users on users.id = jobs.user_id
+        where jobs.status = 'pending' and jobs.run_after <= now()
+        order by jobs.run_after, jobs.id
+        limit 1
+        for update of jobs skip locked;
+    else
+        select jobs.id, jobs.user_id, users.display_name, jobs.attempts, jobs.last_error,
+               extract(epoch from now() - jobs.created_at)::float8 as waited
+        into job
+        from player_creation_jobs as jobs
+        join users on users.id = jobs.user_id
+        where jobs.status = 'pending' and jobs.attempts > 0 and jobs.run_after <= now()
+        order by jobs.run_after, jobs.id
+        limit 1
+        for update of jobs skip locked;
+    end if;
+    if not found then
+        return;
+    end if;
+    if job.attempts >= max_attempts then
+        -- Its last attempt never recorded an outcome: it ended with its session.
+        reason := left('gave up after ' || job.attempts || ' attempts' || coalesce('; ' || job.last_error, ''), 2000);
+        update player_creation_jobs
+        set status = 'failed', last_error = reason, updated_at = now(), completed_at = now()
+        where id = job.id;
+        perform pg_notify(done_channel, job.id::text);
+        return query select 'gave_up'::text, job.id, job.user_id, job.display_name, job.attempts,
+            job.waited, reason, null::bigint;
+        return;
+    end if;
+    lease := greatest(ackloop.backoff_ms(job.attempts + 1, backoff_base_ms, backoff_max_ms), 1000);
+    update player_creation_jobs
+    set attempts = job.attempts + 1,
+        last_error = ackloop.unfinished_attempt_error(job.attempts + 1),
+        run_after = now() + make_interval(secs => lease / 1000.0),
+        updated_at = now()
+    where id = job.id;
+    return query select 'started'::text, job.id, job.user_id, job.display_name, job.attempts + 1,
+        job.waited, job.last_error, lease;
+end
+$$;
+
+-- Locks, for the caller's transaction, the job whose attempt `attempt` start_attempt counted:
+-- false when the job has changed since (an operator finished or retried it, or its lease ran out
+-- and another worker took it), and the attempt must not be made. Sets the same limits as
+-- claim_jobs for the rest of the transaction. Then: the effect, and mark_done or record_failure.
+create function ackloop.lock_attempt(job_id uuid, attempt integer) returns boolean
+language plpgsql volatile
+as $$
+begin
+    perform set_config('idle_in_transaction_session_timeout', '10s', true),
+            set_config('client_connection_check_interval', '1s', true),
+            set_config('lock_timeout', '2s', true);
+    perform
+    from player_creation_jobs as jobs
+    where jobs.id = lock_attempt.job_id
+      and jobs.status = 'pending'
+      and jobs.attempts = lock_attempt.attempt
+    for update;
+    return found;
 end
 $$;
 
 -- Each of `job_ids` that exists, as the tables tell it, with its player when there is one (ids
 -- of no job are absent). `since_done_secs`: seconds since the job finished, by the server's clock.
+-- PL/pgSQL so that its plan is kept, not its text parsed again into every caller's plan.
 create function ackloop.job_outcomes(job_ids uuid[])
 returns table (
     job_id uuid,
@@ -361,8 +520,10 @@ returns table (
     player_created_at timestamptz,
     since_done_secs double precision
 )
-language sql stable
+language plpgsql stable
 as $$
+begin
+    return query
     select
         jobs.id,
         jobs.user_id,
@@ -374,5 +535,6 @@ as $$
         extract(epoch from clock_timestamp() - jobs.completed_at)::float8
     from player_creation_jobs as jobs
     left join players on players.user_id = jobs.user_id
-    where jobs.id = any(job_ids)
+    where jobs.id = any(job_ids);
+end
 $$;

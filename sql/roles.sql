@@ -33,7 +33,10 @@ grant execute on function
     ackloop.claim_jobs(integer),
     ackloop.mark_done(uuid[], integer[], text),
     ackloop.backoff_ms(integer, bigint, bigint),
-    ackloop.record_failure(uuid, integer, text, boolean, text, integer, bigint, bigint, boolean)
+    ackloop.record_failure(uuid, integer, text, boolean, text, integer, bigint, bigint, boolean),
+    ackloop.start_attempt(integer, bigint, bigint, text, boolean),
+    ackloop.lock_attempt(uuid, integer),
+    ackloop.unfinished_attempt_error(integer)
     to ackloop_worker;
 
 -- The auth side writes users and their jobs (returning the new ids) and reads outcomes.

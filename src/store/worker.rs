@@ -81,17 +81,22 @@ pub(crate) async fn claim_due_jobs(
     .await
 }
 
-/// A due job locked for an attempt of its own, as it stands before that attempt.
+/// A job [`start_attempt`] took for an attempt of its own.
 #[derive(Debug)]
-pub(crate) struct DueJob {
+pub(crate) struct StartedAttempt {
+    /// `started`, or `gave_up` when its attempts were used up and it was failed instead.
+    pub(crate) status: String,
     pub(crate) id: JobId,
     pub(crate) user_id: UserId,
     pub(crate) display_name: String,
-    /// Attempts made before this one.
-    pub(crate) attempts: i32,
-    pub(crate) last_error: Option<String>,
+    /// The attempt counted (attempts made, when it gave up).
+    pub(crate) attempt: i32,
     /// From its signup to this claim.
     pub(crate) waited_secs: f64,
+    /// The job's error before this attempt (its reason for failing, when it gave up).
+    pub(crate) last_error: Option<String>,
+    /// How long the job stays not due should this attempt never finish.
+    pub(crate) lease_ms: Option<i64>,
 }
 
 /// Which due jobs a lone attempt takes.
@@ -103,61 +108,44 @@ pub(crate) enum Due {
     Retries,
 }
 
-/// Locks the next due job of the kind asked for (skipping any another worker holds), for this
-/// transaction, without counting an attempt: [`start_attempt`] does.
-pub(crate) async fn lock_next_due_job(
-    conn: &mut PgConnection,
+/// Counts an attempt of the next due job of the kind asked for and commits it before the attempt
+/// is made (`ackloop.start_attempt`, in autocommit), so the count survives a job that kills its
+/// session; or fails a job whose attempts are used up. `None`: nothing is due.
+pub(crate) async fn start_attempt(
+    executor: impl PgExecutor<'_>,
     due: Due,
-) -> Result<Option<DueJob>, sqlx::Error> {
-    match due {
-        Due::Any => {
-            sqlx::query_as!(
-                DueJob,
-                r#"
-                select
-                    jobs.id as "id: JobId",
-                    jobs.user_id as "user_id: UserId",
-                    users.display_name,
-                    jobs.attempts,
-                    jobs.last_error,
-                    extract(epoch from now() - jobs.created_at)::float8 as "waited_secs!"
-                from player_creation_jobs as jobs
-                join users on users.id = jobs.user_id
-                where status = 'pending'
-                  and run_after <= now()
-                order by run_after, jobs.id
-                limit 1
-                for update of jobs skip locked
-                "#,
-            )
-            .fetch_optional(conn)
-            .await
-        }
-        Due::Retries => {
-            sqlx::query_as!(
-                DueJob,
-                r#"
-                select
-                    jobs.id as "id: JobId",
-                    jobs.user_id as "user_id: UserId",
-                    users.display_name,
-                    jobs.attempts,
-                    jobs.last_error,
-                    extract(epoch from now() - jobs.created_at)::float8 as "waited_secs!"
-                from player_creation_jobs as jobs
-                join users on users.id = jobs.user_id
-                where status = 'pending'
-                  and attempts > 0
-                  and run_after <= now()
-                order by run_after, jobs.id
-                limit 1
-                for update of jobs skip locked
-                "#,
-            )
-            .fetch_optional(conn)
-            .await
-        }
-    }
+    max_attempts: u32,
+    backoff: &Backoff,
+    done_channel: &ChannelName,
+) -> Result<Option<StartedAttempt>, sqlx::Error> {
+    sqlx::query_as!(
+        StartedAttempt,
+        r#"
+        select
+            status as "status!",
+            job_id as "id!: JobId",
+            user_id as "user_id!: UserId",
+            display_name as "display_name!",
+            attempt as "attempt!",
+            waited_secs as "waited_secs!",
+            last_error,
+            lease_ms
+        from ackloop.start_attempt(
+            max_attempts => $1,
+            backoff_base_ms => $2,
+            backoff_max_ms => $3,
+            done_channel => $4,
+            any_job => $5
+        )
+        "#,
+        i32::try_from(max_attempts).unwrap_or(i32::MAX),
+        millis(backoff.base),
+        millis(backoff.max),
+        done_channel.as_str(),
+        matches!(due, Due::Any),
+    )
+    .fetch_optional(executor)
+    .await
 }
 
 /// Seconds until the next job tried before is due (negative if one is due now, but held), or
@@ -173,35 +161,6 @@ pub(crate) async fn next_retry_due_in(executor: impl PgExecutor<'_>) -> Result<O
     )
     .fetch_one(executor)
     .await
-}
-
-/// Counts attempt number `attempt` before it is made, and leaves the job as it should be found
-/// if the attempt never finishes: `unfinished_error` as its error, not due again for `lease_ms`.
-/// Committed before the attempt, so the count survives a session the attempt kills.
-pub(crate) async fn start_attempt(
-    conn: &mut PgConnection,
-    job_id: JobId,
-    attempt: i32,
-    unfinished_error: &str,
-    lease_ms: i64,
-) -> Result<(), sqlx::Error> {
-    sqlx::query!(
-        r#"
-        update player_creation_jobs
-        set attempts = $2,
-            last_error = $3,
-            run_after = now() + make_interval(secs => $4::bigint / 1000.0),
-            updated_at = now()
-        where id = $1
-        "#,
-        job_id.as_uuid(),
-        attempt,
-        unfinished_error,
-        lease_ms,
-    )
-    .execute(conn)
-    .await?;
-    Ok(())
 }
 
 /// Replaces the provisional error [`start_attempt`] left on attempt `attempt` with what
@@ -262,28 +221,21 @@ pub(crate) async fn give_back_attempt(
     Ok(())
 }
 
-/// Locks a job for the attempt [`start_attempt`] counted; false when the job has changed since
-/// (an operator finished or retried it, or its lease ran out and another worker took it).
+/// Locks a job for the attempt [`start_attempt`] counted (`ackloop.lock_attempt`); false when
+/// the job has changed since (an operator finished or retried it, or its lease ran out and
+/// another worker took it).
 pub(crate) async fn lock_started_attempt(
     conn: &mut PgConnection,
     job_id: JobId,
     attempt: i32,
 ) -> Result<bool, sqlx::Error> {
-    let locked = sqlx::query_scalar!(
-        r#"
-        select id
-        from player_creation_jobs
-        where id = $1
-          and status = 'pending'
-          and attempts = $2
-        for update
-        "#,
+    sqlx::query_scalar!(
+        r#"select ackloop.lock_attempt($1, $2) as "locked!""#,
         job_id.as_uuid(),
         attempt,
     )
-    .fetch_optional(conn)
-    .await?;
-    Ok(locked.is_some())
+    .fetch_one(conn)
+    .await
 }
 
 /// Creates the user's player from the display name the job carries. A player that already
@@ -385,6 +337,8 @@ pub(crate) enum Recorded {
     Failed,
     /// Pending again, due after this many milliseconds.
     RetryInMs(i64),
+    /// Left as it was: no longer pending (an operator finished it meanwhile).
+    NotPending,
 }
 
 /// Records a claimed job's failed attempt (`ackloop.record_failure`): the job is failed and its
@@ -423,11 +377,14 @@ pub(crate) async fn record_failure(
         millis(backoff.max),
         failure.counted,
     )
-    .fetch_one(conn)
+    .fetch_optional(conn)
     .await?;
-    Ok(match (recorded.status.as_str(), recorded.retry_in_ms) {
-        ("pending", Some(delay)) => Recorded::RetryInMs(delay),
-        _ => Recorded::Failed,
+    Ok(match recorded {
+        None => Recorded::NotPending,
+        Some(row) => match (row.status.as_str(), row.retry_in_ms) {
+            ("pending", Some(delay)) => Recorded::RetryInMs(delay),
+            _ => Recorded::Failed,
+        },
     })
 }
 

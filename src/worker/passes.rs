@@ -88,47 +88,29 @@ impl<H: Handler> Processor<H> {
         unfinished_due: &mut Option<Instant>,
     ) -> Result<Lone, sqlx::Error> {
         let config = &self.config;
-        let mut tx = conn.begin().await?;
-        let Some(job) = store::lock_next_due_job(&mut tx, due).await? else {
-            tx.commit().await?;
+        // One statement in autocommit: the attempt is counted, and committed, before it is made.
+        let Some(job) = store::start_attempt(
+            &mut *conn,
+            due,
+            config.max_attempts,
+            &config.backoff,
+            &config.channels.done,
+        )
+        .await?
+        else {
             return Ok(Lone::NoneDue);
         };
-        let made = u32::try_from(job.attempts).unwrap_or(u32::MAX);
-        if made >= config.max_attempts {
+        if job.status != "started" {
             // Its last attempt never recorded an outcome: it ended with its session.
-            let reason = match &job.last_error {
-                Some(last) => format!("gave up after {made} attempts; {last}"),
-                None => format!("gave up after {made} attempts"),
-            };
-            let failure = store::Failure {
-                job_id: job.id,
-                attempt: job.attempts,
-                error: &reason,
-                retryable: false,
-                counted: true,
-            };
-            store::record_failure(
-                &mut tx,
-                &failure,
-                config.max_attempts,
-                &config.backoff,
-                &config.channels.done,
-            )
-            .await?;
-            tx.commit().await?;
             ::metrics::counter!(telemetry::JOBS_FAILED).increment(1);
-            tracing::error!(job.id = %job.id, attempts = made, error = reason, "job failed");
+            tracing::error!(job.id = %job.id, attempts = job.attempt, error = job.last_error, "job failed");
             return Ok(Lone::Taken { retry_at: None });
         }
-        if job.attempts > 0 && job.last_error.as_deref() == Some(&*unfinished(job.attempts)) {
-            tracing::warn!(job.id = %job.id, attempt = job.attempts, "job's last attempt ended with its session; retrying it alone");
+        let attempt = job.attempt;
+        if job.last_error.as_deref().is_some_and(ended_with_its_session) {
+            tracing::warn!(job.id = %job.id, attempt = attempt - 1, "job's last attempt ended with its session; retrying it alone");
         }
-        let attempt = job.attempts + 1;
-        // At least a second: between this commit and the next transaction's row lock, the job is
-        // held only by being not yet due, and a loaded machine can pause a task for a while.
-        let lease = config.backoff.delay(made + 1).max(ALONE_AT_LEAST);
-        store::start_attempt(&mut tx, job.id, attempt, &unfinished(attempt), millis(lease)).await?;
-        tx.commit().await?;
+        let lease = Duration::from_millis(job.lease_ms.unwrap_or_default().unsigned_abs());
         *unfinished_due = Some(Instant::now() + lease);
         ::metrics::histogram!(telemetry::COMMIT_TO_CLAIM).record(job.waited_secs);
         let started = Instant::now();
@@ -140,6 +122,7 @@ impl<H: Handler> Processor<H> {
             attempts: attempt,
             waited_secs: job.waited_secs,
         };
+        let made = u32::try_from(attempt - 1).unwrap_or(0);
         let span = tracing::debug_span!("process_job", job.id = %job.id, attempt);
         match self.make_attempt(conn, &claimed, started).instrument(span).await {
             Ok(retry_at) => Ok(Lone::Taken { retry_at }),
@@ -393,6 +376,10 @@ impl<H: Handler> Processor<H> {
                 tracing::error!(job.id = %job.id, attempts = attempt, error, "job failed");
                 Ok(None)
             }
+            store::Recorded::NotPending => {
+                tracing::warn!(job.id = %job.id, attempt, error = %error, "job finished elsewhere meanwhile; its failed attempt was not recorded");
+                Ok(None)
+            }
             store::Recorded::RetryInMs(delay) if lock_wait => {
                 tracing::warn!(job.id = %job.id, attempt, retry_in_ms = delay, "job waited for a lock; will retry");
                 Ok(Some(Instant::now() + Duration::from_millis(delay.unsigned_abs())))
@@ -430,12 +417,10 @@ fn is_not_the_jobs_fault(err: &sqlx::Error) -> bool {
     store::is_unavailable(err) || store::is_lock_timeout(err)
 }
 
-/// A job's error while an attempt is under way, and for good if the attempt never finishes.
-fn unfinished(attempt: i32) -> String {
-    format!(
-        "attempt {attempt} did not finish: its database session ended (a crash or terminated \
-         backend, an out-of-memory kill, or the worker stopped), unless it is running now"
-    )
+/// Whether a job's error is the one `ackloop.start_attempt` leaves while an attempt is under way
+/// (`ackloop.unfinished_attempt_error`): found again, that attempt ended with its session.
+fn ended_with_its_session(error: &str) -> bool {
+    error.contains(" did not finish: its database session ended")
 }
 
 /// The sooner of two optional instants.

@@ -333,3 +333,44 @@ async fn every_migration_records_itself(options: PgPoolOptions, connect: PgConne
         "a migration must end by inserting its row into ackloop.applied_migrations"
     );
 }
+
+#[sqlx::test]
+async fn a_signup_without_a_lock_wait_leaves_the_callers_limit(
+    options: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let pool = pool(options, connect, 2).await;
+    let mut tx = pool.begin().await.unwrap();
+    execute_in(&mut tx, "set local lock_timeout = '7s'").await;
+    sqlx::query("select * from ackloop.sign_up('ada@example.com', 'Ada')")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    assert_eq!(
+        lock_timeout(&mut tx).await,
+        "7s",
+        "no lock wait given: the caller's own stands"
+    );
+    sqlx::query("select * from ackloop.sign_up_many(array['bo@example.com'], array['Bo'], array[null::uuid], lock_wait_ms => 250)")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    assert_eq!(lock_timeout(&mut tx).await, "250ms");
+    tx.commit().await.unwrap();
+    let jobs: i64 = sqlx::query_scalar("select count(*) from player_creation_jobs where id is not null")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(jobs, 2, "a null job id got one made for it");
+}
+
+async fn execute_in(conn: &mut sqlx::PgConnection, sql: &'static str) {
+    sqlx::raw_sql(sql).execute(conn).await.unwrap();
+}
+
+async fn lock_timeout(conn: &mut sqlx::PgConnection) -> String {
+    sqlx::query_scalar("select current_setting('lock_timeout')")
+        .fetch_one(conn)
+        .await
+        .unwrap()
+}
