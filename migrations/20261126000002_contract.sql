@@ -145,8 +145,10 @@ begin
         returning users.id
     ),
     new_job as (
-        insert into player_creation_jobs (id, user_id)
-        select coalesce(new_job_id, ackloop.uuid_v7()), new_user.id
+        -- Stamped now, not at the transaction's start (the column's default): in autocommit the
+        -- commit follows at once, so the wait a worker measures starts near the commit.
+        insert into player_creation_jobs (id, user_id, created_at)
+        select coalesce(new_job_id, ackloop.uuid_v7()), new_user.id, clock_timestamp()
         from new_user
         returning player_creation_jobs.id, player_creation_jobs.user_id
     )
@@ -199,9 +201,9 @@ begin
         returning users.id, users.email
     ),
     new_jobs as (
-        insert into player_creation_jobs (id, user_id)
+        insert into player_creation_jobs (id, user_id, created_at)
         -- Identical emails in one call: the first was inserted, the rest skipped.
-        select distinct on (new_users.id) coalesce(input.job_id, ackloop.uuid_v7()), new_users.id
+        select distinct on (new_users.id) coalesce(input.job_id, ackloop.uuid_v7()), new_users.id, clock_timestamp()
         from new_users
         join input on input.email = new_users.email
         order by new_users.id, input.position

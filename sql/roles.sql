@@ -41,7 +41,7 @@ grant execute on function
 
 -- The auth side writes users and their jobs (returning the new ids) and reads outcomes.
 grant select (id, email), insert (email, display_name) on users to ackloop_auth;
-grant select, insert (id, user_id) on player_creation_jobs to ackloop_auth;
+grant select, insert (id, user_id, created_at) on player_creation_jobs to ackloop_auth;
 grant select on players to ackloop_auth;
 
 -- The worker claims and completes jobs, reads users' display names, creates players.

@@ -4,7 +4,9 @@
 //! nothing is exported until a recorder is installed (`MetricsHandle::install` with the `http`
 //! feature, which also serves them over HTTP, or any `metrics` recorder of your own).
 
-/// Histogram: from a signup's commit to a worker claiming its job (queueing delay).
+/// Histogram: from a signup's write (its commit follows in the same round trip, unless the job was
+/// written inside the caller's own transaction) to a worker claiming its job for its first
+/// attempt: the queueing delay. Retries are not measured (they wait for their backoff).
 pub const COMMIT_TO_CLAIM: &str = "ackloop_commit_to_claim_seconds";
 /// Histogram: from claiming a batch to its commit (the worker's statement), per job.
 pub const CLAIM_TO_DONE: &str = "ackloop_claim_to_done_seconds";
@@ -16,12 +18,15 @@ pub const JOBS_DONE: &str = "ackloop_jobs_done_total";
 pub const JOBS_RETRIED: &str = "ackloop_jobs_retried_total";
 /// Counter: jobs marked failed.
 pub const JOBS_FAILED: &str = "ackloop_jobs_failed_total";
-/// Counter, label `via`: callers confirmed by a notification (`notification`) or by a look at the
-/// tables after a reconnect, a poll or at the deadline (`table_check`: a missed notification).
+/// Counter, label `via`: waiting callers confirmed by a notification (`notification`), by a look
+/// at the tables after a reconnect, a poll or at the deadline (`table_check`: a missed
+/// notification), or callers of `await_player` whose job had finished before they waited
+/// (`already_finished`: status polls, not a sign of lost notifications).
 pub const CONFIRMATIONS: &str = "ackloop_confirmations_total";
 /// Counter, label `channel`: listener reconnects.
 pub const LISTENER_RECONNECTS: &str = "ackloop_listener_reconnects_total";
-/// Counter: signups whose caller timed out (the job still completes).
+/// Counter: callers that waited their whole timeout for a job still pending (the job still
+/// completes); an `await_player` with a zero timeout is a status poll, not counted.
 pub const CALLER_TIMEOUTS: &str = "ackloop_caller_timeouts_total";
 /// Counter, label `channel`: payloads that were not job ids, ignored.
 pub const PAYLOADS_IGNORED: &str = "ackloop_payloads_ignored_total";

@@ -162,6 +162,15 @@ impl Drop for Waiter {
     }
 }
 
+/// When a waiter looks at the tables, which says what a finished job found there means.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Look {
+    /// Before waiting (`await_player`): the job had finished before anyone waited for it.
+    BeforeWaiting,
+    /// At the end of a wait with no confirmation: a notification was missed.
+    AtTheDeadline,
+}
+
 impl Waiter {
     /// Waits for the job's confirmation until `deadline`; then looks at the tables one last time
     /// (for at most [`FINAL_CHECK_MARGIN`]), so a confirmation lost with a dropped connection
@@ -171,7 +180,10 @@ impl Waiter {
         if let Ok(Ok(outcome)) = tokio::time::timeout_at(deadline, &mut self.receiver).await {
             return Checked::Finished(outcome);
         }
-        match self.check(Instant::now() + FINAL_CHECK_MARGIN).await {
+        match self
+            .check(Instant::now() + FINAL_CHECK_MARGIN, Look::AtTheDeadline)
+            .await
+        {
             Ok(checked) => checked,
             Err(err) => {
                 tracing::debug!(job.id = %self.job_id, error = %crate::connect::Described(&err), "final look at the job failed");
@@ -180,14 +192,19 @@ impl Waiter {
         }
     }
 
-    /// The job's state from the tables, now, answered by `deadline`.
-    pub(crate) async fn check(&self, deadline: Instant) -> Result<Checked, sqlx::Error> {
+    /// The job's state from the tables, now, answered by `deadline`; a finished job is counted as
+    /// confirmed by this `look`.
+    pub(crate) async fn check(&self, deadline: Instant, look: Look) -> Result<Checked, sqlx::Error> {
         let rows = store::job_outcomes_by(&self.shared.pool, &[self.job_id.as_uuid()], deadline).await?;
         Ok(match rows.first() {
             None => Checked::Missing,
             Some(row) => match outcome_of(row) {
                 Some(outcome) => {
-                    count_confirmation("table_check", row);
+                    let via = match look {
+                        Look::BeforeWaiting => "already_finished",
+                        Look::AtTheDeadline => "table_check",
+                    };
+                    count_confirmation(via, row);
                     Checked::Finished(outcome)
                 }
                 None => Checked::Pending,

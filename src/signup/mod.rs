@@ -28,7 +28,7 @@ use sqlx::postgres::PgConnectOptions;
 use sqlx::{PgConnection, PgPool};
 use tokio::time::Instant;
 
-use self::confirm::{Checked, Confirmations, FINAL_CHECK_MARGIN, Outcome, Source};
+use self::confirm::{Checked, Confirmations, FINAL_CHECK_MARGIN, Look, Outcome, Source};
 pub use self::error::SignupError;
 use self::error::classify;
 pub use self::input::{Field, InvalidInput, MAX_DISPLAY_NAME_CHARS, MAX_EMAIL_CHARS, NewUser, Player, Rule};
@@ -389,7 +389,19 @@ impl Signups {
         let waiter = self.confirmations.register(job_id);
         // Registered first, then checked: a job finished before registration is seen here, one
         // finished after it is delivered to the waiter.
-        match waiter.check(deadline + FINAL_CHECK_MARGIN).await {
+        match waiter
+            .check(deadline + FINAL_CHECK_MARGIN, Look::BeforeWaiting)
+            .await
+        {
+            // A zero timeout asks how the job stands, not for a wait: a pending job is the
+            // answer, not a caller that gave up.
+            Ok(Checked::Pending) if timeout.is_zero() => {
+                return Err(SignupError::TimedOut {
+                    job_id,
+                    user_id: None,
+                    waited: started.elapsed(),
+                });
+            }
             Ok(Checked::Pending) => {}
             Ok(checked) => return finish(job_id, None, checked, started),
             // Out of time: the job may well be there, and still complete.

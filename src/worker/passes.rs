@@ -112,7 +112,10 @@ impl<H: Handler> Processor<H> {
         }
         let lease = Duration::from_millis(job.lease_ms.unwrap_or_default().unsigned_abs());
         *unfinished_due = Some(Instant::now() + lease);
-        ::metrics::histogram!(telemetry::COMMIT_TO_CLAIM).record(job.waited_secs);
+        // A retry waited for its backoff, not for a worker: only a first attempt measures that.
+        if attempt == 1 {
+            ::metrics::histogram!(telemetry::COMMIT_TO_CLAIM).record(job.waited_secs);
+        }
         let started = Instant::now();
 
         let claimed = ClaimedJob {

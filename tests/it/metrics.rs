@@ -143,4 +143,147 @@ async fn the_signup_side_counts_confirmations_timeouts_and_garbage(
         Some(4.0),
         "{text}"
     );
+
+    // Status polls (a zero timeout, as the example service's GET does) are neither missed
+    // notifications nor callers that gave up.
+    let ids: Vec<uuid::Uuid> = sqlx::query_scalar("select id from player_creation_jobs order by user_id")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    let (done, pending) = (ackloop::JobId::from(ids[0]), ackloop::JobId::from(ids[4]));
+    for _ in 0..3 {
+        signups
+            .await_player(done, std::time::Duration::ZERO)
+            .await
+            .expect("a done job's player");
+        let polled = signups.await_player(pending, std::time::Duration::ZERO).await;
+        assert!(
+            matches!(polled, Err(ackloop::SignupError::TimedOut { .. })),
+            "{polled:?}"
+        );
+    }
+    let polls = metrics.render();
+    let counted = |how: &str| {
+        polls
+            .lines()
+            .find_map(|line| line.strip_prefix(&format!("ackloop_confirmations_total{{via=\"{how}\"}} ")))
+            .map_or(0.0, |count| count.trim().parse::<f64>().unwrap())
+    };
+    assert_eq!(counted("table_check"), via("table_check"), "{polls}");
+    assert_eq!(counted("already_finished"), 3.0, "{polls}");
+    assert_eq!(
+        sample(&polls, "ackloop_caller_timeouts_total"),
+        Some(1.0),
+        "{polls}"
+    );
+    // A wait that runs out is one.
+    let waited = signups
+        .await_player(pending, std::time::Duration::from_millis(50))
+        .await;
+    assert!(
+        matches!(waited, Err(ackloop::SignupError::TimedOut { .. })),
+        "{waited:?}"
+    );
+    assert_eq!(
+        sample(&metrics.render(), "ackloop_caller_timeouts_total"),
+        Some(2.0)
+    );
+}
+
+#[sqlx::test]
+async fn commit_to_claim_starts_at_the_write_not_at_the_transactions_start(
+    options: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let (recorder, metrics) = ackloop::MetricsHandle::unregistered().unwrap();
+    let _recording = metrics::set_default_local_recorder(&recorder);
+    let pool = pool(options, connect, 4).await;
+    let worker = spawn_worker(&pool, worker_config());
+    // A transaction that began long before its signup (a slow request handler, say).
+    let mut tx = pool.begin().await.unwrap();
+    sqlx::query("select pg_sleep(1.5)")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    let job = ackloop::create_user(&mut tx, &ackloop::Channels::default(), &user(0))
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    wait_until("the job is done", || async {
+        count_jobs_with_status(&pool, "done").await == 1
+    })
+    .await;
+    worker.stop().await;
+    let claimed_within: f64 = sqlx::query_scalar(
+        "select extract(epoch from completed_at - created_at)::float8 from player_creation_jobs where id = $1",
+    )
+    .bind(job.job_id.as_uuid())
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    let text = metrics.render();
+    let recorded = sample(&text, "ackloop_commit_to_claim_seconds_sum").expect("recorded");
+    assert_eq!(
+        sample(&text, "ackloop_commit_to_claim_seconds_count"),
+        Some(1.0),
+        "{text}"
+    );
+    // Measured from the write, it is no longer than the row says the job waited; from the
+    // transaction's start it would have included the 1.5 s before the write.
+    assert!(
+        recorded <= claimed_within + 0.01,
+        "{recorded} > {claimed_within}: {text}"
+    );
+    assert!(recorded < 1.5, "{recorded}");
+}
+
+#[sqlx::test]
+async fn jobs_done_counts_only_what_committed(options: PgPoolOptions, connect: PgConnectOptions) {
+    let (recorder, metrics) = ackloop::MetricsHandle::unregistered().unwrap();
+    let _recording = metrics::set_default_local_recorder(&recorder);
+    let pool = pool(options, connect, 6).await;
+    // A check that runs at commit: the player's statement succeeds, its transaction's commit fails.
+    execute(
+        &pool,
+        "create function refuse_doomed() returns trigger language plpgsql as $$
+         begin
+             if new.display_name like 'Doomed%' then
+                 raise exception 'doomed at commit';
+             end if;
+             return null;
+         end $$;
+         create constraint trigger doomed after insert on players
+             deferrable initially deferred for each row execute function refuse_doomed();",
+    )
+    .await;
+    let mut conn = pool.acquire().await.unwrap();
+    for n in 0..6 {
+        let name = if n == 2 {
+            "Doomed".to_owned()
+        } else {
+            format!("Player {n}")
+        };
+        let new_user = ackloop::NewUser::new(format!("user{n}@example.com"), name).unwrap();
+        ackloop::create_user(&mut conn, &ackloop::Channels::default(), &new_user)
+            .await
+            .unwrap();
+    }
+    drop(conn);
+    let config = ackloop::WorkerConfig {
+        max_attempts: 2,
+        backoff: ackloop::Backoff {
+            base: std::time::Duration::from_millis(50),
+            max: std::time::Duration::from_millis(100),
+        },
+        ..worker_config()
+    };
+    let worker = spawn_worker(&pool, config);
+    wait_until("five done and the doomed one failed", || async {
+        count_jobs_with_status(&pool, "done").await == 5 && count_jobs_with_status(&pool, "failed").await == 1
+    })
+    .await;
+    worker.stop().await;
+    let text = metrics.render();
+    assert_eq!(sample(&text, "ackloop_jobs_done_total"), Some(5.0), "{text}");
+    assert_eq!(sample(&text, "ackloop_jobs_failed_total"), Some(1.0), "{text}");
 }
