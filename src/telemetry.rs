@@ -30,6 +30,9 @@ pub const LISTENER_RECONNECTS: &str = "ackloop_listener_reconnects_total";
 pub const CALLER_TIMEOUTS: &str = "ackloop_caller_timeouts_total";
 /// Counter, label `channel`: payloads that were not job ids, ignored.
 pub const PAYLOADS_IGNORED: &str = "ackloop_payloads_ignored_total";
+/// Counter: confirmations (job ids on the done channel) for jobs the tables say are not
+/// finished, ignored: forged, or sent by something other than a worker's commit.
+pub const CONFIRMATIONS_IGNORED: &str = "ackloop_confirmations_ignored_total";
 /// Gauge: pending jobs (sampled).
 pub const JOBS_PENDING: &str = "ackloop_jobs_pending";
 /// Gauge: age of the oldest pending job, 0 when none (sampled).
@@ -48,7 +51,7 @@ pub fn describe_metrics() {
     describe_histogram!(
         COMMIT_TO_CLAIM,
         Unit::Seconds,
-        "signup commit to a worker claiming the job"
+        "signup write to a worker claiming the job for a first attempt"
     );
     describe_histogram!(
         CLAIM_TO_DONE,
@@ -65,14 +68,18 @@ pub fn describe_metrics() {
     describe_counter!(JOBS_FAILED, "jobs marked failed");
     describe_counter!(
         CONFIRMATIONS,
-        "callers confirmed, by notification or by a look at the tables"
+        "callers confirmed: by notification, by a look at the tables, or already finished"
     );
     describe_counter!(LISTENER_RECONNECTS, "listener reconnects");
     describe_counter!(
         CALLER_TIMEOUTS,
-        "signups whose caller timed out (the job still completes)"
+        "callers that waited their whole timeout (the job still completes)"
     );
     describe_counter!(PAYLOADS_IGNORED, "payloads that were not job ids");
+    describe_counter!(
+        CONFIRMATIONS_IGNORED,
+        "confirmations for jobs the tables say are not finished"
+    );
     describe_gauge!(JOBS_PENDING, "pending jobs");
     describe_gauge!(OLDEST_PENDING, Unit::Seconds, "age of the oldest pending job");
     describe_gauge!(NOTIFICATION_QUEUE_USAGE, "share of the notification queue in use");

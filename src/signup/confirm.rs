@@ -322,6 +322,7 @@ async fn resolve(shared: Arc<Shared>, mut hints: mpsc::UnboundedReceiver<Hint>) 
                 for row in &rows {
                     let Some(outcome) = outcome_of(row) else {
                         if notified.contains(&row.id) {
+                            ::metrics::counter!(telemetry::CONFIRMATIONS_IGNORED).increment(1);
                             tracing::warn!(
                                 job.id = %row.id,
                                 "ignored a confirmation for a job the tables say is not finished"

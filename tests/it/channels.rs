@@ -51,11 +51,14 @@ async fn garbage_on_both_channels_is_ignored_and_the_loop_keeps_working(
 
 #[sqlx::test]
 async fn a_forged_confirmation_does_not_make_a_signup_succeed(pool: PgPool) {
+    // This test's runtime is one thread: a local recorder sees exactly this test's work.
+    let (recorder, metrics) = ackloop::MetricsHandle::unregistered().unwrap();
+    let _recording = metrics::set_default_local_recorder(&recorder);
     // No worker: the job stays pending whatever arrives on the done channel.
     let signups = signups(&pool).await;
     let waiting = async {
         signups
-            .create_user_and_await_player(&user(1), Duration::from_secs(2))
+            .create_user_and_await_player(&user(1), Duration::from_secs(10))
             .await
     };
     let forge = async {
@@ -68,6 +71,11 @@ async fn a_forged_confirmation_does_not_make_a_signup_succeed(pool: PgPool) {
             .await
             .unwrap();
         notify(&pool, DEFAULT_DONE_CHANNEL, &job_id.to_string()).await;
+        // The forged id was read, looked up and ignored, while the caller still waits.
+        wait_until("the forged confirmation is ignored", || async {
+            metrics.render().contains("ackloop_confirmations_ignored_total 1")
+        })
+        .await;
     };
 
     let (result, ()) = tokio::join!(waiting, forge);
