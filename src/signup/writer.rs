@@ -141,7 +141,7 @@ impl Writers {
             written,
         };
         match tokio::time::timeout_at(deadline, self.queue.send(queued)).await {
-            Ok(Ok(())) => {}
+            Ok(Ok(())) => tracing::trace!(job.id = %job_id, "signup queued"),
             Ok(Err(_)) => return Attempt::NotCommitted(sqlx::Error::PoolClosed),
             Err(_) => return Attempt::Expired,
         }

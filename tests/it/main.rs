@@ -12,6 +12,7 @@ mod contract;
 mod cutting_proxy;
 mod example_service;
 mod faults;
+mod grouped_signups;
 mod hostile_input;
 mod layout;
 mod metrics;
