@@ -50,7 +50,11 @@ pub fn describe_db_error(err: &sqlx::Error) -> String {
             std::io::ErrorKind::NotFound => {
                 "no server socket there: is PostgreSQL running, and is the socket directory right?".to_owned()
             }
-            std::io::ErrorKind::TimedOut => "the connection timed out".to_owned(),
+            // A limit of ours says which one ran out.
+            std::io::ErrorKind::TimedOut => match io.get_ref() {
+                Some(limit) => format!("the connection timed out: {limit}"),
+                None => "the connection timed out".to_owned(),
+            },
             // rustls reports a refused certificate as an I/O error.
             _ if io.to_string().contains("certificate") => describe_tls_error(&io.to_string()),
             _ => format!("connection error: {io}"),

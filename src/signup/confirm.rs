@@ -202,7 +202,10 @@ impl Waiter {
                 Some(outcome) => {
                     let via = match look {
                         Look::BeforeWaiting => "already_finished",
-                        Look::AtTheDeadline => "table_check",
+                        Look::AtTheDeadline => {
+                            tracing::debug!(job.id = %self.job_id, "confirmed at the deadline by a look at the tables");
+                            "table_check"
+                        }
                     };
                     count_confirmation(via, row);
                     Checked::Finished(outcome)
@@ -334,6 +337,7 @@ async fn resolve(shared: Arc<Shared>, mut hints: mpsc::UnboundedReceiver<Hint>) 
                         let via = if notified.contains(&row.id) {
                             "notification"
                         } else {
+                            tracing::debug!(job.id = %row.id, "confirmed by a look at the tables: its notification was missed");
                             "table_check"
                         };
                         count_confirmation(via, row);

@@ -3,7 +3,7 @@
 //! released, it writes them as one batch. The writer's own events say which path ran, and the
 //! rows' transaction ids (`xmin`) say which signups committed together.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use ackloop::{NewUser, SignupError, Signups, SignupsConfig};
 use sqlx::PgPool;
@@ -11,42 +11,6 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use tokio::task::JoinHandle;
 
 use crate::common::*;
-
-/// Everything the library logs on this test's thread, as text.
-#[derive(Clone, Default)]
-struct Log(Arc<Mutex<Vec<u8>>>);
-
-impl Log {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-    }
-
-    fn count(&self, needle: &str) -> usize {
-        self.text().matches(needle).count()
-    }
-}
-
-impl std::io::Write for Log {
-    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(bytes);
-        Ok(bytes.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-/// Captures the library's events for this (one-thread) test runtime.
-fn capture() -> (Log, tracing::subscriber::DefaultGuard) {
-    let log = Log::default();
-    let writer = log.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_env_filter("ackloop=trace")
-        .with_ansi(false)
-        .with_writer(move || writer.clone())
-        .finish();
-    (log, tracing::subscriber::set_default(subscriber))
-}
 
 /// A `Signups` with one writer on a pool of two connections, both taken by the test: the writer
 /// takes the first signup and waits for a connection; the rest queue up behind it.
@@ -98,7 +62,7 @@ async fn queued_signups_commit_together_and_duplicates_are_refused_alone(
     options: PgPoolOptions,
     connect: PgConnectOptions,
 ) {
-    let (log, _guard) = capture();
+    let (log, _guard) = capture_logs();
     let admin = pool(options.clone(), connect.clone(), 2).await;
     let worker = spawn_worker(&admin, worker_config());
     let mut conn = admin.acquire().await.unwrap();
@@ -156,7 +120,7 @@ async fn a_batch_that_meets_a_lock_is_written_one_by_one_and_only_the_blocked_si
     options: PgPoolOptions,
     connect: PgConnectOptions,
 ) {
-    let (log, _guard) = capture();
+    let (log, _guard) = capture_logs();
     let admin = pool(options.clone(), connect.clone(), 3).await;
     let worker = spawn_worker(&admin, worker_config());
     let Held { pool, signups, held } = held_writer(options, connect).await;

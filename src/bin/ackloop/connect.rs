@@ -79,16 +79,25 @@ pub async fn connect(
 ) -> Result<PgPool, Failure> {
     let config = connection.connect_config()?;
     let target = config.to_string();
-    let timeout = config.connect_timeout().unwrap_or(CONNECT_TIMEOUT);
+    let config_timeout = config.connect_timeout();
+    let timeout = config_timeout.unwrap_or(CONNECT_TIMEOUT);
     let options = adjust(config.into_options());
     let failed = |source| Failure::Connect {
         target: target.clone(),
         from_env: connection.database_url.is_none(),
         source,
     };
+    // Say which limit ran out: connect_timeout from the string, or the default.
+    let timed_out = || {
+        let limit = match config_timeout {
+            Some(_) => format!("no answer within connect_timeout={} s", timeout.as_secs()),
+            None => format!("no answer within {} s (set connect_timeout to change it)", timeout.as_secs()),
+        };
+        sqlx::Error::Io(std::io::Error::new(std::io::ErrorKind::TimedOut, limit))
+    };
     let probe = tokio::time::timeout(timeout, options.connect())
         .await
-        .map_err(|_| failed(sqlx::Error::Io(std::io::ErrorKind::TimedOut.into())))?
+        .map_err(|_| failed(timed_out()))?
         .map_err(failed)?;
     let pool = PgPoolOptions::new()
         .max_connections(connections)

@@ -37,18 +37,15 @@ async fn a_listener_whose_connection_goes_silent_is_noticed_and_callers_are_not_
 
     proxy.silence();
     // The confirmation is lost in the silent path; the caller's job is re-read from the tables
-    // every second, so it is answered long before its timeout (the old behaviour: at the
-    // timeout, 30 s).
-    let started = Instant::now();
+    // every second, so it is answered by that look, not by the last look at its deadline.
+    let (log, _guard) = capture_logs();
     signups
         .create_user_and_await_player(&user(1), DEADLINE)
         .await
         .expect("a signup whose confirmation is lost");
-    assert!(
-        started.elapsed() < Duration::from_secs(5),
-        "took {:?}",
-        started.elapsed()
-    );
+    let text = log.text();
+    assert!(text.contains("confirmed by a look at the tables"), "{text}");
+    assert!(!text.contains("confirmed at the deadline"), "{text}");
 
     // The listener notices that its connection stopped answering (liveness check within 8 s)
     // and opens another: two LISTEN sessions by this name, the silent one and its replacement.
@@ -96,19 +93,11 @@ async fn a_worker_whose_connections_go_silent_opens_new_ones_and_carries_on() {
     let mut conn = pool.acquire().await.unwrap();
     commit_signups(&mut conn, 1..=10).await;
     drop(conn);
-    let started = Instant::now();
     wait_until(
         "the worker completes the jobs committed after the silence",
         || async { count_jobs_with_status(&pool, "done").await == 11 },
     )
     .await;
-    // The listener's liveness check (5 s idle + 3 s for an answer), then a pass given up after
-    // 10 s on a dead pooled connection it meets.
-    assert!(
-        started.elapsed() < Duration::from_secs(25),
-        "took {:?}",
-        started.elapsed()
-    );
     worker.stop().await;
 }
 
