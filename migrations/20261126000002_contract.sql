@@ -12,6 +12,24 @@ create table ackloop.applied_migrations (
     description text not null,
     applied_at timestamptz not null default now()
 );
+-- The earlier migrations recorded nothing themselves: record them only if what they made is here,
+-- so a database where one of them failed (a psql loop that went on) is not taken as complete.
+do $$
+declare
+    missing text;
+begin
+    select string_agg(name, ', ') into missing
+    from unnest(array[
+        'public.users', 'public.users_email_key', 'public.player_creation_jobs',
+        'public.player_creation_jobs_pending_idx', 'public.players',
+        'public.player_creation_jobs_retry_idx', 'public.player_creation_jobs_finished_idx'
+    ]) as name
+    where to_regclass(name) is null;
+    if missing is not null then
+        raise exception 'earlier ackloop migrations are missing (no %): apply them first, in order', missing;
+    end if;
+end
+$$;
 insert into ackloop.applied_migrations (version, description) values
     (20261124000001, 'create users'),
     (20261124000002, 'create player creation jobs'),
@@ -219,7 +237,8 @@ $$;
 -- before (skipping any another worker holds), creates their players, marks them done and
 -- notifies each id on `done_channel`. Any failure fails the whole call and leaves every job as
 -- it was, its attempt uncounted: then take the batch again with claim_jobs, one job at a time.
--- A lock wait over 2 s fails it (55P03), and a worker gone while it runs is noticed within 1 s.
+-- A lock wait over 2 s fails it (55P03). (A worker gone while it runs is noticed only if its
+-- session has client_connection_check_interval set: set inside, it would apply too late.)
 create function ackloop.complete_jobs(
     batch_size integer default 32,
     done_channel text default 'player_jobs_done'
@@ -227,8 +246,7 @@ create function ackloop.complete_jobs(
 language plpgsql volatile
 as $$
 begin
-    perform set_config('client_connection_check_interval', '1s', true),
-            set_config('lock_timeout', '2s', true);
+    perform set_config('lock_timeout', '2s', true);
     return query
     with claimed as (
         select jobs.id, jobs.user_id
@@ -270,8 +288,8 @@ $$;
 -- now being made. Call it first in a transaction; finish each job with mark_done or
 -- record_failure before committing. Sets, for the rest of the transaction, the settings that
 -- let the server release the jobs of a worker that hangs or dies: a worker idle in the
--- transaction for over 10 s loses its session (and its locks), a worker gone while a statement
--- runs is noticed within 1 s, and a lock wait over 2 s fails the statement (SQLSTATE 55P03).
+-- transaction for over 10 s loses its session (and its locks), a worker gone while a later
+-- statement runs is noticed within 1 s, and a lock wait over 2 s fails a statement (55P03).
 create function ackloop.claim_jobs(batch_size integer default 32)
 returns table (job_id uuid, user_id bigint, display_name text, attempt integer, waited_secs double precision)
 language plpgsql volatile
@@ -437,8 +455,7 @@ declare
     reason text;
     lease bigint;
 begin
-    perform set_config('client_connection_check_interval', '1s', true),
-            set_config('lock_timeout', '2s', true);
+    perform set_config('lock_timeout', '2s', true);
     -- Two statements, so that looking for retries stays on their own small index.
     if any_job then
         select jobs.id, jobs.user_id, users.display_name, jobs.attempts, jobs.last_error,
@@ -504,6 +521,53 @@ begin
       and jobs.status = 'pending'
       and jobs.attempts = lock_attempt.attempt
     for update;
+    return found;
+end
+$$;
+
+-- Gives back attempt `attempt` that start_attempt counted but that never ran: it waited too long
+-- for a lock another session holds (55P03), which is not the job's fault. Only if the job is as
+-- that attempt left it (another worker may have taken it since its lease ran out): returns
+-- whether it was given back. The job shows `error` and is due again after the backoff for
+-- `attempt`. Call it in its own transaction, after the attempt's rolled back.
+create function ackloop.give_back_attempt(
+    job_id uuid,
+    attempt integer,
+    error text,
+    backoff_base_ms bigint default 1000,
+    backoff_max_ms bigint default 300000
+) returns boolean
+language plpgsql volatile
+as $$
+begin
+    update player_creation_jobs as jobs
+    set attempts = jobs.attempts - 1,
+        last_error = left(error, 2000),
+        run_after = now() + make_interval(
+            secs => ackloop.backoff_ms(give_back_attempt.attempt, backoff_base_ms, backoff_max_ms) / 1000.0
+        ),
+        updated_at = now()
+    where jobs.id = give_back_attempt.job_id
+      and jobs.status = 'pending'
+      and jobs.attempts = give_back_attempt.attempt;
+    return found;
+end
+$$;
+
+-- Replaces the error start_attempt left on attempt `attempt` with what ended it, when it ended
+-- with an error its session survived and could not record with record_failure (its transaction
+-- was lost, say); only if the job is as that attempt left it. The attempt stays counted.
+create function ackloop.note_unfinished_attempt(job_id uuid, attempt integer, error text)
+returns boolean
+language plpgsql volatile
+as $$
+begin
+    update player_creation_jobs as jobs
+    set last_error = left(error, 2000),
+        updated_at = now()
+    where jobs.id = note_unfinished_attempt.job_id
+      and jobs.status = 'pending'
+      and jobs.attempts = note_unfinished_attempt.attempt;
     return found;
 end
 $$;

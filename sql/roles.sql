@@ -36,6 +36,8 @@ grant execute on function
     ackloop.record_failure(uuid, integer, text, boolean, text, integer, bigint, bigint, boolean),
     ackloop.start_attempt(integer, bigint, bigint, text, boolean),
     ackloop.lock_attempt(uuid, integer),
+    ackloop.give_back_attempt(uuid, integer, text, bigint, bigint),
+    ackloop.note_unfinished_attempt(uuid, integer, text),
     ackloop.unfinished_attempt_error(integer)
     to ackloop_worker;
 

@@ -92,7 +92,8 @@ pub async fn diagnose(pool: &PgPool, listen_options: PgConnectOptions, stale_aft
             checks.push(Check::problem(
                 "schema",
                 format!("{err}"),
-                "check the role may read _sqlx_migrations",
+                "check the role has usage on schema ackloop and may read ackloop.applied_migrations \
+                 (re-run sql/roles.sql after an upgrade)",
             ));
             false
         }

@@ -164,59 +164,45 @@ pub(crate) async fn next_retry_due_in(executor: impl PgExecutor<'_>) -> Result<O
 }
 
 /// Replaces the provisional error [`start_attempt`] left on attempt `attempt` with what
-/// actually ended it, when it ended with an error its session survived; only if the job is as
-/// that attempt left it. The attempt stays counted.
+/// actually ended it, when it ended with an error its session survived
+/// (`ackloop.note_unfinished_attempt`); only if the job is as that attempt left it. The attempt
+/// stays counted.
 pub(crate) async fn note_unfinished_attempt(
-    conn: &mut PgConnection,
+    executor: impl PgExecutor<'_>,
     job_id: JobId,
     attempt: i32,
     error: &str,
 ) -> Result<(), sqlx::Error> {
-    sqlx::query!(
-        r#"
-        update player_creation_jobs
-        set last_error = $3,
-            updated_at = now()
-        where id = $1
-          and status = 'pending'
-          and attempts = $2
-        "#,
+    sqlx::query_scalar!(
+        r#"select ackloop.note_unfinished_attempt($1, $2, $3) as "noted!""#,
         job_id.as_uuid(),
         attempt,
         error,
     )
-    .execute(conn)
+    .fetch_one(executor)
     .await?;
     Ok(())
 }
 
 /// Takes back attempt `attempt` of a job (it never ran: it waited for a lock another session
-/// holds), leaving `error` and the job due again after `delay_ms`; only if the job is as that
-/// attempt left it.
+/// holds), leaving `error` and the job due again after the backoff for `attempt`
+/// (`ackloop.give_back_attempt`); only if the job is as that attempt left it.
 pub(crate) async fn give_back_attempt(
-    conn: &mut PgConnection,
+    executor: impl PgExecutor<'_>,
     job_id: JobId,
     attempt: i32,
     error: &str,
-    delay_ms: i64,
+    backoff: &Backoff,
 ) -> Result<(), sqlx::Error> {
-    sqlx::query!(
-        r#"
-        update player_creation_jobs
-        set attempts = attempts - 1,
-            last_error = $3,
-            run_after = now() + make_interval(secs => $4::bigint / 1000.0),
-            updated_at = now()
-        where id = $1
-          and status = 'pending'
-          and attempts = $2
-        "#,
+    sqlx::query_scalar!(
+        r#"select ackloop.give_back_attempt($1, $2, $3, $4, $5) as "given_back!""#,
         job_id.as_uuid(),
         attempt,
         error,
-        delay_ms,
+        millis(backoff.base),
+        millis(backoff.max),
     )
-    .execute(conn)
+    .fetch_one(executor)
     .await?;
     Ok(())
 }

@@ -107,7 +107,7 @@ impl<H: Handler> Processor<H> {
             return Ok(Lone::Taken { retry_at: None });
         }
         let attempt = job.attempt;
-        if job.last_error.as_deref().is_some_and(ended_with_its_session) {
+        if attempt > 1 && job.last_error.as_deref().is_some_and(ended_with_its_session) {
             tracing::warn!(job.id = %job.id, attempt = attempt - 1, "job's last attempt ended with its session; retrying it alone");
         }
         let lease = Duration::from_millis(job.lease_ms.unwrap_or_default().unsigned_abs());
@@ -132,16 +132,14 @@ impl<H: Handler> Processor<H> {
             // A lock held elsewhere is not the job's fault: the attempt is given back.
             Err(err) if store::is_lock_timeout(&err) => {
                 let delay = config.backoff.delay(made + 1);
-                let mut tx = conn.begin().await?;
                 store::give_back_attempt(
-                    &mut tx,
+                    &mut *conn,
                     job.id,
                     attempt,
                     &lock_wait_reason(attempt),
-                    millis(delay),
+                    &config.backoff,
                 )
                 .await?;
-                tx.commit().await?;
                 tracing::warn!(job.id = %job.id, attempt, retry_in_ms = millis(delay), "job waited for a lock; will retry");
                 Ok(Lone::Taken {
                     retry_at: Some(Instant::now() + delay),

@@ -21,6 +21,10 @@ const STEPS: &[(&str, &str)] = &[
     ("claim_due_jobs", "claim_jobs"),
     ("mark_jobs_done", "mark_done"),
     ("record_failure", "record_failure"),
+    ("start_attempt", "start_attempt"),
+    ("lock_started_attempt", "lock_attempt"),
+    ("give_back_attempt", "give_back_attempt"),
+    ("note_unfinished_attempt", "note_unfinished_attempt"),
 ];
 
 fn read(path: &str) -> String {
@@ -123,7 +127,7 @@ fn the_rust_side_takes_each_step_through_the_contract() {
             .get(*step)
             .unwrap_or_else(|| panic!("src/store/ has no statement for store::{step}"));
         assert!(
-            sql.contains(&format!("from ackloop.{function}(")),
+            sql.contains(&format!("ackloop.{function}(")),
             "store::{step} does not call ackloop.{function}: {sql}"
         );
     }

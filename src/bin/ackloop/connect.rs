@@ -91,7 +91,10 @@ pub async fn connect(
     let timed_out = || {
         let limit = match config_timeout {
             Some(_) => format!("no answer within connect_timeout={} s", timeout.as_secs()),
-            None => format!("no answer within {} s (set connect_timeout to change it)", timeout.as_secs()),
+            None => format!(
+                "no answer within {} s (set connect_timeout to change it)",
+                timeout.as_secs()
+            ),
         };
         sqlx::Error::Io(std::io::Error::new(std::io::ErrorKind::TimedOut, limit))
     };
