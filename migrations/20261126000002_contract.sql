@@ -138,13 +138,13 @@ begin
     if problem is not null then
         raise exception 'invalid email: %', problem
             using errcode = 'check_violation', constraint = 'users_email_valid', column = 'email',
-                  table = 'users', schema = 'public';
+                  table = 'users', schema = current_schema();
     end if;
     problem := ackloop.display_name_problem(sign_up.display_name);
     if problem is not null then
         raise exception 'invalid display name: %', problem
             using errcode = 'check_violation', constraint = 'users_display_name_valid',
-                  column = 'display_name', table = 'users', schema = 'public';
+                  column = 'display_name', table = 'users', schema = current_schema();
     end if;
     -- One statement: each statement a function runs costs about as much as the rules above.
     return query
@@ -179,7 +179,7 @@ $$;
 -- Signs many users up in one statement (one commit, one fsync, one hold of the notify lock), each
 -- exactly as sign_up would. A signup whose email is taken (by an existing user, or earlier in the
 -- same call, ignoring case) is skipped: the one missing from the result. A null job id gets a
--- new UUIDv7. Input a rule refuses fails the whole call (23514, the check constraint named) and
+-- new UUIDv7; each row gives its entry's email, as given, to match rows to entries. Input a rule refuses fails the whole call (23514, the check constraint named) and
 -- writes nothing: check it first.
 create function ackloop.sign_up_many(
     emails text[],
@@ -187,9 +187,10 @@ create function ackloop.sign_up_many(
     job_ids uuid[],
     jobs_channel text default 'player_jobs',
     lock_wait_ms integer default null
-) returns table (job_id uuid, user_id bigint)
+) returns table (job_id uuid, user_id bigint, email text)
 language plpgsql volatile
 as $$
+#variable_conflict use_column
 begin
     if cardinality(emails) is distinct from cardinality(display_names)
         or cardinality(emails) is distinct from cardinality(job_ids) then
@@ -227,8 +228,9 @@ begin
         order by new_users.id, input.position
         returning player_creation_jobs.id, player_creation_jobs.user_id
     )
-    select new_jobs.id, new_jobs.user_id
+    select new_jobs.id, new_jobs.user_id, new_users.email
     from new_jobs
+    join new_users on new_users.id = new_jobs.user_id
     cross join lateral pg_notify(jobs_channel, new_jobs.id::text) as notified;
 end
 $$;
@@ -332,6 +334,10 @@ create function ackloop.mark_done(
 language plpgsql volatile
 as $$
 begin
+    if cardinality(job_ids) is distinct from cardinality(mark_done.attempts) then
+        raise exception 'mark_done needs one attempt per job id'
+            using errcode = 'invalid_parameter_value';
+    end if;
     return query
     with completed as (
         update player_creation_jobs as jobs
@@ -483,7 +489,10 @@ begin
     end if;
     if job.attempts >= max_attempts then
         -- Its last attempt never recorded an outcome: it ended with its session.
-        reason := left('gave up after ' || job.attempts || ' attempts' || coalesce('; ' || job.last_error, ''), 2000);
+        reason := left(
+            'gave up after ' || job.attempts || ' attempts' || coalesce('; ' || job.last_error, ''),
+            2000
+        );
         update player_creation_jobs
         set status = 'failed', last_error = reason, updated_at = now(), completed_at = now()
         where id = job.id;

@@ -119,8 +119,9 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 /// Applies the embedded migrations that `pool`'s database does not have yet.
 ///
 /// # Errors
-/// The migrator's error: the database is unreachable, a migration failed, or the database has
-/// migrations this binary does not know (it is newer) or whose checksum differs.
+/// The migrator's error: the database is unreachable, a migration failed, the database has
+/// migrations this binary does not know (it is newer) or whose checksum differs, or its schema
+/// was applied by another tool ([`admin::AppliedByAnotherTool`], as `MigrateError::Source`).
 ///
 /// ```no_run
 /// # async fn demo(pool: sqlx::PgPool) -> Result<(), sqlx::migrate::MigrateError> {
@@ -128,5 +129,9 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 /// # Ok(()) }
 /// ```
 pub async fn run_migrations(pool: &sqlx::PgPool) -> Result<(), sqlx::migrate::MigrateError> {
+    // sqlx knows only its own record: on a schema applied by psql it would run every file again.
+    if let Some(elsewhere) = admin::schema::applied_by_another_tool(pool).await? {
+        return Err(sqlx::migrate::MigrateError::Source(Box::new(elsewhere)));
+    }
     MIGRATOR.run(pool).await
 }

@@ -26,7 +26,7 @@
 
 mod doctor;
 mod jobs;
-mod schema;
+pub(crate) mod schema;
 // Visible to the crate root, which exports `sample_queue_gauges` beside the other metrics items.
 pub(crate) mod status;
 
@@ -35,5 +35,5 @@ pub use jobs::{
     AdminError, JobDetails, PRUNE_BATCH, count_prunable_jobs, find_job_by_email, job_details,
     prune_finished_jobs, repair_all_missing_players, repair_job, retry_all_failed_jobs, retry_failed_job,
 };
-pub use schema::{SchemaError, check_schema};
+pub use schema::{AppliedByAnotherTool, SchemaError, check_schema};
 pub use status::{FailedJob, StatusReport};

@@ -32,6 +32,37 @@ pub enum SchemaError {
     Database(#[source] sqlx::Error),
 }
 
+/// The schema was applied, at least in part, by a tool other than sqlx (psql, Flyway), which
+/// sqlx's migrator does not know of: it would apply every file again.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the schema was applied by another tool (migrations {versions:?} are recorded in \
+     ackloop.applied_migrations but not by sqlx): apply new migrations with that tool, each file \
+     once and in order (docs/protocol.md, \"Applying the schema\")"
+)]
+pub struct AppliedByAnotherTool {
+    /// The versions sqlx did not apply.
+    pub versions: Vec<i64>,
+}
+
+/// Whether the migrations recorded versions that sqlx's own record lacks. `Ok(None)` when sqlx
+/// applied everything recorded (or nothing is recorded yet).
+pub(crate) async fn applied_by_another_tool(
+    pool: &PgPool,
+) -> Result<Option<AppliedByAnotherTool>, sqlx::Error> {
+    let versions = match store::versions_sqlx_did_not_apply(pool).await {
+        Ok(versions) => versions,
+        Err(err) if is_undefined_table(&err) => match store::applied_migrations(pool).await {
+            // No ackloop.applied_migrations: nothing applied, or a schema from before it.
+            Err(err) if is_undefined_table(&err) => Vec::new(),
+            // No _sqlx_migrations: everything recorded came from another tool.
+            versions => versions?,
+        },
+        Err(err) => return Err(err),
+    };
+    Ok((!versions.is_empty()).then_some(AppliedByAnotherTool { versions }))
+}
+
 /// Checks that every migration this version knows is applied, and no other, as the migrations
 /// record themselves in `ackloop.applied_migrations`: a database migrated by `sqlx migrate run`,
 /// `ackloop migrate`, or psql and other tools from the same files passes alike.

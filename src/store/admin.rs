@@ -105,6 +105,23 @@ pub(crate) async fn applied_migrations(executor: impl PgExecutor<'_>) -> Result<
     .await
 }
 
+/// The versions the migrations recorded themselves that sqlx did not record as applied: a schema
+/// applied, at least in part, by another tool.
+pub(crate) async fn versions_sqlx_did_not_apply(
+    executor: impl PgExecutor<'_>,
+) -> Result<Vec<i64>, sqlx::Error> {
+    sqlx::query_scalar!(
+        r#"
+        select version
+        from ackloop.applied_migrations
+        where version not in (select version from _sqlx_migrations where success)
+        order by version
+        "#
+    )
+    .fetch_all(executor)
+    .await
+}
+
 /// The versions sqlx recorded as applied, in order: what tells a schema older than the
 /// contract's migration, which recorded nothing itself.
 pub(crate) async fn applied_sqlx_migrations(executor: impl PgExecutor<'_>) -> Result<Vec<i64>, sqlx::Error> {

@@ -374,3 +374,23 @@ async fn lock_timeout(conn: &mut sqlx::PgConnection) -> String {
         .await
         .unwrap()
 }
+
+#[sqlx::test]
+async fn migrating_a_schema_another_tool_applied_is_refused_clearly(
+    options: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let pool = pool(options, connect, 2).await;
+    execute(&pool, "drop table _sqlx_migrations").await;
+    let err = ackloop::run_migrations(&pool)
+        .await
+        .expect_err("sqlx would apply every file again");
+    assert!(err.to_string().contains("applied by another tool"), "{err}");
+    assert_eq!(counts(&pool).await.users, 0);
+    let tables: i64 =
+        sqlx::query_scalar("select count(*) from pg_tables where tablename = '_sqlx_migrations'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(tables, 0, "nothing was written, not even sqlx's table");
+}
