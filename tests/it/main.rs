@@ -11,6 +11,7 @@ mod connecting;
 mod contract;
 mod cutting_proxy;
 mod example_service;
+mod exit_codes;
 mod faults;
 mod grouped_signups;
 mod hostile_input;

@@ -157,16 +157,23 @@ pub enum Command {
 }
 
 impl Command {
-    /// Whether a failure is also printed as one JSON object on stdout, as README documents for
-    /// `signup --json` and `await --json` (with the job id, which a script needs to wait again).
-    /// The other commands' `--json` covers success only.
+    /// Whether a failure is also printed as one JSON object on stdout, `{error, message}` (with
+    /// the job id when there is one, which a script needs to wait again): every command that
+    /// takes `--json` (doctor's failure is its report, which says what is wrong).
     pub fn reports_failure_as_json(&self) -> bool {
-        matches!(
-            self,
-            Command::Signup { json: true, .. }
-                | Command::Await { json: true, .. }
-                | Command::Status { json: true }
-        )
+        match self {
+            Command::Migrate { json }
+            | Command::Signup { json, .. }
+            | Command::Await { json, .. }
+            | Command::Status { json }
+            | Command::Doctor { json, .. } => *json,
+            Command::Jobs { command } => match command {
+                JobsCommand::Show { json, .. }
+                | JobsCommand::Retry { json, .. }
+                | JobsCommand::Prune { json, .. } => *json,
+            },
+            Command::Worker { .. } | Command::Bench { .. } => false,
+        }
     }
 }
 
