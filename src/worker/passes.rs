@@ -125,13 +125,13 @@ impl<H: Handler> Processor<H> {
             attempts: attempt,
             waited_secs: job.waited_secs,
         };
-        let made = u32::try_from(attempt - 1).unwrap_or(0);
         let span = tracing::debug_span!("process_job", job.id = %job.id, attempt);
         match self.make_attempt(conn, &claimed, started).instrument(span).await {
             Ok(retry_at) => Ok(Lone::Taken { retry_at }),
             // A lock held elsewhere is not the job's fault: the attempt is given back.
             Err(err) if store::is_lock_timeout(&err) => {
-                let delay = config.backoff.delay(made + 1);
+                // The same backoff give_back_attempt schedules, for the loop's next look.
+                let delay = config.backoff.delay(u32::try_from(attempt).unwrap_or(u32::MAX));
                 store::give_back_attempt(
                     &mut *conn,
                     job.id,
