@@ -1,16 +1,22 @@
 //! A small auth service: `POST /signup` signs a user up and answers once the player exists.
 //!
 //! ```text
-//! POST /signup {"email": "...", "display_name": "..."}
+//! POST /signup {"email": "...", "display_name": "..."}   [Idempotency-Key: <UUID>]
 //!   201 {"player": {...}}                                  the player exists
 //!   202 {"job_id": "...", "status_url": "/signups/..."}    accepted; the player is on its way
 //!   409 {"error": "email already registered"}
 //!   422 {"field": "email", "error": "invalid email: ..."}  nothing was written
+//!   422 {"error": "idempotency key ... was used ..."}      the key is another signup's
+//!   400 {"error": "Idempotency-Key must be a UUID ..."}    nothing was written
 //!   502 {"job_id": "...", "error": "job ... failed: ..."}  the player could not be created
 //!   503 {"error": "database unavailable", "job_id": ...}   retry later (check job_id if given)
 //! GET /signups/{job_id}
 //!   200 {"player": {...}} | 202 {"job_id": ...} | 404 | 502
 //! ```
+//!
+//! With an `Idempotency-Key` header (a UUID the client makes and sends again with the same body
+//! when it retries), a retried request gets the first request's outcome, its player, its pending
+//! job (202) or its failure, instead of 409 for its own signup; the key becomes the job id.
 //!
 //! Run it beside a worker (`ackloop worker`), on a migrated database:
 //!
@@ -25,7 +31,7 @@ use std::time::Duration;
 
 use ackloop::{JobId, NewUser, SignupError, Signups};
 use axum::extract::{Path, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -51,8 +57,15 @@ pub fn router(signups: Arc<Signups>, wait: Duration) -> Router {
 
 async fn signup(
     State((signups, wait)): State<(Arc<Signups>, Duration)>,
+    headers: HeaderMap,
     Json(request): Json<SignupRequest>,
 ) -> Response {
+    let key = match idempotency_key(&headers) {
+        Ok(key) => key,
+        Err(message) => {
+            return (StatusCode::BAD_REQUEST, Json(json!({ "error": message }))).into_response();
+        }
+    };
     let new_user = match NewUser::new(request.email, request.display_name) {
         Ok(new_user) => new_user,
         Err(invalid) => {
@@ -60,10 +73,35 @@ async fn signup(
             return (StatusCode::UNPROCESSABLE_ENTITY, Json(body)).into_response();
         }
     };
-    match signups.create_user_and_await_player(&new_user, wait).await {
+    let signed_up = match key {
+        Some(key) => {
+            signups
+                .create_user_and_await_player_with_key(&new_user, key, wait)
+                .await
+        }
+        None => signups.create_user_and_await_player(&new_user, wait).await,
+    };
+    match signed_up {
         Ok(player) => (StatusCode::CREATED, Json(json!({ "player": player }))).into_response(),
         Err(err) => error_response(err),
     }
+}
+
+/// The request's `Idempotency-Key`, if it has one: a UUID, which becomes the job id.
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<JobId>, &'static str> {
+    let mut values = headers.get_all("idempotency-key").iter();
+    let Some(value) = values.next() else {
+        return Ok(None);
+    };
+    if values.next().is_some() {
+        return Err("send one Idempotency-Key header, not several");
+    }
+    value
+        .to_str()
+        .ok()
+        .and_then(|text| text.trim().parse().ok())
+        .map(Some)
+        .ok_or("Idempotency-Key must be a UUID (uuidgen makes one), sent again unchanged on a retry")
 }
 
 async fn signup_status(
@@ -84,6 +122,10 @@ fn error_response(err: SignupError) -> Response {
             json!({ "job_id": job_id, "status_url": format!("/signups/{job_id}") }),
         ),
         SignupError::EmailTaken => (StatusCode::CONFLICT, json!({ "error": err.to_string() })),
+        SignupError::KeyReused(_) => (
+            StatusCode::UNPROCESSABLE_ENTITY,
+            json!({ "error": err.to_string() }),
+        ),
         SignupError::UnknownJob(_) => (StatusCode::NOT_FOUND, json!({ "error": err.to_string() })),
         SignupError::JobFailed { job_id, .. } => (
             StatusCode::BAD_GATEWAY,

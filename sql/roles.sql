@@ -42,7 +42,8 @@ grant execute on function
     to ackloop_worker;
 
 -- The auth side writes users and their jobs (returning the new ids) and reads outcomes.
-grant select (id, email), insert (email, display_name) on users to ackloop_auth;
+-- (The display name too: a signup sent again with its key is recognised by email and name.)
+grant select (id, email, display_name), insert (email, display_name) on users to ackloop_auth;
 grant select, insert (id, user_id, created_at) on player_creation_jobs to ackloop_auth;
 grant select on players to ackloop_auth;
 

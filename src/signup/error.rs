@@ -17,6 +17,12 @@ pub enum SignupError {
     /// Another user has this email (compared without case); nothing was written.
     #[error("email already registered")]
     EmailTaken,
+    /// The idempotency key (the job id the caller chose) belongs to a signup with another email
+    /// or display name; nothing was written. A new signup needs a new key.
+    #[error(
+        "idempotency key {0} was used for a signup with another email or display name; send a new key for a new signup"
+    )]
+    KeyReused(JobId),
     /// The signup committed but no worker finished its job in time. Nothing is lost: the job is
     /// durable and will be completed; wait again with
     /// [`Signups::await_player`](crate::Signups::await_player).

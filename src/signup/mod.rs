@@ -2,23 +2,26 @@
 //! the worker's confirmation.
 //!
 //! This file is the side's public face ([`Signups`], [`create_user`], [`SignupsConfig`],
-//! [`Signup`], and the re-exported error and input types) and the write-and-wait flow, where the
-//! transaction boundaries and the resolution of a write whose answer was lost are argued. Its
+//! [`Signup`], and the re-exported error and input types) and the write-and-wait flow. How one
+//! signup's write is retried, and resolved when its answer is lost, is argued in `write.rs`. Its
 //! children, with the arrows pointing down only:
 //!
 //! ```text
 //! signup/mod.rs ─┬─▶ error.rs    SignupError, the classifier  ─▶ input, job, store
+//!                ├─▶ write.rs    one signup's write, retried  ─▶ error, input, writer, job, store
 //!                ├─▶ writer.rs   grouped commits              ─▶ input, job, store, channel, connect
 //!                ├─▶ confirm.rs  waiters, the LISTEN on done  ─▶ input, job, store, channel, listen,
 //!                │                                               connect, telemetry
 //!                └─▶ input.rs    NewUser, Player, the rules   ─▶ job (the side's leaf)
 //! ```
 //!
-//! No child imports `signup` itself, and the only sibling a child uses is `input`.
+//! No child imports `signup` itself; the siblings children use (`input`, `error`, `writer`) use
+//! no sibling but `input`.
 
 mod confirm;
 mod error;
 mod input;
+mod write;
 mod writer;
 
 use std::time::Duration;
@@ -32,6 +35,7 @@ use self::confirm::{Checked, Confirmations, FINAL_CHECK_MARGIN, Look, Outcome, S
 pub use self::error::SignupError;
 use self::error::classify;
 pub use self::input::{Field, InvalidInput, MAX_DISPLAY_NAME_CHARS, MAX_EMAIL_CHARS, NewUser, Player, Rule};
+use self::write::{Key, Written, write};
 use self::writer::Writers;
 use crate::channel::Channels;
 use crate::job::{JobId, UserId};
@@ -241,15 +245,73 @@ impl Signups {
         new_user: &NewUser,
         timeout: Duration,
     ) -> Result<Player, SignupError> {
+        self.sign_up_and_wait(new_user, JobId::new(), Key::None, timeout)
+            .await
+    }
+
+    /// Like [`Signups::create_user_and_await_player`], made safe to repeat: `key`, an
+    /// idempotency key the caller chose (a UUID, such as an HTTP request's `Idempotency-Key`),
+    /// becomes the job's id. Sent again with the same email and display name, after a timeout, a
+    /// cancelled call or a crash, it writes nothing and answers with the first signup's outcome:
+    /// its player, its pending job or its failure, instead of [`SignupError::EmailTaken`].
+    ///
+    /// A key is remembered as long as its job's row is kept (`ackloop jobs prune` deletes finished
+    /// jobs past their retention); keys are shared by every caller of the database, so make them
+    /// random (UUIDv4 or v7), never derived from the input.
+    ///
+    /// # Errors
+    /// As [`Signups::create_user_and_await_player`], and [`SignupError::KeyReused`] when the key
+    /// belongs to a signup with another email or display name (nothing was written).
+    ///
+    /// ```no_run
+    /// # async fn demo(signups: ackloop::Signups) -> Result<(), Box<dyn std::error::Error>> {
+    /// use std::time::Duration;
+    /// use ackloop::{JobId, NewUser};
+    ///
+    /// let user = NewUser::new("ada@example.com", "Ada")?;
+    /// let key = JobId::new(); // kept by the client, and sent again on a retry
+    /// let first = signups.create_user_and_await_player_with_key(&user, key, Duration::from_secs(5)).await;
+    /// let again = signups.create_user_and_await_player_with_key(&user, key, Duration::from_secs(5)).await?;
+    /// assert_eq!(first?.id, again.id);
+    /// # Ok(()) }
+    /// ```
+    pub async fn create_user_and_await_player_with_key(
+        &self,
+        new_user: &NewUser,
+        key: JobId,
+        timeout: Duration,
+    ) -> Result<Player, SignupError> {
+        self.sign_up_and_wait(new_user, key, Key::Caller, timeout).await
+    }
+
+    async fn sign_up_and_wait(
+        &self,
+        new_user: &NewUser,
+        job_id: JobId,
+        key: Key,
+        timeout: Duration,
+    ) -> Result<Player, SignupError> {
         let started = Instant::now();
         let deadline = started + timeout;
-        let job_id = JobId::new();
         // Registered before the commit, so the confirmation cannot arrive before anyone waits.
         let waiter = self.confirmations.register(job_id);
-        let user_id = self.write(new_user, job_id, deadline).await?;
+        let (user_id, written) = write(&self.writers, &self.pool, new_user, job_id, key, deadline).await?;
         let committed = started.elapsed();
         // Committed: from here on, whatever happens, the caller gets the job id.
-        let checked = waiter.outcome(deadline).await;
+        let checked = match written {
+            Written::Now => waiter.outcome(deadline).await,
+            // Written by an earlier call, whose confirmation this waiter may have missed: the
+            // tables first, as `await_player` does.
+            Written::Earlier => match waiter
+                .check(deadline + FINAL_CHECK_MARGIN, Look::BeforeWaiting)
+                .await
+            {
+                Ok(Checked::Pending) => waiter.outcome(deadline).await,
+                Ok(checked) => checked,
+                // Out of time, or the look failed: the waiter's own final look decides.
+                Err(_) => waiter.outcome(deadline).await,
+            },
+        };
         tracing::debug!(
             job.id = %job_id,
             user.id = %user_id,
@@ -258,117 +320,6 @@ impl Signups {
             "signup finished"
         );
         finish(job_id, Some(user_id), checked, started)
-    }
-
-    /// Writes the signup by `deadline`, trying again while the database is away (a restart, a
-    /// failover) and resolving by its job id any attempt whose fate the connection took with it,
-    /// so a signup is never written twice nor refused as a taken email because of itself.
-    async fn write(
-        &self,
-        new_user: &NewUser,
-        job_id: JobId,
-        deadline: Instant,
-    ) -> Result<UserId, SignupError> {
-        // An attempt whose fate is unknown, still to be resolved by the job id.
-        let mut maybe_committed: Option<sqlx::Error> = None;
-        // Whether any attempt's fate was ever unknown: a taken email may then be this signup's.
-        let mut was_uncertain = false;
-        let mut alone = false;
-        let mut failures = 0;
-        loop {
-            let attempt = if let Some(err) = maybe_committed.take() {
-                match self.committed_user(job_id, deadline).await {
-                    Ok(Some(user_id)) => return Ok(user_id),
-                    // Not there now: write it again. The lost statement may still commit later
-                    // (the server can run it after its client has gone); then the same job id and
-                    // the unique email make the new write fail as a taken email, which is checked
-                    // against the job id below, so the signup is neither doubled nor refused.
-                    Ok(None) => writer::Attempt::NotCommitted(err),
-                    Err(lookup) => writer::Attempt::Unknown(lookup),
-                }
-            } else if alone {
-                self.writers.write_alone(new_user, job_id, deadline).await
-            } else {
-                self.writers.write(new_user, job_id, deadline).await
-            };
-            // Once an attempt's fate was unknown, it may yet commit (the server can run a
-            // statement after its client has gone): every answer then keeps the job id.
-            let uncertain_job = was_uncertain.then_some(job_id);
-            let retry_after = match attempt {
-                writer::Attempt::Written(user_id) => return Ok(user_id),
-                writer::Attempt::EmailTaken if was_uncertain => {
-                    // Maybe taken by this signup's own earlier attempt: the job id tells. A failed
-                    // look proves nothing either way, so the caller keeps the job id.
-                    return match self.committed_user(job_id, deadline).await {
-                        Ok(Some(user_id)) => Ok(user_id),
-                        Ok(None) => Err(SignupError::EmailTaken),
-                        Err(source) => Err(SignupError::Unavailable {
-                            job_id: Some(job_id),
-                            source,
-                        }),
-                    };
-                }
-                writer::Attempt::EmailTaken => return Err(SignupError::EmailTaken),
-                writer::Attempt::WriteAlone => {
-                    alone = true;
-                    continue;
-                }
-                writer::Attempt::Expired => return Err(not_written(None, uncertain_job)),
-                writer::Attempt::NotCommitted(err)
-                    if !store::is_unavailable(&err) && !store::is_lock_timeout(&err) =>
-                {
-                    return Err(classify(err, uncertain_job));
-                }
-                writer::Attempt::NotCommitted(err) => {
-                    alone = true;
-                    err
-                }
-                writer::Attempt::Unknown(err) => {
-                    alone = true;
-                    was_uncertain = true;
-                    maybe_committed = Some(err);
-                    failures += 1;
-                    // Resolve at once if there is time; back off only if the lookup fails.
-                    if Instant::now() < deadline {
-                        continue;
-                    }
-                    return Err(SignupError::Unavailable {
-                        job_id: Some(job_id),
-                        source: maybe_committed.take().expect("just set"),
-                    });
-                }
-            };
-            failures += 1;
-            let delay = WRITE_RETRY_BACKOFF.delay(failures);
-            if Instant::now() + delay >= deadline {
-                return Err(not_written(Some(retry_after), uncertain_job));
-            }
-            tracing::debug!(
-                job.id = %job_id,
-                error = %crate::connect::Described(&retry_after),
-                retry_in_ms = delay.as_millis() as u64,
-                "signup not written; retrying"
-            );
-            tokio::time::sleep(delay).await;
-        }
-    }
-
-    /// The user of `job_id` if its signup committed; `None` if it certainly did not.
-    async fn committed_user(&self, job_id: JobId, deadline: Instant) -> Result<Option<UserId>, sqlx::Error> {
-        let mut failures = 0;
-        loop {
-            let ids = [job_id.as_uuid()];
-            let err = match store::job_outcomes_by(&self.pool, &ids, deadline).await {
-                Ok(rows) => return Ok(rows.first().map(|row| row.user_id)),
-                Err(err) => err,
-            };
-            failures += 1;
-            let delay = WRITE_RETRY_BACKOFF.delay(failures);
-            if Instant::now() + delay >= deadline {
-                return Err(err);
-            }
-            tokio::time::sleep(delay).await;
-        }
     }
 
     /// Waits, up to `timeout`, for the player of a signup that is already committed: one whose
@@ -418,23 +369,6 @@ impl Signups {
         }
         let checked = waiter.outcome(deadline).await;
         finish(job_id, None, checked, started)
-    }
-}
-
-/// Waits between attempts to write a signup while the database is away: quick at first (a
-/// restarted server is back within a second), never past the caller's deadline.
-const WRITE_RETRY_BACKOFF: crate::job::Backoff = crate::job::Backoff {
-    base: Duration::from_millis(50),
-    max: Duration::from_secs(1),
-};
-
-/// A signup that certainly was not written by its deadline.
-/// `Unavailable`: certainly not committed (`job_id` None), or, after an attempt whose fate was
-/// unknown, perhaps committed (`job_id` given).
-fn not_written(source: Option<sqlx::Error>, job_id: Option<JobId>) -> SignupError {
-    SignupError::Unavailable {
-        job_id,
-        source: source.unwrap_or(sqlx::Error::PoolTimedOut),
     }
 }
 

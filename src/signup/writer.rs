@@ -51,9 +51,14 @@ const STATEMENT_GRACE: Duration = Duration::from_millis(500);
 pub(crate) enum Attempt {
     /// Committed: the user exists and the job will be done.
     Written(UserId),
+    /// Written by `sign_up`, which answers a job id sent again (with the same email and display
+    /// name) with the signup written before: committed now, or earlier.
+    Found(UserId),
     /// The email belongs to someone (maybe to this very signup, if an earlier attempt's fate was
-    /// unknown: the caller checks).
+    /// unknown, or if its job id is a key sent again: the caller checks).
     EmailTaken,
+    /// The job id belongs to a signup with another email or display name.
+    KeyReused,
     /// The statement failed in a batch for a reason that may be one signup's: write it alone.
     WriteAlone,
     /// Certainly not committed (the server answered with an error, or nothing was sent): the
@@ -195,7 +200,7 @@ async fn write_one(
         Some(lock_wait),
     );
     match tokio::time::timeout_at(deadline + STATEMENT_GRACE, statement).await {
-        Ok(Ok(user_id)) => Attempt::Written(user_id),
+        Ok(Ok(user_id)) => Attempt::Found(user_id),
         Ok(Err(err)) => attempt_failed(err),
         Err(_) => {
             conn.close_on_drop();
@@ -211,6 +216,11 @@ fn attempt_failed(err: sqlx::Error) -> Attempt {
             if db_err.is_unique_violation() && db_err.constraint() == Some("users_email_key") =>
         {
             Attempt::EmailTaken
+        }
+        sqlx::Error::Database(db_err)
+            if db_err.is_unique_violation() && db_err.constraint() == Some("player_creation_jobs_pkey") =>
+        {
+            Attempt::KeyReused
         }
         sqlx::Error::Database(_) => Attempt::NotCommitted(err),
         _ => Attempt::Unknown(err),

@@ -155,3 +155,35 @@ async fn missing_schema_says_to_migrate_and_migrate_fixes_it(
     let status = run_ackloop(&url, &["status"]).await;
     assert_eq!(status.status.code(), Some(0), "{}", stderr(&status));
 }
+
+#[sqlx::test]
+async fn signup_with_an_idempotency_key_can_be_run_again(options: PgPoolOptions, connect: PgConnectOptions) {
+    let url = connect.to_url_lossy().to_string();
+    let pool = pool(options, connect, 2).await;
+    let key = ackloop::JobId::new().to_string();
+    let with_key = ["--idempotency-key", key.as_str(), "--timeout", "200ms", "--json"];
+
+    // No worker: twice the same pending job, the key being its id; the second run wrote nothing.
+    for run in ["first", "again"] {
+        let output = signup(&url, "ada@example.com", "Ada", &with_key).await;
+        assert_eq!(output.status.code(), Some(5), "{run}: {}", stderr(&output));
+        assert_eq!(stdout_json(&output)["job_id"], key.as_str(), "{run}");
+    }
+    assert_eq!(counts(&pool).await.users, 1);
+
+    // The key with another email: exit 4, named apart from a taken email.
+    let reused = signup(&url, "grace@example.com", "Grace", &with_key).await;
+    assert_eq!(reused.status.code(), Some(4), "{}", stderr(&reused));
+    assert_eq!(stdout_json(&reused)["error"], "key_reused");
+    assert!(stderr(&reused).contains("send a new key"), "{}", stderr(&reused));
+    // Not a UUID: a usage error from the flag's parser.
+    let bad = signup(
+        &url,
+        "grace@example.com",
+        "Grace",
+        &["--idempotency-key", "retry-1"],
+    )
+    .await;
+    assert_eq!(bad.status.code(), Some(2), "{}", stderr(&bad));
+    assert_eq!(counts(&pool).await.users, 1, "nothing else was written");
+}

@@ -109,3 +109,94 @@ async fn the_example_service_answers_every_case_over_http(options: PgPoolOptions
     service.stop().await;
     patient.stop().await;
 }
+
+async fn post_with_key(
+    client: &reqwest::Client,
+    base: &str,
+    key: &str,
+    email: &str,
+    name: &str,
+) -> (StatusCode, Value) {
+    let response = client
+        .post(format!("{base}/signup"))
+        .header("Idempotency-Key", key)
+        .json(&json!({ "email": email, "display_name": name }))
+        .send()
+        .await
+        .expect("POST /signup");
+    let status = response.status();
+    (status, response.json().await.expect("a JSON body"))
+}
+
+#[sqlx::test]
+async fn a_client_that_gave_up_sends_its_key_again_and_gets_its_own_signup(
+    options: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let pool = pool(options, connect, 8).await;
+    let client = reqwest::Client::new();
+    // A service that would wait for the player as long as the test allows; no worker yet.
+    let patient = Service::start(signups(&pool).await, DEADLINE).await;
+    let quick = Service::start(signups(&pool).await, Duration::from_millis(300)).await;
+    let key = ackloop::JobId::new().to_string();
+
+    // The client gives up (its own timeout, a closed tab) once the signup is committed.
+    let gave_up = tokio::spawn({
+        let (client, base, key) = (client.clone(), patient.base.clone(), key.clone());
+        async move { post_with_key(&client, &base, &key, "ada@example.com", "Ada").await }
+    });
+    wait_until("the first request's signup is committed", || async {
+        sqlx::query_scalar::<_, i64>("select count(*) from player_creation_jobs where id = $1::uuid")
+            .bind(&key)
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+            == 1
+    })
+    .await;
+    gave_up.abort();
+    assert!(gave_up.await.unwrap_err().is_cancelled());
+
+    // Its retry, with the same key and body, learns its signup is on its way...
+    let (status, pending) = post_with_key(&client, &quick.base, &key, "ada@example.com", "Ada").await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{pending}");
+    assert_eq!(pending["job_id"], key.as_str());
+    // ...and, once a worker runs, gets its player; every retry after that gets the same one.
+    let worker = spawn_worker(&pool, worker_config());
+    let (status, created) = post_with_key(&client, &patient.base, &key, "ada@example.com", "Ada").await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    assert_eq!(created["player"]["display_name"], "Ada");
+    let (status, again) = post_with_key(&client, &quick.base, &key, "ada@example.com", "Ada").await;
+    assert_eq!((status, &again), (StatusCode::CREATED, &created));
+
+    // Another key, or none, for the same email: someone else's signup.
+    let (status, taken) = post_with_key(
+        &client,
+        &quick.base,
+        &ackloop::JobId::new().to_string(),
+        "ada@example.com",
+        "Ada",
+    )
+    .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{taken}");
+    let (status, taken) = post_signup(&client, &quick.base, "ada@example.com", "Ada").await;
+    assert_eq!(status, StatusCode::CONFLICT, "{taken}");
+    // The key with another body: refused.
+    let (status, reused) = post_with_key(&client, &quick.base, &key, "grace@example.com", "Grace").await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{reused}");
+    assert!(
+        reused["error"].as_str().unwrap().contains("idempotency key"),
+        "{reused}"
+    );
+    // A key that is not a UUID: refused before anything is written.
+    let (status, bad) = post_with_key(&client, &quick.base, "retry-1", "grace@example.com", "Grace").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}");
+    assert!(bad["error"].as_str().unwrap().contains("must be a UUID"), "{bad}");
+
+    let counts = counts(&pool).await;
+    assert_eq!((counts.users, counts.players), (1, 1), "one signup, one player");
+    worker.stop().await;
+    drop(client);
+    quick.stop().await;
+    patient.stop().await;
+}

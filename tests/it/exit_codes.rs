@@ -17,6 +17,7 @@ fn exit_code(output: &Output) -> i32 {
         let json = stdout_json(output);
         let kind = match code {
             3 => "invalid_input",
+            4 if json["error"] == "key_reused" => "key_reused",
             4 => "email_taken",
             5 => "timed_out",
             6 => "job_failed",

@@ -15,6 +15,7 @@ mod exit_codes;
 mod faults;
 mod grouped_signups;
 mod hostile_input;
+mod idempotency;
 mod layout;
 mod metrics;
 mod operations;

@@ -68,6 +68,11 @@ pub enum Command {
         /// How long to wait for the player: 500ms, 5s, 2m. On timeout the job still completes
         #[arg(long, default_value = "5s", value_parser = parse_duration)]
         timeout: Duration,
+        /// A UUID of your choosing (uuidgen makes one), which becomes the job id: running the
+        /// command again with the same key, email and display name writes nothing and reports
+        /// the first run's outcome, instead of exit 4
+        #[arg(long, value_name = "UUID")]
+        idempotency_key: Option<ackloop::JobId>,
         /// Print one JSON object instead of text
         #[arg(long)]
         json: bool,

@@ -14,7 +14,7 @@ Exit codes:
   1  unexpected database error
   2  usage error
   3  invalid input (the message names the field)
-  4  email already registered
+  4  email already registered, or --idempotency-key names a signup of another email or name
   5  timed out: the signup is committed and its job will still complete
   6  the job failed (the message gives the recorded error)
   7  cannot reach the database, or the connection string is malformed
@@ -75,7 +75,7 @@ impl Failure {
     fn exit_code(&self) -> u8 {
         match self {
             Self::Signup(SignupError::Invalid(_)) | Self::Channel(_) => 3,
-            Self::Signup(SignupError::EmailTaken) => 4,
+            Self::Signup(SignupError::EmailTaken | SignupError::KeyReused(_)) => 4,
             Self::Signup(SignupError::TimedOut { .. }) => 5,
             Self::Signup(SignupError::JobFailed { .. }) => 6,
             Self::BadUrl { .. }
@@ -116,6 +116,9 @@ impl Failure {
 
     /// A short machine-readable name for `--json` output.
     fn kind(&self) -> &'static str {
+        if let Self::Signup(SignupError::KeyReused(_)) = self {
+            return "key_reused";
+        }
         match self.exit_code() {
             3 => "invalid_input",
             4 => "email_taken",

@@ -29,8 +29,9 @@ async fn dispatch(cli: Cli) -> Result<(), Failure> {
             email,
             display_name,
             timeout,
+            idempotency_key,
             json,
-        } => signup::signup(&connection, email, display_name, timeout, json).await,
+        } => signup::signup(&connection, email, display_name, timeout, idempotency_key, json).await,
         Command::Worker {
             concurrency,
             batch_size,

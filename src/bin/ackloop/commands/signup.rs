@@ -14,6 +14,7 @@ pub(super) async fn signup(
     email: String,
     display_name: String,
     timeout: Duration,
+    idempotency_key: Option<ackloop::JobId>,
     json: bool,
 ) -> Result<(), Failure> {
     // Validate before connecting: bad input is reported the same with or without a database.
@@ -21,7 +22,14 @@ pub(super) async fn signup(
     let pool = connection.migrated_pool(2).await?;
     let signups = connection.signups(pool).await?;
     let started = Instant::now();
-    let player = signups.create_user_and_await_player(&new_user, timeout).await?;
+    let player = match idempotency_key {
+        Some(key) => {
+            signups
+                .create_user_and_await_player_with_key(&new_user, key, timeout)
+                .await?
+        }
+        None => signups.create_user_and_await_player(&new_user, timeout).await?,
+    };
     let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
     if json {
         println!("{}", json!({ "player": player, "elapsed_ms": elapsed_ms }));

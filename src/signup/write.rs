@@ -1,0 +1,187 @@
+//! One signup's write, by its caller's deadline: tried again while the database is away (a
+//! restart, a failover), resolved by its job id when an answer is lost, and answered with the
+//! signup itself when its idempotency key is sent again. The grouped statements themselves are
+//! `writer.rs`'s.
+
+use std::time::Duration;
+
+use sqlx::PgPool;
+use tokio::time::Instant;
+
+use super::error::{SignupError, classify};
+use super::input::NewUser;
+use super::writer::{self, Writers};
+use crate::job::{JobId, UserId};
+use crate::store;
+
+/// Whose job id a signup has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Key {
+    /// A new one: no earlier signup can have it.
+    None,
+    /// The caller's idempotency key: an earlier call may have written this very signup.
+    Caller,
+}
+
+/// When the signup a write returned was written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Written {
+    /// By this call (perhaps by an attempt whose answer was lost): its waiter, registered before
+    /// the write, receives the confirmation.
+    Now,
+    /// Perhaps by an earlier call with the same key: its job may have finished before this call's
+    /// waiter was registered.
+    Earlier,
+}
+
+/// Waits between attempts to write a signup while the database is away: quick at first (a
+/// restarted server is back within a second), never past the caller's deadline.
+const WRITE_RETRY_BACKOFF: crate::job::Backoff = crate::job::Backoff {
+    base: Duration::from_millis(50),
+    max: Duration::from_secs(1),
+};
+
+/// A signup that certainly was not written by its deadline.
+/// `Unavailable`: certainly not committed (`job_id` None), or, after an attempt whose fate was
+/// unknown, perhaps committed (`job_id` given).
+fn not_written(source: Option<sqlx::Error>, job_id: Option<JobId>) -> SignupError {
+    SignupError::Unavailable {
+        job_id,
+        source: source.unwrap_or(sqlx::Error::PoolTimedOut),
+    }
+}
+
+/// Writes the signup by `deadline`, trying again while the database is away (a restart, a
+/// failover) and resolving by its job id any attempt whose fate the connection took with it,
+/// so a signup is never written twice nor refused as a taken email because of itself.
+pub(super) async fn write(
+    writers: &Writers,
+    pool: &PgPool,
+    new_user: &NewUser,
+    job_id: JobId,
+    key: Key,
+    deadline: Instant,
+) -> Result<(UserId, Written), SignupError> {
+    // An attempt whose fate is unknown, still to be resolved by the job id.
+    let mut maybe_committed: Option<sqlx::Error> = None;
+    // Whether any attempt's fate was ever unknown: a taken email may then be this signup's.
+    let mut was_uncertain = false;
+    let mut alone = false;
+    let mut failures = 0;
+    loop {
+        let attempt = if let Some(err) = maybe_committed.take() {
+            // A caller's key may be someone else's job: only `sign_up` (writing alone) can
+            // tell this signup's own earlier write by its email and display name.
+            if key == Key::Caller {
+                writers.write_alone(new_user, job_id, deadline).await
+            } else {
+                match committed_user(pool, job_id, deadline).await {
+                    Ok(Some(user_id)) => return Ok((user_id, Written::Now)),
+                    // Not there now: write it again, alone. The lost statement may still
+                    // commit later (the server can run it after its client has gone); then
+                    // `sign_up`, finding the email taken by this very job id, returns that
+                    // signup, so it is neither doubled nor refused.
+                    Ok(None) => writer::Attempt::NotCommitted(err),
+                    Err(lookup) => writer::Attempt::Unknown(lookup),
+                }
+            }
+        } else if alone {
+            writers.write_alone(new_user, job_id, deadline).await
+        } else {
+            writers.write(new_user, job_id, deadline).await
+        };
+        // Once an attempt's fate was unknown, it may yet commit (the server can run a
+        // statement after its client has gone): every answer then keeps the job id.
+        let uncertain_job = was_uncertain.then_some(job_id);
+        let retry_after = match attempt {
+            writer::Attempt::Written(user_id) => return Ok((user_id, Written::Now)),
+            // Only a caller's key can name a signup that an earlier call wrote.
+            writer::Attempt::Found(user_id) if key == Key::Caller => {
+                return Ok((user_id, Written::Earlier));
+            }
+            writer::Attempt::Found(user_id) => return Ok((user_id, Written::Now)),
+            // A batch skips a taken email without asking whose it is; alone, `sign_up` tells
+            // this signup's own earlier write from someone else's.
+            writer::Attempt::EmailTaken if key == Key::Caller && !alone => {
+                alone = true;
+                continue;
+            }
+            writer::Attempt::KeyReused => return Err(SignupError::KeyReused(job_id)),
+            writer::Attempt::EmailTaken if was_uncertain && key == Key::None => {
+                // Maybe taken by this signup's own earlier attempt: the job id tells. A failed
+                // look proves nothing either way, so the caller keeps the job id.
+                return match committed_user(pool, job_id, deadline).await {
+                    Ok(Some(user_id)) => Ok((user_id, Written::Now)),
+                    Ok(None) => Err(SignupError::EmailTaken),
+                    Err(source) => Err(SignupError::Unavailable {
+                        job_id: Some(job_id),
+                        source,
+                    }),
+                };
+            }
+            writer::Attempt::EmailTaken => return Err(SignupError::EmailTaken),
+            writer::Attempt::WriteAlone => {
+                alone = true;
+                continue;
+            }
+            writer::Attempt::Expired => return Err(not_written(None, uncertain_job)),
+            writer::Attempt::NotCommitted(err)
+                if !store::is_unavailable(&err) && !store::is_lock_timeout(&err) =>
+            {
+                return Err(classify(err, uncertain_job));
+            }
+            writer::Attempt::NotCommitted(err) => {
+                alone = true;
+                err
+            }
+            writer::Attempt::Unknown(err) => {
+                alone = true;
+                was_uncertain = true;
+                maybe_committed = Some(err);
+                failures += 1;
+                // Resolve at once if there is time; back off only if the lookup fails.
+                if Instant::now() < deadline {
+                    continue;
+                }
+                return Err(SignupError::Unavailable {
+                    job_id: Some(job_id),
+                    source: maybe_committed.take().expect("just set"),
+                });
+            }
+        };
+        failures += 1;
+        let delay = WRITE_RETRY_BACKOFF.delay(failures);
+        if Instant::now() + delay >= deadline {
+            return Err(not_written(Some(retry_after), uncertain_job));
+        }
+        tracing::debug!(
+            job.id = %job_id,
+            error = %crate::connect::Described(&retry_after),
+            retry_in_ms = delay.as_millis() as u64,
+            "signup not written; retrying"
+        );
+        tokio::time::sleep(delay).await;
+    }
+}
+
+/// The user of `job_id` if its signup committed; `None` if it certainly did not.
+async fn committed_user(
+    pool: &PgPool,
+    job_id: JobId,
+    deadline: Instant,
+) -> Result<Option<UserId>, sqlx::Error> {
+    let mut failures = 0;
+    loop {
+        let ids = [job_id.as_uuid()];
+        let err = match store::job_outcomes_by(pool, &ids, deadline).await {
+            Ok(rows) => return Ok(rows.first().map(|row| row.user_id)),
+            Err(err) => err,
+        };
+        failures += 1;
+        let delay = WRITE_RETRY_BACKOFF.delay(failures);
+        if Instant::now() + delay >= deadline {
+            return Err(err);
+        }
+        tokio::time::sleep(delay).await;
+    }
+}
