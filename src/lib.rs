@@ -53,7 +53,8 @@
 //! - ids: [`JobId`], [`UserId`], [`PlayerId`], [`JobStatus`], [`UnknownStatus`];
 //! - channels: [`Channels`], [`ChannelName`], [`DEFAULT_JOBS_CHANNEL`], [`DEFAULT_DONE_CHANNEL`],
 //!   [`InvalidChannelName`], [`parse_job_id`], [`BadPayload`];
-//! - connecting: [`ConnectConfig`], [`BadConnectionString`], [`describe_db_error`],
+//! - connecting: [`ConnectConfig`] (libpq strings, several hosts), [`TargetSessionAttrs`],
+//!   [`BadConnectionString`], [`describe_db_error`],
 //!   [`is_unavailable`];
 //! - schema: [`MIGRATOR`], [`run_migrations`], [`check_schema`], [`SchemaError`];
 //! - metrics: [`describe_metrics`], [`sample_queue_gauges`], and with the `http` feature
@@ -91,7 +92,7 @@ pub use channel::{
     BadPayload, ChannelName, Channels, DEFAULT_DONE_CHANNEL, DEFAULT_JOBS_CHANNEL, InvalidChannelName,
     parse_job_id,
 };
-pub use connect::{BadConnectionString, ConnectConfig, describe_db_error};
+pub use connect::{BadConnectionString, ConnectConfig, TargetSessionAttrs, describe_db_error};
 #[cfg(feature = "http")]
 pub use exporter::{MetricsError, MetricsHandle};
 pub use job::{Backoff, JobId, JobStatus, PlayerId, UnknownStatus, UserId};

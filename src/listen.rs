@@ -36,6 +36,30 @@ fn listener_pool(options: PgConnectOptions) -> PgPool {
         .connect_lazy_with(options)
 }
 
+/// Where a [`Subscription`] connects.
+#[derive(Debug, Clone)]
+pub(crate) enum ListenTarget {
+    /// Always these options.
+    Fixed(Box<PgConnectOptions>),
+    /// Wherever this pool connects now: a pool that moves to another server (a failover, see
+    /// `ConnectConfig::connect_pool`) takes the listener with it.
+    Pool(PgPool),
+}
+
+impl ListenTarget {
+    fn options(&self) -> PgConnectOptions {
+        match self {
+            Self::Fixed(options) => (**options).clone(),
+            Self::Pool(pool) => (*pool.connect_options()).clone(),
+        }
+    }
+}
+
+/// Whether two sets of options reach the same server.
+fn same_server(a: &PgConnectOptions, b: &PgConnectOptions) -> bool {
+    a.get_socket() == b.get_socket() && a.get_host() == b.get_host() && a.get_port() == b.get_port()
+}
+
 /// What a [`Subscription`] reports.
 pub(crate) enum Event {
     /// A notification; its payload is still untrusted.
@@ -51,7 +75,9 @@ pub(crate) struct Subscription {
     /// A pool of its own, so the listener never takes a connection the application needs and a
     /// transaction-mode pooler in front of the application pool can be bypassed.
     pool: PgPool,
-    /// Where the listener connects, for the fresh pool that replaces a silent connection's.
+    /// Where the listener connects.
+    target: ListenTarget,
+    /// The options its pool was made with: the target's at that moment.
     options: PgConnectOptions,
     channel: ChannelName,
     listener: Option<PgListener>,
@@ -61,14 +87,13 @@ pub(crate) struct Subscription {
 impl Subscription {
     /// Connects and starts listening; returns once `LISTEN` is in effect, so anything committed
     /// from then on is delivered.
-    pub(crate) async fn connect(
-        options: PgConnectOptions,
-        channel: ChannelName,
-    ) -> Result<Self, sqlx::Error> {
+    pub(crate) async fn connect(target: ListenTarget, channel: ChannelName) -> Result<Self, sqlx::Error> {
+        let options = target.options();
         let pool = listener_pool(options.clone());
         let listener = listen(&pool, &channel).await?;
         Ok(Self {
             pool,
+            target,
             options,
             channel,
             listener: Some(listener),
@@ -81,6 +106,7 @@ impl Subscription {
     /// this alongside their shutdown signal.
     pub(crate) async fn next(&mut self) -> Event {
         loop {
+            self.follow_target();
             let Some(listener) = self.listener.as_mut() else {
                 if self.failed_reconnects > 0 {
                     tokio::time::sleep(RECONNECT_BACKOFF.delay(self.failed_reconnects)).await;
@@ -144,6 +170,27 @@ impl Subscription {
                 }
             }
         }
+    }
+
+    /// Moves to where the target connects now, if that is another server: a listener left on a
+    /// demoted primary would hear nothing, with nothing wrong with its connection.
+    fn follow_target(&mut self) {
+        let ListenTarget::Pool(_) = &self.target else {
+            return;
+        };
+        let options = self.target.options();
+        if same_server(&options, &self.options) {
+            return;
+        }
+        tracing::info!(
+            channel = %self.channel,
+            to = %crate::connect::server_name(&options),
+            "listener moving to another server"
+        );
+        self.listener = None;
+        self.pool = listener_pool(options.clone());
+        self.options = options;
+        self.failed_reconnects = 0;
     }
 
     /// A notification that has already arrived, without waiting; for draining bursts in one go.

@@ -6,7 +6,9 @@ use std::collections::BTreeMap;
 
 use super::refusal::{BadConnectionString, KNOWN_PARAMETERS};
 
-/// Parses `[user[:password]@][host[:port]][/dbname][?key=value&…]` (after the scheme).
+/// Parses `[user[:password]@][host[:port][,host[:port]…]][/dbname][?key=value&…]` (after the
+/// scheme). Several hosts come out as libpq's key=value form has them: `host=h1,h2`, with
+/// `port=p1,p2` (an empty entry for a host without a port).
 pub(super) fn parse_uri(rest: &str) -> Result<BTreeMap<String, String>, BadConnectionString> {
     let mut params = BTreeMap::new();
     // A password holding an unencoded '/', '?' or '#' ends the host part early, and the rest of
@@ -49,17 +51,18 @@ pub(super) fn parse_uri(rest: &str) -> Result<BTreeMap<String, String>, BadConne
         }
     }
     if !hosts.is_empty() {
-        if hosts.contains(',') {
-            return Err(BadConnectionString::new(
-                "several hosts are not supported: give the one host to connect to",
-            ));
+        let mut host_list = Vec::new();
+        let mut port_list = Vec::new();
+        for entry in hosts.split(',') {
+            let (host, port) = split_host_port(entry)?;
+            host_list.push(decode("the host", &host)?);
+            port_list.push(port.unwrap_or_default());
         }
-        let (host, port) = split_host_port(hosts)?;
-        if !host.is_empty() {
-            params.insert("host".to_owned(), decode("the host", &host)?);
+        if host_list.iter().any(|host| !host.is_empty()) {
+            params.insert("host".to_owned(), host_list.join(","));
         }
-        if let Some(port) = port {
-            params.insert("port".to_owned(), port);
+        if port_list.iter().any(|port| !port.is_empty()) {
+            params.insert("port".to_owned(), port_list.join(","));
         }
     }
     if let Some(path) = path

@@ -12,16 +12,23 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
-use sqlx::postgres::{PgConnectOptions, PgSslMode};
+use sqlx::PgPool;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgSslMode};
 
 mod describe;
+mod follow;
 mod libpq;
 mod refusal;
 pub(crate) use describe::Described;
 pub use describe::describe_db_error;
+pub use follow::TargetSessionAttrs;
 use libpq::{parse_key_values, parse_uri, percent_encode, shorten};
 pub use refusal::BadConnectionString;
 use refusal::KNOWN_PARAMETERS;
+
+/// How long [`ConnectConfig::connect_pool`] gives each host when the string sets no
+/// `connect_timeout` (libpq waits for ever; a service starting up should not).
+const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// libpq's floor for `connect_timeout`: smaller values are taken as 2 seconds.
 const MIN_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -56,7 +63,9 @@ const MIN_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// ```
 #[derive(Debug, Clone)]
 pub struct ConnectConfig {
-    options: PgConnectOptions,
+    /// One per host of the string, in its order; never empty.
+    hosts: Vec<PgConnectOptions>,
+    target_session_attrs: TargetSessionAttrs,
     connect_timeout: Option<Duration>,
 }
 
@@ -99,14 +108,77 @@ impl ConnectConfig {
         Self::from_params(BTreeMap::new())
     }
 
-    /// The options for sqlx: `PgPoolOptions::connect_with(config.options().clone())`.
+    /// The options for sqlx: `PgPoolOptions::connect_with(config.options().clone())`. With
+    /// several hosts, the first one's: use [`ConnectConfig::connect_pool`] to honour them all.
     pub fn options(&self) -> &PgConnectOptions {
-        &self.options
+        &self.hosts[0]
     }
 
-    /// The options for sqlx, taken.
+    /// The options for sqlx, taken (with several hosts, the first one's).
     pub fn into_options(self) -> PgConnectOptions {
-        self.options
+        self.hosts
+            .into_iter()
+            .next()
+            .expect("a config has at least one host")
+    }
+
+    /// The options for each host of the string, in its order (one, unless the string lists
+    /// several: `postgres://h1:5432,h2:5433/app`, `host=h1,h2 port=5432,5433`).
+    pub fn hosts(&self) -> &[PgConnectOptions] {
+        &self.hosts
+    }
+
+    /// What a server must be for ackloop to use it (`target_session_attrs`, default `any`).
+    pub fn target_session_attrs(&self) -> TargetSessionAttrs {
+        self.target_session_attrs
+    }
+
+    /// A pool on the first host that [`ConnectConfig::target_session_attrs`] accepts, tried in
+    /// the string's order (each within `connect_timeout`, else 10 s), kept on such a server:
+    /// libpq's multi-host connection strings, which sqlx alone does not read.
+    ///
+    /// Each new connection is checked (one that lands on a standby or a read-only server is
+    /// closed, and the pool tries again). With several hosts, a task watches the server every
+    /// second over a connection of its own; when the server goes away or stops being what is
+    /// asked for (a failover: the primary died, a standby was promoted), it tries the hosts in
+    /// order until one is, moves the pool's new connections there, and has the pool close the
+    /// connections it made before, as they are next taken. ackloop's listeners built on the pool
+    /// ([`Signups`](crate::Signups), [`Worker`](crate::Worker)) follow it. Close the pool
+    /// (`pool.close().await`) to end the task. `after_connect` and `before_acquire` hooks given
+    /// in `pool` are replaced.
+    ///
+    /// # Errors
+    /// The driver's error when there is one host and it cannot be reached; otherwise an
+    /// [`sqlx::Error::Io`] naming each host and why it was not used ("no server is
+    /// read-write: db1:5432 is in recovery (a standby); db2:5432: connection refused").
+    /// [`is_unavailable`](crate::is_unavailable) holds for both.
+    ///
+    /// ```no_run
+    /// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+    /// use ackloop::ConnectConfig;
+    ///
+    /// let config = ConnectConfig::parse("postgres://app@db1,db2/app?target_session_attrs=read-write")?;
+    /// let pool = config.connect_pool(sqlx::postgres::PgPoolOptions::new().test_before_acquire(false)).await?;
+    /// let signups = ackloop::Signups::connect(pool).await?; // its listener follows the pool
+    /// # Ok(()) }
+    /// ```
+    pub async fn connect_pool(&self, pool: PgPoolOptions) -> Result<PgPool, sqlx::Error> {
+        self.connect_pool_with(pool, |options| options).await
+    }
+
+    /// Like [`ConnectConfig::connect_pool`], with `adjust` applied to every host's options (for
+    /// example [`worker_session_options`](crate::worker_session_options)).
+    ///
+    /// # Errors
+    /// As [`ConnectConfig::connect_pool`].
+    pub async fn connect_pool_with(
+        &self,
+        pool: PgPoolOptions,
+        adjust: impl Fn(PgConnectOptions) -> PgConnectOptions,
+    ) -> Result<PgPool, sqlx::Error> {
+        let hosts = self.hosts.iter().cloned().map(adjust).collect();
+        let connect_timeout = self.connect_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT);
+        follow::connect_pool(hosts, self.target_session_attrs, connect_timeout, pool).await
     }
 
     /// `connect_timeout`, when the string (or `PGCONNECT_TIMEOUT`) sets one: the longest a
@@ -144,22 +216,11 @@ impl ConnectConfig {
         let mut connect_timeout = None;
         let mut sslmode = None;
         let mut root_cert = None;
+        let mut target_session_attrs = TargetSessionAttrs::Any;
         for (key, value) in &params {
             match key.as_str() {
-                "host" | "hostaddr" if value.contains(',') => {
-                    return Err(BadConnectionString::new(
-                        "several hosts are not supported: give the one host to connect to",
-                    ));
-                }
-                // hostaddr (an IP address) wins over host for where to connect, as in libpq.
-                "host" if params.contains_key("hostaddr") => {}
-                "host" | "hostaddr" => settings.push(("host", value.clone())),
-                "port" => {
-                    value
-                        .parse::<u16>()
-                        .map_err(|_| BadConnectionString::new("the port is not a number from 1 to 65535"))?;
-                    settings.push(("port", value.clone()));
-                }
+                // Hosts and ports are paired up below.
+                "host" | "hostaddr" | "port" => {}
                 "dbname"
                 | "user"
                 | "password"
@@ -189,14 +250,7 @@ impl ConnectConfig {
                         ));
                     }
                 },
-                "target_session_attrs" => {
-                    if value != "any" {
-                        return Err(BadConnectionString::new(
-                            "target_session_attrs other than any is not supported: ackloop \
-                             connects to the one host given, so leave it out",
-                        ));
-                    }
-                }
+                "target_session_attrs" => target_session_attrs = value.parse()?,
                 _ => {
                     return Err(BadConnectionString::new(format!(
                         "unknown setting {:?}: ackloop understands {}",
@@ -211,26 +265,75 @@ impl ConnectConfig {
                 "a client certificate needs both sslcert and sslkey",
             ));
         }
-        if !settings.iter().any(|(key, _)| *key == "host") {
-            // Without a host sqlx's URL parser would take the URL's empty one; give it the
-            // default it would otherwise pick (PGHOST, else the local socket, else localhost).
-            let defaults = PgConnectOptions::new_without_pgpass();
-            settings.push(("host", defaults.get_host().to_owned()));
+        let mut hosts = Vec::new();
+        for (host, port) in hosts_and_ports(&params)? {
+            let host = ("host", host);
+            let mut url = String::from("postgres://?");
+            for (key, value) in settings.iter().chain([&host]).chain(port.as_ref()) {
+                url.push_str(&format!("{key}={}&", percent_encode(value)));
+            }
+            let options = url
+                .trim_end_matches('&')
+                .parse::<PgConnectOptions>()
+                .map_err(|_| BadConnectionString::new("the settings could not be read"))?;
+            hosts.push(apply_tls(options, sslmode, root_cert)?);
         }
-        let mut url = String::from("postgres://?");
-        for (key, value) in &settings {
-            url.push_str(&format!("{key}={}&", percent_encode(value)));
-        }
-        let options = url
-            .trim_end_matches('&')
-            .parse::<PgConnectOptions>()
-            .map_err(|_| BadConnectionString::new("the settings could not be read"))?;
-        let options = apply_tls(options, sslmode, root_cert)?;
         Ok(Self {
-            options,
+            hosts,
+            target_session_attrs,
             connect_timeout,
         })
     }
+}
+
+/// A host, and its `port` setting when it has one.
+type HostAndPort = (String, Option<(&'static str, String)>);
+
+/// The hosts to try, in order, each with its port (`None`: the default). libpq's rules: `hostaddr`
+/// (IP addresses) wins over `host` for where to connect; `port` is one port for every host, or
+/// one per host; an empty entry means the default (PGHOST, else the local socket, else
+/// localhost; PGPORT, else 5432).
+fn hosts_and_ports(params: &BTreeMap<String, String>) -> Result<Vec<HostAndPort>, BadConnectionString> {
+    let default_host = || PgConnectOptions::new_without_pgpass().get_host().to_owned();
+    let hosts: Vec<String> = match params.get("hostaddr").or_else(|| params.get("host")) {
+        Some(list) => list
+            .split(',')
+            .map(|host| match host.trim() {
+                "" => default_host(),
+                host => host.to_owned(),
+            })
+            .collect(),
+        None => vec![default_host()],
+    };
+    let ports: Vec<Option<String>> = match params.get("port") {
+        Some(list) => list
+            .split(',')
+            .map(|port| match port.trim() {
+                "" => Ok(None),
+                port => port
+                    .parse::<u16>()
+                    .map(|_| Some(port.to_owned()))
+                    .map_err(|_| BadConnectionString::new("the port is not a number from 1 to 65535")),
+            })
+            .collect::<Result<_, _>>()?,
+        None => vec![None],
+    };
+    let ports = match ports.len() {
+        1 => vec![ports[0].clone(); hosts.len()],
+        n if n == hosts.len() => ports,
+        _ => {
+            return Err(BadConnectionString::new(format!(
+                "{} hosts and {} ports: give one port for every host, or one port per host",
+                hosts.len(),
+                ports.len()
+            )));
+        }
+    };
+    Ok(hosts
+        .into_iter()
+        .zip(ports)
+        .map(|(host, port)| (host, port.map(|port| ("port", port))))
+        .collect())
 }
 
 /// The `'static` name of a setting passed on to sqlx.
@@ -256,21 +359,22 @@ impl FromStr for ConnectConfig {
     }
 }
 
-/// `user@host:port/dbname` (or `user@/socket/dir/dbname`), for messages: never the password.
+/// `user@host:port/dbname` (or `user@/socket/dir/dbname`, or `user@h1:5432,h2:5433/dbname`), for
+/// messages: never the password.
 impl fmt::Display for ConnectConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let options = &self.options;
+        let options = self.options();
         let database = options.get_database().unwrap_or(options.get_username());
-        match options.get_socket() {
-            Some(dir) => write!(f, "{}@{}/{database}", options.get_username(), dir.display()),
-            None => write!(
-                f,
-                "{}@{}:{}/{database}",
-                options.get_username(),
-                options.get_host(),
-                options.get_port()
-            ),
-        }
+        let hosts: Vec<String> = self.hosts.iter().map(server_name).collect();
+        write!(f, "{}@{}/{database}", options.get_username(), hosts.join(","))
+    }
+}
+
+/// `host:port`, or the socket directory: which server these options reach.
+pub(crate) fn server_name(options: &PgConnectOptions) -> String {
+    match options.get_socket() {
+        Some(dir) => dir.display().to_string(),
+        None => format!("{}:{}", options.get_host(), options.get_port()),
     }
 }
 

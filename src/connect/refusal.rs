@@ -34,6 +34,12 @@ pub struct BadConnectionString {
 }
 
 impl BadConnectionString {
+    /// A refusal for a `problem` found by the caller (a string that reads well but cannot be
+    /// used where it was given); the accepted forms follow it.
+    pub fn from_problem(problem: impl Into<String>) -> Self {
+        Self::new(problem)
+    }
+
     pub(super) fn new(problem: impl Into<String>) -> Self {
         Self {
             problem: problem.into(),

@@ -156,7 +156,16 @@ fn refusals_say_what_is_wrong_and_show_the_accepted_forms() {
             "postgres://app@db/app?sslrootcert=/nonexistent/ca.crt",
             "does not exist",
         ),
-        ("postgres://app@h1,h2/app", "several hosts"),
+        ("postgres://app@h1,h2,h3/app?port=1,2", "3 hosts and 2 ports"),
+        ("host=h1,h2 port=5432,x", "not a number"),
+        (
+            "postgres://app@h1,h2/app?target_session_attrs=standby",
+            "use read-write",
+        ),
+        (
+            "postgres://app@h1,h2/app?target_session_attrs=prefer-primary",
+            "must be any, read-write or primary",
+        ),
         ("host=db dbname", "has no value"),
         ("host=db password='open", "no closing quote"),
         (
@@ -186,4 +195,62 @@ fn refusals_never_repeat_a_password() {
         let err = ConnectConfig::parse(text).expect_err(text).to_string();
         assert!(!err.contains("ter2"), "{text:?}: {err}");
     }
+}
+
+#[test]
+fn several_hosts_as_libpq_pairs_them_with_ports() {
+    // (string, [(host, port)], attrs)
+    type Case<'a> = (&'a str, &'a [(&'a str, u16)], TargetSessionAttrs);
+    let cases: &[Case] = &[
+        (
+            "postgres://app@h1:5433,h2:5434/app?target_session_attrs=read-write",
+            &[("h1", 5433), ("h2", 5434)],
+            TargetSessionAttrs::ReadWrite,
+        ),
+        (
+            "postgres://app@h1,h2:6000/app",
+            &[("h1", 5432), ("h2", 6000)],
+            TargetSessionAttrs::Any,
+        ),
+        (
+            "postgres://app@[::1]:5433,[::2]/app?target_session_attrs=primary",
+            &[("::1", 5433), ("::2", 5432)],
+            TargetSessionAttrs::Primary,
+        ),
+        (
+            "host=h1,h2,h3 port=6000 dbname=app user=app target_session_attrs=read-write",
+            &[("h1", 6000), ("h2", 6000), ("h3", 6000)],
+            TargetSessionAttrs::ReadWrite,
+        ),
+        (
+            "host=h1,h2 port=6001,6002 dbname=app user=app",
+            &[("h1", 6001), ("h2", 6002)],
+            TargetSessionAttrs::Any,
+        ),
+        (
+            "postgres://app@/app?host=h1,h2&port=7001,7002",
+            &[("h1", 7001), ("h2", 7002)],
+            TargetSessionAttrs::Any,
+        ),
+    ];
+    for (text, expected, attrs) in cases {
+        let config = parsed(text);
+        let hosts: Vec<(&str, u16)> = config
+            .hosts()
+            .iter()
+            .map(|options| (options.get_host(), options.get_port()))
+            .collect();
+        assert_eq!(&hosts, expected, "{text}");
+        assert_eq!(config.target_session_attrs(), *attrs, "{text}");
+        // Every host gets the other settings.
+        for options in config.hosts() {
+            assert_eq!(options.get_username(), "app", "{text}");
+            assert_eq!(options.get_database(), Some("app"), "{text}");
+        }
+        assert_eq!(config.options().get_host(), expected[0].0, "{text}");
+    }
+    assert_eq!(
+        parsed("postgres://app:secret@h1:5433,h2:5434/app").to_string(),
+        "app@h1:5433,h2:5434/app"
+    );
 }

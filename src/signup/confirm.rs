@@ -11,7 +11,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use sqlx::PgPool;
-use sqlx::postgres::PgConnectOptions;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -21,15 +20,15 @@ use uuid::Uuid;
 use super::input::Player;
 use crate::channel::{ChannelName, IgnoredPayloads, parse_job_id};
 use crate::job::{JobId, JobStatus};
-use crate::listen::{Event, Subscription};
+use crate::listen::{Event, ListenTarget, Subscription};
 use crate::store::{self, JobOutcomeRow};
 use crate::telemetry;
 
 /// Where confirmations come from.
 #[derive(Debug, Clone)]
 pub(crate) enum Source {
-    /// LISTEN on the done channel through a connection made with these options.
-    Listen(Box<PgConnectOptions>),
+    /// LISTEN on the done channel, through a connection of its own to this target.
+    Listen(Box<ListenTarget>),
     /// No LISTEN (a pooler that cannot carry it): look at every waiter's job at this interval.
     Poll(std::time::Duration),
 }

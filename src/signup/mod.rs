@@ -39,6 +39,7 @@ use self::write::{Key, Written, write};
 use self::writer::Writers;
 use crate::channel::Channels;
 use crate::job::{JobId, UserId};
+use crate::listen::ListenTarget;
 use crate::store;
 
 /// A committed signup: the user and the job that will create its player.
@@ -179,11 +180,11 @@ impl Signups {
     pub async fn connect_with(pool: PgPool, config: SignupsConfig) -> Result<Self, SignupError> {
         let source = match config.poll_only {
             Some(interval) => Source::Poll(interval),
-            None => Source::Listen(Box::new(
-                config
-                    .listen_options
-                    .unwrap_or_else(|| (*pool.connect_options()).clone()),
-            )),
+            None => Source::Listen(Box::new(match config.listen_options {
+                Some(options) => ListenTarget::Fixed(Box::new(options)),
+                // Wherever the pool goes, across a failover too.
+                None => ListenTarget::Pool(pool.clone()),
+            })),
         };
         let confirmations = Confirmations::start(pool.clone(), config.channels.done.clone(), source)
             .await

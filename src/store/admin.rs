@@ -355,6 +355,21 @@ pub(crate) async fn ping(executor: impl PgExecutor<'_>) -> Result<(), sqlx::Erro
     Ok(())
 }
 
+/// Whether the server is in recovery (a standby), and whether this session's transactions are
+/// read-only by default: what libpq's `target_session_attrs` looks at.
+pub(crate) async fn session_state(executor: impl PgExecutor<'_>) -> Result<(bool, bool), sqlx::Error> {
+    let row = sqlx::query!(
+        r#"
+        select
+            pg_is_in_recovery() as "in_recovery!",
+            current_setting('transaction_read_only') = 'on' as "read_only!"
+        "#
+    )
+    .fetch_one(executor)
+    .await?;
+    Ok((row.in_recovery, row.read_only))
+}
+
 /// The server's version string.
 pub(crate) async fn server_version(executor: impl PgExecutor<'_>) -> Result<String, sqlx::Error> {
     sqlx::query_scalar!(r#"select version() as "version!""#)

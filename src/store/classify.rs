@@ -21,8 +21,9 @@ pub fn is_unavailable(err: &sqlx::Error) -> bool {
         | sqlx::Error::WorkerCrashed => true,
         sqlx::Error::Database(db_err) => db_err.code().is_some_and(|code| {
             // 08: connection exceptions; 57P01-03: the server is shutting down, crashed or
-            // starting; 53300: too many connections.
-            code.starts_with("08") || matches!(&*code, "57P01" | "57P02" | "57P03" | "53300")
+            // starting; 53300: too many connections; 25006: a write on a server that takes none
+            // now (a primary demoted to a standby, or fenced, before the pool moved on).
+            code.starts_with("08") || matches!(&*code, "57P01" | "57P02" | "57P03" | "53300" | "25006")
         }),
         _ => false,
     }

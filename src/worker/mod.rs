@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::channel::{IgnoredPayloads, parse_job_id};
-use crate::listen::{Event, Subscription};
+use crate::listen::{Event, ListenTarget, Subscription};
 
 mod config;
 mod handler;
@@ -157,11 +157,12 @@ impl<H: Handler> Worker<H> {
         let subscription = if config.poll_only {
             None
         } else {
-            let listen_options = config
-                .listen_options
-                .clone()
-                .unwrap_or_else(|| (*self.pool.connect_options()).clone());
-            let subscription = Subscription::connect(listen_options, config.channels.jobs.clone())
+            let target = match config.listen_options.clone() {
+                Some(options) => ListenTarget::Fixed(Box::new(options)),
+                // Wherever the pool goes, across a failover too.
+                None => ListenTarget::Pool(self.pool.clone()),
+            };
+            let subscription = Subscription::connect(target, config.channels.jobs.clone())
                 .await
                 .map_err(|source| WorkerError::Listen {
                     channel: config.channels.jobs.to_string(),

@@ -23,6 +23,7 @@ mod player_service;
 mod pooler;
 mod protocol;
 mod scans;
+mod several_hosts;
 mod signup;
 #[path = "../support/silent_proxy.rs"]
 mod silent_proxy;

@@ -35,10 +35,20 @@ impl ConnectionArgs {
     }
 
     pub fn listen_options(&self) -> Result<Option<PgConnectOptions>, Failure> {
-        self.listen_url
-            .as_deref()
-            .map(|url| parse_url(url, "ACKLOOP_LISTEN_URL").map(ConnectConfig::into_options))
-            .transpose()
+        let Some(url) = self.listen_url.as_deref() else {
+            return Ok(None);
+        };
+        let config = parse_url(url, "ACKLOOP_LISTEN_URL")?;
+        if config.hosts().len() > 1 {
+            return Err(Failure::BadUrl {
+                which: "ACKLOOP_LISTEN_URL",
+                source: ackloop::BadConnectionString::from_problem(
+                    "a listen URL takes one host: leave it unset and the listeners follow \
+                     DATABASE_URL's hosts, across a failover too",
+                ),
+            });
+        }
+        Ok(Some(config.into_options()))
     }
 
     /// A pool (as [`ConnectionArgs::pool`]) on a database whose schema this version can use.
@@ -74,14 +84,13 @@ impl ConnectionArgs {
 /// then report only that it timed out, where a user needs the reason at once.
 pub async fn connect(
     connection: &ConnectionArgs,
-    adjust: impl FnOnce(PgConnectOptions) -> PgConnectOptions,
+    adjust: impl Fn(PgConnectOptions) -> PgConnectOptions,
     connections: u32,
 ) -> Result<PgPool, Failure> {
     let config = connection.connect_config()?;
     let target = config.to_string();
     let config_timeout = config.connect_timeout();
     let timeout = config_timeout.unwrap_or(CONNECT_TIMEOUT);
-    let options = adjust(config.into_options());
     let failed = |source| Failure::Connect {
         target: target.clone(),
         from_env: connection.database_url.is_none(),
@@ -98,18 +107,27 @@ pub async fn connect(
         };
         sqlx::Error::Io(std::io::Error::new(std::io::ErrorKind::TimedOut, limit))
     };
-    let probe = tokio::time::timeout(timeout, options.connect())
-        .await
-        .map_err(|_| failed(timed_out()))?
-        .map_err(failed)?;
-    let pool = PgPoolOptions::new()
+    let pool_options = PgPoolOptions::new()
         .max_connections(connections)
         .acquire_timeout(timeout)
         // sqlx pings every connection it hands out by default: a round trip before each query.
         // A connection a restart killed fails its query instead, which the worker retries and
         // a signup reports as Unavailable.
-        .test_before_acquire(false)
-        .connect_lazy_with(options);
+        .test_before_acquire(false);
+    if config.hosts().len() > 1 || config.target_session_attrs() != ackloop::TargetSessionAttrs::Any {
+        // Several hosts: the first one that is what target_session_attrs asks for, followed
+        // across a failover. Each host gets the connect timeout.
+        return config
+            .connect_pool_with(pool_options, adjust)
+            .await
+            .map_err(failed);
+    }
+    let options = adjust(config.into_options());
+    let probe = tokio::time::timeout(timeout, options.connect())
+        .await
+        .map_err(|_| failed(timed_out()))?
+        .map_err(failed)?;
+    let pool = pool_options.connect_lazy_with(options);
     // Hand the probe to nobody: closing it keeps the pool's connection count honest.
     let _ = probe.close().await;
     Ok(pool)
