@@ -85,6 +85,13 @@ bench: db ## Benchmark matrix (c = 1, 16, 64, and drain) beside the pgbench ceil
 	cargo build --release $(FEATURES)
 	scripts/bench
 
+.PHONY: failover
+failover: ## Failover on real servers: a primary and a synchronous standby, the primary crashed, the standby promoted
+	scripts/pg-pair clean
+	scripts/pg-pair start
+	ACKLOOP_FAILOVER=1 cargo test --release $(FEATURES) --test failover; \
+	  status=$$?; scripts/pg-pair clean; exit $$status
+
 .PHONY: soak
 # The soak's cluster also listens on loopback TCP, so that the soak can put a proxy that goes
 # silent between the server and some of its processes. Its port is below Linux's ephemeral
