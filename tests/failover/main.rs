@@ -99,7 +99,7 @@ async fn failover() -> ExitCode {
         .await
         .unwrap();
     assert!(migrated.success(), "ackloop migrate");
-    let mut workers = vec![spawn_worker(&url, 1), spawn_worker(&url, 2)];
+    let mut workers = [spawn_worker(&url, 1), spawn_worker(&url, 2)];
 
     let pool = ConnectConfig::parse(&url)
         .unwrap()
