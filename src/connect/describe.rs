@@ -1,7 +1,10 @@
 //! Database errors as a user should read them: what failed and what to do, without the
-//! driver's wrapping or the server's source position, never with a password.
+//! driver's wrapping or the server's source position, never with a password; and which server a
+//! connection reaches, named for messages.
 
 use std::fmt;
+
+use sqlx::postgres::PgConnectOptions;
 
 /// A database error in words a user can act on: what failed and what to do, without the
 /// driver's wrapping ("error returned from database:") or the server's source position
@@ -95,6 +98,14 @@ fn describe_tls_error(text: &str) -> String {
         "check sslmode, sslrootcert, sslcert and sslkey"
     };
     format!("TLS failed ({text}): {advice}")
+}
+
+/// `host:port`, or the socket directory: which server these options reach.
+pub(crate) fn server_name(options: &PgConnectOptions) -> String {
+    match options.get_socket() {
+        Some(dir) => dir.display().to_string(),
+        None => format!("{}:{}", options.get_host(), options.get_port()),
+    }
 }
 
 #[cfg(test)]

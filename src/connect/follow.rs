@@ -14,8 +14,8 @@ use sqlx::{ConnectOptions, Connection, PgConnection, PgPool};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
+use super::describe::{Described, server_name};
 use super::refusal::BadConnectionString;
-use super::server_name;
 
 /// libpq's `target_session_attrs`: which server of several a connection may use. ackloop writes
 /// and listens, which a standby cannot do, so only the values that pick a primary are taken.
@@ -117,7 +117,7 @@ pub(super) async fn first_suitable(
                 reasons.push(format!("{} is {why}", server_name(options)));
             }
             Ok(Err(err)) => {
-                reasons.push(format!("{}: {}", server_name(options), super::Described(&err)));
+                reasons.push(format!("{}: {}", server_name(options), Described(&err)));
                 last_err = Some(err);
             }
             Err(_) => reasons.push(format!(
@@ -225,7 +225,7 @@ async fn watch(pool: PgPool, watched: Arc<Watched>, mut current: usize, first: P
                 ),
                 Ok(Err(err)) => tracing::warn!(
                     server = %server_name(&watched.hosts[current]),
-                    error = %super::Described(&err),
+                    error = %Described(&err),
                     "lost the server; looking for one that is {}", watched.wanted
                 ),
                 Err(_) => tracing::warn!(
@@ -246,7 +246,7 @@ async fn watch(pool: PgPool, watched: Arc<Watched>, mut current: usize, first: P
                     rounds += 1;
                     // A line now and then, not one per round.
                     if rounds % 20 == 1 {
-                        tracing::warn!(error = %super::Described(&err), "no server to move to yet");
+                        tracing::warn!(error = %Described(&err), "no server to move to yet");
                     }
                     tokio::time::sleep(SEARCH_INTERVAL).await;
                 }

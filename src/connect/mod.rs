@@ -19,8 +19,8 @@ mod describe;
 mod follow;
 mod libpq;
 mod refusal;
-pub(crate) use describe::Described;
 pub use describe::describe_db_error;
+pub(crate) use describe::{Described, server_name};
 pub use follow::TargetSessionAttrs;
 use libpq::{parse_key_values, parse_uri, percent_encode, shorten};
 pub use refusal::BadConnectionString;
@@ -367,14 +367,6 @@ impl fmt::Display for ConnectConfig {
         let database = options.get_database().unwrap_or(options.get_username());
         let hosts: Vec<String> = self.hosts.iter().map(server_name).collect();
         write!(f, "{}@{}/{database}", options.get_username(), hosts.join(","))
-    }
-}
-
-/// `host:port`, or the socket directory: which server these options reach.
-pub(crate) fn server_name(options: &PgConnectOptions) -> String {
-    match options.get_socket() {
-        Some(dir) => dir.display().to_string(),
-        None => format!("{}:{}", options.get_host(), options.get_port()),
     }
 }
 
