@@ -99,9 +99,11 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<JobId>, &'static str> {
     value
         .to_str()
         .ok()
-        .and_then(|text| text.trim().parse().ok())
+        .and_then(|text| text.trim().parse::<JobId>().ok())
+        // Keys are shared by every client of the database: the nil UUID is nobody's own.
+        .filter(|key| !key.as_uuid().is_nil())
         .map(Some)
-        .ok_or("Idempotency-Key must be a UUID (uuidgen makes one), sent again unchanged on a retry")
+        .ok_or("Idempotency-Key must be a random UUID (uuidgen makes one), sent again unchanged on a retry")
 }
 
 async fn signup_status(

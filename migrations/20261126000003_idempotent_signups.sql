@@ -16,6 +16,7 @@ as $$
 declare
     problem text;
     earlier record;
+    written_before boolean := false;
 begin
     problem := ackloop.email_problem(sign_up.email);
     if problem is not null then
@@ -63,14 +64,18 @@ begin
     if found then
         return;
     end if;
-    -- The email is taken. A new statement, so it sees a signup that committed while the insert
-    -- waited for it.
-    select jobs.id, jobs.user_id, users.email, users.display_name
-    into earlier
-    from player_creation_jobs as jobs
-    join users on users.id = jobs.user_id
-    where jobs.id = new_job_id;
-    if not found then
+    -- The email is taken. By this very signup, if its job id was given and is there: a new
+    -- statement, so it sees a signup that committed while the insert waited for it. (Reading
+    -- the name needs `select (display_name)` on users.)
+    if new_job_id is not null then
+        select jobs.id, jobs.user_id, users.email, users.display_name
+        into earlier
+        from player_creation_jobs as jobs
+        join users on users.id = jobs.user_id
+        where jobs.id = new_job_id;
+        written_before := found;
+    end if;
+    if not written_before then
         raise exception 'duplicate key value violates unique constraint "users_email_key"'
             using errcode = 'unique_violation', constraint = 'users_email_key', table = 'users',
                   schema = current_schema();

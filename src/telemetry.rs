@@ -20,8 +20,9 @@ pub const JOBS_RETRIED: &str = "ackloop_jobs_retried_total";
 pub const JOBS_FAILED: &str = "ackloop_jobs_failed_total";
 /// Counter, label `via`: waiting callers confirmed by a notification (`notification`), by a look
 /// at the tables after a reconnect, a poll or at the deadline (`table_check`: a missed
-/// notification), or callers of `await_player` whose job had finished before they waited
-/// (`already_finished`: status polls, not a sign of lost notifications).
+/// notification), or callers whose job had finished before they waited (`already_finished`:
+/// status polls through `await_player`, and signups sent again with their idempotency key; not
+/// a sign of lost notifications).
 pub const CONFIRMATIONS: &str = "ackloop_confirmations_total";
 /// Counter, label `channel`: listener reconnects.
 pub const LISTENER_RECONNECTS: &str = "ackloop_listener_reconnects_total";

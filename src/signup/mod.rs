@@ -59,7 +59,10 @@ pub struct Signup {
 ///
 /// # Errors
 /// [`SignupError::EmailTaken`], [`SignupError::Unavailable`] or [`SignupError::Database`]; the
-/// statement is atomic, so on any error nothing was written.
+/// statement is atomic, so on any error nothing was written. Inside a `REPEATABLE READ` or
+/// `SERIALIZABLE` transaction, an email taken by a transaction that committed after yours
+/// began is a serialization failure (SQLSTATE 40001, [`SignupError::Database`]): retry your
+/// transaction, which then sees the email taken.
 ///
 /// ```no_run
 /// # async fn demo(pool: sqlx::PgPool) -> Result<(), Box<dyn std::error::Error>> {

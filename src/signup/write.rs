@@ -64,26 +64,21 @@ pub(super) async fn write(
 ) -> Result<(UserId, Written), SignupError> {
     // An attempt whose fate is unknown, still to be resolved by the job id.
     let mut maybe_committed: Option<sqlx::Error> = None;
-    // Whether any attempt's fate was ever unknown: a taken email may then be this signup's.
+    // Whether any attempt's fate was ever unknown: it may have committed, so every answer keeps
+    // the job id.
     let mut was_uncertain = false;
     let mut alone = false;
     let mut failures = 0;
     loop {
         let attempt = if let Some(err) = maybe_committed.take() {
-            // A caller's key may be someone else's job: only `sign_up` (writing alone) can
-            // tell this signup's own earlier write by its email and display name.
-            if key == Key::Caller {
-                writers.write_alone(new_user, job_id, deadline).await
-            } else {
-                match committed_user(pool, job_id, deadline).await {
-                    Ok(Some(user_id)) => return Ok((user_id, Written::Now)),
-                    // Not there now: write it again, alone. The lost statement may still
-                    // commit later (the server can run it after its client has gone); then
-                    // `sign_up`, finding the email taken by this very job id, returns that
-                    // signup, so it is neither doubled nor refused.
-                    Ok(None) => writer::Attempt::NotCommitted(err),
-                    Err(lookup) => writer::Attempt::Unknown(lookup),
-                }
+            match committed_user(pool, job_id, deadline).await {
+                Ok(Some(user_id)) => return Ok((user_id, Written::Now)),
+                // Not there now: write it again, alone. The lost statement may still commit
+                // later (the server can run it after its client has gone); then `sign_up`,
+                // finding the email taken by this very job id, returns that signup, so it is
+                // neither doubled nor refused.
+                Ok(None) => writer::Attempt::NotCommitted(err),
+                Err(lookup) => writer::Attempt::Unknown(lookup),
             }
         } else if alone {
             writers.write_alone(new_user, job_id, deadline).await
@@ -107,18 +102,8 @@ pub(super) async fn write(
                 continue;
             }
             writer::Attempt::KeyReused => return Err(SignupError::KeyReused(job_id)),
-            writer::Attempt::EmailTaken if was_uncertain && key == Key::None => {
-                // Maybe taken by this signup's own earlier attempt: the job id tells. A failed
-                // look proves nothing either way, so the caller keeps the job id.
-                return match committed_user(pool, job_id, deadline).await {
-                    Ok(Some(user_id)) => Ok((user_id, Written::Now)),
-                    Ok(None) => Err(SignupError::EmailTaken),
-                    Err(source) => Err(SignupError::Unavailable {
-                        job_id: Some(job_id),
-                        source,
-                    }),
-                };
-            }
+            // Written alone after an attempt whose fate was unknown, `sign_up` has already told
+            // a taken email from this signup's own earlier write (by the job id).
             writer::Attempt::EmailTaken => return Err(SignupError::EmailTaken),
             writer::Attempt::WriteAlone => {
                 alone = true;
@@ -137,16 +122,30 @@ pub(super) async fn write(
             writer::Attempt::Unknown(err) => {
                 alone = true;
                 was_uncertain = true;
-                maybe_committed = Some(err);
                 failures += 1;
-                // Resolve at once if there is time; back off only if the lookup fails.
-                if Instant::now() < deadline {
-                    continue;
+                if key == Key::None {
+                    // Look the job id up at once if there is time (the look backs off if it
+                    // fails). A caller's key may be someone else's job, so a keyed signup is
+                    // resolved by writing it again alone, where `sign_up` compares email and
+                    // name: a write, which backs off as any write does.
+                    maybe_committed = Some(err);
+                    if Instant::now() < deadline {
+                        continue;
+                    }
+                    return Err(SignupError::Unavailable {
+                        job_id: Some(job_id),
+                        source: maybe_committed.take().expect("just set"),
+                    });
                 }
-                return Err(SignupError::Unavailable {
-                    job_id: Some(job_id),
-                    source: maybe_committed.take().expect("just set"),
-                });
+                let delay = WRITE_RETRY_BACKOFF.delay(failures);
+                if Instant::now() + delay >= deadline {
+                    return Err(SignupError::Unavailable {
+                        job_id: Some(job_id),
+                        source: err,
+                    });
+                }
+                tokio::time::sleep(delay).await;
+                continue;
             }
         };
         failures += 1;

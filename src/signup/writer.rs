@@ -264,6 +264,16 @@ async fn write_batches(
 }
 
 async fn write_together(pool: &PgPool, channels: &Channels, batch: Vec<Queued>) {
+    // A job id already in the batch is a caller's key sent twice at once: the grouped statement
+    // answers by job id alone, so it would tell both that the one written is theirs, whatever
+    // their email and name. All but the first are written alone, where `sign_up` compares them.
+    let mut ids = std::collections::HashSet::with_capacity(batch.len());
+    let (batch, repeated): (Vec<Queued>, Vec<Queued>) =
+        batch.into_iter().partition(|queued| ids.insert(queued.job_id));
+    for queued in repeated {
+        tracing::debug!(job.id = %queued.job_id, "a job id twice in one batch; the second is written alone");
+        let _ = queued.written.send(Attempt::WriteAlone);
+    }
     let earliest = batch
         .iter()
         .map(|q| q.deadline)

@@ -191,7 +191,13 @@ async fn a_client_that_gave_up_sends_its_key_again_and_gets_its_own_signup(
     // A key that is not a UUID: refused before anything is written.
     let (status, bad) = post_with_key(&client, &quick.base, "retry-1", "grace@example.com", "Grace").await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}");
-    assert!(bad["error"].as_str().unwrap().contains("must be a UUID"), "{bad}");
+    assert!(
+        bad["error"].as_str().unwrap().contains("must be a random UUID"),
+        "{bad}"
+    );
+    let nil = uuid::Uuid::nil().to_string();
+    let (status, bad) = post_with_key(&client, &quick.base, &nil, "grace@example.com", "Grace").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}");
 
     let counts = counts(&pool).await;
     assert_eq!((counts.users, counts.players), (1, 1), "one signup, one player");

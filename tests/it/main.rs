@@ -16,6 +16,8 @@ mod faults;
 mod grouped_signups;
 mod hostile_input;
 mod idempotency;
+mod idempotency_cuts;
+mod idempotency_races;
 mod layout;
 mod metrics;
 mod operations;

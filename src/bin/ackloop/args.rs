@@ -71,7 +71,7 @@ pub enum Command {
         /// A UUID of your choosing (uuidgen makes one), which becomes the job id: running the
         /// command again with the same key, email and display name writes nothing and reports
         /// the first run's outcome, instead of exit 4
-        #[arg(long, value_name = "UUID")]
+        #[arg(long, value_name = "UUID", value_parser = parse_idempotency_key)]
         idempotency_key: Option<ackloop::JobId>,
         /// Print one JSON object instead of text
         #[arg(long)]
@@ -382,5 +382,13 @@ mod tests {
             parse_retry(&["--all-missing"]),
             Err(ErrorKind::MissingRequiredArgument)
         );
+    }
+}
+
+/// An idempotency key: any UUID but the nil one, which every careless client would share.
+fn parse_idempotency_key(text: &str) -> Result<ackloop::JobId, String> {
+    match text.parse::<ackloop::JobId>() {
+        Ok(key) if !key.as_uuid().is_nil() => Ok(key),
+        _ => Err("expected a random UUID (uuidgen makes one), the same on every retry".to_owned()),
     }
 }
