@@ -314,6 +314,14 @@ impl BenchHandler {
     }
 }
 
+/// An idempotency key: any UUID but the nil one, which every careless client would share.
+fn parse_idempotency_key(text: &str) -> Result<ackloop::JobId, String> {
+    match text.parse::<ackloop::JobId>() {
+        Ok(key) if !key.as_uuid().is_nil() => Ok(key),
+        _ => Err("expected a random UUID (uuidgen makes one), the same on every retry".to_owned()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -382,13 +390,5 @@ mod tests {
             parse_retry(&["--all-missing"]),
             Err(ErrorKind::MissingRequiredArgument)
         );
-    }
-}
-
-/// An idempotency key: any UUID but the nil one, which every careless client would share.
-fn parse_idempotency_key(text: &str) -> Result<ackloop::JobId, String> {
-    match text.parse::<ackloop::JobId>() {
-        Ok(key) if !key.as_uuid().is_nil() => Ok(key),
-        _ => Err("expected a random UUID (uuidgen makes one), the same on every retry".to_owned()),
     }
 }
