@@ -1,15 +1,21 @@
-//! `make failover`: the loop across a failover, on real servers. Not part of `make test` (it
+//! `make failover`: the loop across two failovers, on real servers. Not part of `make test` (it
 //! needs a second cluster); without `ACKLOOP_FAILOVER` set it only says so and exits 0. CI runs
 //! it.
 //!
 //! `scripts/pg-pair` runs a primary (a) and a synchronous streaming standby (b). Two `ackloop
 //! worker` processes and this process's signups (16 callers, each waiting up to 30 s for its
-//! player) all use one multi-host URL (`a,b`, `target_session_attrs=read-write`). Once the loop
-//! runs, the primary is stopped with `-m immediate` (a crash: no shutdown checkpoint, sessions
-//! cut) and, after an outage of `FAILOVER_OUTAGE_MS` (1,000 by default: an HA manager's
-//! detection time), the standby is promoted. Signups go on until 200 more started after the
-//! promotion are confirmed; then the queue is drained and every invariant is printed with its
-//! figure and asserted.
+//! player) all use one multi-host URL (`a,b`, `target_session_attrs=read-write`). Each phase
+//! waits for 200 confirmed signups, takes the primary away, promotes the standby, and goes on
+//! until 200 signups started after the promotion are confirmed; then its invariants are printed
+//! with their figures and asserted on the new primary.
+//!
+//! 1. a crashes (`-m immediate`: no shutdown checkpoint, sessions cut); after an outage of
+//!    `FAILOVER_OUTAGE_MS` (1,000 by default: an HA manager's detection time) b is promoted.
+//! 2. a is rebuilt as b's synchronous standby; then b is fenced (read-only, still up and
+//!    answering, as an HA manager fences a primary), and once it can commit nothing more a is
+//!    promoted beside it: ackloop must leave a server that still answers.
+//!
+//! At the end the queue is drained on a and the whole run checked there.
 
 use std::process::{ExitCode, Stdio};
 use std::sync::Arc;
@@ -87,10 +93,171 @@ async fn until(what: &str, mut done: impl FnMut() -> bool) {
     }
 }
 
+/// How a phase takes the primary away.
+#[derive(Clone, Copy)]
+enum Fault {
+    /// `pg_ctl stop -m immediate`: a crash, every session cut.
+    Crash,
+    /// Made read-only while it stays up and reachable (an HA manager's fence), then the standby
+    /// promoted beside it: ackloop must leave a server that still answers.
+    Fence,
+}
+
+/// The signup side's callers, running until told to stop.
+struct Load {
+    outcomes: Arc<Mutex<Vec<Outcome>>>,
+    confirmed: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+    callers: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Load {
+    fn start(signups: &Arc<Signups>, next: &Arc<AtomicUsize>) -> Self {
+        let outcomes = Arc::new(Mutex::new(Vec::<Outcome>::new()));
+        let confirmed = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let callers = (0..CALLERS)
+            .map(|_| {
+                let (signups, outcomes, confirmed, stop, next) = (
+                    Arc::clone(signups),
+                    Arc::clone(&outcomes),
+                    Arc::clone(&confirmed),
+                    Arc::clone(&stop),
+                    Arc::clone(next),
+                );
+                tokio::spawn(async move {
+                    while !stop.load(Ordering::Relaxed) {
+                        let n = next.fetch_add(1, Ordering::Relaxed);
+                        let user = NewUser::new(format!("user{n}@example.com"), format!("User {n}")).unwrap();
+                        let started = Instant::now();
+                        let result = signups.create_user_and_await_player(&user, CALLER_TIMEOUT).await;
+                        if result.is_ok() {
+                            confirmed.fetch_add(1, Ordering::Relaxed);
+                        }
+                        let ended = Instant::now();
+                        outcomes.lock().await.push(Outcome {
+                            started,
+                            ended,
+                            result,
+                        });
+                    }
+                })
+            })
+            .collect();
+        Self {
+            outcomes,
+            confirmed,
+            stop,
+            callers,
+        }
+    }
+
+    async fn confirmed_after(&self, moment: Instant) -> usize {
+        self.outcomes
+            .lock()
+            .await
+            .iter()
+            .filter(|o| o.started > moment && o.result.is_ok())
+            .count()
+    }
+
+    async fn finish(self) -> Vec<Outcome> {
+        self.stop.store(true, Ordering::Relaxed);
+        for caller in self.callers {
+            caller.await.expect("a caller panicked");
+        }
+        std::mem::take(&mut *self.outcomes.lock().await)
+    }
+}
+
+/// One failover under load: signups confirmed, the primary taken away by `fault`, the standby
+/// promoted, then signups confirmed on the new primary; then this phase's invariants, read on
+/// the new primary at `new_primary_url`. Returns how many signups were confirmed.
+async fn phase(
+    checks: &mut Checks,
+    fault: Fault,
+    signups: &Arc<Signups>,
+    next: &Arc<AtomicUsize>,
+    new_primary_url: &str,
+) -> usize {
+    let load = Load::start(signups, next);
+    until("signups confirmed before the fault", || {
+        load.confirmed.load(Ordering::Relaxed) >= BEFORE
+    })
+    .await;
+    let faulted = Instant::now();
+    match fault {
+        Fault::Crash => {
+            pair("kill-primary").await;
+            println!("failover: primary stopped with -m immediate");
+            // The outage is the scenario (an HA manager's detection time), not a wait.
+            tokio::time::sleep(outage()).await;
+        }
+        Fault::Fence => {
+            pair("fence").await;
+            println!("failover: primary fenced (read-only, still up)");
+            // An HA manager promotes only once the old primary can commit nothing more: wait
+            // until no transaction there holds a transaction id (one committing after the
+            // promotion would wait for a standby that is gone).
+            let old = pair("url-b").await;
+            let mut conn = PgConnection::connect(&old)
+                .await
+                .expect("connect to the fenced primary");
+            let deadline = Instant::now() + PHASE_DEADLINE;
+            loop {
+                let writing: i64 = sqlx::query_scalar(
+                    "select count(*) from pg_stat_activity where backend_xid is not null and pid <> pg_backend_pid()",
+                )
+                .fetch_one(&mut conn)
+                .await
+                .unwrap();
+                if writing == 0 {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "stuck: writes still open on the fenced primary"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let _ = conn.close().await;
+        }
+    }
+    pair("promote").await;
+    let promoted = Instant::now();
+    println!(
+        "failover: standby promoted {:.1} s after the fault",
+        (promoted - faulted).as_secs_f64()
+    );
+    let deadline = Instant::now() + PHASE_DEADLINE;
+    while load.confirmed_after(promoted).await < AFTER {
+        assert!(
+            Instant::now() < deadline,
+            "stuck: signups confirmed after the promotion"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let outcomes = load.finish().await;
+    let mut new_primary = PgConnection::connect(new_primary_url)
+        .await
+        .expect("connect to the new primary");
+    verify_phase(checks, &outcomes, &mut new_primary, faulted, promoted).await;
+    let _ = new_primary.close().await;
+    outcomes.iter().filter(|o| o.result.is_ok()).count()
+}
+
+fn outage() -> Duration {
+    Duration::from_millis(
+        std::env::var("FAILOVER_OUTAGE_MS")
+            .ok()
+            .and_then(|ms| ms.parse().ok())
+            .unwrap_or(1000),
+    )
+}
+
 async fn failover() -> ExitCode {
     pair("start").await;
     let url = pair("url").await;
-    let url_b = pair("url-b").await;
     println!("failover: {url}");
     let migrated = Command::new(ACKLOOP)
         .arg("migrate")
@@ -107,90 +274,25 @@ async fn failover() -> ExitCode {
         .await
         .expect("a pool on the primary");
     let signups = Arc::new(Signups::connect(pool.clone()).await.expect("the signup side"));
-    let outcomes = Arc::new(Mutex::new(Vec::<Outcome>::new()));
-    let confirmed = Arc::new(AtomicUsize::new(0));
-    let stop = Arc::new(AtomicBool::new(false));
     let next = Arc::new(AtomicUsize::new(0));
-    let callers: Vec<_> = (0..CALLERS)
-        .map(|_| {
-            let (signups, outcomes, confirmed, stop, next) = (
-                Arc::clone(&signups),
-                Arc::clone(&outcomes),
-                Arc::clone(&confirmed),
-                Arc::clone(&stop),
-                Arc::clone(&next),
-            );
-            tokio::spawn(async move {
-                while !stop.load(Ordering::Relaxed) {
-                    let n = next.fetch_add(1, Ordering::Relaxed);
-                    let user = NewUser::new(format!("user{n}@example.com"), format!("User {n}")).unwrap();
-                    let started = Instant::now();
-                    let result = signups.create_user_and_await_player(&user, CALLER_TIMEOUT).await;
-                    if result.is_ok() {
-                        confirmed.fetch_add(1, Ordering::Relaxed);
-                    }
-                    let ended = Instant::now();
-                    outcomes.lock().await.push(Outcome {
-                        started,
-                        ended,
-                        result,
-                    });
-                }
-            })
-        })
-        .collect();
+    let mut checks = Checks::default();
 
-    until("signups confirmed before the crash", || {
-        confirmed.load(Ordering::Relaxed) >= BEFORE
-    })
-    .await;
-    let killed = Instant::now();
-    pair("kill-primary").await;
-    println!("failover: primary stopped with -m immediate");
-    let outage = Duration::from_millis(
-        std::env::var("FAILOVER_OUTAGE_MS")
-            .ok()
-            .and_then(|ms| ms.parse().ok())
-            .unwrap_or(1000),
-    );
-    // The outage is the scenario (an HA manager's detection time), not a wait for something.
-    tokio::time::sleep(outage).await;
-    pair("promote").await;
-    let promoted = Instant::now();
-    println!(
-        "failover: standby promoted {:.1} s after the crash",
-        (promoted - killed).as_secs_f64()
-    );
+    println!("failover: phase 1, a crashes, b is promoted");
+    let mut confirmed = phase(&mut checks, Fault::Crash, &signups, &next, &pair("url-b").await).await;
+    pair("rejoin").await;
+    println!("failover: a rebuilt as b's synchronous standby");
+    println!("failover: phase 2, b is fenced and stays up, a is promoted");
+    confirmed += phase(&mut checks, Fault::Fence, &signups, &next, &pair("url-a").await).await;
 
-    let started_after = |outcomes: &[Outcome]| {
-        outcomes
-            .iter()
-            .filter(|o| o.started > promoted && o.result.is_ok())
-            .count()
-    };
-    let deadline = Instant::now() + PHASE_DEADLINE;
-    while started_after(&outcomes.lock().await) < AFTER {
-        assert!(
-            Instant::now() < deadline,
-            "stuck: signups confirmed after the promotion"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    stop.store(true, Ordering::Relaxed);
-    for caller in callers {
-        caller.await.expect("a caller panicked");
-    }
-    let outcomes = std::mem::take(&mut *outcomes.lock().await);
-
-    // Drain on the new primary, then read the tables there.
-    let mut new_primary = PgConnection::connect(&url_b)
+    // Drain on the last primary, then check the whole run there.
+    let mut last = PgConnection::connect(&pair("url-a").await)
         .await
-        .expect("connect to the new primary");
+        .expect("connect to a");
     let drain_deadline = Instant::now() + PHASE_DEADLINE;
     loop {
         let pending: i64 =
             sqlx::query_scalar("select count(*) from player_creation_jobs where status = 'pending'")
-                .fetch_one(&mut new_primary)
+                .fetch_one(&mut last)
                 .await
                 .unwrap();
         if pending == 0 {
@@ -202,14 +304,13 @@ async fn failover() -> ExitCode {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let mut checks = Checks::default();
-    verify(&mut checks, &outcomes, &mut new_primary, killed, promoted).await;
+    verify_run(&mut checks, confirmed, &mut last).await;
 
-    // The workers rode the failover: still running, and they stop cleanly.
+    // The workers rode both failovers: still running, and they stop cleanly.
     for (n, worker) in workers.iter_mut().enumerate() {
         let running = worker.try_wait().unwrap().is_none();
         checks.check(
-            &format!("worker {} still running after the failover", n + 1),
+            &format!("worker {} still running after both failovers", n + 1),
             running,
             "",
         );
@@ -261,11 +362,11 @@ impl Checks {
     }
 }
 
-async fn verify(
+async fn verify_phase(
     checks: &mut Checks,
     outcomes: &[Outcome],
     db: &mut PgConnection,
-    killed: Instant,
+    faulted: Instant,
     promoted: Instant,
 ) {
     let confirmed: Vec<&ackloop::Player> = outcomes.iter().filter_map(|o| o.result.as_ref().ok()).collect();
@@ -290,11 +391,11 @@ async fn verify(
     );
     let across: Vec<&Outcome> = outcomes
         .iter()
-        .filter(|o| o.started < killed && o.ended > killed)
+        .filter(|o| o.started < faulted && o.ended > faulted)
         .collect();
     let across_ok = across.iter().filter(|o| o.result.is_ok()).count();
     checks.check(
-        "callers in flight at the crash were confirmed",
+        "callers in flight at the fault were confirmed",
         across_ok == across.len() && !across.is_empty(),
         &format!("{across_ok} of {}", across.len()),
     );
@@ -328,6 +429,10 @@ async fn verify(
         missing == 0,
         &format!("{missing} missing of {}", confirmed.len()),
     );
+}
+
+/// The whole run, on the last primary once the queue is drained.
+async fn verify_run(checks: &mut Checks, confirmed: usize, db: &mut PgConnection) {
     let (users, jobs, done, failed, players): (i64, i64, i64, i64, i64) = sqlx::query_as(
         "select (select count(*) from users),
                 (select count(*) from player_creation_jobs),
@@ -345,10 +450,7 @@ async fn verify(
     );
     checks.check(
         "nothing doubled: one user, one job, one player per confirmed signup",
-        users == jobs && jobs == players && players == confirmed.len() as i64,
-        &format!(
-            "{users} users, {jobs} jobs, {players} players, {} confirmed",
-            confirmed.len()
-        ),
+        users == jobs && jobs == players && players == confirmed as i64,
+        &format!("{users} users, {jobs} jobs, {players} players, {confirmed} confirmed"),
     );
 }
