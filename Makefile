@@ -85,6 +85,11 @@ bench: db ## Benchmark matrix (c = 1, 16, 64, and drain) beside the pgbench ceil
 	cargo build --release $(FEATURES)
 	scripts/bench
 
+.PHONY: bench-scale
+bench-scale: db ## Scale-out on one server: P auth x Q worker processes at 64 callers, beside the ceiling
+	cargo build --release $(FEATURES)
+	scripts/bench --scale
+
 .PHONY: soak
 # The soak's cluster also listens on loopback TCP, so that the soak can put a proxy that goes
 # silent between the server and some of its processes. Its port is below Linux's ephemeral
