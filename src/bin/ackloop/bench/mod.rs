@@ -214,14 +214,19 @@ async fn count_commits(pool: &PgPool) -> Result<(i64, i64), sqlx::Error> {
     .await
 }
 
-/// Samples the scratch database's backends every 50ms and keeps the largest count.
+/// Samples the scratch database's client connections every 50ms and keeps the largest count
+/// (an autovacuum worker visiting the database is not one of the loop's connections).
 async fn sample_connections(options: PgConnectOptions, peak: Arc<AtomicU64>) {
     let Ok(mut conn) = PgConnection::connect_with(&options).await else {
         return;
     };
     loop {
         let count: Result<i64, _> = sqlx::query_scalar(
-            "select count(*) from pg_stat_activity where datname = current_database() and pid <> pg_backend_pid()",
+            "select count(*)
+             from pg_stat_activity
+             where datname = current_database()
+                 and backend_type = 'client backend'
+                 and pid <> pg_backend_pid()",
         )
         .fetch_one(&mut conn)
         .await;
