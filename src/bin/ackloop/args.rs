@@ -118,6 +118,15 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// One auth process of `ackloop bench --auth-processes`, started by the bench itself
+    #[command(hide = true)]
+    BenchAuth {
+        /// The number of this process's first signup, so that emails differ across processes
+        #[arg(long)]
+        first: usize,
+        #[command(flatten)]
+        config: BenchConfig,
+    },
     /// Wait for the player of a signup already committed (one whose first wait timed out)
     ///
     /// Example: ackloop await 0193a5c2-…  or  ackloop await --email ada@example.com --timeout 30s
@@ -195,7 +204,10 @@ impl Command {
                 | JobsCommand::Retry { json, .. }
                 | JobsCommand::Prune { json, .. } => *json,
             },
-            Command::Worker { .. } | Command::Bench { .. } | Command::Dashboard { .. } => false,
+            Command::Worker { .. }
+            | Command::Bench { .. }
+            | Command::BenchAuth { .. }
+            | Command::Dashboard { .. } => false,
         }
     }
 }
@@ -268,19 +280,25 @@ pub struct BenchConfig {
     /// Signups to run (or jobs to drain)
     #[arg(long, default_value_t = 10_000)]
     pub signups: usize,
-    /// Concurrent callers of create_user_and_await_player
+    /// Concurrent callers of create_user_and_await_player, in all
     #[arg(long, default_value_t = 64)]
     pub concurrency: usize,
     /// Worker processing loops in all
     #[arg(long, default_value_t = WorkerConfig::default().concurrency)]
     pub workers: usize,
-    /// Run the workers as this many `ackloop worker` processes instead of in this process
+    /// Run the workers as this many `ackloop worker` processes instead of in this process, each
+    /// with its own pool and LISTEN connection and --workers / N loops (rounded up)
     #[arg(long, default_value_t = 0)]
     pub worker_processes: usize,
+    /// Run the callers in this many processes instead of in this process, each with its own
+    /// `Signups` (pool, --writers writers, LISTEN connection) and its share of --concurrency and
+    /// --signups, all measured over the same wall-clock window
+    #[arg(long, default_value_t = 0)]
+    pub auth_processes: usize,
     /// Jobs claimed and completed per worker transaction
     #[arg(long, default_value_t = WorkerConfig::default().batch_size)]
     pub batch_size: u16,
-    /// Signup writer tasks (concurrent signups share their transactions)
+    /// Signup writer tasks per `Signups` (concurrent signups share their transactions)
     #[arg(long, default_value_t = SignupsConfig::default().writers)]
     pub writers: usize,
     /// Most signups per transaction (1 writes each signup alone)

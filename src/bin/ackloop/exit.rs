@@ -67,6 +67,9 @@ pub enum Failure {
     Query(#[source] sqlx::Error),
     #[error("benchmark failed")]
     Bench(#[source] sqlx::Error),
+    /// Bench flags that do not go together (the message says which).
+    #[error("{0}")]
+    BenchFlags(&'static str),
     #[error("benchmark verification failed: not every signup got exactly one player")]
     BenchVerification,
 }
@@ -86,7 +89,7 @@ impl Failure {
             // sqlx refuses to migrate a database holding migrations it does not have.
             Self::Schema(ackloop::SchemaError::Newer { .. })
             | Self::Migrate(sqlx::migrate::MigrateError::VersionMissing(_)) => 9,
-            Self::Worker(WorkerError::Config(_)) | Self::ListenAddr { .. } => 2,
+            Self::Worker(WorkerError::Config(_)) | Self::ListenAddr { .. } | Self::BenchFlags(_) => 2,
             Self::Admin(ackloop::admin::AdminError::UnknownJob(_))
             | Self::Signup(SignupError::UnknownJob(_)) => 3,
             Self::Admin(

@@ -26,7 +26,7 @@ fn main() -> ExitCode {
         .init();
     // The worker runs many loops at once; the one-shot commands need only one thread.
     let runtime = match cli.command {
-        args::Command::Worker { .. } | args::Command::Bench { .. } => {
+        args::Command::Worker { .. } | args::Command::Bench { .. } | args::Command::BenchAuth { .. } => {
             tokio::runtime::Builder::new_multi_thread().enable_all().build()
         }
         _ => tokio::runtime::Builder::new_current_thread().enable_all().build(),

@@ -73,6 +73,7 @@ async fn dispatch(cli: Cli) -> Result<(), Failure> {
         Command::Jobs { command } => jobs::run(&connection, command).await,
         Command::Doctor { stale_after, json } => doctor::run(&connection, stale_after, json).await,
         Command::Bench { config, json } => {
+            crate::bench::check(&config).map_err(Failure::BenchFlags)?;
             let report = crate::bench::run(connection.connect_options()?, config)
                 .await
                 .map_err(Failure::Bench)?;
@@ -82,6 +83,11 @@ async fn dispatch(cli: Cli) -> Result<(), Failure> {
             } else {
                 Err(Failure::BenchVerification)
             }
+        }
+        Command::BenchAuth { first, config } => {
+            crate::bench::run_auth_process(connection.connect_options()?, first, config)
+                .await
+                .map_err(Failure::Bench)
         }
     }
 }
