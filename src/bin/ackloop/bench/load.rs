@@ -70,6 +70,7 @@ impl Workers {
                 .args(["--batch-size", &config.batch_size.to_string()])
                 .env("DATABASE_URL", &url)
                 .env("RUST_LOG", "ackloop=warn")
+                .env("ACKLOOP_LOG_FORMAT", config.log_format.name())
                 .stdin(Stdio::null())
                 .kill_on_drop(true)
                 .spawn()
@@ -143,7 +144,8 @@ pub(super) async fn signups(
                     Err(SignupError::TimedOut { .. }) => timeouts += 1,
                     Err(err) => {
                         errors += 1;
-                        tracing::error!(error = %err, "bench signup failed");
+                        let job_id = err.job_id().map(tracing::field::display);
+                        tracing::error!(job.id = job_id, error = %err, "bench signup failed");
                     }
                 }
                 finished.fetch_add(1, Ordering::Relaxed);
