@@ -19,6 +19,7 @@ mod hostile_input;
 mod idempotency;
 mod idempotency_cuts;
 mod idempotency_races;
+mod json_logs;
 mod layout;
 mod metrics;
 mod operations;

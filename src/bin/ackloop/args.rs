@@ -16,8 +16,33 @@ use crate::exit::EXIT_CODES;
 pub struct Cli {
     #[command(flatten)]
     pub connection: ConnectionArgs,
+    /// How log lines are written to stderr: text for people, or json for log pipelines (one
+    /// object per line, each line about a job with its job.id field)
+    #[arg(long, env = "ACKLOOP_LOG_FORMAT", global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// The shape of the log lines on stderr (`--log-format`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// One line of text per event, coloured on a terminal
+    #[default]
+    Text,
+    /// One JSON object per event: timestamp, level, target, message, the event's fields, and
+    /// the spans it happened in
+    Json,
+}
+
+impl LogFormat {
+    /// The value `--log-format` takes for it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Text => "text",
+            Self::Json => "json",
+        }
+    }
 }
 
 /// Where the database is, and which channels to use.
@@ -329,6 +354,10 @@ pub struct BenchConfig {
     /// per job); in-process workers only
     #[arg(long, value_enum, default_value_t = BenchHandler::BuiltIn)]
     pub handler: BenchHandler,
+    /// The --log-format of the `ackloop worker` processes (--worker-processes): this
+    /// process's own, so that their lines on the shared stderr parse alike
+    #[arg(skip)]
+    pub log_format: LogFormat,
 }
 
 /// The handler `ackloop bench --handler` runs.
@@ -366,6 +395,23 @@ mod tests {
     fn cli_definition_is_consistent() {
         use clap::CommandFactory;
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn log_format_is_text_unless_asked_and_goes_anywhere_on_the_line() {
+        let parse = |args: &[&str]| {
+            let argv = ["ackloop"].iter().chain(args);
+            Cli::try_parse_from(argv)
+                .map(|cli| cli.log_format)
+                .map_err(|err| err.kind())
+        };
+        assert_eq!(parse(&["status"]), Ok(LogFormat::Text));
+        assert_eq!(parse(&["--log-format", "json", "worker"]), Ok(LogFormat::Json));
+        assert_eq!(parse(&["worker", "--log-format=json"]), Ok(LogFormat::Json));
+        assert_eq!(
+            parse(&["--log-format", "yaml", "worker"]),
+            Err(clap::error::ErrorKind::InvalidValue)
+        );
     }
 
     /// The `jobs retry` arguments `args` parse to, or clap's error kind.

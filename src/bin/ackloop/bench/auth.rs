@@ -140,6 +140,7 @@ impl AuthProcesses {
             let mut child = command
                 .env("DATABASE_URL", &url)
                 .env("RUST_LOG", "ackloop=warn")
+                .env("ACKLOOP_LOG_FORMAT", config.log_format.name())
                 .stdin(Stdio::piped())
                 .stdout(Stdio::piped())
                 .kill_on_drop(true)

@@ -83,7 +83,8 @@ pub(super) async fn sign_up(
                     Err(SignupError::TimedOut { .. }) => misses.timeouts += 1,
                     Err(err) => {
                         misses.errors += 1;
-                        tracing::error!(error = %err, "bench signup failed");
+                        let job_id = err.job_id().map(tracing::field::display);
+                        tracing::error!(job.id = job_id, error = %err, "bench signup failed");
                     }
                 }
                 finished.fetch_add(1, Ordering::Relaxed);

@@ -76,6 +76,7 @@ impl Workers {
                 .env("DATABASE_URL", &url)
                 // Warnings, and the worker's own start line, which says it is ready.
                 .env("RUST_LOG", "ackloop=warn,ackloop::worker=info")
+                .env("ACKLOOP_LOG_FORMAT", config.log_format.name())
                 .stdin(Stdio::null())
                 .stderr(Stdio::piped())
                 .kill_on_drop(true)
