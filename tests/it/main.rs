@@ -11,6 +11,7 @@ mod concurrency;
 mod connecting;
 mod contract;
 mod cutting_proxy;
+mod dashboard;
 mod example_service;
 mod exit_codes;
 mod faults;
