@@ -80,6 +80,11 @@ test: db ## Run the whole test suite against a real PostgreSQL
 interop: db build ## Node and Python peers beside the Rust binary, through the ackloop.* functions only
 	ACKLOOP_BIN=$(BIN) scripts/interop
 
+.PHONY: dashboard
+dashboard: db build ## Serve the live dashboard on http://127.0.0.1:9465/ (Ctrl-C stops it)
+	@$(BIN) migrate >/dev/null
+	$(BIN) dashboard
+
 .PHONY: bench
 bench: db ## Benchmark matrix (c = 1, 16, 64, and drain) beside the pgbench ceiling, as ratios
 	cargo build --release $(FEATURES)
