@@ -80,6 +80,10 @@ test: db ## Run the whole test suite against a real PostgreSQL
 interop: db build ## Node and Python peers beside the Rust binary, through the ackloop.* functions only
 	ACKLOOP_BIN=$(BIN) scripts/interop
 
+.PHONY: browser
+browser: db build ## The dashboard in headless Chromium (Debian's, installed if missing): numbers, a retry, screenshots
+	ACKLOOP_BIN=$(BIN) scripts/browser
+
 .PHONY: bench
 bench: db ## Benchmark matrix (c = 1, 16, 64, and drain) beside the pgbench ceiling, as ratios
 	cargo build --release $(FEATURES)
