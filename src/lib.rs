@@ -78,6 +78,8 @@ pub mod admin;
 mod channel;
 mod connect;
 #[cfg(feature = "http")]
+pub mod dashboard;
+#[cfg(feature = "http")]
 mod exporter;
 mod job;
 mod listen;

@@ -45,6 +45,18 @@ pub struct FailedJob {
     pub failed_at: Option<DateTime<Utc>>,
 }
 
+impl From<store::FailedJobRow> for FailedJob {
+    fn from(row: store::FailedJobRow) -> Self {
+        Self {
+            job_id: row.id,
+            user_id: row.user_id,
+            attempts: row.attempts,
+            last_error: row.last_error,
+            failed_at: row.failed_at,
+        }
+    }
+}
+
 impl StatusReport {
     /// Reads the report from the tables.
     ///
@@ -65,16 +77,7 @@ impl StatusReport {
             done: counts.done,
             failed: counts.failed,
             oldest_pending_secs: counts.oldest_pending_secs,
-            recent_failures: failures
-                .into_iter()
-                .map(|row| FailedJob {
-                    job_id: row.id,
-                    user_id: row.user_id,
-                    attempts: row.attempts,
-                    last_error: row.last_error,
-                    failed_at: row.failed_at,
-                })
-                .collect(),
+            recent_failures: failures.into_iter().map(FailedJob::from).collect(),
         })
     }
 }

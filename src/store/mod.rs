@@ -1,6 +1,7 @@
 //! Every SQL statement the crate runs, each behind a named function, split by who runs it:
-//! `signup` (the auth side), `worker` (the player side) and `admin` (operators and health
-//! checks). `classify` holds what they share: what a driver error means.
+//! `signup` (the auth side), `worker` (the player side), `admin` (operators and health
+//! checks) and `dashboard` (the live page, with the `http` feature). `classify` holds what they
+//! share: what a driver error means.
 //!
 //! Nothing here begins or commits a transaction: the callers in `signup/` and `worker/` decide
 //! the transaction boundaries, because that is where the atomicity argument is made.
@@ -9,11 +10,15 @@
 
 mod admin;
 mod classify;
+#[cfg(feature = "http")]
+mod dashboard;
 mod signup;
 mod worker;
 
 pub(crate) use admin::*;
 pub use classify::is_unavailable;
 pub(crate) use classify::*;
+#[cfg(feature = "http")]
+pub(crate) use dashboard::*;
 pub(crate) use signup::*;
 pub(crate) use worker::*;

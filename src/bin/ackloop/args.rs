@@ -151,6 +151,24 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Serve a live page of the loop (rates, latencies, pending and failed jobs, retry) until
+    /// SIGINT or SIGTERM
+    ///
+    /// Prints `dashboard: http://ADDR/` once listening. Example:
+    /// ackloop dashboard --metrics-from 127.0.0.1:9464
+    Dashboard {
+        /// Where to listen (port 0 picks one). Off the loopback address, retry needs --token
+        #[arg(long, env = "ACKLOOP_DASHBOARD_ADDR", default_value = "127.0.0.1:9465")]
+        addr: std::net::SocketAddr,
+        /// A secret that actions (retry) must carry as `Authorization: Bearer …`; the page asks
+        /// for it once
+        #[arg(long, env = "ACKLOOP_DASHBOARD_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+        /// A worker's or service's metrics endpoint (host:port or http://host:port/metrics), for
+        /// claim and confirmation latencies and listener health; repeat for each process
+        #[arg(long, value_name = "ENDPOINT")]
+        metrics_from: Vec<String>,
+    },
     /// Show job counts by status, the oldest pending job's age, and recent failures
     ///
     /// Example: ackloop status --json
@@ -177,7 +195,7 @@ impl Command {
                 | JobsCommand::Retry { json, .. }
                 | JobsCommand::Prune { json, .. } => *json,
             },
-            Command::Worker { .. } | Command::Bench { .. } => false,
+            Command::Worker { .. } | Command::Bench { .. } | Command::Dashboard { .. } => false,
         }
     }
 }

@@ -57,8 +57,8 @@ pub enum Failure {
     Doctor(usize),
     #[error(transparent)]
     Metrics(ackloop::MetricsError),
-    #[error("cannot serve metrics on {addr}")]
-    MetricsAddr {
+    #[error("cannot listen on {addr}")]
+    ListenAddr {
         addr: std::net::SocketAddr,
         #[source]
         source: std::io::Error,
@@ -86,7 +86,7 @@ impl Failure {
             // sqlx refuses to migrate a database holding migrations it does not have.
             Self::Schema(ackloop::SchemaError::Newer { .. })
             | Self::Migrate(sqlx::migrate::MigrateError::VersionMissing(_)) => 9,
-            Self::Worker(WorkerError::Config(_)) | Self::MetricsAddr { .. } => 2,
+            Self::Worker(WorkerError::Config(_)) | Self::ListenAddr { .. } => 2,
             Self::Admin(ackloop::admin::AdminError::UnknownJob(_))
             | Self::Signup(SignupError::UnknownJob(_)) => 3,
             Self::Admin(

@@ -8,6 +8,7 @@ use ackloop::{Backoff, WorkerConfig};
 use crate::args::{Cli, Command};
 use crate::exit::{self, Failure};
 
+mod dashboard;
 mod doctor;
 mod jobs;
 mod migrate;
@@ -58,6 +59,11 @@ async fn dispatch(cli: Cli) -> Result<(), Failure> {
             worker::run(&connection, config, metrics_addr).await
         }
         Command::Status { json } => status::run(&connection, json).await,
+        Command::Dashboard {
+            addr,
+            token,
+            metrics_from,
+        } => dashboard::run(&connection, addr, token, metrics_from).await,
         Command::Await {
             job_id,
             email,

@@ -69,7 +69,7 @@ async fn serve_metrics(
     let metrics = ackloop::MetricsHandle::install().map_err(Failure::Metrics)?;
     let listener = tokio::net::TcpListener::bind(addr)
         .await
-        .map_err(|source| Failure::MetricsAddr { addr, source })?;
+        .map_err(|source| Failure::ListenAddr { addr, source })?;
     let bound = listener.local_addr().unwrap_or(addr);
     tracing::info!(addr = %bound, "serving metrics at /metrics and health at /healthz");
     tokio::spawn(metrics.serve(listener, pool.clone(), shutdown.clone()));
