@@ -89,6 +89,11 @@ bench: db ## Benchmark matrix (c = 1, 16, 64, and drain) beside the pgbench ceil
 	cargo build --release $(FEATURES)
 	scripts/bench
 
+.PHONY: bench-scale
+bench-scale: db ## Scale-out on one server: P auth x Q worker processes at 64 callers, beside the ceiling
+	cargo build --release $(FEATURES)
+	scripts/bench --scale
+
 .PHONY: failover
 failover: ## Failover on real servers: a primary and a synchronous standby, the primary crashed, the standby promoted
 	scripts/pg-pair clean

@@ -103,7 +103,7 @@ impl<H: Handler> Processor<H> {
         if job.status != "started" {
             // Its last attempt never recorded an outcome: it ended with its session.
             ::metrics::counter!(telemetry::JOBS_FAILED).increment(1);
-            tracing::error!(job.id = %job.id, attempts = job.attempt, error = job.last_error, "job failed");
+            tracing::error!(job.id = %job.id, attempt = job.attempt, error = job.last_error, "job failed");
             return Ok(Lone::Taken { retry_at: None });
         }
         let attempt = job.attempt;
@@ -183,6 +183,7 @@ impl<H: Handler> Processor<H> {
             Ok(()) => {
                 store::mark_jobs_done(&mut tx, &[(job.id, job.attempts)], &self.config.channels.done).await?;
                 tx.commit().await?;
+                tracing::debug!(job.id = %job.id, attempt = job.attempts, "job done");
                 ::metrics::counter!(telemetry::JOBS_DONE).increment(1);
                 ::metrics::histogram!(telemetry::CLAIM_TO_DONE).record(claimed_at.elapsed().as_secs_f64());
                 Ok(None)
@@ -212,10 +213,10 @@ impl<H: Handler> Processor<H> {
         match store::complete_due_jobs(&mut *conn, limit, &self.config.channels.done).await {
             Ok(done) => {
                 if !done.is_empty() {
-                    tracing::debug!(jobs = done.len(), "batch done");
+                    tracing::debug!(batch.size = done.len(), "batch done");
                     let took = started.elapsed().as_secs_f64();
                     for job in &done {
-                        tracing::debug!(job.id = %job.id, waited_secs = job.waited_secs, "job done");
+                        tracing::debug!(job.id = %job.id, attempt = 1, waited_secs = job.waited_secs, "job done");
                         ::metrics::histogram!(telemetry::COMMIT_TO_CLAIM).record(job.waited_secs);
                         ::metrics::histogram!(telemetry::CLAIM_TO_DONE).record(took);
                     }
@@ -256,7 +257,8 @@ impl<H: Handler> Processor<H> {
                 // Slow handlers: commit what is done before the pass limit gives it all up. The
                 // jobs not reached were only locked: the commit releases them, uncounted.
                 tracing::warn!(
-                    jobs = jobs.len() - index,
+                    batch.size = jobs.len(),
+                    left = jobs.len() - index,
                     "handlers are slow; leaving the rest of the batch for the next pass"
                 );
                 break;
@@ -280,8 +282,12 @@ impl<H: Handler> Processor<H> {
             store::mark_jobs_done(&mut tx, &done, &self.config.channels.done).await?;
         }
         tx.commit().await?;
+        if !jobs.is_empty() {
+            tracing::debug!(batch.size = jobs.len(), done = done.len(), "batch done");
+        }
         let took = started.elapsed().as_secs_f64();
         for job in jobs.iter().filter(|job| done.iter().any(|(id, _)| *id == job.id)) {
+            tracing::debug!(job.id = %job.id, attempt = job.attempts, waited_secs = job.waited_secs, "job done");
             ::metrics::histogram!(telemetry::COMMIT_TO_CLAIM).record(job.waited_secs);
             ::metrics::histogram!(telemetry::CLAIM_TO_DONE).record(took);
         }
@@ -374,7 +380,7 @@ impl<H: Handler> Processor<H> {
         {
             store::Recorded::Failed => {
                 ::metrics::counter!(telemetry::JOBS_FAILED).increment(1);
-                tracing::error!(job.id = %job.id, attempts = attempt, error, "job failed");
+                tracing::error!(job.id = %job.id, attempt, error, "job failed");
                 Ok(None)
             }
             store::Recorded::NotPending => {

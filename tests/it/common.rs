@@ -199,13 +199,14 @@ pub async fn execute(pool: &PgPool, sql: &'static str) {
         .expect("set up the test's fault");
 }
 
-/// The `ackloop` binary against `url`, with no listen URL from the environment; killed if the
-/// test ends first.
+/// The `ackloop` binary against `url`, with no listen URL or log format from the environment;
+/// killed if the test ends first.
 pub fn ackloop_command(url: &str) -> tokio::process::Command {
     let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_ackloop"));
     command
         .env("DATABASE_URL", url)
         .env_remove("ACKLOOP_LISTEN_URL")
+        .env_remove("ACKLOOP_LOG_FORMAT")
         .kill_on_drop(true);
     command
 }

@@ -3,6 +3,7 @@
 //! notifications (which are per database) cannot cross between them.
 
 mod bad_day;
+mod bench;
 mod channels;
 mod cli;
 mod common;
@@ -18,6 +19,7 @@ mod hostile_input;
 mod idempotency;
 mod idempotency_cuts;
 mod idempotency_races;
+mod json_logs;
 mod layout;
 mod metrics;
 mod operations;

@@ -16,8 +16,33 @@ use crate::exit::EXIT_CODES;
 pub struct Cli {
     #[command(flatten)]
     pub connection: ConnectionArgs,
+    /// How log lines are written to stderr: text for people, or json for log pipelines (one
+    /// object per line, each line about a job with its job.id field)
+    #[arg(long, env = "ACKLOOP_LOG_FORMAT", global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// The shape of the log lines on stderr (`--log-format`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// One line of text per event, coloured on a terminal
+    #[default]
+    Text,
+    /// One JSON object per event: timestamp, level, target, message, the event's fields, and
+    /// the spans it happened in
+    Json,
+}
+
+impl LogFormat {
+    /// The value `--log-format` takes for it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Text => "text",
+            Self::Json => "json",
+        }
+    }
 }
 
 /// Where the database is, and which channels to use.
@@ -118,6 +143,15 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// One auth process of `ackloop bench --auth-processes`, started by the bench itself
+    #[command(hide = true)]
+    BenchAuth {
+        /// The number of this process's first signup, so that emails differ across processes
+        #[arg(long)]
+        first: usize,
+        #[command(flatten)]
+        config: BenchConfig,
+    },
     /// Wait for the player of a signup already committed (one whose first wait timed out)
     ///
     /// Example: ackloop await 0193a5c2-…  or  ackloop await --email ada@example.com --timeout 30s
@@ -195,7 +229,10 @@ impl Command {
                 | JobsCommand::Retry { json, .. }
                 | JobsCommand::Prune { json, .. } => *json,
             },
-            Command::Worker { .. } | Command::Bench { .. } | Command::Dashboard { .. } => false,
+            Command::Worker { .. }
+            | Command::Bench { .. }
+            | Command::BenchAuth { .. }
+            | Command::Dashboard { .. } => false,
         }
     }
 }
@@ -268,19 +305,25 @@ pub struct BenchConfig {
     /// Signups to run (or jobs to drain)
     #[arg(long, default_value_t = 10_000)]
     pub signups: usize,
-    /// Concurrent callers of create_user_and_await_player
+    /// Concurrent callers of create_user_and_await_player, in all
     #[arg(long, default_value_t = 64)]
     pub concurrency: usize,
     /// Worker processing loops in all
     #[arg(long, default_value_t = WorkerConfig::default().concurrency)]
     pub workers: usize,
-    /// Run the workers as this many `ackloop worker` processes instead of in this process
+    /// Run the workers as this many `ackloop worker` processes instead of in this process, each
+    /// with its own pool and LISTEN connection and --workers / N loops (rounded up)
     #[arg(long, default_value_t = 0)]
     pub worker_processes: usize,
+    /// Run the callers in this many processes instead of in this process, each with its own
+    /// `Signups` (pool, --writers writers, LISTEN connection) and its share of --concurrency and
+    /// --signups, all measured over the same wall-clock window
+    #[arg(long, default_value_t = 0)]
+    pub auth_processes: usize,
     /// Jobs claimed and completed per worker transaction
     #[arg(long, default_value_t = WorkerConfig::default().batch_size)]
     pub batch_size: u16,
-    /// Signup writer tasks (concurrent signups share their transactions)
+    /// Signup writer tasks per `Signups` (concurrent signups share their transactions)
     #[arg(long, default_value_t = SignupsConfig::default().writers)]
     pub writers: usize,
     /// Most signups per transaction (1 writes each signup alone)
@@ -311,6 +354,10 @@ pub struct BenchConfig {
     /// per job); in-process workers only
     #[arg(long, value_enum, default_value_t = BenchHandler::BuiltIn)]
     pub handler: BenchHandler,
+    /// The --log-format of the `ackloop worker` processes (--worker-processes): this
+    /// process's own, so that their lines on the shared stderr parse alike
+    #[arg(skip)]
+    pub log_format: LogFormat,
 }
 
 /// The handler `ackloop bench --handler` runs.
@@ -348,6 +395,23 @@ mod tests {
     fn cli_definition_is_consistent() {
         use clap::CommandFactory;
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn log_format_is_text_unless_asked_and_goes_anywhere_on_the_line() {
+        let parse = |args: &[&str]| {
+            let argv = ["ackloop"].iter().chain(args);
+            Cli::try_parse_from(argv)
+                .map(|cli| cli.log_format)
+                .map_err(|err| err.kind())
+        };
+        assert_eq!(parse(&["status"]), Ok(LogFormat::Text));
+        assert_eq!(parse(&["--log-format", "json", "worker"]), Ok(LogFormat::Json));
+        assert_eq!(parse(&["worker", "--log-format=json"]), Ok(LogFormat::Json));
+        assert_eq!(
+            parse(&["--log-format", "yaml", "worker"]),
+            Err(clap::error::ErrorKind::InvalidValue)
+        );
     }
 
     /// The `jobs retry` arguments `args` parse to, or clap's error kind.

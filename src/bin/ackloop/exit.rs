@@ -67,6 +67,9 @@ pub enum Failure {
     Query(#[source] sqlx::Error),
     #[error("benchmark failed")]
     Bench(#[source] sqlx::Error),
+    /// Bench flags that do not go together (the message says which).
+    #[error("{0}")]
+    BenchFlags(&'static str),
     #[error("benchmark verification failed: not every signup got exactly one player")]
     BenchVerification,
 }
@@ -86,7 +89,7 @@ impl Failure {
             // sqlx refuses to migrate a database holding migrations it does not have.
             Self::Schema(ackloop::SchemaError::Newer { .. })
             | Self::Migrate(sqlx::migrate::MigrateError::VersionMissing(_)) => 9,
-            Self::Worker(WorkerError::Config(_)) | Self::ListenAddr { .. } => 2,
+            Self::Worker(WorkerError::Config(_)) | Self::ListenAddr { .. } | Self::BenchFlags(_) => 2,
             Self::Admin(ackloop::admin::AdminError::UnknownJob(_))
             | Self::Signup(SignupError::UnknownJob(_)) => 3,
             Self::Admin(
@@ -153,26 +156,50 @@ impl Failure {
     }
 }
 
-/// The exit code for a command's result. A failure is printed as `error: <message>` on stderr,
-/// and also as one JSON object on stdout when `json` is set.
-pub fn report(result: Result<(), Failure>, json: bool) -> ExitCode {
+/// The exit code for a command's result. A failure is printed on stderr, as `error: <message>`
+/// or, with `json_logs`, as one JSON object shaped like the log lines (so that a log pipeline
+/// reading stderr parses every line); and also as one JSON object on stdout when `json` is set.
+pub fn report(result: Result<(), Failure>, json: bool, json_logs: bool) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(failure) => {
+            let job_id = match &failure {
+                Failure::Signup(err) => err.job_id(),
+                _ => None,
+            };
             // doctor has printed its report, problems included.
             if json && !matches!(failure, Failure::Doctor(_)) {
                 let mut object = json!({ "error": failure.kind(), "message": failure.message() });
-                if let Failure::Signup(err) = &failure
-                    && let Some(job_id) = err.job_id()
-                {
+                if let Some(job_id) = job_id {
                     object["job_id"] = json!(job_id);
                 }
                 println!("{object}");
             }
-            eprintln!("error: {}", failure.message());
+            if json_logs {
+                eprintln!("{}", failure_log_line(&failure, job_id));
+            } else {
+                eprintln!("error: {}", failure.message());
+            }
             ExitCode::from(failure.exit_code())
         }
     }
+}
+
+/// A failure as a JSON log line: the fields of the tracing formatter's lines (`timestamp` in
+/// the same RFC 3339 form, `level`, `target`, `message`), plus what a script acts on.
+fn failure_log_line(failure: &Failure, job_id: Option<ackloop::JobId>) -> serde_json::Value {
+    let mut line = json!({
+        "timestamp": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+        "level": "ERROR",
+        "message": failure.message(),
+        "error.kind": failure.kind(),
+        "exit_code": failure.exit_code(),
+        "target": "ackloop",
+    });
+    if let Some(job_id) = job_id {
+        line["job.id"] = json!(job_id);
+    }
+    line
 }
 
 fn unset_hint(from_env: &bool) -> &'static str {

@@ -2,9 +2,11 @@
 //! prints figures. It asserts nothing about speed; it does verify that every signup got exactly
 //! one player.
 //!
-//! Layout: `load` drives signups or a drain (and garbage notifications), `histogram` records
-//! latencies, `report` prints the figures and the progress bar, `proxy` adds a round-trip time,
-//! `handler` is the trivial custom handler of `--handler custom`.
+//! Layout: `load` drives signups or a drain (and garbage notifications) through `callers` (the
+//! signing tasks) and `workers` (loops in this process or `ackloop worker` processes); `auth`
+//! runs the callers in auth processes instead, and is also the child's side of that;
+//! `histogram` records latencies, `report` prints the figures and the progress bar, `proxy` adds
+//! a round-trip time, `handler` is the trivial custom handler of `--handler custom`.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -13,14 +15,18 @@ use std::time::Duration;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, Connection, PgConnection, PgPool};
 
-use crate::args::BenchConfig;
+use crate::args::{BenchConfig, BenchHandler};
 
+mod auth;
+mod callers;
 mod handler;
 mod histogram;
 mod load;
 mod proxy;
 mod report;
+mod workers;
 
+pub use auth::run_child as run_auth_process;
 pub use report::BenchReport;
 
 /// Finished rows put in the scratch database before measuring: on empty tables each backend
@@ -70,14 +76,32 @@ async fn run_on(options: PgConnectOptions, config: &BenchConfig) -> Result<Bench
     };
     let workers_per_process = config.workers.div_ceil(config.worker_processes.max(1)).max(1);
     // Independent of the number of callers: writers and worker loops hold one connection each
-    // while they work, and two more cover confirmation reads and final checks.
-    let pool_size = u32::try_from(config.writers + workers_per_process + 2).unwrap_or(u32::MAX);
-    let pool = PgPoolOptions::new()
+    // while they work, and two more cover confirmation reads and final checks. Only what runs
+    // in this process counts: other processes have pools of their own, and with both sides
+    // elsewhere this pool opens a connection only for the final checks.
+    let signup_side = if config.auth_processes == 0 {
+        config.writers
+    } else {
+        0
+    };
+    let worker_side = if config.worker_processes == 0 {
+        workers_per_process
+    } else {
+        0
+    };
+    let in_process = signup_side + worker_side;
+    let pool_size = u32::try_from(in_process + 2).unwrap_or(u32::MAX);
+    let pool_options = PgPoolOptions::new()
         .max_connections(pool_size)
-        .min_connections(pool_size)
-        .test_before_acquire(config.ping_on_acquire)
-        .connect_with(options.clone())
-        .await?;
+        .test_before_acquire(config.ping_on_acquire);
+    let pool = if in_process == 0 {
+        pool_options.connect_lazy_with(options.clone())
+    } else {
+        pool_options
+            .min_connections(pool_size)
+            .connect_with(options.clone())
+            .await?
+    };
     let peak_connections = Arc::new(AtomicU64::new(0));
     let sampler = tokio::spawn(sample_connections(direct.clone(), Arc::clone(&peak_connections)));
     let garbage_sent = Arc::new(AtomicU64::new(0));
@@ -96,15 +120,32 @@ async fn run_on(options: PgConnectOptions, config: &BenchConfig) -> Result<Bench
     }
     let connections = i64::try_from(peak_connections.load(Ordering::Relaxed)).unwrap_or(i64::MAX);
     let (ok, verification) = verify(&pool, config.signups).await?;
+    let (signup_commits, worker_commits) = count_commits(&pool).await?;
     pool.close().await;
     Ok(BenchReport {
         connections,
+        signup_commits,
+        worker_commits,
         rtt_ms: config.rtt.map_or(0.0, |rtt| rtt.as_secs_f64() * 1000.0),
         garbage_sent: garbage_sent.load(Ordering::Relaxed),
         ok: ok && report.timeouts == 0 && report.errors == 0,
         verification,
         ..report
     })
+}
+
+/// Refuses flags that do not go together, before any database is made.
+pub fn check(config: &BenchConfig) -> Result<(), &'static str> {
+    if config.handler == BenchHandler::Custom && config.worker_processes > 0 {
+        return Err("--handler custom runs in this process's workers; drop --worker-processes");
+    }
+    if config.auth_processes > 0 && config.drain {
+        return Err("--drain times the workers alone; drop --auth-processes");
+    }
+    if config.auth_processes > config.concurrency {
+        return Err("every auth process needs a caller: --concurrency must be at least --auth-processes");
+    }
+    Ok(())
 }
 
 /// Connect options that reach the same database through a local proxy adding `rtt` per round
@@ -160,14 +201,32 @@ async fn verify(pool: &PgPool, expected: usize) -> Result<(bool, String), sqlx::
     ))
 }
 
-/// Samples the scratch database's backends every 50ms and keeps the largest count.
+/// The transactions that wrote the run's users, and those that wrote its players: each row's
+/// `xmin` is the transaction that inserted it, and the loop writes no row in a subtransaction
+/// (except a handler's, whose savepoints count one each). Each of these transactions notified.
+async fn count_commits(pool: &PgPool) -> Result<(i64, i64), sqlx::Error> {
+    sqlx::query_as(
+        "select
+             (select count(distinct xmin::text) from users where email not like 'prefill-%'),
+             (select count(distinct xmin::text) from players where display_name not like 'Prefill %')",
+    )
+    .fetch_one(pool)
+    .await
+}
+
+/// Samples the scratch database's client connections every 50ms and keeps the largest count
+/// (an autovacuum worker visiting the database is not one of the loop's connections).
 async fn sample_connections(options: PgConnectOptions, peak: Arc<AtomicU64>) {
     let Ok(mut conn) = PgConnection::connect_with(&options).await else {
         return;
     };
     loop {
         let count: Result<i64, _> = sqlx::query_scalar(
-            "select count(*) from pg_stat_activity where datname = current_database() and pid <> pg_backend_pid()",
+            "select count(*)
+             from pg_stat_activity
+             where datname = current_database()
+                 and backend_type = 'client backend'
+                 and pid <> pg_backend_pid()",
         )
         .fetch_one(&mut conn)
         .await;

@@ -32,7 +32,7 @@ pub fn start(upstream: Upstream, one_way: Duration) -> io::Result<u16> {
             let upstream = upstream.clone();
             thread::spawn(move || {
                 if let Err(err) = relay(client, &upstream, one_way) {
-                    eprintln!("latency proxy: {err}");
+                    tracing::warn!(error = %err, "latency proxy lost a connection");
                 }
             });
         }

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use ackloop::{Backoff, WorkerConfig};
 
-use crate::args::{Cli, Command};
+use crate::args::{Cli, Command, LogFormat};
 use crate::exit::{self, Failure};
 
 mod dashboard;
@@ -19,11 +19,13 @@ mod worker;
 /// Runs the parsed command and returns the process's exit code.
 pub async fn run(cli: Cli) -> ExitCode {
     let json = cli.command.reports_failure_as_json();
-    exit::report(dispatch(cli).await, json)
+    let json_logs = cli.log_format == LogFormat::Json;
+    exit::report(dispatch(cli).await, json, json_logs)
 }
 
 async fn dispatch(cli: Cli) -> Result<(), Failure> {
     let connection = cli.connection;
+    let log_format = cli.log_format;
     match cli.command {
         Command::Migrate { json } => migrate::run(&connection, json).await,
         Command::Signup {
@@ -72,7 +74,9 @@ async fn dispatch(cli: Cli) -> Result<(), Failure> {
         } => signup::await_player(&connection, job_id, email, timeout, json).await,
         Command::Jobs { command } => jobs::run(&connection, command).await,
         Command::Doctor { stale_after, json } => doctor::run(&connection, stale_after, json).await,
-        Command::Bench { config, json } => {
+        Command::Bench { mut config, json } => {
+            config.log_format = log_format;
+            crate::bench::check(&config).map_err(Failure::BenchFlags)?;
             let report = crate::bench::run(connection.connect_options()?, config)
                 .await
                 .map_err(Failure::Bench)?;
@@ -82,6 +86,11 @@ async fn dispatch(cli: Cli) -> Result<(), Failure> {
             } else {
                 Err(Failure::BenchVerification)
             }
+        }
+        Command::BenchAuth { first, config } => {
+            crate::bench::run_auth_process(connection.connect_options()?, first, config)
+                .await
+                .map_err(Failure::Bench)
         }
     }
 }
