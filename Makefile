@@ -85,6 +85,10 @@ dashboard: db build ## Serve the live dashboard on http://127.0.0.1:9465/ (Ctrl-
 	@$(BIN) migrate >/dev/null
 	$(BIN) dashboard
 
+.PHONY: browser
+browser: db build ## The dashboard in headless Chromium (Debian's, installed if missing): numbers, a retry, screenshots
+	ACKLOOP_BIN=$(BIN) scripts/browser
+
 .PHONY: bench
 bench: db ## Benchmark matrix (c = 1, 16, 64, and drain) beside the pgbench ceiling, as ratios
 	cargo build --release $(FEATURES)
