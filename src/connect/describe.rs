@@ -20,7 +20,13 @@ pub fn describe_db_error(err: &sqlx::Error) -> String {
             let mut text = db_err.message().to_owned();
             let code = db_err.code();
             let pg = db_err.try_downcast_ref::<sqlx::postgres::PgDatabaseError>();
-            if let Some(detail) = pg.and_then(|e| e.detail()) {
+            // Details that repeat a row's values ("Failing row contains (…)", "Key
+            // (lower(email))=(…) already exists.") would carry emails and names into logs and a
+            // job's last_error: the message already names the constraint.
+            if let Some(detail) = pg
+                .and_then(|e| e.detail())
+                .filter(|detail| !detail.starts_with("Failing row contains") && !detail.starts_with("Key ("))
+            {
                 text.push_str(&format!(" ({detail})"));
             }
             let advice = match code.as_deref() {

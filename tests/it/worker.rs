@@ -68,6 +68,7 @@ async fn a_job_that_cannot_succeed_fails_at_once_and_the_caller_hears_of_it(
     options: PgPoolOptions,
     connect: PgConnectOptions,
 ) {
+    let (log, _guard) = capture_logs();
     let pool = pool(options, connect, 6).await;
     execute(
         &pool,
@@ -87,6 +88,10 @@ async fn a_job_that_cannot_succeed_fails_at_once_and_the_caller_hears_of_it(
         panic!("expected the job to fail, got {err:?}");
     };
     assert!(reason.contains("no_doomed_players"), "reason: {reason}");
+    // PostgreSQL's detail repeats the row ("Failing row contains (…, Doomed, …)"): no name or
+    // email reaches the job's error or the log.
+    assert!(!reason.contains("Doomed") && !reason.contains("doomed@"), "reason: {reason}");
+    assert!(!log.text().contains("Doomed"), "{}", log.text());
     let job = sqlx::query!("select status, attempts, last_error from player_creation_jobs")
         .fetch_one(&pool)
         .await
