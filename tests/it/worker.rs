@@ -90,7 +90,10 @@ async fn a_job_that_cannot_succeed_fails_at_once_and_the_caller_hears_of_it(
     assert!(reason.contains("no_doomed_players"), "reason: {reason}");
     // PostgreSQL's detail repeats the row ("Failing row contains (…, Doomed, …)"): no name or
     // email reaches the job's error or the log.
-    assert!(!reason.contains("Doomed") && !reason.contains("doomed@"), "reason: {reason}");
+    assert!(
+        !reason.contains("Doomed") && !reason.contains("doomed@"),
+        "reason: {reason}"
+    );
     assert!(!log.text().contains("Doomed"), "{}", log.text());
     let job = sqlx::query!("select status, attempts, last_error from player_creation_jobs")
         .fetch_one(&pool)
