@@ -62,6 +62,11 @@ pub(super) fn index(actions: bool) -> String {
  <div><div class="muted">insert → done, median ms</div><svg id="chart-commit-to-done" viewBox="0 0 600 70" preserveAspectRatio="none"><polyline/></svg></div>
 </div>
 <h2>Acknowledgement path <span class="muted">(from the metrics endpoints, last 10 s)</span></h2>
+<div class="charts">
+ <div><div class="muted">commit → claim, median ms</div><svg id="chart-commit_to_claim" viewBox="0 0 600 70" preserveAspectRatio="none"><polyline/></svg></div>
+ <div><div class="muted">claim → done, median ms</div><svg id="chart-claim_to_done" viewBox="0 0 600 70" preserveAspectRatio="none"><polyline/></svg></div>
+ <div><div class="muted">done → caller confirmed, median ms</div><svg id="chart-done_to_confirmed" viewBox="0 0 600 70" preserveAspectRatio="none"><polyline/></svg></div>
+</div>
 <table id="stages"><tr><th>stage</th><th>count</th><th>p50 ms</th><th>p99 ms</th></tr>
  <tr id="stage-commit_to_claim"><td>commit → claim</td><td>-</td><td>-</td><td>-</td></tr>
  <tr id="stage-claim_to_done"><td>claim → done</td><td>-</td><td>-</td><td>-</td></tr>
@@ -75,6 +80,9 @@ pub(super) fn index(actions: bool) -> String {
 <script>
 const actions = document.body.dataset.actions === "true";
 let token = sessionStorage.getItem("ackloop-token");
+// Each stage's median at every refresh, the last minute of them: the endpoints give windows,
+// not a history.
+const stageHistory = {{ commit_to_claim: [], claim_to_done: [], done_to_confirmed: [] }};
 const text = (id, value) => {{ document.getElementById(id).textContent = value; }};
 const fixed = (x, digits) => x === null || x === undefined ? "-" : Number(x).toFixed(digits);
 function draw(id, values) {{
@@ -141,6 +149,10 @@ async function refresh() {{
         const h = s.health[stage];
         const cells = document.querySelectorAll(`#stage-${{stage}} td`);
         cells[1].textContent = h.count; cells[2].textContent = fixed(h.p50_ms, 1); cells[3].textContent = fixed(h.p99_ms, 1);
+        const history = stageHistory[stage];
+        history.push(h.p50_ms);
+        if (history.length > 60) history.shift();
+        draw(`chart-${{stage}}`, history);
       }}
       const share = s.health.table_check_share === null ? "-" : `${{(s.health.table_check_share * 100).toFixed(1)}}%`;
       const unreachable = s.health.unreachable.length ? ` Unreachable: ${{s.health.unreachable.join("; ")}}` : "";

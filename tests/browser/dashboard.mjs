@@ -19,6 +19,7 @@
 import { spawn } from "node:child_process";
 import { once } from "node:events";
 import fs from "node:fs";
+import net from "node:net";
 import os from "node:os";
 import path from "node:path";
 import readline from "node:readline";
@@ -327,7 +328,18 @@ async function main() {
                for each row execute function browser_test_refuse()`);
 
   step("the dashboard, with a token, before any worker");
-  const dashboard = start("dashboard", ["dashboard", "--addr", "127.0.0.1:0", "--token", token], { stdout: "pipe" });
+  // The worker's metrics endpoint, which the dashboard reads for the stages the tables do not
+  // hold (claim, confirmation): a port free now, for the worker started later.
+  const metricsPort = await new Promise((resolve) => {
+    const probe = net.createServer();
+    probe.listen(0, "127.0.0.1", () => {
+      const { port } = probe.address();
+      probe.close(() => resolve(port));
+    });
+  });
+  const dashboard = start("dashboard",
+    ["dashboard", "--addr", "127.0.0.1:0", "--token", token, "--metrics-from", `127.0.0.1:${metricsPort}`],
+    { stdout: "pipe" });
   const outLog = fs.createWriteStream(path.join(logs, "dashboard.out"));
   const lines = readline.createInterface({ input: dashboard.stdout });
   const firstLine = new Promise((resolve) => {
@@ -380,7 +392,7 @@ async function main() {
   await screenshot("dashboard-pending");
 
   step("the worker; signups, one of them failing");
-  const worker = start("worker", ["worker"]);
+  const worker = start("worker", ["worker", "--metrics-addr", `127.0.0.1:${metricsPort}`]);
   await until(30, "ackloop worker did not start", async () => {
     if (worker.exitCode !== null) fail(`ackloop worker exited ${worker.exitCode}: ${logOf("worker").trim()}`);
     return logOf("worker").includes("worker started");
@@ -404,6 +416,19 @@ async function main() {
   const failedJob = await job(failedId);
   check(failedJob.status === "failed" && failedJob.attempts === 1 && failedJob.last_error?.includes("refuses the display name"),
     `the tables: job ${failedId} failed after 1 attempt with the trigger's error`, JSON.stringify(failedJob));
+
+  step("the acknowledgement path, from the worker's metrics endpoint");
+  // The page shows the stages over about the last ten seconds: the signups above are in them.
+  await waitInPage(10, "the page shows no claim → done latency from the worker's metrics endpoint",
+    () => Number(document.querySelector("#stage-claim_to_done td:nth-child(2)").textContent) > 0);
+  const stage = await page.$eval("#stage-claim_to_done", (e) => [...e.querySelectorAll("td")].map((td) => td.textContent));
+  check(Number(stage[2]) > 0, `#stage-claim_to_done: ${stage[1]} jobs, p50 ${stage[2]} ms, p99 ${stage[3]} ms`,
+    JSON.stringify(stage));
+  const drawn = await page.$eval("#chart-claim_to_done polyline", (e) => e.getAttribute("points") ?? "");
+  check(drawn.split(" ").length > 1, "svg#chart-claim_to_done draws the stage's medians", `points: ${drawn}`);
+  const health = await page.$eval("#listener-health", (e) => e.textContent);
+  check(health.includes("Listener reconnects: 0") && !health.includes("Unreachable"),
+    `#listener-health: ${JSON.stringify(health)}`, "it names no reconnect count, or an unreachable endpoint");
 
   step("the page against the tables");
   // From the second after the last of them, the page's rates count every signup and every

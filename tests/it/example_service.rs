@@ -40,12 +40,24 @@ impl Service {
 }
 
 async fn post_signup(client: &reqwest::Client, base: &str, email: &str, name: &str) -> (StatusCode, Value) {
-    let response = client
+    post_signup_as(client, base, None, email, name).await
+}
+
+/// `POST /signup`, with an `Idempotency-Key` header when `key` is given.
+async fn post_signup_as(
+    client: &reqwest::Client,
+    base: &str,
+    key: Option<&str>,
+    email: &str,
+    name: &str,
+) -> (StatusCode, Value) {
+    let mut request = client
         .post(format!("{base}/signup"))
-        .json(&json!({ "email": email, "display_name": name }))
-        .send()
-        .await
-        .expect("POST /signup");
+        .json(&json!({ "email": email, "display_name": name }));
+    if let Some(key) = key {
+        request = request.header("Idempotency-Key", key);
+    }
+    let response = request.send().await.expect("POST /signup");
     let status = response.status();
     (status, response.json().await.expect("a JSON body"))
 }
@@ -110,24 +122,6 @@ async fn the_example_service_answers_every_case_over_http(options: PgPoolOptions
     patient.stop().await;
 }
 
-async fn post_with_key(
-    client: &reqwest::Client,
-    base: &str,
-    key: &str,
-    email: &str,
-    name: &str,
-) -> (StatusCode, Value) {
-    let response = client
-        .post(format!("{base}/signup"))
-        .header("Idempotency-Key", key)
-        .json(&json!({ "email": email, "display_name": name }))
-        .send()
-        .await
-        .expect("POST /signup");
-    let status = response.status();
-    (status, response.json().await.expect("a JSON body"))
-}
-
 #[sqlx::test]
 async fn a_client_that_gave_up_sends_its_key_again_and_gets_its_own_signup(
     options: PgPoolOptions,
@@ -143,7 +137,7 @@ async fn a_client_that_gave_up_sends_its_key_again_and_gets_its_own_signup(
     // The client gives up (its own timeout, a closed tab) once the signup is committed.
     let gave_up = tokio::spawn({
         let (client, base, key) = (client.clone(), patient.base.clone(), key.clone());
-        async move { post_with_key(&client, &base, &key, "ada@example.com", "Ada").await }
+        async move { post_signup_as(&client, &base, Some(&key), "ada@example.com", "Ada").await }
     });
     wait_until("the first request's signup is committed", || async {
         sqlx::query_scalar::<_, i64>("select count(*) from player_creation_jobs where id = $1::uuid")
@@ -158,45 +152,48 @@ async fn a_client_that_gave_up_sends_its_key_again_and_gets_its_own_signup(
     assert!(gave_up.await.unwrap_err().is_cancelled());
 
     // Its retry, with the same key and body, learns its signup is on its way...
-    let (status, pending) = post_with_key(&client, &quick.base, &key, "ada@example.com", "Ada").await;
+    let (status, pending) = post_signup_as(&client, &quick.base, Some(&key), "ada@example.com", "Ada").await;
     assert_eq!(status, StatusCode::ACCEPTED, "{pending}");
     assert_eq!(pending["job_id"], key.as_str());
     // ...and, once a worker runs, gets its player; every retry after that gets the same one.
     let worker = spawn_worker(&pool, worker_config());
-    let (status, created) = post_with_key(&client, &patient.base, &key, "ada@example.com", "Ada").await;
+    let (status, created) =
+        post_signup_as(&client, &patient.base, Some(&key), "ada@example.com", "Ada").await;
     assert_eq!(status, StatusCode::CREATED, "{created}");
     assert_eq!(created["player"]["display_name"], "Ada");
-    let (status, again) = post_with_key(&client, &quick.base, &key, "ada@example.com", "Ada").await;
+    let (status, again) = post_signup_as(&client, &quick.base, Some(&key), "ada@example.com", "Ada").await;
     assert_eq!((status, &again), (StatusCode::CREATED, &created));
 
     // Another key, or none, for the same email: someone else's signup.
-    let (status, taken) = post_with_key(
-        &client,
-        &quick.base,
-        &ackloop::JobId::new().to_string(),
-        "ada@example.com",
-        "Ada",
-    )
-    .await;
+    let other = ackloop::JobId::new().to_string();
+    let (status, taken) = post_signup_as(&client, &quick.base, Some(&other), "ada@example.com", "Ada").await;
     assert_eq!(status, StatusCode::CONFLICT, "{taken}");
     let (status, taken) = post_signup(&client, &quick.base, "ada@example.com", "Ada").await;
     assert_eq!(status, StatusCode::CONFLICT, "{taken}");
     // The key with another body: refused.
-    let (status, reused) = post_with_key(&client, &quick.base, &key, "grace@example.com", "Grace").await;
+    let (status, reused) =
+        post_signup_as(&client, &quick.base, Some(&key), "grace@example.com", "Grace").await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{reused}");
     assert!(
         reused["error"].as_str().unwrap().contains("idempotency key"),
         "{reused}"
     );
     // A key that is not a UUID: refused before anything is written.
-    let (status, bad) = post_with_key(&client, &quick.base, "retry-1", "grace@example.com", "Grace").await;
+    let (status, bad) = post_signup_as(
+        &client,
+        &quick.base,
+        Some("retry-1"),
+        "grace@example.com",
+        "Grace",
+    )
+    .await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}");
     assert!(
         bad["error"].as_str().unwrap().contains("must be a random UUID"),
         "{bad}"
     );
     let nil = uuid::Uuid::nil().to_string();
-    let (status, bad) = post_with_key(&client, &quick.base, &nil, "grace@example.com", "Grace").await;
+    let (status, bad) = post_signup_as(&client, &quick.base, Some(&nil), "grace@example.com", "Grace").await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}");
 
     let counts = counts(&pool).await;

@@ -14,13 +14,13 @@ use crate::common::*;
 
 /// A `Signups` with one writer on a pool of two connections, both taken by the test: the writer
 /// takes the first signup and waits for a connection; the rest queue up behind it.
-struct Held {
-    pool: PgPool,
-    signups: Arc<Signups>,
-    held: Vec<sqlx::pool::PoolConnection<sqlx::Postgres>>,
+pub(crate) struct Held {
+    pub(crate) pool: PgPool,
+    pub(crate) signups: Arc<Signups>,
+    pub(crate) held: Vec<sqlx::pool::PoolConnection<sqlx::Postgres>>,
 }
 
-async fn held_writer(options: PgPoolOptions, connect: PgConnectOptions) -> Held {
+pub(crate) async fn held_writer(options: PgPoolOptions, connect: PgConnectOptions) -> Held {
     let pool = options.max_connections(2).connect_with(connect).await.unwrap();
     let config = SignupsConfig {
         writers: 1,
@@ -41,7 +41,7 @@ fn sign_up(
 }
 
 /// Waits until `n` signups are queued for the writer.
-async fn queued(log: &Log, n: usize) {
+pub(crate) async fn queued(log: &Log, n: usize) {
     wait_until("the signups are queued", || async {
         log.count("signup queued") >= n
     })

@@ -9,28 +9,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use ackloop::{JobId, NewUser, SignupError, Signups, SignupsConfig};
+use ackloop::{JobId, NewUser, SignupError, Signups};
 use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use tokio::task::JoinHandle;
 
 use crate::common::*;
-
-struct Held {
-    signups: Arc<Signups>,
-    held: Vec<sqlx::pool::PoolConnection<sqlx::Postgres>>,
-}
-
-async fn held_writer(options: PgPoolOptions, connect: PgConnectOptions) -> Held {
-    let pool = options.max_connections(2).connect_with(connect).await.unwrap();
-    let config = SignupsConfig {
-        writers: 1,
-        ..SignupsConfig::default()
-    };
-    let signups = Arc::new(Signups::connect_with(pool.clone(), config).await.unwrap());
-    let held = vec![pool.acquire().await.unwrap(), pool.acquire().await.unwrap()];
-    Held { signups, held }
-}
+use crate::grouped_signups::{Held, held_writer, queued};
 
 fn sign_up(
     signups: &Arc<Signups>,
@@ -51,13 +36,6 @@ fn sign_up(
     })
 }
 
-async fn queued(log: &Log, n: usize) {
-    wait_until("the signups are queued", || async {
-        log.count("signup queued") >= n
-    })
-    .await;
-}
-
 /// One key sent by two callers with different emails, in one batch; the second email is taken by
 /// someone else. The grouped statement answers by job id alone, so it would have told both
 /// callers the one signup written was theirs: the second entry of a job id is written alone.
@@ -76,7 +54,7 @@ async fn a_key_sent_in_one_batch_with_another_taken_email_is_not_answered_with_t
         .await
         .unwrap();
     drop(conn);
-    let Held { signups, held } = held_writer(options, connect).await;
+    let Held { signups, held, .. } = held_writer(options, connect).await;
     let key = JobId::new();
 
     let first = sign_up(&signups, "first@example.com", "First", None);
@@ -116,7 +94,7 @@ async fn a_key_sent_in_one_batch_with_another_display_name_is_refused(
     let (log, _guard) = capture_logs();
     let admin = pool(options.clone(), connect.clone(), 3).await;
     let worker = spawn_worker(&admin, worker_config());
-    let Held { signups, held } = held_writer(options, connect).await;
+    let Held { signups, held, .. } = held_writer(options, connect).await;
     let key = JobId::new();
 
     let first = sign_up(&signups, "first@example.com", "First", None);
@@ -157,7 +135,7 @@ async fn one_email_under_two_keys_in_one_batch_is_one_signup_and_one_taken_email
     let admin = pool(options.clone(), connect.clone(), 3).await;
     let worker = spawn_worker(&admin, worker_config());
     for round in 0..12 {
-        let Held { signups, held } = held_writer(options.clone(), connect.clone()).await;
+        let Held { signups, held, .. } = held_writer(options.clone(), connect.clone()).await;
         let (k1, k2) = (JobId::new(), JobId::new());
         let email = format!("ada{round}@example.com");
         let before = log.count("signup queued");
