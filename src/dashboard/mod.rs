@@ -65,6 +65,9 @@ impl std::fmt::Debug for DashboardConfig {
     }
 }
 
+/// The header every action must carry (any value): a guard against cross-site requests.
+const ACTION_HEADER: &str = "x-requested-by";
+
 struct Shared {
     pool: PgPool,
     config: DashboardConfig,
@@ -179,6 +182,16 @@ async fn retry(State(shared): State<Arc<Shared>>, Path(job_id): Path<JobId>, hea
         return refusal(
             StatusCode::FORBIDDEN,
             "actions are off on this address: start the dashboard with --token (or ACKLOOP_DASHBOARD_TOKEN)",
+        );
+    }
+    // A page on another site can make the operator's browser POST here (a form, or a fetch
+    // without CORS), but not with a header of its own: that needs a preflight this server never
+    // answers. So an action must carry one; the dashboard's own page sends it.
+    if headers.get(ACTION_HEADER).is_none() {
+        tracing::warn!(job.id = %job_id, action = "retry", "dashboard action refused: no {ACTION_HEADER} header");
+        return refusal(
+            StatusCode::FORBIDDEN,
+            "actions must carry the header X-Requested-By: ackloop (cross-site requests are refused)",
         );
     }
     match retry_failed_job(&shared.pool, &config.channels, job_id).await {

@@ -114,12 +114,14 @@ function row(job) {{
 }}
 async function retry(jobId, button) {{
   button.disabled = true;
-  const headers = token ? {{ Authorization: `Bearer ${{token}}` }} : {{}};
+  const headers = {{ "X-Requested-By": "ackloop" }};
+  if (token) headers.Authorization = `Bearer ${{token}}`;
   let response = await fetch(`/api/jobs/${{jobId}}/retry`, {{ method: "POST", headers }});
   if (response.status === 401) {{
     token = window.prompt("This dashboard's token:") || "";
     sessionStorage.setItem("ackloop-token", token);
-    response = await fetch(`/api/jobs/${{jobId}}/retry`, {{ method: "POST", headers: {{ Authorization: `Bearer ${{token}}` }} }});
+    headers.Authorization = `Bearer ${{token}}`;
+    response = await fetch(`/api/jobs/${{jobId}}/retry`, {{ method: "POST", headers }});
   }}
   const body = await response.json().catch(() => ({{}}));
   text("action-result", response.ok ? body.message : (body.error || `refused (${{response.status}})`));

@@ -29,7 +29,9 @@ async fn summary(client: &reqwest::Client, base: &str) -> Value {
 }
 
 async fn retry(client: &reqwest::Client, base: &str, job: &str, token: Option<&str>) -> (StatusCode, Value) {
-    let mut request = client.post(format!("{base}/api/jobs/{job}/retry"));
+    let mut request = client
+        .post(format!("{base}/api/jobs/{job}/retry"))
+        .header("X-Requested-By", "ackloop");
     if let Some(token) = token {
         request = request.bearer_auth(token);
     }
@@ -102,6 +104,14 @@ async fn the_dashboard_shows_what_the_tables_hold_and_retries_a_failed_job(
     let page = client.get(&base).send().await.unwrap().text().await.unwrap();
     assert!(page.contains(r#"id="failed-jobs""#) && !page.contains("@example.com"));
 
+    // An action without the dashboard's header (a cross-site form post) is refused.
+    let forged = client
+        .post(format!("{base}/api/jobs/{failed}/retry"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(forged.status(), StatusCode::FORBIDDEN);
+    assert_eq!(count_jobs_with_status(&pool, "failed").await, 1);
     // Retry, as `jobs retry`: the failed job is pending again and a worker completes it; a done
     // job is refused; an unknown one is 404.
     let (status, body) = retry(&client, &base, &failed, None).await;
