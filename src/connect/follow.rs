@@ -76,6 +76,8 @@ async fn mismatch(
     wanted: TargetSessionAttrs,
 ) -> Result<Option<&'static str>, sqlx::Error> {
     if wanted == TargetSessionAttrs::Any {
+        // Any server will do, but it must answer: the watch notices a dead one by this.
+        crate::store::ping(conn).await?;
         return Ok(None);
     }
     let (in_recovery, read_only) = crate::store::session_state(conn).await?;
@@ -206,12 +208,22 @@ pub(super) async fn connect_pool(
 async fn watch(pool: PgPool, watched: Arc<Watched>, mut current: usize, first: PgConnection) {
     let mut monitor = Some(first);
     loop {
-        tokio::select! {
-            () = tokio::time::sleep(WATCH_INTERVAL) => {}
-            () = watched.look_now.notified() => {}
-        }
+        let nudged = tokio::select! {
+            () = tokio::time::sleep(WATCH_INTERVAL) => false,
+            () = watched.look_now.notified() => true,
+        };
         if pool.is_closed() {
             return;
+        }
+        if nudged {
+            // A new connection found the server unsuitable: the monitor's older session may not
+            // see what new ones do (a role's or database's default_transaction_read_only), so
+            // search with new connections.
+            monitor = None;
+            tracing::warn!(
+                server = %server_name(&watched.hosts[current]),
+                "a new connection found the server not {}; looking for one that is", watched.wanted
+            );
         }
         if let Some(mut conn) = monitor.take() {
             match tokio::time::timeout(WATCH_ANSWER, mismatch(&mut conn, watched.wanted)).await {

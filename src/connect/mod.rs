@@ -209,6 +209,23 @@ impl ConnectConfig {
         {
             params.insert("connect_timeout".to_owned(), value);
         }
+        // Nor these, when they list several hosts (sqlx would read "db1,db2" as one host name).
+        if !params.contains_key("host")
+            && !params.contains_key("hostaddr")
+            && let Ok(value) = std::env::var("PGHOST")
+        {
+            params.insert("host".to_owned(), value);
+        }
+        if !params.contains_key("port")
+            && let Ok(value) = std::env::var("PGPORT")
+        {
+            params.insert("port".to_owned(), value);
+        }
+        if !params.contains_key("target_session_attrs")
+            && let Ok(value) = std::env::var("PGTARGETSESSIONATTRS")
+        {
+            params.insert("target_session_attrs".to_owned(), value);
+        }
         // What sqlx reads itself goes to it as one URL of query settings (its parser also looks
         // the password up in ~/.pgpass for the final host, port, user and database); what it
         // does not know, or reads differently from libpq, is handled here.
@@ -295,16 +312,35 @@ type HostAndPort = (String, Option<(&'static str, String)>);
 /// localhost; PGPORT, else 5432).
 fn hosts_and_ports(params: &BTreeMap<String, String>) -> Result<Vec<HostAndPort>, BadConnectionString> {
     let default_host = || PgConnectOptions::new_without_pgpass().get_host().to_owned();
-    let hosts: Vec<String> = match params.get("hostaddr").or_else(|| params.get("host")) {
-        Some(list) => list
-            .split(',')
-            .map(|host| match host.trim() {
-                "" => default_host(),
-                host => host.to_owned(),
-            })
-            .collect(),
-        None => vec![default_host()],
+    let list = |key: &str| {
+        params.get(key).map(|list| {
+            list.split(',')
+                .map(|entry| entry.trim().to_owned())
+                .collect::<Vec<_>>()
+        })
     };
+    // Where to connect: each hostaddr entry, or its host when the entry is empty.
+    let entries = match (list("host"), list("hostaddr")) {
+        (Some(names), Some(addrs)) if names.len() != addrs.len() => {
+            return Err(BadConnectionString::new(format!(
+                "could not match {} host names to {} hostaddr values: give as many of each",
+                names.len(),
+                addrs.len()
+            )));
+        }
+        (Some(names), Some(addrs)) => addrs
+            .into_iter()
+            .zip(names)
+            .map(|(addr, name)| if addr.is_empty() { name } else { addr })
+            .collect(),
+        (None, Some(addrs)) => addrs,
+        (Some(names), None) => names,
+        (None, None) => vec![String::new()],
+    };
+    let hosts: Vec<String> = entries
+        .into_iter()
+        .map(|host| if host.is_empty() { default_host() } else { host })
+        .collect();
     let ports: Vec<Option<String>> = match params.get("port") {
         Some(list) => list
             .split(',')
@@ -312,7 +348,10 @@ fn hosts_and_ports(params: &BTreeMap<String, String>) -> Result<Vec<HostAndPort>
                 "" => Ok(None),
                 port => port
                     .parse::<u16>()
+                    .ok()
+                    .filter(|port| *port != 0)
                     .map(|_| Some(port.to_owned()))
+                    .ok_or(())
                     .map_err(|_| BadConnectionString::new("the port is not a number from 1 to 65535")),
             })
             .collect::<Result<_, _>>()?,

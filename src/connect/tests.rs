@@ -158,6 +158,11 @@ fn refusals_say_what_is_wrong_and_show_the_accepted_forms() {
         ),
         ("postgres://app@h1,h2,h3/app?port=1,2", "3 hosts and 2 ports"),
         ("host=h1,h2 port=5432,x", "not a number"),
+        ("host=h1 port=0", "not a number"),
+        (
+            "host=db1,db2 hostaddr=10.0.0.1 dbname=app user=app",
+            "could not match 2 host names to 1 hostaddr values",
+        ),
         (
             "postgres://app@h1,h2/app?target_session_attrs=standby",
             "use read-write",
@@ -230,6 +235,12 @@ fn several_hosts_as_libpq_pairs_them_with_ports() {
         (
             "postgres://app@/app?host=h1,h2&port=7001,7002",
             &[("h1", 7001), ("h2", 7002)],
+            TargetSessionAttrs::Any,
+        ),
+        // An empty hostaddr entry means its host, as in libpq.
+        (
+            "host=db1,db2 hostaddr=10.0.0.1, dbname=app user=app",
+            &[("10.0.0.1", 5432), ("db2", 5432)],
             TargetSessionAttrs::Any,
         ),
     ];

@@ -52,6 +52,14 @@ pub struct DashboardConfig {
     pub metrics_from: Vec<String>,
     /// This process's own metrics, when the loop runs in it.
     pub metrics: Option<MetricsHandle>,
+    /// The host names (the `Host` header, without its port) the dashboard answers to; empty:
+    /// any. `ackloop dashboard` on a loopback address answers only to `localhost`, `127.0.0.1`
+    /// and `::1`, so a site whose name someone points at 127.0.0.1 (DNS rebinding) cannot use
+    /// an operator's browser to act or read emails.
+    pub allowed_hosts: Vec<String>,
+    /// Whether a job's page (its email) is shown without the token: `ackloop dashboard` shows
+    /// it on a loopback address only.
+    pub job_pages: bool,
 }
 
 impl std::fmt::Debug for DashboardConfig {
@@ -61,6 +69,8 @@ impl std::fmt::Debug for DashboardConfig {
             .field("token", &self.token.as_ref().map(|_| "…"))
             .field("actions", &self.actions)
             .field("metrics_from", &self.metrics_from)
+            .field("allowed_hosts", &self.allowed_hosts)
+            .field("job_pages", &self.job_pages)
             .finish_non_exhaustive()
     }
 }
@@ -100,7 +110,77 @@ pub fn router(pool: PgPool, config: DashboardConfig) -> Router {
         .route("/api/jobs/{job_id}/retry", post(retry))
         .route("/jobs/{job_id}", get(job_page))
         .route("/jobs", get(job_by_email))
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::clone(&shared),
+            guard_host,
+        ))
         .with_state(shared)
+}
+
+/// Refuses a request whose `Host` is not one the dashboard answers to.
+async fn guard_host(
+    State(shared): State<Arc<Shared>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let allowed = &shared.config.allowed_hosts;
+    if !allowed.is_empty() {
+        let host = request
+            .headers()
+            .get(header::HOST)
+            .and_then(|value| value.to_str().ok())
+            .map(host_name)
+            .unwrap_or_default();
+        if !allowed.iter().any(|name| name.eq_ignore_ascii_case(host)) {
+            tracing::warn!(host, "dashboard request refused: an unexpected Host");
+            return refusal(
+                StatusCode::MISDIRECTED_REQUEST,
+                "this dashboard does not answer to that host name",
+            );
+        }
+    }
+    next.run(request).await
+}
+
+/// `host` of `host:port`, `[v6]:port` or `host`, without brackets.
+fn host_name(header: &str) -> &str {
+    if let Some(rest) = header.strip_prefix('[') {
+        return rest.split(']').next().unwrap_or_default();
+    }
+    header.split(':').next().unwrap_or_default()
+}
+
+/// Whether the request carries the dashboard's token (`Authorization: Bearer`, or the cookie
+/// the page sets once it has been given the token, which a job page's link carries).
+fn has_token(config: &DashboardConfig, headers: &HeaderMap) -> bool {
+    let Some(token) = config.token.as_deref().filter(|token| !token.is_empty()) else {
+        return false;
+    };
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.strip_prefix("Bearer "));
+    let cookie = headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(';'))
+        .find_map(|pair| pair.trim().strip_prefix("ackloop_token="));
+    [bearer, cookie]
+        .into_iter()
+        .flatten()
+        .any(|given| same(given, token))
+}
+
+/// Compares without stopping at the first difference, so the time taken says nothing of how
+/// much of a guess was right.
+fn same(given: &str, token: &str) -> bool {
+    given.len() == token.len()
+        && given
+            .bytes()
+            .zip(token.bytes())
+            .fold(0, |diff, (a, b)| diff | (a ^ b))
+            == 0
 }
 
 async fn index(State(shared): State<Arc<Shared>>) -> Html<String> {
@@ -165,12 +245,8 @@ async fn health(shared: &Shared) -> Option<LoopHealth> {
 
 async fn retry(State(shared): State<Arc<Shared>>, Path(job_id): Path<JobId>, headers: HeaderMap) -> Response {
     let config = &shared.config;
-    if let Some(token) = &config.token {
-        let given = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|value| value.to_str().ok())
-            .and_then(|value| value.strip_prefix("Bearer "));
-        if given != Some(token.as_str()) {
+    if config.token.is_some() {
+        if !has_token(config, &headers) {
             tracing::warn!(job.id = %job_id, action = "retry", "dashboard action refused: no valid token");
             return refusal(
                 StatusCode::UNAUTHORIZED,
@@ -216,7 +292,20 @@ fn refusal(status: StatusCode, message: &str) -> Response {
     (status, axum::Json(json!({ "error": message }))).into_response()
 }
 
-async fn job_page(State(shared): State<Arc<Shared>>, Path(job_id): Path<JobId>) -> Response {
+/// A job's page shows an email: without [`DashboardConfig::job_pages`], only to a request with
+/// the token.
+fn may_see_emails(config: &DashboardConfig, headers: &HeaderMap) -> bool {
+    config.job_pages || has_token(config, headers)
+}
+
+async fn job_page(
+    State(shared): State<Arc<Shared>>,
+    Path(job_id): Path<JobId>,
+    headers: HeaderMap,
+) -> Response {
+    if !may_see_emails(&shared.config, &headers) {
+        return (StatusCode::UNAUTHORIZED, Html(page::token_needed())).into_response();
+    }
     match job_details(&shared.pool, job_id).await {
         Ok(details) => Html(page::job(&details)).into_response(),
         Err(AdminError::UnknownJob(_)) => {
@@ -235,7 +324,14 @@ struct EmailQuery {
     email: String,
 }
 
-async fn job_by_email(State(shared): State<Arc<Shared>>, Query(query): Query<EmailQuery>) -> Response {
+async fn job_by_email(
+    State(shared): State<Arc<Shared>>,
+    Query(query): Query<EmailQuery>,
+    headers: HeaderMap,
+) -> Response {
+    if !may_see_emails(&shared.config, &headers) {
+        return (StatusCode::UNAUTHORIZED, Html(page::token_needed())).into_response();
+    }
     match find_job_by_email(&shared.pool, &query.email).await {
         Ok(job_id) => Redirect::to(&format!("/jobs/{job_id}")).into_response(),
         Err(AdminError::UnknownJob(_)) => {

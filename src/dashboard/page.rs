@@ -120,6 +120,8 @@ async function retry(jobId, button) {{
   if (response.status === 401) {{
     token = window.prompt("This dashboard's token:") || "";
     sessionStorage.setItem("ackloop-token", token);
+    // Job pages (emails) need it too, and a link carries no header: a cookie for this site.
+    document.cookie = `ackloop_token=${{encodeURIComponent(token)}}; path=/; SameSite=Strict`;
     headers.Authorization = `Bearer ${{token}}`;
     response = await fetch(`/api/jobs/${{jobId}}/retry`, {{ method: "POST", headers }});
   }}
@@ -166,8 +168,9 @@ async function refresh() {{
     text("error", `cannot read the figures: ${{err.message}}`);
   }}
 }}
-refresh();
-setInterval(refresh, 1000);
+// One refresh at a time: the next a second after the last one ended, however slow it was.
+async function loop() {{ await refresh(); setTimeout(loop, 1000); }}
+loop();
 </script>
 </body></html>
 "##
@@ -211,6 +214,21 @@ pub(super) fn job(details: &JobDetails) -> String {
         updated_at = details.updated_at,
         completed_at = optional(details.completed_at.map(|at| at.to_string())),
         run_after = details.run_after,
+    )
+}
+
+/// A page that asks for the token, keeps it in a cookie for this site, and loads again.
+pub(super) fn token_needed() -> String {
+    format!(
+        r#"<!doctype html><html lang="en"><head><meta charset="utf-8"><title>token needed</title><style>{STYLE}</style></head>
+<body><h1><a href="/">ackloop</a></h1><p id="token-needed">A job's page shows an email: this dashboard needs its token.</p>
+<script>
+const token = window.prompt("This dashboard's token:");
+if (token) {{
+  document.cookie = `ackloop_token=${{encodeURIComponent(token)}}; path=/; SameSite=Strict`;
+  location.reload();
+}}
+</script></body></html>"#
     )
 }
 

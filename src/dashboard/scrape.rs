@@ -13,6 +13,9 @@ use crate::telemetry::{
     CLAIM_TO_DONE, COMMIT_TO_CLAIM, CONFIRMATIONS, DONE_TO_CONFIRMED, LISTENER_RECONNECTS,
 };
 
+/// The most of an endpoint's answer read: ackloop's own are a few kB.
+const MAX_RESPONSE: u64 = 4 << 20;
+
 /// The longest one endpoint may take to answer; a slow one is reported, not waited for.
 const SCRAPE_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -79,10 +82,12 @@ async fn fetch(endpoint: &str) -> std::io::Result<String> {
         None => (rest, "/metrics".to_owned()),
     };
     let mut stream = TcpStream::connect(addr).await?;
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    // HTTP/1.0: the answer comes whole, never chunked.
+    let request = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n");
     stream.write_all(request.as_bytes()).await?;
+    // An endpoint is a few kB; one that sends without end must not fill this process's memory.
     let mut response = String::new();
-    stream.read_to_string(&mut response).await?;
+    stream.take(MAX_RESPONSE).read_to_string(&mut response).await?;
     let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
     if !head.starts_with("HTTP/1.1 200") && !head.starts_with("HTTP/1.0 200") {
         let status = head.lines().next().unwrap_or_default();

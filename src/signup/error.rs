@@ -95,8 +95,14 @@ pub(super) fn classify(err: sqlx::Error, job_id: Option<JobId>) -> SignupError {
         return SignupError::EmailTaken;
     }
     if store::is_unavailable(&err) {
-        // A request that never left the pool cannot have committed anything.
-        let job_id = job_id.filter(|_| !matches!(err, sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed));
+        // A request that never left the pool cannot have committed anything, nor one the server
+        // refused as a write on a read-only session (25006).
+        let refused = err
+            .as_database_error()
+            .and_then(|db_err| db_err.code())
+            .is_some_and(|code| code == "25006");
+        let job_id = job_id
+            .filter(|_| !refused && !matches!(err, sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed));
         return SignupError::Unavailable { job_id, source: err };
     }
     SignupError::Database(err)

@@ -66,6 +66,7 @@ async fn the_dashboard_shows_what_the_tables_hold_and_retries_a_failed_job(
         &pool,
         DashboardConfig {
             actions: true,
+            job_pages: true,
             ..DashboardConfig::default()
         },
     )
@@ -190,6 +191,20 @@ async fn actions_need_the_token_and_are_off_without_one_off_loopback(
     let read_only = serve(&pool, DashboardConfig::default()).await;
     let (status, body) = retry(&client, &read_only, &failed, None).await;
     assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    // A job's page shows an email: without the token it is not shown where job pages are
+    // closed; with it (the cookie the page sets) it is.
+    for base in [&guarded, &read_only] {
+        let page = client.get(format!("{base}/jobs/{failed}")).send().await.unwrap();
+        assert_eq!(page.status(), StatusCode::UNAUTHORIZED, "{base}");
+        assert!(!page.text().await.unwrap().contains("@example.com"));
+    }
+    let with_cookie = client
+        .get(format!("{guarded}/jobs/{failed}"))
+        .header("Cookie", "ackloop_token=s3cret")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(with_cookie.status(), StatusCode::OK);
     assert!(body["error"].as_str().unwrap().contains("--token"), "{body}");
     assert_eq!(summary(&client, &read_only).await["actions"], false);
     assert_eq!(
@@ -229,6 +244,19 @@ async fn the_dashboard_command_serves_and_stops(options: PgPoolOptions, connect:
             .trim_end_matches('/')
             .replace("0.0.0.0", "127.0.0.1");
         assert_eq!(summary(&client, &base).await["actions"], actions, "{addr}");
+        // On loopback it answers only to loopback names: a rebound DNS name is refused.
+        let rebound = client
+            .get(format!("{base}/api/summary"))
+            .header("Host", "evil.example")
+            .send()
+            .await
+            .unwrap();
+        let expected = if actions {
+            StatusCode::MISDIRECTED_REQUEST
+        } else {
+            StatusCode::OK
+        };
+        assert_eq!(rebound.status(), expected, "{addr}");
         if !actions {
             let (status, _) = retry(&client, &base, &failed, None).await;
             assert_eq!(status, StatusCode::FORBIDDEN);

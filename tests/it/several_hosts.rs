@@ -1,9 +1,14 @@
 //! libpq's multi-host connection strings: hosts tried in order, `target_session_attrs` honoured,
 //! by the library and the binary. (Following a failover needs a second server: `make failover`.)
 
-use ackloop::{ConnectConfig, NewUser, Signups};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use ackloop::{Channels, ConnectConfig, NewUser, SignupError, Signups};
 use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use tokio::net::{TcpListener, UnixStream};
+use tokio::task::{JoinHandle, JoinSet};
 
 use crate::common::*;
 
@@ -115,4 +120,107 @@ async fn with_no_host_that_is_read_write_the_error_names_each_host_and_why(
     let (any, _) = down_then_up(&connect, "any");
     let status = run_ackloop(&any, &["status"]).await;
     assert_eq!(status.status.code(), Some(0), "{}", stderr(&status));
+}
+
+/// A byte proxy from a loopback port to the test server's socket: a second "host" for the same
+/// server. Abort the handle and that host is gone (port closed, its connections cut).
+async fn proxy_to(connect: &PgConnectOptions) -> (u16, JoinHandle<()>) {
+    let socket: PathBuf = connect
+        .get_socket()
+        .unwrap()
+        .join(format!(".s.PGSQL.{}", connect.get_port()));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let handle = tokio::spawn(async move {
+        let mut relays = JoinSet::new();
+        loop {
+            let (mut client, _) = listener.accept().await.unwrap();
+            let socket = socket.clone();
+            relays.spawn(async move {
+                if let Ok(mut server) = UnixStream::connect(&socket).await {
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                }
+            });
+        }
+    });
+    (port, handle)
+}
+
+/// The first host dies: the pool moves to the second, whatever `target_session_attrs` is.
+async fn first_host_dies(connect: PgConnectOptions, attrs: &str) {
+    let (port, proxy) = proxy_to(&connect).await;
+    let text = format!(
+        "host=127.0.0.1,{} port={port},{} dbname={} user={} target_session_attrs={attrs}",
+        connect.get_socket().unwrap().display(),
+        connect.get_port(),
+        connect.get_database().unwrap(),
+        connect.get_username(),
+    );
+    let multi = ConnectConfig::parse(&text)
+        .unwrap()
+        .connect_pool(
+            PgPoolOptions::new()
+                .max_connections(2)
+                .acquire_timeout(Duration::from_secs(3)),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        multi.connect_options().get_port(),
+        port,
+        "starts on the first host"
+    );
+    sqlx::query("select 1").execute(&multi).await.unwrap();
+    proxy.abort();
+    wait_until(
+        &format!("attrs={attrs}: the pool moves off the dead first host"),
+        || async { multi.connect_options().get_socket().is_some() },
+    )
+    .await;
+    sqlx::query("select 1")
+        .execute(&multi)
+        .await
+        .expect("a query on the second host");
+    multi.close().await;
+}
+
+#[sqlx::test]
+async fn a_pool_leaves_a_first_host_that_dies_with_any_attrs(
+    options: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let _pool = pool(options, connect.clone(), 1).await;
+    first_host_dies(connect, "any").await;
+}
+
+#[sqlx::test]
+async fn a_pool_leaves_a_first_host_that_dies_with_read_write_attrs(
+    options: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let _pool = pool(options, connect.clone(), 1).await;
+    first_host_dies(connect, "read-write").await;
+}
+
+/// A write refused as read-only (a fenced primary, or the caller's own read-only transaction)
+/// certainly committed nothing: no job id to look up.
+#[sqlx::test]
+async fn create_user_refused_as_read_only_keeps_no_job_id(options: PgPoolOptions, connect: PgConnectOptions) {
+    let pool = pool(options, connect, 1).await;
+    let mut tx = pool.begin().await.unwrap();
+    sqlx::query("set transaction read only")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    let err = ackloop::create_user(
+        &mut tx,
+        &Channels::default(),
+        &NewUser::new("ro@example.com", "Ro").unwrap(),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(err, SignupError::Unavailable { job_id: None, .. }),
+        "{err:?}"
+    );
 }

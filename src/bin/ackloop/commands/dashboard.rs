@@ -44,6 +44,13 @@ pub(super) async fn run(
         actions,
         metrics_from,
         metrics: None,
+        // On loopback: only loopback names (no DNS rebinding), and job pages open.
+        allowed_hosts: if actions {
+            ["localhost", "127.0.0.1", "::1"].map(str::to_owned).to_vec()
+        } else {
+            Vec::new()
+        },
+        job_pages: actions,
     };
     let listener = tokio::net::TcpListener::bind(addr)
         .await
