@@ -216,29 +216,19 @@ async fn health(shared: &Shared) -> Option<LoopHealth> {
     }
     let now = Instant::now();
     let mut samples = shared.samples.lock().unwrap_or_else(|p| p.into_inner());
-    while samples
-        .front()
-        .is_some_and(|(at, _)| now.duration_since(*at) > summary::HEALTH_WINDOW * 2)
-    {
-        samples.pop_front();
-    }
-    let health = samples
-        .front()
-        .map(|(_, oldest)| scrape::between(oldest, &sample, unreachable.clone()))
-        .unwrap_or_else(|| scrape::between(&scrape::Sample::default(), &sample, unreachable));
-    // Keep roughly one sample a second, so the window stays about HEALTH_WINDOW long.
+    // The latencies shown are those since the oldest sample still inside the window (none: all
+    // the endpoints have counted so far, as when a page opens).
+    samples.retain(|(at, _)| now.duration_since(*at) <= summary::HEALTH_WINDOW);
+    let health = match samples.front() {
+        Some((_, oldest)) => scrape::between(oldest, &sample, unreachable),
+        None => scrape::between(&scrape::Sample::default(), &sample, unreachable),
+    };
+    // About one sample a second is enough to keep the window about HEALTH_WINDOW long.
     if samples
         .back()
         .is_none_or(|(at, _)| now.duration_since(*at) >= std::time::Duration::from_secs(1))
     {
         samples.push_back((now, sample));
-    }
-    while samples.len() > 1
-        && samples
-            .front()
-            .is_some_and(|(at, _)| now.duration_since(*at) > summary::HEALTH_WINDOW)
-    {
-        samples.pop_front();
     }
     Some(health)
 }

@@ -77,7 +77,8 @@ pub(super) async fn read(
     let window = SERIES_WINDOW.as_secs_f64();
     let signups = store::signups_per_second(pool, window).await?;
     let finished = store::finished_per_second(pool, window).await?;
-    let (p50, p99) = store::commit_to_done(pool, window).await?;
+    // The row for the whole window (none when nothing finished in it).
+    let whole = finished.iter().find(|row| row.second.is_none());
     let pending = store::pending_jobs(pool).await?;
     let failed_total = store::failed_jobs(pool).await?;
     let failures = store::recent_failures(pool, FAILED_LISTED).await?;
@@ -87,7 +88,7 @@ pub(super) async fn read(
     let series: Vec<SummarySecond> = (now - SERIES_WINDOW.as_secs() as i64 + 1..=now)
         .map(|second| {
             let made = signups.iter().find(|row| row.second == second);
-            let ended = finished.iter().find(|row| row.second == second);
+            let ended = finished.iter().find(|row| row.second == Some(second));
             SummarySecond {
                 second,
                 signups: made.map_or(0, |row| row.signups),
@@ -112,14 +113,14 @@ pub(super) async fn read(
         at,
         signups_per_sec: recent(|s| s.signups),
         completions_per_sec: recent(|s| s.done + s.failed),
-        done_last_minute: finished.iter().map(|row| row.done).sum(),
+        done_last_minute: whole.map_or(0, |row| row.done),
         pending: pending.pending,
         oldest_pending_secs: pending.oldest_pending_secs,
         failed_total,
         failed_jobs: failures.into_iter().map(FailedJob::from).collect(),
         queue_usage,
-        commit_to_done_p50_ms: p50.map(|s| s * 1000.0),
-        commit_to_done_p99_ms: p99.map(|s| s * 1000.0),
+        commit_to_done_p50_ms: whole.and_then(|row| row.commit_to_done_p50).map(|s| s * 1000.0),
+        commit_to_done_p99_ms: whole.and_then(|row| row.commit_to_done_p99).map(|s| s * 1000.0),
         series,
         health,
         actions,

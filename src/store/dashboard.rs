@@ -44,18 +44,22 @@ pub(crate) async fn signups_per_second(
     .await
 }
 
-/// Jobs finished in one second, and how long their signups waited for them.
+/// Jobs finished in one second (or, `second` `None`, in the whole window), and how long their
+/// signups waited for them.
 #[derive(Debug, Clone)]
 pub(crate) struct FinishedSecond {
-    /// Unix seconds.
-    pub(crate) second: i64,
+    /// Unix seconds; `None` on the row for the whole window.
+    pub(crate) second: Option<i64>,
     pub(crate) done: i64,
     pub(crate) failed: i64,
-    /// Median seconds from the signup's insert to its job done, for the jobs done that second.
+    /// Median seconds from the signup's insert to its job done, of the jobs done in it.
     pub(crate) commit_to_done_p50: Option<f64>,
+    /// The 99th percentile of the same.
+    pub(crate) commit_to_done_p99: Option<f64>,
 }
 
-/// Jobs finished per second over the last `window_secs`, through the index on finished jobs.
+/// Jobs finished per second over the last `window_secs`, and over the whole window, in one
+/// pass through the index on finished jobs (`status <> 'pending'` is its predicate).
 pub(crate) async fn finished_per_second(
     executor: impl PgExecutor<'_>,
     window_secs: f64,
@@ -64,43 +68,23 @@ pub(crate) async fn finished_per_second(
         FinishedSecond,
         r#"
         select
-            floor(extract(epoch from completed_at))::bigint as "second!",
+            floor(extract(epoch from completed_at))::bigint as "second",
             count(*) filter (where status = 'done') as "done!",
             count(*) filter (where status = 'failed') as "failed!",
             percentile_cont(0.5) within group (order by extract(epoch from completed_at - created_at))
-                filter (where status = 'done') as "commit_to_done_p50"
+                filter (where status = 'done') as "commit_to_done_p50",
+            percentile_cont(0.99) within group (order by extract(epoch from completed_at - created_at))
+                filter (where status = 'done') as "commit_to_done_p99"
         from player_creation_jobs
         where status <> 'pending'
           and completed_at >= now() - make_interval(secs => $1)
-        group by 1
-        order by 1
+        group by grouping sets ((floor(extract(epoch from completed_at))::bigint), ())
+        order by 1 nulls first
         "#,
         window_secs,
     )
     .fetch_all(executor)
     .await
-}
-
-/// The median and 99th percentile of seconds from insert to done over the last `window_secs`.
-pub(crate) async fn commit_to_done(
-    executor: impl PgExecutor<'_>,
-    window_secs: f64,
-) -> Result<(Option<f64>, Option<f64>), sqlx::Error> {
-    let row = sqlx::query!(
-        r#"
-        select
-            percentile_cont(0.5) within group (order by extract(epoch from completed_at - created_at)) as p50,
-            percentile_cont(0.99) within group (order by extract(epoch from completed_at - created_at)) as p99
-        from player_creation_jobs
-        where status <> 'pending'
-          and completed_at >= now() - make_interval(secs => $1)
-          and status = 'done'
-        "#,
-        window_secs,
-    )
-    .fetch_one(executor)
-    .await?;
-    Ok((row.p50, row.p99))
 }
 
 /// How many jobs have failed, through the index on failed jobs.

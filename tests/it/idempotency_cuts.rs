@@ -18,9 +18,9 @@ async fn cut_repeatedly(
 ) -> (Vec<tokio::time::Instant>, Result<ackloop::Player, SignupError>) {
     use crate::cutting_proxy::{CuttingProxy, Fault};
     let name = if keyed {
-        "review-cut-keyed"
+        "idempotent-cut-keyed"
     } else {
-        "review-cut-unkeyed"
+        "idempotent-cut-unkeyed"
     };
     let (cluster, url) = OwnCluster::start_tcp(name).await;
     let _direct = cluster_pool(&url).await;
@@ -60,50 +60,42 @@ async fn cut_repeatedly(
     (at, result)
 }
 
-/// The docs (guarantees.md: "tried again with backoff (50 ms doubling to 1 s) until the
-/// deadline") hold for an unkeyed signup whose write keeps being cut: its lookup by job id backs
-/// off between attempts.
+/// The attempts at `at` were spaced by the write backoff (50 ms doubling; an attempt's own
+/// connect and write take some of that, never less), and the signup got its player.
+fn assert_backed_off(at: &[tokio::time::Instant], result: Result<ackloop::Player, SignupError>) {
+    result.expect("the player, after the cuts");
+    let gaps: Vec<_> = at.windows(2).map(|w| w[1] - w[0]).collect();
+    for (i, gap) in gaps.iter().enumerate() {
+        assert!(
+            *gap >= Duration::from_millis(50 << i),
+            "attempts spaced by the backoff, 50 ms doubling: {gaps:?}"
+        );
+    }
+}
+
+/// guarantees.md: "tried again with backoff (50 ms doubling to 1 s) until the deadline". An
+/// unkeyed signup whose write keeps being cut: its lookup by job id backs off between attempts.
 #[tokio::test]
 async fn an_unkeyed_signup_cut_again_and_again_backs_off() {
     let (at, result) = cut_repeatedly(false, 5, 1).await;
-    result.expect("the player, after the cuts");
-    let gaps: Vec<_> = at.windows(2).map(|w| w[1] - w[0]).collect();
-    eprintln!("gaps: {gaps:?}");
-    // 50 ms doubling (an attempt's own connect and write take some of that, never less).
-    for (i, gap) in gaps.iter().enumerate() {
-        assert!(
-            *gap >= Duration::from_millis(50 << i),
-            "attempts spaced by the backoff, 50 ms doubling: {gaps:?}"
-        );
-    }
+    assert_backed_off(&at, result);
 }
 
-/// A keyed signup whose write keeps being cut tries again at once, every time: after a lost
-/// answer `write` goes straight back to `write_alone` (no lookup, so no backoff), and an
-/// `Unknown` answer `continue`s without sleeping. A link that drops every statement gets a new
-/// connection and a new write as fast as it can be made, until the deadline.
+/// The same for a keyed signup, which is resolved by writing it again alone (no lookup): each
+/// write after a lost answer waits its backoff too.
 #[tokio::test]
 async fn a_keyed_signup_cut_again_and_again_backs_off() {
     let (at, result) = cut_repeatedly(true, 5, 2).await;
-    result.expect("the player, after the cuts");
-    let gaps: Vec<_> = at.windows(2).map(|w| w[1] - w[0]).collect();
-    eprintln!("gaps: {gaps:?}");
-    // 50 ms doubling (an attempt's own connect and write take some of that, never less).
-    for (i, gap) in gaps.iter().enumerate() {
-        assert!(
-            *gap >= Duration::from_millis(50 << i),
-            "attempts spaced by the backoff, 50 ms doubling: {gaps:?}"
-        );
-    }
+    assert_backed_off(&at, result);
 }
 
-/// Held: a keyed signup whose answer is lost (committed, answer dropped) or whose write reaches
+/// A keyed signup whose answer is lost (committed, answer dropped) or whose write reaches
 /// the server late (after the caller gave up on it, just before its retry): one signup, the
 /// caller's player, no error on the server.
 #[tokio::test]
 async fn a_keyed_signup_whose_answer_is_lost_or_late_gets_its_own_player() {
     use crate::cutting_proxy::{CuttingProxy, Fault};
-    let (cluster, url) = OwnCluster::start_tcp("review-keyed-lost").await;
+    let (cluster, url) = OwnCluster::start_tcp("idempotent-keyed-lost").await;
     let direct = cluster_pool(&url).await;
     let direct_options: PgConnectOptions = url.parse().unwrap();
     let proxy = CuttingProxy::start(direct_options.get_port()).await;

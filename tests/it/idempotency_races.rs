@@ -123,7 +123,7 @@ async fn a_key_sent_in_one_batch_with_another_display_name_is_refused(
     worker.stop().await;
 }
 
-/// Held: one email under two keys in one batch: one is written, the other is EmailTaken (it is
+/// One email under two keys in one batch: one is written, the other is EmailTaken (it is
 /// someone else's signup), and a keyed replay queued in the same batch agrees with its first
 /// call. Repeated, since which path a batch takes depends on timing.
 #[sqlx::test]
@@ -178,7 +178,7 @@ async fn one_email_under_two_keys_in_one_batch_is_one_signup_and_one_taken_email
     worker.stop().await;
 }
 
-/// Held: the same key from two `Signups` (two processes) at once, each with several callers.
+/// the same key from two `Signups` (two processes) at once, each with several callers.
 #[sqlx::test]
 async fn the_same_key_from_two_processes_at_once_makes_one_signup(
     options: PgPoolOptions,
@@ -248,7 +248,7 @@ async fn create_user_in_a_repeatable_read_transaction_meets_a_concurrently_taken
     assert!(matches!(taken, Err(SignupError::EmailTaken)), "{taken:?}");
 }
 
-/// Held: a keyed replay connected as `ackloop_auth` from `sql/roles.sql`.
+/// A keyed replay connected as `ackloop_auth` from `sql/roles.sql`.
 #[sqlx::test]
 async fn a_keyed_replay_runs_as_the_least_privileged_auth_role(
     options: PgPoolOptions,
@@ -263,7 +263,7 @@ async fn a_keyed_replay_runs_as_the_least_privileged_auth_role(
         .fetch_one(&admin)
         .await
         .unwrap();
-    let role = format!("review_auth_{oid}");
+    let role = format!("idem_auth_{oid}");
     let sql = format!("drop role if exists {role}; create role {role} login in role ackloop_auth");
     sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
         .execute(&admin)
@@ -298,15 +298,16 @@ async fn a_keyed_replay_runs_as_the_least_privileged_auth_role(
         .unwrap();
 }
 
-/// A role granted what `sign_up` needed before this change (sql/roles.sql's old line for users):
-/// a taken email, even without any key, is now "permission denied", not 23505.
+/// A role granted what `sign_up` needed before 20261126000003 (no `select (display_name)` on
+/// users): a taken email without a job id is still 23505, not "permission denied" (the lookup
+/// that needs the column runs only for a given job id).
 #[sqlx::test]
 async fn a_taken_email_under_the_old_grants_is_still_email_taken(pool: PgPool) {
     let oid: i64 = sqlx::query_scalar("select oid::int8 from pg_database where datname = current_database()")
         .fetch_one(&pool)
         .await
         .unwrap();
-    let role = format!("review_old_{oid}");
+    let role = format!("idem_old_{oid}");
     let sql = format!(
         "drop role if exists {role}; create role {role};
          grant usage on schema ackloop to {role};
@@ -342,7 +343,7 @@ async fn a_taken_email_under_the_old_grants_is_still_email_taken(pool: PgPool) {
     assert_eq!(code.as_deref(), Some("23505"), "{err}");
 }
 
-/// Held: `on conflict do nothing` still waits for another session's uncommitted signup of the
+/// `on conflict do nothing` still waits for another session's uncommitted signup of the
 /// same email, bounded by `lock_wait_ms` (55P03), and, once that one commits, finds the email
 /// taken (or its own signup, by the job id).
 #[sqlx::test]
