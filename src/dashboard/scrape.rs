@@ -74,7 +74,7 @@ pub(crate) async fn sample(endpoints: &[String]) -> (Sample, Vec<String>) {
     (sum, unreachable)
 }
 
-/// Plain HTTP/1.1 GET: the endpoints are the loop's own, on a private network.
+/// A plain HTTP/1.0 GET (the answer whole, never chunked): the endpoints are the loop's own.
 async fn fetch(endpoint: &str) -> std::io::Result<String> {
     let rest = endpoint.strip_prefix("http://").unwrap_or(endpoint);
     let (addr, path) = match rest.split_once('/') {
@@ -82,7 +82,6 @@ async fn fetch(endpoint: &str) -> std::io::Result<String> {
         None => (rest, "/metrics".to_owned()),
     };
     let mut stream = TcpStream::connect(addr).await?;
-    // HTTP/1.0: the answer comes whole, never chunked.
     let request = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n");
     stream.write_all(request.as_bytes()).await?;
     // An endpoint is a few kB; one that sends without end must not fill this process's memory.
