@@ -1,4 +1,4 @@
-//! A player service with its own idea of a new player: the player row with this service's own
+//! A player service with its own tables: its own `players` (with its own columns: level, coins)
 //! columns (level, coins) and a starter inventory, written by its own [`Handler`] inside
 //! ackloop's claim transaction. The rows commit together with the job's `done` status and the
 //! confirmation the signup side waits for, or not at all.
@@ -13,7 +13,7 @@
 
 use std::time::Duration;
 
-use ackloop::{Handler, Job, JobError, Worker, WorkerConfig, worker_session_options};
+use ackloop::{Created, Handler, Job, JobError, Worker, WorkerConfig, worker_session_options};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{PgConnection, PgPool};
 use tokio_util::sync::CancellationToken;
@@ -28,22 +28,25 @@ const RESERVED_NAMES: &[&str] = &["admin", "moderator", "system"];
 pub struct StarterKit;
 
 impl Handler for StarterKit {
-    async fn handle(&self, job: &Job, conn: &mut PgConnection) -> Result<(), JobError> {
+    async fn handle(&self, job: &Job, conn: &mut PgConnection) -> Result<Created, JobError> {
         if is_reserved(&job.display_name) {
             // Retrying cannot change the name: fail now, and the caller hears this reason.
             return Err(JobError::fail("the display name is reserved for staff"));
         }
         // `sqlx::query` rather than `query!`: these columns are this service's, not ackloop's,
         // and ackloop's offline query cache is prepared without them.
-        sqlx::query(
+        // This service's own table. A player an earlier attempt made (its answer lost) is the same
+        // player: the no-op update returns it.
+        let (player_id, created_at): (i64, chrono::DateTime<chrono::Utc>) = sqlx::query_as(
             "insert into players (user_id, display_name, level, coins)
              values ($1, $2, 1, $3)
-             on conflict (user_id) do nothing",
+             on conflict (user_id) do update set user_id = excluded.user_id
+             returning id, created_at",
         )
-        .bind(job.user_id.get())
+        .bind(job.user_id.as_str())
         .bind(&job.display_name)
         .bind(STARTING_COINS)
-        .execute(&mut *conn)
+        .fetch_one(&mut *conn)
         .await?;
         let kit = sqlx::query(
             "insert into player_inventory (user_id, item, quantity)
@@ -51,7 +54,7 @@ impl Handler for StarterKit {
              from starter_items
              on conflict (user_id, item) do nothing",
         )
-        .bind(job.user_id.get())
+        .bind(job.user_id.as_str())
         .execute(&mut *conn)
         .await?;
         if kit.rows_affected() == 0 && !has_inventory(conn, job).await? {
@@ -61,7 +64,13 @@ impl Handler for StarterKit {
                 "no starter items are configured; add rows to starter_items",
             ));
         }
-        Ok(())
+        // What the waiting caller gets back, read from ackloop's job table.
+        Created::new(player_id).with_result(&serde_json::json!({
+            "display_name": job.display_name,
+            "created_at": created_at,
+            "level": 1,
+            "coins": STARTING_COINS,
+        }))
     }
 }
 
@@ -74,7 +83,7 @@ fn is_reserved(display_name: &str) -> bool {
 /// Whether an earlier attempt's kit is already in place (the job was put back by an operator).
 async fn has_inventory(conn: &mut PgConnection, job: &Job) -> Result<bool, sqlx::Error> {
     sqlx::query_scalar("select exists (select 1 from player_inventory where user_id = $1)")
-        .bind(job.user_id.get())
+        .bind(job.user_id.as_str())
         .fetch_one(&mut *conn)
         .await
 }

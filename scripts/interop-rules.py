@@ -4,7 +4,7 @@ the database refuses exactly what its rules name, to a caller in any language.
 
 For each edge case, ackloop.sign_up raises SQLSTATE 23514 (constraint users_email_valid or
 users_display_name_valid, "invalid email: <rule>") exactly when ackloop.email_problem or
-ackloop.display_name_problem names a rule; a plain insert into users is refused exactly then
+ackloop.display_name_problem names a rule; a plain insert into ackloop.builtin_users is refused exactly then
 too (the check constraints agree with the functions); a taken email, in other letter case,
 raises 23505 on users_email_key. Every signup is rolled back. Exits 1 naming each mismatch.
 """

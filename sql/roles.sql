@@ -1,8 +1,14 @@
--- Optional: two group roles holding exactly the privileges each side of the loop needs.
--- Apply after the migrations (psql -f sql/roles.sql), then grant them to your login roles:
+-- Optional: two group roles holding exactly what each side of the loop needs. Apply after the
+-- migrations (psql -f sql/roles.sql), then grant them to your login roles:
 --   create role auth_service login password '…' in role ackloop_auth;
 --   create role player_worker login password '…' in role ackloop_worker;
 -- Safe to run again: roles are created only when missing, grants are idempotent.
+--
+-- Neither side gets any right on ackloop's tables: the contract's functions run as ackloop's
+-- owner (security definer, search_path pinned), so each side can do exactly what its functions
+-- do. Rights on a service's OWN tables (its users, its players) are the service's business:
+-- the player service's handler writes its players with the worker's login role, so grant that
+-- role what the handler needs (docs/protocol.md, "Roles and grants").
 
 do $$
 begin
@@ -15,40 +21,36 @@ begin
 end
 $$;
 
--- Both sides check the schema version before they start, and call the contract's functions
--- (they run with the caller's privileges, granted below).
+-- Both sides check the schema version before they start.
 grant usage on schema ackloop to ackloop_auth, ackloop_worker;
 grant select on ackloop.applied_migrations to ackloop_auth, ackloop_worker;
 revoke execute on all functions in schema ackloop from public;
 grant execute on function
-    ackloop.uuid_v7(), ackloop.email_problem(text), ackloop.display_name_problem(text)
+    ackloop.uuid_v7(), ackloop.email_problem(text), ackloop.display_name_problem(text),
+    ackloop.user_id_problem(text), ackloop.json_object_problem(jsonb)
     to ackloop_auth, ackloop_worker;
+
+-- The auth side adds jobs (for its own users, or signs users up on the built-in tables) and
+-- reads their outcomes.
 grant execute on function
+    ackloop.add_job(text, text, jsonb, uuid, text, integer),
     ackloop.sign_up(text, text, uuid, text, integer),
     ackloop.sign_up_many(text[], text[], uuid[], text, integer),
     ackloop.job_outcomes(uuid[])
     to ackloop_auth;
+
+-- The worker claims jobs, completes them and records failures.
 grant execute on function
     ackloop.complete_jobs(integer, text),
     ackloop.claim_jobs(integer),
-    ackloop.mark_done(uuid[], integer[], text),
+    ackloop.insert_builtin_player(uuid),
+    ackloop.mark_done(uuid[], integer[], text[], jsonb[], text),
     ackloop.backoff_ms(integer, bigint, bigint),
     ackloop.record_failure(uuid, integer, text, boolean, text, integer, bigint, bigint, boolean),
+    ackloop.next_retry_due_in_secs(),
     ackloop.start_attempt(integer, bigint, bigint, text, boolean),
     ackloop.lock_attempt(uuid, integer),
     ackloop.give_back_attempt(uuid, integer, text, bigint, bigint),
     ackloop.note_unfinished_attempt(uuid, integer, text),
     ackloop.unfinished_attempt_error(integer)
     to ackloop_worker;
-
--- The auth side writes users and their jobs (returning the new ids) and reads outcomes.
--- (The display name too: a signup sent again with its key is recognised by email and name.)
-grant select (id, email, display_name), insert (email, display_name) on users to ackloop_auth;
-grant select, insert (id, user_id, created_at) on player_creation_jobs to ackloop_auth;
-grant select on players to ackloop_auth;
-
--- The worker claims and completes jobs, reads users' display names, creates players.
-grant select, update (status, attempts, last_error, run_after, updated_at, completed_at)
-    on player_creation_jobs to ackloop_worker;
-grant select (id, display_name) on users to ackloop_worker;
-grant select, insert (user_id, display_name) on players to ackloop_worker;

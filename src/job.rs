@@ -111,6 +111,142 @@ impl fmt::Display for PlayerId {
     }
 }
 
+/// A row's id in a service's own table, a user's or a player's: a number, a UUID or a string,
+/// kept as text (`player_creation_jobs.user_id` and `.player_id`), so that ackloop fits whatever
+/// key type a service already has. Made from an `i64` or a [`Uuid`] directly, or from text with
+/// [`ExternalId::new`], which applies the rules `ackloop.user_id_problem` applies.
+///
+/// ```
+/// use ackloop::ExternalId;
+///
+/// assert_eq!(ExternalId::from(42_i64).as_str(), "42");
+/// assert_eq!(ExternalId::from(42_i64).to_i64(), Some(42));
+/// assert!(ExternalId::new(" padded ").is_err());
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, sqlx::Type)]
+#[sqlx(transparent)]
+#[serde(try_from = "String", into = "String")]
+pub struct ExternalId(String);
+
+/// Longest [`ExternalId`] accepted, in characters; the schema checks it too.
+pub const MAX_EXTERNAL_ID_CHARS: usize = 128;
+
+/// Why a text is not an [`ExternalId`]: the rule it breaks, in the words the schema uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct InvalidExternalId(pub &'static str);
+
+impl ExternalId {
+    /// An id given as text: not empty, at most [`MAX_EXTERNAL_ID_CHARS`] characters, no control
+    /// characters, no whitespace at either end. Kept exactly as given.
+    ///
+    /// # Errors
+    /// [`InvalidExternalId`] with the rule broken.
+    pub fn new(text: impl Into<String>) -> Result<Self, InvalidExternalId> {
+        let text = text.into();
+        if text.is_empty() {
+            return Err(InvalidExternalId("must not be empty"));
+        }
+        if text.chars().count() > MAX_EXTERNAL_ID_CHARS {
+            return Err(InvalidExternalId("must be at most 128 characters"));
+        }
+        if text.chars().any(char::is_control) {
+            return Err(InvalidExternalId("must not contain control characters"));
+        }
+        if text.trim() != text {
+            return Err(InvalidExternalId("must not start or end with whitespace"));
+        }
+        Ok(Self(text))
+    }
+
+    /// The id as text, as stored.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The id as a number, when it is one (a `bigint` key).
+    pub fn to_i64(&self) -> Option<i64> {
+        self.0.parse().ok()
+    }
+
+    /// The id as a UUID, when it is one (a `uuid` key).
+    pub fn to_uuid(&self) -> Option<Uuid> {
+        Uuid::try_parse(&self.0).ok()
+    }
+}
+
+impl From<i64> for ExternalId {
+    fn from(id: i64) -> Self {
+        Self(id.to_string())
+    }
+}
+
+impl From<Uuid> for ExternalId {
+    fn from(id: Uuid) -> Self {
+        // Postgres' `uuid::text`: a service that casts its key to text gets the same id.
+        Self(id.hyphenated().to_string())
+    }
+}
+
+impl From<UserId> for ExternalId {
+    fn from(id: UserId) -> Self {
+        Self::from(id.get())
+    }
+}
+
+impl From<PlayerId> for ExternalId {
+    fn from(id: PlayerId) -> Self {
+        Self::from(id.get())
+    }
+}
+
+impl TryFrom<String> for ExternalId {
+    type Error = InvalidExternalId;
+
+    fn try_from(text: String) -> Result<Self, Self::Error> {
+        Self::new(text)
+    }
+}
+
+impl From<ExternalId> for String {
+    fn from(id: ExternalId) -> Self {
+        id.0
+    }
+}
+
+impl fmt::Display for ExternalId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// The largest JSON object a job carries (extra data, or a result), in bytes of JSON text; the
+/// schema checks it too (`ackloop.json_object_problem`).
+pub const MAX_JSON_BYTES: usize = 8192;
+
+/// Why a JSON value cannot be a job's extra data or result, in the schema's words.
+pub(crate) fn json_object_problem(value: &serde_json::Value) -> Option<&'static str> {
+    if !value.is_object() {
+        return Some("must be a JSON object");
+    }
+    // Postgres' jsonb text puts a space after each ':' and ','; serde_json's compact text has
+    // none: count them, so that what passes here passes there.
+    let compact = value.to_string();
+    let spaced = compact.len() + separators(value);
+    (spaced > MAX_JSON_BYTES).then_some("must be at most 8192 bytes as JSON text")
+}
+
+/// The ':' and ',' separators of a JSON value's text (outside strings).
+fn separators(value: &serde_json::Value) -> usize {
+    match value {
+        serde_json::Value::Array(items) => items.len().saturating_sub(1) + items.iter().map(separators).sum::<usize>(),
+        serde_json::Value::Object(map) => {
+            map.len() * 2 - usize::from(!map.is_empty()) + map.values().map(separators).sum::<usize>()
+        }
+        _ => 0,
+    }
+}
+
 /// Where a job is in its life: `pending` until a worker finishes it, then `done` or `failed`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -203,6 +339,18 @@ impl Backoff {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn json_objects_are_measured_as_postgres_prints_them() {
+        assert_eq!(json_object_problem(&serde_json::json!([1])), Some("must be a JSON object"));
+        assert_eq!(json_object_problem(&serde_json::json!({"a": [1, 2], "b": {"c": null}})), None);
+        let value = serde_json::json!({"a": [1, 2], "b": {"c": null}});
+        // {"a": [1, 2], "b": {"c": null}}
+        assert_eq!(value.to_string().len() + separators(&value), 32);
+        let big = serde_json::json!({ "k": "x".repeat(MAX_JSON_BYTES) });
+        assert!(json_object_problem(&big).is_some());
+    }
+
 
     #[test]
     fn backoff_doubles_from_base_and_stops_at_max() {

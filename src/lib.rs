@@ -97,10 +97,13 @@ pub use channel::{
 pub use connect::{BadConnectionString, ConnectConfig, TargetSessionAttrs, describe_db_error};
 #[cfg(feature = "http")]
 pub use exporter::{MetricsError, MetricsHandle};
-pub use job::{Backoff, JobId, JobStatus, PlayerId, UnknownStatus, UserId};
+pub use job::{
+    Backoff, ExternalId, InvalidExternalId, JobId, JobStatus, MAX_EXTERNAL_ID_CHARS, MAX_JSON_BYTES, PlayerId,
+    UnknownStatus, UserId,
+};
 pub use signup::{
-    Field, InvalidInput, MAX_DISPLAY_NAME_CHARS, MAX_EMAIL_CHARS, NewUser, Player, Rule, Signup, SignupError,
-    Signups, SignupsConfig, create_user,
+    Confirmed, Field, InvalidInput, MAX_DISPLAY_NAME_CHARS, MAX_EMAIL_CHARS, NewJob, NewUser, Player, Rule, Signup,
+    SignupError, Signups, SignupsConfig, add_job, create_user,
 };
 pub use store::is_unavailable;
 pub use telemetry::describe_metrics;
@@ -113,7 +116,7 @@ pub mod metric_names {
     };
 }
 pub use worker::{
-    Handler, InsertPlayer, Job, JobError, Worker, WorkerConfig, WorkerError, worker_session_options,
+    Created, Handler, InsertPlayer, Job, JobError, Worker, WorkerConfig, WorkerError, worker_session_options,
 };
 
 /// The schema migrations, embedded: `MIGRATOR.run(&pool)` applies those not yet applied.

@@ -8,7 +8,7 @@ use serde::Serialize;
 use sqlx::PgPool;
 
 use crate::channel::Channels;
-use crate::job::{JobId, JobStatus, PlayerId, UnknownStatus, UserId};
+use crate::job::{ExternalId, JobId, JobStatus, UnknownStatus};
 use crate::store;
 
 /// Everything about one job.
@@ -16,10 +16,10 @@ use crate::store;
 pub struct JobDetails {
     /// The job.
     pub job_id: JobId,
-    /// Its user.
-    pub user_id: UserId,
-    /// The user's email.
-    pub email: String,
+    /// Its user: the service's own id (a built-in user's, as text, for the built-in tables).
+    pub user_id: ExternalId,
+    /// The built-in user's email; `None` for a job a service added for a user of its own.
+    pub email: Option<String>,
     /// Where the job is.
     pub status: JobStatus,
     /// Claims so far.
@@ -34,10 +34,11 @@ pub struct JobDetails {
     pub updated_at: DateTime<Utc>,
     /// When it became done or failed.
     pub completed_at: Option<DateTime<Utc>>,
-    /// The user's player, if one exists.
-    pub player_id: Option<PlayerId>,
-    /// The job is done but its user has no player: someone deleted the player, or a restore
-    /// left it out. Its caller was told the player exists; [`repair_job`] makes it again.
+    /// The player service's answer when done: its player's id.
+    pub player_id: Option<ExternalId>,
+    /// The job, of the built-in tables, is done but its user has no built-in player: someone
+    /// deleted the player, or a restore left it out. Its caller was told the player exists;
+    /// [`repair_job`] makes it again. (ackloop cannot see a service's own players table.)
     pub player_missing: bool,
 }
 
@@ -97,7 +98,7 @@ pub async fn job_details(pool: &PgPool, job_id: JobId) -> Result<JobDetails, Adm
         created_at: row.created_at,
         updated_at: row.updated_at,
         completed_at: row.completed_at,
-        player_missing: is_player_missing(status, row.player_id),
+        player_missing: row.player_missing,
         player_id: row.player_id,
     })
 }
@@ -116,11 +117,6 @@ pub async fn find_job_by_email(pool: &PgPool, email: &str) -> Result<JobId, Admi
     store::job_id_by_email(pool, email)
         .await?
         .ok_or_else(|| AdminError::UnknownJob(format!("for a user with email {email:?}")))
-}
-
-/// Whether a job in `status` whose user has the player `player_id` lacks the player it promised.
-fn is_player_missing(status: JobStatus, player_id: Option<PlayerId>) -> bool {
-    status == JobStatus::Done && player_id.is_none()
 }
 
 /// Puts a failed job back to pending, with fresh attempts, and wakes the workers.
@@ -278,17 +274,6 @@ pub async fn count_prunable_jobs(pool: &PgPool, older_than: Duration) -> Result<
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn only_a_done_job_without_a_player_is_missing_one() {
-        let player = Some(PlayerId::from(7));
-        assert!(is_player_missing(JobStatus::Done, None));
-        assert!(!is_player_missing(JobStatus::Done, player));
-        // Pending: the worker has yet to make it. Failed: reported as a failure already.
-        assert!(!is_player_missing(JobStatus::Pending, None));
-        assert!(!is_player_missing(JobStatus::Failed, None));
-        assert!(!is_player_missing(JobStatus::Pending, player));
-    }
 
     #[test]
     fn refusals_say_what_to_do() {

@@ -7,7 +7,7 @@ use serde::Serialize;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
-use crate::job::{JobId, UserId};
+use crate::job::{ExternalId, JobId};
 use crate::store;
 use crate::telemetry::{JOBS_PENDING, NOTIFICATION_QUEUE_USAGE, OLDEST_PENDING};
 
@@ -36,7 +36,7 @@ pub struct FailedJob {
     /// The job.
     pub job_id: JobId,
     /// Its user, who has no player.
-    pub user_id: UserId,
+    pub user_id: ExternalId,
     /// Attempts made.
     pub attempts: i32,
     /// The last attempt's error.

@@ -17,7 +17,7 @@ use tokio::time::Instant;
 use tracing::Instrument;
 use uuid::Uuid;
 
-use super::input::Player;
+use super::input::Confirmed;
 use crate::channel::{ChannelName, IgnoredPayloads, parse_job_id};
 use crate::job::{JobId, JobStatus};
 use crate::listen::{Event, ListenTarget, Subscription};
@@ -36,7 +36,7 @@ pub(crate) enum Source {
 /// How a finished job ended, as the tables say.
 #[derive(Debug, Clone)]
 pub(crate) enum Outcome {
-    Done(Player),
+    Done(Confirmed),
     Failed(String),
 }
 
@@ -365,17 +365,16 @@ fn count_confirmation(via: &'static str, row: &JobOutcomeRow) {
 fn outcome_of(row: &JobOutcomeRow) -> Option<Outcome> {
     match row.status() {
         Ok(JobStatus::Pending) => None,
-        Ok(JobStatus::Done) => Some(
-            match (row.player_id, &row.player_display_name, row.player_created_at) {
-                (Some(id), Some(display_name), Some(created_at)) => Outcome::Done(Player {
-                    id,
-                    user_id: row.user_id,
-                    display_name: display_name.clone(),
-                    created_at,
-                }),
-                _ => Outcome::Failed("the job is done but its player no longer exists; an operator can make it again with `ackloop jobs retry --repair`".to_owned()),
-            },
-        ),
+        Ok(JobStatus::Done) => Some(match (&row.player_id, &row.result) {
+            (Some(player_id), Some(result)) => Outcome::Done(Confirmed {
+                job_id: row.id,
+                user_id: row.user_id.clone(),
+                player_id: player_id.clone(),
+                result: result.clone(),
+            }),
+            // The table's checks make this impossible; said plainly should they be dropped.
+            _ => Outcome::Failed("the job is done but has no answer from its player service".to_owned()),
+        }),
         Ok(JobStatus::Failed) => Some(Outcome::Failed(
             row.last_error
                 .clone()

@@ -43,6 +43,10 @@ pub enum SignupError {
         /// The error recorded with the job.
         reason: String,
     },
+    /// This user (of the auth service's own tables) has a player-creation job already; nothing
+    /// was written. Wait on that job, or look it up with `ackloop jobs show`.
+    #[error("this user already has a player-creation job; wait on that job instead of adding another")]
+    UserHasJob,
     /// No job has this id.
     #[error("no job {0}")]
     UnknownJob(JobId),
@@ -90,9 +94,22 @@ impl SignupError {
 pub(super) fn classify(err: sqlx::Error, job_id: Option<JobId>) -> SignupError {
     if let Some(db_err) = err.as_database_error()
         && db_err.is_unique_violation()
-        && db_err.constraint() == Some("users_email_key")
+        && db_err.constraint() == Some("builtin_users_email_key")
     {
         return SignupError::EmailTaken;
+    }
+    if let Some(db_err) = err.as_database_error()
+        && db_err.is_unique_violation()
+    {
+        match db_err.constraint() {
+            Some("player_creation_jobs_user_id_key") => return SignupError::UserHasJob,
+            Some("player_creation_jobs_pkey") => {
+                if let Some(job_id) = job_id {
+                    return SignupError::KeyReused(job_id);
+                }
+            }
+            _ => {}
+        }
     }
     if store::is_unavailable(&err) {
         // A request that never left the pool cannot have committed anything, nor one the server

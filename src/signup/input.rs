@@ -7,7 +7,7 @@ use std::fmt;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
-use crate::job::{PlayerId, UserId};
+use crate::job::{ExternalId, JobId, PlayerId, UserId};
 
 /// Longest email accepted (RFC 5321's limit on a forward path); the schema checks it too.
 pub const MAX_EMAIL_CHARS: usize = 254;
@@ -127,6 +127,90 @@ fn check_display_name(name: &str) -> Result<(), Rule> {
     Ok(())
 }
 
+/// A job for a user of the auth service's own tables, validated: construct it with
+/// [`NewJob::new`] and add it with [`add_job`](crate::add_job) inside the transaction that
+/// writes the user.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewJob {
+    user_id: ExternalId,
+    display_name: String,
+    extra: Option<serde_json::Value>,
+    key: Option<JobId>,
+}
+
+impl NewJob {
+    /// A job creating the player of `user_id` (the service's own id: an `i64`, a `Uuid`, or an
+    /// [`ExternalId`] made from text) named `display_name`.
+    ///
+    /// # Errors
+    /// [`InvalidInput`] for the display name, under the same rules as [`NewUser::new`].
+    ///
+    /// ```
+    /// use ackloop::NewJob;
+    ///
+    /// let job = NewJob::new(uuid::Uuid::now_v7(), "Ada")?
+    ///     .with_extra(serde_json::json!({"referrer": "spring-campaign"}))?;
+    /// # Ok::<(), ackloop::InvalidInput>(())
+    /// ```
+    pub fn new(user_id: impl Into<ExternalId>, display_name: impl Into<String>) -> Result<Self, InvalidInput> {
+        let display_name = display_name.into();
+        check_display_name(&display_name).map_err(|rule| InvalidInput {
+            field: Field::DisplayName,
+            rule,
+        })?;
+        Ok(Self {
+            user_id: user_id.into(),
+            display_name,
+            extra: None,
+            key: None,
+        })
+    }
+
+    /// The same job carrying `extra` data for the player service (its handler reads
+    /// [`Job::extra`](crate::Job::extra)).
+    ///
+    /// # Errors
+    /// [`InvalidInput`] on [`Field::Extra`]: not a JSON object, or over 8 KiB as text.
+    pub fn with_extra(mut self, extra: serde_json::Value) -> Result<Self, InvalidInput> {
+        if let Some(problem) = crate::job::json_object_problem(&extra) {
+            return Err(InvalidInput {
+                field: Field::Extra,
+                rule: Rule::Json(problem),
+            });
+        }
+        self.extra = Some(extra);
+        Ok(self)
+    }
+
+    /// The same job with the caller's idempotency key as its id: added again with the same key
+    /// and data, it is the same job (nothing written twice); with other data,
+    /// [`SignupError::KeyReused`](crate::SignupError::KeyReused).
+    pub fn with_key(mut self, key: JobId) -> Self {
+        self.key = Some(key);
+        self
+    }
+
+    /// The user's id, as given.
+    pub fn user_id(&self) -> &ExternalId {
+        &self.user_id
+    }
+
+    /// The display name, as given.
+    pub fn display_name(&self) -> &str {
+        &self.display_name
+    }
+
+    /// The extra data, if any.
+    pub fn extra(&self) -> Option<&serde_json::Value> {
+        self.extra.as_ref()
+    }
+
+    /// The idempotency key, if one was given.
+    pub fn key(&self) -> Option<JobId> {
+        self.key
+    }
+}
+
 /// The input field a signup was refused for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -135,6 +219,8 @@ pub enum Field {
     Email,
     /// The user's (and player's) display name.
     DisplayName,
+    /// A job's extra data for the player service.
+    Extra,
 }
 
 impl fmt::Display for Field {
@@ -142,6 +228,7 @@ impl fmt::Display for Field {
         f.write_str(match self {
             Self::Email => "email",
             Self::DisplayName => "display name",
+            Self::Extra => "extra data",
         })
     }
 }
@@ -174,6 +261,9 @@ pub enum Rule {
     /// Not shaped like an address.
     #[error("{0}")]
     EmailShape(&'static str),
+    /// Not a JSON object, or too large.
+    #[error("{0}")]
+    Json(&'static str),
 }
 
 /// A signup refused before anything was written: which field, and which rule it broke.
@@ -186,7 +276,31 @@ pub struct InvalidInput {
     pub rule: Rule,
 }
 
-/// A player, as the worker created it.
+/// What the player service answered for a finished job, read from ackloop's job table: the
+/// player's id in the service's own table and the handler's result.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Confirmed {
+    /// The job.
+    pub job_id: JobId,
+    /// The user it was for, as the auth service gave it.
+    pub user_id: ExternalId,
+    /// The player, as the player service's handler returned it.
+    pub player_id: ExternalId,
+    /// The handler's result: a JSON object (`{}` when it gave none).
+    pub result: serde_json::Value,
+}
+
+impl Confirmed {
+    /// The result as the handler's own type.
+    ///
+    /// # Errors
+    /// The result does not have `T`'s shape.
+    pub fn result_as<T: serde::de::DeserializeOwned>(&self) -> Result<T, serde_json::Error> {
+        T::deserialize(&self.result)
+    }
+}
+
+/// A player of the built-in tables, as the built-in worker created it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Player {
     /// The player's id.
@@ -197,6 +311,27 @@ pub struct Player {
     pub display_name: String,
     /// When the worker created it.
     pub created_at: DateTime<Utc>,
+}
+
+/// The built-in player's result, as `ackloop.complete_jobs` and `InsertPlayer` store it.
+#[derive(serde::Deserialize)]
+struct BuiltinResult {
+    display_name: String,
+    created_at: DateTime<Utc>,
+}
+
+impl Player {
+    /// The built-in player a confirmation describes; `None` when it is not one (a job a service
+    /// added, answered by its own handler).
+    pub(crate) fn from_builtin(confirmed: &Confirmed) -> Option<Self> {
+        let result: BuiltinResult = confirmed.result_as().ok()?;
+        Some(Self {
+            id: PlayerId::from(confirmed.player_id.to_i64()?),
+            user_id: UserId::from(confirmed.user_id.to_i64()?),
+            display_name: result.display_name,
+            created_at: result.created_at,
+        })
+    }
 }
 
 #[cfg(test)]

@@ -34,7 +34,9 @@ use tokio::time::Instant;
 use self::confirm::{Checked, Confirmations, FINAL_CHECK_MARGIN, Look, Outcome, Source};
 pub use self::error::SignupError;
 use self::error::classify;
-pub use self::input::{Field, InvalidInput, MAX_DISPLAY_NAME_CHARS, MAX_EMAIL_CHARS, NewUser, Player, Rule};
+pub use self::input::{
+    Confirmed, Field, InvalidInput, MAX_DISPLAY_NAME_CHARS, MAX_EMAIL_CHARS, NewJob, NewUser, Player, Rule,
+};
 use self::write::{Key, Written, write};
 use self::writer::Writers;
 use crate::channel::Channels;
@@ -92,6 +94,51 @@ pub async fn create_user(
     .await
     .map_err(|err| classify(err, Some(job_id)))?;
     Ok(Signup { user_id, job_id })
+}
+
+/// Adds the player-creation job of a user of your own service on `conn`, with the wake-up for
+/// the workers: call it inside the transaction that writes your user, so the job exists exactly
+/// when the user does. Returns the job id (the job's key, or a new one); after your commit, wait
+/// for the player service's answer with [`Signups::await_job`].
+///
+/// On a plain connection this is its own transaction. Inside your own transaction (pass
+/// `&mut *tx`), the job and its wake-up happen when you commit, and nothing if you roll back.
+///
+/// # Errors
+/// [`SignupError::UserHasJob`] (this user has a job already), [`SignupError::KeyReused`] (the
+/// key was given with other data), [`SignupError::Unavailable`] or [`SignupError::Database`];
+/// on any error this call wrote nothing (and your transaction is aborted: roll it back).
+///
+/// ```no_run
+/// # async fn demo(pool: sqlx::PgPool, signups: ackloop::Signups) -> Result<(), Box<dyn std::error::Error>> {
+/// use ackloop::{Channels, NewJob, add_job};
+///
+/// let account = uuid::Uuid::now_v7();
+/// let mut tx = pool.begin().await?;
+/// sqlx::query("insert into accounts (id, email) values ($1, $2)")
+///     .bind(account)
+///     .bind("ada@example.com")
+///     .execute(&mut *tx)
+///     .await?;
+/// let job_id = add_job(&mut *tx, &Channels::default(), &NewJob::new(account, "Ada")?).await?;
+/// tx.commit().await?;
+/// let confirmed = signups.await_job(job_id, std::time::Duration::from_secs(5)).await?;
+/// println!("player {} for account {account}", confirmed.player_id);
+/// # Ok(()) }
+/// ```
+pub async fn add_job(conn: &mut PgConnection, channels: &Channels, job: &NewJob) -> Result<JobId, SignupError> {
+    let job_id = job.key().unwrap_or_default();
+    store::add_job(
+        conn,
+        job.user_id(),
+        job.display_name(),
+        job.extra(),
+        job_id,
+        &channels.jobs,
+        None,
+    )
+    .await
+    .map_err(|err| classify(err, Some(job_id)))
 }
 
 /// Options for [`Signups::connect_with`].
@@ -323,7 +370,7 @@ impl Signups {
             total_us = started.elapsed().as_micros() as u64,
             "signup finished"
         );
-        finish(job_id, Some(user_id), checked, started)
+        finish(job_id, Some(user_id), checked, started).and_then(builtin_player)
     }
 
     /// Waits, up to `timeout`, for the player of a signup that is already committed: one whose
@@ -339,6 +386,24 @@ impl Signups {
     /// # Ok(()) }
     /// ```
     pub async fn await_player(&self, job_id: JobId, timeout: Duration) -> Result<Player, SignupError> {
+        self.await_job(job_id, timeout).await.and_then(builtin_player)
+    }
+
+    /// Waits, up to `timeout`, for the player service's answer to a committed job: one added with
+    /// [`add_job`] in your own transaction, or one whose first wait timed out. The answer is read
+    /// from ackloop's job table: the player's id in the service's table and its handler's result.
+    ///
+    /// # Errors
+    /// [`SignupError::UnknownJob`], [`SignupError::TimedOut`], [`SignupError::JobFailed`],
+    /// [`SignupError::Unavailable`], [`SignupError::Database`].
+    ///
+    /// ```no_run
+    /// # async fn demo(signups: ackloop::Signups, job_id: ackloop::JobId) -> Result<(), ackloop::SignupError> {
+    /// let confirmed = signups.await_job(job_id, std::time::Duration::from_secs(30)).await?;
+    /// println!("player {}: {}", confirmed.player_id, confirmed.result);
+    /// # Ok(()) }
+    /// ```
+    pub async fn await_job(&self, job_id: JobId, timeout: Duration) -> Result<Confirmed, SignupError> {
         let started = Instant::now();
         let deadline = started + timeout;
         let waiter = self.confirmations.register(job_id);
@@ -376,14 +441,24 @@ impl Signups {
     }
 }
 
+/// The built-in player a signup on the built-in tables was answered with.
+fn builtin_player(confirmed: Confirmed) -> Result<Player, SignupError> {
+    Player::from_builtin(&confirmed).ok_or_else(|| SignupError::JobFailed {
+        job_id: confirmed.job_id,
+        reason: "the job was answered by a player service's own handler, not with a built-in \
+                 player: wait on it with Signups::await_job"
+            .to_owned(),
+    })
+}
+
 fn finish(
     job_id: JobId,
     user_id: Option<UserId>,
     checked: Checked,
     started: Instant,
-) -> Result<Player, SignupError> {
+) -> Result<Confirmed, SignupError> {
     match checked {
-        Checked::Finished(Outcome::Done(player)) => Ok(player),
+        Checked::Finished(Outcome::Done(confirmed)) => Ok(confirmed),
         Checked::Finished(Outcome::Failed(reason)) => Err(SignupError::JobFailed { job_id, reason }),
         Checked::Pending => {
             ::metrics::counter!(crate::telemetry::CALLER_TIMEOUTS).increment(1);

@@ -173,7 +173,8 @@ async fn committed_user(
     loop {
         let ids = [job_id.as_uuid()];
         let err = match store::job_outcomes_by(pool, &ids, deadline).await {
-            Ok(rows) => return Ok(rows.first().map(|row| row.user_id)),
+            // A job of the built-in tables: its user is a built-in user's id.
+            Ok(rows) => return Ok(rows.first().and_then(|row| row.user_id.to_i64()).map(UserId::from)),
             Err(err) => err,
         };
         failures += 1;

@@ -213,7 +213,7 @@ async fn write_one(
 fn attempt_failed(err: sqlx::Error) -> Attempt {
     match &err {
         sqlx::Error::Database(db_err)
-            if db_err.is_unique_violation() && db_err.constraint() == Some("users_email_key") =>
+            if db_err.is_unique_violation() && db_err.constraint() == Some("builtin_users_email_key") =>
         {
             Attempt::EmailTaken
         }

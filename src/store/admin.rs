@@ -4,7 +4,7 @@ use chrono::{DateTime, Utc};
 use sqlx::{PgConnection, PgExecutor};
 
 use crate::channel::ChannelName;
-use crate::job::{JobId, PlayerId, UserId};
+use crate::job::{ExternalId, JobId};
 
 /// Job counts by status and the age of the oldest pending job.
 #[derive(Debug, Clone)]
@@ -25,7 +25,7 @@ pub(crate) async fn job_counts(executor: impl PgExecutor<'_>) -> Result<JobCount
             count(*) filter (where status = 'failed') as "failed!",
             extract(epoch from now() - min(created_at) filter (where status = 'pending'))::float8
                 as "oldest_pending_secs?"
-        from player_creation_jobs
+        from ackloop.player_creation_jobs
         "#,
     )
     .fetch_one(executor)
@@ -48,7 +48,7 @@ pub(crate) async fn pending_jobs(executor: impl PgExecutor<'_>) -> Result<Pendin
         select
             count(*) as "pending!",
             extract(epoch from now() - min(created_at))::float8 as "oldest_pending_secs?"
-        from player_creation_jobs
+        from ackloop.player_creation_jobs
         where status = 'pending'
         "#,
     )
@@ -60,7 +60,7 @@ pub(crate) async fn pending_jobs(executor: impl PgExecutor<'_>) -> Result<Pendin
 #[derive(Debug, Clone)]
 pub(crate) struct FailedJobRow {
     pub(crate) id: JobId,
-    pub(crate) user_id: UserId,
+    pub(crate) user_id: ExternalId,
     pub(crate) attempts: i32,
     pub(crate) last_error: Option<String>,
     pub(crate) failed_at: Option<DateTime<Utc>>,
@@ -76,11 +76,11 @@ pub(crate) async fn recent_failures(
         r#"
         select
             id as "id: JobId",
-            user_id as "user_id: UserId",
+            user_id as "user_id: ExternalId",
             attempts,
             last_error,
             completed_at as failed_at
-        from player_creation_jobs
+        from ackloop.player_creation_jobs
         where status = 'failed'
         order by completed_at desc
         limit $1
@@ -114,7 +114,7 @@ pub(crate) async fn versions_sqlx_did_not_apply(
         r#"
         select version
         from ackloop.applied_migrations
-        where version not in (select version from _sqlx_migrations where success)
+        where version not in (select version from ackloop._sqlx_migrations where success)
         order by version
         "#
     )
@@ -128,7 +128,7 @@ pub(crate) async fn applied_sqlx_migrations(executor: impl PgExecutor<'_>) -> Re
     sqlx::query_scalar!(
         r#"
         select version
-        from _sqlx_migrations
+        from ackloop._sqlx_migrations
         where success
         order by version
         "#
@@ -141,8 +141,9 @@ pub(crate) async fn applied_sqlx_migrations(executor: impl PgExecutor<'_>) -> Re
 #[derive(Debug, Clone)]
 pub(crate) struct JobDetailsRow {
     pub(crate) id: JobId,
-    pub(crate) user_id: UserId,
-    pub(crate) email: String,
+    pub(crate) user_id: ExternalId,
+    /// The built-in user's email; none for a job a service added.
+    pub(crate) email: Option<String>,
     pub(crate) status: String,
     pub(crate) attempts: i32,
     pub(crate) last_error: Option<String>,
@@ -150,7 +151,10 @@ pub(crate) struct JobDetailsRow {
     pub(crate) created_at: DateTime<Utc>,
     pub(crate) updated_at: DateTime<Utc>,
     pub(crate) completed_at: Option<DateTime<Utc>>,
-    pub(crate) player_id: Option<PlayerId>,
+    /// The player service's answer, when done.
+    pub(crate) player_id: Option<ExternalId>,
+    /// A done job of the built-in tables whose built-in player is gone (deleted since).
+    pub(crate) player_missing: bool,
 }
 
 pub(crate) async fn job_details(
@@ -162,8 +166,8 @@ pub(crate) async fn job_details(
         r#"
         select
             jobs.id as "id!: JobId",
-            jobs.user_id as "user_id!: UserId",
-            users.email,
+            jobs.user_id as "user_id!: ExternalId",
+            users.email as "email?",
             jobs.status,
             jobs.attempts,
             jobs.last_error,
@@ -171,10 +175,12 @@ pub(crate) async fn job_details(
             jobs.created_at,
             jobs.updated_at,
             jobs.completed_at,
-            players.id as "player_id?: PlayerId"
-        from player_creation_jobs as jobs
-        join users on users.id = jobs.user_id
-        left join players on players.user_id = jobs.user_id
+            jobs.player_id as "player_id?: ExternalId",
+            (jobs.status = 'done' and jobs.builtin_user_id is not null and players.id is null)
+                as "player_missing!"
+        from ackloop.player_creation_jobs as jobs
+        left join ackloop.builtin_users as users on users.id = jobs.builtin_user_id
+        left join ackloop.builtin_players as players on players.user_id = jobs.builtin_user_id
         where jobs.id = $1
         "#,
         job_id.as_uuid(),
@@ -191,8 +197,8 @@ pub(crate) async fn job_id_by_email(
     sqlx::query_scalar!(
         r#"
         select jobs.id as "id!: JobId"
-        from users
-        join player_creation_jobs as jobs on jobs.user_id = users.id
+        from ackloop.builtin_users as users
+        join ackloop.player_creation_jobs as jobs on jobs.builtin_user_id = users.id
         where lower(users.email) = lower($1)
         "#,
         email,
@@ -212,7 +218,7 @@ pub(crate) async fn retry_failed_jobs(
     sqlx::query_scalar!(
         r#"
         with retried as (
-            update player_creation_jobs
+            update ackloop.player_creation_jobs
             set status = 'pending',
                 attempts = 0,
                 run_after = now(),
@@ -249,19 +255,22 @@ pub(crate) async fn repair_done_jobs_without_player(
     sqlx::query_scalar!(
         r#"
         with repaired as (
-            update player_creation_jobs as jobs
+            update ackloop.player_creation_jobs as jobs
             set status = 'pending',
                 attempts = 0,
                 last_error = null,
                 run_after = now(),
                 updated_at = now(),
-                completed_at = null
+                completed_at = null,
+                player_id = null,
+                result = null
             where jobs.status = 'done'
               and ($1::uuid is null or jobs.id = $1)
+              and jobs.builtin_user_id is not null
               and not exists (
                   select 1
-                  from players
-                  where players.user_id = jobs.user_id
+                  from ackloop.builtin_players as players
+                  where players.user_id = jobs.builtin_user_id
               )
             returning jobs.id
         )
@@ -288,12 +297,13 @@ pub(crate) async fn count_done_jobs_without_player(
     sqlx::query_scalar!(
         r#"
         select count(*) as "count!"
-        from player_creation_jobs as jobs
+        from ackloop.player_creation_jobs as jobs
         where jobs.status = 'done'
+          and jobs.builtin_user_id is not null
           and not exists (
               select 1
-              from players
-              where players.user_id = jobs.user_id
+              from ackloop.builtin_players as players
+              where players.user_id = jobs.builtin_user_id
           )
         "#,
     )
@@ -310,11 +320,11 @@ pub(crate) async fn delete_finished_jobs(
 ) -> Result<u64, sqlx::Error> {
     let result = sqlx::query!(
         r#"
-        delete from player_creation_jobs
+        delete from ackloop.player_creation_jobs
         -- An array, not a join: the planner hashes a join against the whole table.
         where id = any(array(
             select id
-            from player_creation_jobs
+            from ackloop.player_creation_jobs
             where status <> 'pending'
               and completed_at < now() - make_interval(secs => $1)
             order by completed_at
@@ -338,7 +348,7 @@ pub(crate) async fn count_finished_jobs(
     sqlx::query_scalar!(
         r#"
         select count(*) as "count!"
-        from player_creation_jobs
+        from ackloop.player_creation_jobs
         where status <> 'pending'
           and completed_at < now() - make_interval(secs => $1)
         "#,
@@ -423,7 +433,7 @@ pub(crate) async fn stale_pending_jobs(
         select
             count(*) as "stale!",
             extract(epoch from now() - min(created_at))::float8 as "oldest_secs?"
-        from player_creation_jobs
+        from ackloop.player_creation_jobs
         where status = 'pending'
           and created_at < now() - make_interval(secs => $1)
         "#,

@@ -32,7 +32,7 @@ pub(crate) async fn signups_per_second(
         select
             floor(extract(epoch from jobs.created_at))::bigint as "second!",
             count(*) as "signups!"
-        from player_creation_jobs as jobs, bounds
+        from ackloop.player_creation_jobs as jobs, bounds
         where jobs.id between bounds.low and bounds.high
           and jobs.created_at >= now() - make_interval(secs => $1)
         group by 1
@@ -75,7 +75,7 @@ pub(crate) async fn finished_per_second(
                 filter (where status = 'done') as "commit_to_done_p50",
             percentile_cont(0.99) within group (order by extract(epoch from completed_at - created_at))
                 filter (where status = 'done') as "commit_to_done_p99"
-        from player_creation_jobs
+        from ackloop.player_creation_jobs
         where status <> 'pending'
           and completed_at >= now() - make_interval(secs => $1)
         group by grouping sets ((floor(extract(epoch from completed_at))::bigint), ())
@@ -92,7 +92,7 @@ pub(crate) async fn failed_jobs(executor: impl PgExecutor<'_>) -> Result<i64, sq
     sqlx::query_scalar!(
         r#"
         select count(*) as "failed!"
-        from player_creation_jobs
+        from ackloop.player_creation_jobs
         where status = 'failed'
         "#
     )

@@ -1,12 +1,11 @@
 //! The auth side's statements: write signups, read their outcomes.
 
-use chrono::{DateTime, Utc};
 use sqlx::{PgExecutor, PgPool};
 use uuid::Uuid;
 
 use super::classify::is_unavailable;
 use crate::channel::ChannelName;
-use crate::job::{JobId, JobStatus, PlayerId, UnknownStatus, UserId};
+use crate::job::{ExternalId, JobId, JobStatus, UnknownStatus, UserId};
 
 /// Inserts a user and its player-creation job and notifies the jobs channel with the job id, in
 /// one statement (`ackloop.sign_up`, which applies the input rules again): in autocommit that is one transaction and one round trip; inside a caller's
@@ -31,6 +30,41 @@ pub(crate) async fn insert_user_and_job(
         "#,
         email,
         display_name,
+        job_id.as_uuid(),
+        jobs_channel.as_str(),
+        lock_wait.map(lock_wait_ms),
+    )
+    .fetch_one(executor)
+    .await
+}
+
+/// Adds a player-creation job for a user of the caller's own service (`ackloop.add_job`), with
+/// its wake-up, on `executor`: inside the caller's transaction, both happen at its commit. With
+/// the caller's `job_id` again and the same data, the job added before is returned and nothing
+/// written. `lock_wait` as in [`insert_user_and_job`].
+pub(crate) async fn add_job(
+    executor: impl PgExecutor<'_>,
+    user_id: &ExternalId,
+    display_name: &str,
+    extra: Option<&serde_json::Value>,
+    job_id: JobId,
+    jobs_channel: &ChannelName,
+    lock_wait: Option<std::time::Duration>,
+) -> Result<JobId, sqlx::Error> {
+    sqlx::query_scalar!(
+        r#"
+        select ackloop.add_job(
+            user_id => $1,
+            display_name => $2,
+            extra => $3,
+            new_job_id => $4,
+            jobs_channel => $5,
+            lock_wait_ms => $6
+        ) as "job_id!: JobId"
+        "#,
+        user_id.as_str(),
+        display_name,
+        extra,
         job_id.as_uuid(),
         jobs_channel.as_str(),
         lock_wait.map(lock_wait_ms),
@@ -81,16 +115,15 @@ pub(crate) async fn insert_users_and_jobs(
     .await
 }
 
-/// A job's state as the tables tell it, with its player when there is one.
+/// A job's state as ackloop's job table tells it, with the player service's answer when done.
 #[derive(Debug, Clone)]
 pub(crate) struct JobOutcomeRow {
     pub(crate) id: JobId,
-    pub(crate) user_id: UserId,
+    pub(crate) user_id: ExternalId,
     pub(crate) status: String,
     pub(crate) last_error: Option<String>,
-    pub(crate) player_id: Option<PlayerId>,
-    pub(crate) player_display_name: Option<String>,
-    pub(crate) player_created_at: Option<DateTime<Utc>>,
+    pub(crate) player_id: Option<ExternalId>,
+    pub(crate) result: Option<serde_json::Value>,
     /// Seconds since the job finished, by the server's clock.
     pub(crate) since_done_secs: Option<f64>,
 }
@@ -147,12 +180,11 @@ pub(crate) async fn job_outcomes(
         r#"
         select
             job_id as "id!: JobId",
-            user_id as "user_id!: UserId",
+            user_id as "user_id!: ExternalId",
             status as "status!",
             last_error,
-            player_id as "player_id?: PlayerId",
-            player_display_name,
-            player_created_at,
+            player_id as "player_id?: ExternalId",
+            result,
             since_done_secs
         from ackloop.job_outcomes($1)
         "#,

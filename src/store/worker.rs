@@ -4,7 +4,9 @@ use sqlx::{PgConnection, PgExecutor};
 use uuid::Uuid;
 
 use crate::channel::ChannelName;
-use crate::job::{Backoff, JobId, UserId};
+use chrono::{DateTime, Utc};
+
+use crate::job::{Backoff, ExternalId, JobId};
 
 /// A job [`complete_due_jobs`] completed.
 #[derive(Debug)]
@@ -45,8 +47,9 @@ pub(crate) async fn complete_due_jobs(
 #[derive(Debug)]
 pub(crate) struct ClaimedJob {
     pub(crate) id: JobId,
-    pub(crate) user_id: UserId,
+    pub(crate) user_id: ExternalId,
     pub(crate) display_name: String,
+    pub(crate) extra: Option<serde_json::Value>,
     /// Attempts including this one.
     pub(crate) attempts: i32,
     /// From its signup to this claim.
@@ -69,8 +72,9 @@ pub(crate) async fn claim_due_jobs(
         r#"
         select
             job_id as "id!: JobId",
-            user_id as "user_id!: UserId",
+            user_id as "user_id!: ExternalId",
             display_name as "display_name!",
+            extra,
             attempt as "attempts!",
             waited_secs as "waited_secs!"
         from ackloop.claim_jobs($1)
@@ -87,8 +91,9 @@ pub(crate) struct StartedAttempt {
     /// `started`, or `gave_up` when its attempts were used up and it was failed instead.
     pub(crate) status: String,
     pub(crate) id: JobId,
-    pub(crate) user_id: UserId,
+    pub(crate) user_id: ExternalId,
     pub(crate) display_name: String,
+    pub(crate) extra: Option<serde_json::Value>,
     /// The attempt counted (attempts made, when it gave up).
     pub(crate) attempt: i32,
     /// From its signup to this claim.
@@ -124,8 +129,9 @@ pub(crate) async fn start_attempt(
         select
             status as "status!",
             job_id as "id!: JobId",
-            user_id as "user_id!: UserId",
+            user_id as "user_id!: ExternalId",
             display_name as "display_name!",
+            extra,
             attempt as "attempt!",
             waited_secs as "waited_secs!",
             last_error,
@@ -151,14 +157,7 @@ pub(crate) async fn start_attempt(
 /// Seconds until the next job tried before is due (negative if one is due now, but held), or
 /// `None` if no such job is pending.
 pub(crate) async fn next_retry_due_in(executor: impl PgExecutor<'_>) -> Result<Option<f64>, sqlx::Error> {
-    sqlx::query_scalar!(
-        r#"
-        select extract(epoch from min(run_after) - now())::float8 as "due_in_secs?"
-        from player_creation_jobs
-        where status = 'pending'
-          and attempts > 0
-        "#
-    )
+    sqlx::query_scalar!(r#"select ackloop.next_retry_due_in_secs() as "due_in_secs?""#)
     .fetch_one(executor)
     .await
 }
@@ -224,43 +223,65 @@ pub(crate) async fn lock_started_attempt(
     .await
 }
 
-/// Creates the user's player from the display name the job carries. A player that already
-/// exists is left as it is: the effect is in place, so the job can be marked done.
-pub(crate) async fn insert_player(
-    conn: &mut PgConnection,
-    user_id: UserId,
-    display_name: &str,
-) -> Result<(), sqlx::Error> {
-    sqlx::query!(
-        r#"
-        insert into players (user_id, display_name)
-        values ($1, $2)
-        on conflict (user_id) do nothing
-        "#,
-        user_id.get(),
-        display_name,
-    )
-    .execute(conn)
-    .await?;
-    Ok(())
+/// A player of the built-in tables, as [`insert_builtin_player`] made (or found) it.
+#[derive(Debug)]
+pub(crate) struct BuiltinPlayer {
+    pub(crate) id: i64,
+    pub(crate) display_name: String,
+    pub(crate) created_at: DateTime<Utc>,
 }
 
-/// Marks claimed jobs done, each with the attempt that did it (the number of attempts it took),
-/// and notifies each id on the done channel (delivered at commit).
+/// The built-in player service: creates the player of a claimed job's built-in user
+/// (`ackloop.insert_builtin_player`). A player that already exists is kept and returned: the
+/// effect is in place, so the job can be marked done. A job a service added has no built-in user:
+/// an error of class 22, which fails the job.
+pub(crate) async fn insert_builtin_player(
+    conn: &mut PgConnection,
+    job_id: JobId,
+) -> Result<BuiltinPlayer, sqlx::Error> {
+    sqlx::query_as!(
+        BuiltinPlayer,
+        r#"
+        select player_id as "id!", display_name as "display_name!", created_at as "created_at!"
+        from ackloop.insert_builtin_player($1)
+        "#,
+        job_id.as_uuid(),
+    )
+    .fetch_one(conn)
+    .await
+}
+
+/// A job finished by its handler, to mark done with [`mark_jobs_done`].
+#[derive(Debug)]
+pub(crate) struct DoneJob {
+    pub(crate) id: JobId,
+    /// The attempt that did it.
+    pub(crate) attempt: i32,
+    /// The player service's answer: its player's id and a JSON object.
+    pub(crate) player_id: ExternalId,
+    pub(crate) result: serde_json::Value,
+}
+
+/// Marks claimed jobs done, each with the attempt that did it (the number of attempts it took)
+/// and the handler's answer, and notifies each id on the done channel (delivered at commit).
 pub(crate) async fn mark_jobs_done(
     conn: &mut PgConnection,
-    jobs: &[(JobId, i32)],
+    jobs: &[DoneJob],
     done_channel: &ChannelName,
 ) -> Result<(), sqlx::Error> {
-    let ids: Vec<Uuid> = jobs.iter().map(|(id, _)| id.as_uuid()).collect();
-    let attempts: Vec<i32> = jobs.iter().map(|(_, attempt)| *attempt).collect();
+    let ids: Vec<Uuid> = jobs.iter().map(|job| job.id.as_uuid()).collect();
+    let attempts: Vec<i32> = jobs.iter().map(|job| job.attempt).collect();
+    let player_ids: Vec<String> = jobs.iter().map(|job| job.player_id.as_str().to_owned()).collect();
+    let results: Vec<serde_json::Value> = jobs.iter().map(|job| job.result.clone()).collect();
     sqlx::query!(
         r#"
         select id as "id!"
-        from ackloop.mark_done($1, $2, $3) as id
+        from ackloop.mark_done($1, $2, $3, $4, $5) as id
         "#,
         &ids,
         &attempts,
+        &player_ids,
+        &results,
         done_channel.as_str(),
     )
     .fetch_all(conn)

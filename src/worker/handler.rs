@@ -7,32 +7,103 @@ use std::task::Poll;
 
 use sqlx::PgConnection;
 
-use crate::job::{JobId, UserId};
+use crate::job::{ExternalId, JobId, json_object_problem};
 use crate::store;
 
-/// A job handed to a [`Handler`]: the signup's data, and which attempt this is.
+/// A job handed to a [`Handler`]: what the auth side added, and which attempt this is.
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct Job {
-    /// The job's id, as the signup side knows it.
+    /// The job's id, as the auth side knows it.
     pub id: JobId,
-    /// The user the player is for.
-    pub user_id: UserId,
-    /// The display name given at signup (already validated and trimmed).
+    /// The user the player is for: the auth service's own id (`to_i64`, `to_uuid` read it back
+    /// as the key type it is).
+    pub user_id: ExternalId,
+    /// The display name given when the job was added (validated; stored exactly as given, never
+    /// trimmed).
     pub display_name: String,
+    /// The auth side's extra data for the player service, a JSON object, if it gave any.
+    pub extra: Option<serde_json::Value>,
     /// 1 for the first attempt; a job is tried at most `WorkerConfig::max_attempts` times.
     pub attempt: u32,
 }
 
 impl Job {
     /// A job as the worker hands it to a handler: for calling a handler in your own tests.
-    pub fn new(id: JobId, user_id: UserId, display_name: impl Into<String>, attempt: u32) -> Self {
+    pub fn new(id: JobId, user_id: impl Into<ExternalId>, display_name: impl Into<String>, attempt: u32) -> Self {
         Self {
             id,
-            user_id,
+            user_id: user_id.into(),
             display_name: display_name.into(),
+            extra: None,
             attempt,
         }
+    }
+
+    /// The same job with `extra` data, for calling a handler in your own tests.
+    pub fn with_extra(mut self, extra: serde_json::Value) -> Self {
+        self.extra = Some(extra);
+        self
+    }
+}
+
+/// What a [`Handler`] made: the player service's own id for the player, and a small result
+/// (a JSON object of at most 8 KiB) for the caller. ackloop stores both with the job when it
+/// marks it done, and the awaiting caller reads them from there
+/// ([`Signups::await_job`](crate::Signups::await_job)), never from the service's tables.
+///
+/// ```
+/// use ackloop::Created;
+///
+/// #[derive(serde::Serialize)]
+/// struct Welcome { level: i32 }
+///
+/// let created = Created::new(42_i64).with_result(&Welcome { level: 1 }).unwrap();
+/// assert_eq!(created.player_id().as_str(), "42");
+/// ```
+#[derive(Debug, Clone, PartialEq)]
+pub struct Created {
+    player_id: ExternalId,
+    result: serde_json::Value,
+}
+
+impl Created {
+    /// The player `player_id` was made, with an empty result (`{}`).
+    pub fn new(player_id: impl Into<ExternalId>) -> Self {
+        Self {
+            player_id: player_id.into(),
+            result: serde_json::Value::Object(serde_json::Map::new()),
+        }
+    }
+
+    /// The same, with `result` for the caller: anything that serialises to a JSON object of at
+    /// most 8 KiB.
+    ///
+    /// # Errors
+    /// [`JobError::Fail`] when `result` does not serialise to such an object: the job fails with
+    /// the reason, as retrying the same code would not help.
+    pub fn with_result(mut self, result: &impl serde::Serialize) -> Result<Self, JobError> {
+        let value = serde_json::to_value(result)
+            .map_err(|err| JobError::fail(format!("the handler's result cannot be stored: {err}")))?;
+        if let Some(problem) = json_object_problem(&value) {
+            return Err(JobError::fail(format!("the handler's result {problem}")));
+        }
+        self.result = value;
+        Ok(self)
+    }
+
+    /// The player's id in the player service's own table.
+    pub fn player_id(&self) -> &ExternalId {
+        &self.player_id
+    }
+
+    /// The result for the caller.
+    pub fn result(&self) -> &serde_json::Value {
+        &self.result
+    }
+
+    pub(crate) fn into_parts(self) -> (ExternalId, serde_json::Value) {
+        (self.player_id, self.result)
     }
 }
 
@@ -77,7 +148,8 @@ impl JobError {
 /// together with the job's `done` status and the notification that tells the signup side, or
 /// not at all:
 ///
-/// - `Ok(())`: the writes are kept and the job is marked done.
+/// - `Ok(`[`Created`]`)`: the writes are kept and the job is marked done, with the player's id
+///   and the result stored for the awaiting caller.
 /// - `Err(`[`JobError`]`)`: the writes are undone (the savepoint is rolled back) and the job is
 ///   retried or failed as the error says; the other jobs of the batch go on.
 /// - A panic is caught: it is undone the same way and counts as a failed attempt (retried
@@ -93,8 +165,9 @@ impl JobError {
 /// [`Job::attempt`]: an attempt whose transaction was lost is not counted.
 ///
 /// What a handler must do and must not do:
-/// - On success, leave the user's row in `players` (insert it, or call [`InsertPlayer`]): the
-///   signup side reads the player from there, and reports a done job without one as failed.
+/// - On success, return the player's id in your own table (a player that already exists for
+///   this user, made by an attempt whose answer was lost, is the same player: return it). The
+///   caller gets exactly what you return, read from ackloop's job table.
 /// - Never end or reshape the transaction: no `COMMIT`, `ROLLBACK`, `RELEASE` or `ROLLBACK TO`
 ///   of the worker's savepoint (`ackloop_job`), and no session-level `SET` (it would outlive the
 ///   job on a pooled connection; `SET LOCAL` lasts until the batch commits). Nested savepoints
@@ -112,39 +185,54 @@ impl JobError {
 /// Implement it with `async fn`; the future must be `Send`:
 ///
 /// ```no_run
-/// use ackloop::{Handler, InsertPlayer, Job, JobError};
+/// use ackloop::{Created, Handler, Job, JobError};
 /// use sqlx::PgConnection;
 ///
-/// struct StarterKit;
+/// /// The player service's own `players (id bigserial, account_id uuid unique, nickname text)`.
+/// struct CreatePlayer;
 ///
-/// impl Handler for StarterKit {
-///     async fn handle(&self, job: &Job, conn: &mut PgConnection) -> Result<(), JobError> {
-///         // The built-in insert, then this service's own rows, in the same transaction.
-///         InsertPlayer.handle(job, conn).await?;
-///         sqlx::query("insert into inventory (user_id, item) values ($1, 'starter sword')")
-///             .bind(job.user_id.get())
-///             .execute(&mut *conn)
-///             .await?;
-///         Ok(())
+/// impl Handler for CreatePlayer {
+///     async fn handle(&self, job: &Job, conn: &mut PgConnection) -> Result<Created, JobError> {
+///         let account = job.user_id.to_uuid().ok_or_else(|| JobError::fail("user id is not a uuid"))?;
+///         // Insert, or find the player an earlier attempt made: the same player either way.
+///         let id: i64 = sqlx::query_scalar(
+///             "insert into players (account_id, nickname) values ($1, $2)
+///              on conflict (account_id) do update set nickname = players.nickname
+///              returning id",
+///         )
+///         .bind(account)
+///         .bind(&job.display_name)
+///         .fetch_one(&mut *conn)
+///         .await?;
+///         Ok(Created::new(id))
 ///     }
 /// }
 /// ```
 pub trait Handler: Send + Sync + 'static {
-    /// Does `job`'s work through `conn`, the connection of the claim's transaction.
+    /// Does `job`'s work through `conn`, the connection of the claim's transaction, and says
+    /// what it made.
     fn handle(&self, job: &Job, conn: &mut PgConnection)
-    -> impl Future<Output = Result<(), JobError>> + Send;
+    -> impl Future<Output = Result<Created, JobError>> + Send;
 }
 
-/// The built-in handler: inserts the player (`players (user_id, display_name)`), leaving one that
-/// already exists as it is. [`crate::Worker::new`] runs it, as one statement per batch; call it
-/// from your own handler to add to it.
+/// The built-in player service's handler: creates the player of a job signed up on the
+/// built-in tables in `ackloop.builtin_players`, leaving one that already exists as it is, and
+/// answers with its id, display name and creation time. [`crate::Worker::new`] runs it, as one
+/// statement per batch. A job a service added (with [`add_job`](crate::add_job)) fails: it
+/// needs that service's own handler.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct InsertPlayer;
 
 impl Handler for InsertPlayer {
-    async fn handle(&self, job: &Job, conn: &mut PgConnection) -> Result<(), JobError> {
-        store::insert_player(conn, job.user_id, &job.display_name).await?;
-        Ok(())
+    async fn handle(&self, job: &Job, conn: &mut PgConnection) -> Result<Created, JobError> {
+        let player = store::insert_builtin_player(conn, job.id).await?;
+        Ok(Created {
+            player_id: ExternalId::from(player.id),
+            result: serde_json::json!({
+                "display_name": player.display_name,
+                "created_at": player.created_at,
+            }),
+        })
     }
 }
 
@@ -153,7 +241,7 @@ pub(crate) async fn run_caught<H: Handler>(
     handler: &H,
     job: &Job,
     conn: &mut PgConnection,
-) -> Result<(), JobError> {
+) -> Result<Created, JobError> {
     // A handler written without `async fn` may panic before it returns its future.
     let mut conn = Some(conn);
     let start = AssertUnwindSafe(|| handler.handle(job, conn.take().expect("called once")));

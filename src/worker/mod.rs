@@ -25,7 +25,7 @@ mod loops;
 mod passes;
 
 pub use config::{WorkerConfig, worker_session_options};
-pub use handler::{Handler, InsertPlayer, Job, JobError};
+pub use handler::{Created, Handler, InsertPlayer, Job, JobError};
 use passes::Processor;
 
 /// What stops a worker from running. A failing *job* is not one of these: it is recorded in its
@@ -92,19 +92,24 @@ impl<H: Handler> Worker<H> {
     ///
     /// ```no_run
     /// # async fn demo(pool: sqlx::PgPool) {
-    /// use ackloop::{Handler, Job, JobError, Worker, WorkerConfig};
+    /// use ackloop::{Created, Handler, Job, JobError, Worker, WorkerConfig};
     /// use sqlx::PgConnection;
     ///
+    /// /// The player service's own `players (id bigserial, user_id text unique, name text)`.
     /// struct CreatePlayer;
     ///
     /// impl Handler for CreatePlayer {
-    ///     async fn handle(&self, job: &Job, conn: &mut PgConnection) -> Result<(), JobError> {
-    ///         sqlx::query("insert into players (user_id, display_name) values ($1, $2)")
-    ///             .bind(job.user_id.get())
-    ///             .bind(&job.display_name)
-    ///             .execute(&mut *conn)
-    ///             .await?;
-    ///         Ok(())
+    ///     async fn handle(&self, job: &Job, conn: &mut PgConnection) -> Result<Created, JobError> {
+    ///         let id: i64 = sqlx::query_scalar(
+    ///             "insert into players (user_id, name) values ($1, $2)
+    ///              on conflict (user_id) do update set name = players.name
+    ///              returning id",
+    ///         )
+    ///         .bind(job.user_id.as_str())
+    ///         .bind(&job.display_name)
+    ///         .fetch_one(&mut *conn)
+    ///         .await?;
+    ///         Ok(Created::new(id))
     ///     }
     /// }
     ///

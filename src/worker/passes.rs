@@ -9,9 +9,9 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 use super::config::{LOCK_WAIT, WorkerConfig};
-use super::handler::{self, Handler, Job, JobError};
+use super::handler::{self, Created, Handler, Job, JobError};
 use crate::connect::Described;
-use crate::store::{self, ClaimedJob, Due, millis};
+use crate::store::{self, ClaimedJob, DoneJob, Due, millis};
 use crate::telemetry;
 
 /// How long a loop keeps taking jobs alone after it starts or its session died, at least: a
@@ -122,6 +122,7 @@ impl<H: Handler> Processor<H> {
             id: job.id,
             user_id: job.user_id,
             display_name: job.display_name,
+            extra: job.extra,
             attempts: attempt,
             waited_secs: job.waited_secs,
         };
@@ -180,8 +181,8 @@ impl<H: Handler> Processor<H> {
         }
         store::job_savepoint(&mut tx).await?;
         match self.attempt(&mut tx, job, Then::Release).await? {
-            Ok(()) => {
-                store::mark_jobs_done(&mut tx, &[(job.id, job.attempts)], &self.config.channels.done).await?;
+            Ok(created) => {
+                store::mark_jobs_done(&mut tx, &[done_job(job, created)], &self.config.channels.done).await?;
                 tx.commit().await?;
                 tracing::debug!(job.id = %job.id, attempt = job.attempts, "job done");
                 ::metrics::counter!(telemetry::JOBS_DONE).increment(1);
@@ -267,7 +268,7 @@ impl<H: Handler> Processor<H> {
             let then = if more { Then::Renew } else { Then::Release };
             let span = tracing::debug_span!("process_job", job.id = %job.id, attempt = job.attempts);
             match self.attempt(&mut tx, job, then).instrument(span).await? {
-                Ok(()) => done.push((job.id, job.attempts)),
+                Ok(created) => done.push(done_job(job, created)),
                 Err(err) => {
                     retry_at = earliest(retry_at, self.record_failure(&mut tx, job, &err).await?);
                     // The record is kept (released into the transaction) before the next job
@@ -286,7 +287,7 @@ impl<H: Handler> Processor<H> {
             tracing::debug!(batch.size = jobs.len(), done = done.len(), "batch done");
         }
         let took = started.elapsed().as_secs_f64();
-        for job in jobs.iter().filter(|job| done.iter().any(|(id, _)| *id == job.id)) {
+        for job in jobs.iter().filter(|job| done.iter().any(|done| done.id == job.id)) {
             tracing::debug!(job.id = %job.id, attempt = job.attempts, waited_secs = job.waited_secs, "job done");
             ::metrics::histogram!(telemetry::COMMIT_TO_CLAIM).record(job.waited_secs);
             ::metrics::histogram!(telemetry::CLAIM_TO_DONE).record(took);
@@ -309,21 +310,22 @@ impl<H: Handler> Processor<H> {
         conn: &mut PgConnection,
         job: &ClaimedJob,
         then: Then,
-    ) -> Result<Result<(), JobError>, sqlx::Error> {
+    ) -> Result<Result<Created, JobError>, sqlx::Error> {
         let handed = Job {
             id: job.id,
-            user_id: job.user_id,
+            user_id: job.user_id.clone(),
             display_name: job.display_name.clone(),
+            extra: job.extra.clone(),
             attempt: u32::try_from(job.attempts).unwrap_or(u32::MAX),
         };
         let error = match handler::run_caught(&self.handler, &handed, conn).await {
-            Ok(()) => {
+            Ok(created) => {
                 let kept = match then {
                     Then::Renew => store::renew_job_savepoint(conn).await,
                     Then::Release => store::release_job_savepoint(conn).await,
                 };
                 match kept {
-                    Ok(()) => return Ok(Ok(())),
+                    Ok(()) => return Ok(Ok(created)),
                     Err(err) if is_not_the_jobs_fault(&err) => return Err(err),
                     // A statement of the handler's failed and it returned success anyway: the
                     // transaction is aborted and nothing it wrote can be kept.
@@ -428,6 +430,17 @@ fn is_not_the_jobs_fault(err: &sqlx::Error) -> bool {
 /// (`ackloop.unfinished_attempt_error`): found again, that attempt ended with its session.
 fn ended_with_its_session(error: &str) -> bool {
     error.contains(" did not finish: its database session ended")
+}
+
+/// A job its handler finished, as `mark_done` records it.
+fn done_job(job: &ClaimedJob, created: Created) -> DoneJob {
+    let (player_id, result) = created.into_parts();
+    DoneJob {
+        id: job.id,
+        attempt: job.attempts,
+        player_id,
+        result,
+    }
 }
 
 /// The sooner of two optional instants.

@@ -291,7 +291,7 @@ async fn failover() -> ExitCode {
     let drain_deadline = Instant::now() + PHASE_DEADLINE;
     loop {
         let pending: i64 =
-            sqlx::query_scalar("select count(*) from player_creation_jobs where status = 'pending'")
+            sqlx::query_scalar("select count(*) from ackloop.player_creation_jobs where status = 'pending'")
                 .fetch_one(&mut last)
                 .await
                 .unwrap();
@@ -415,7 +415,7 @@ async fn verify_phase(
     // Every player a caller was given is on the new primary, as given.
     let mut missing = 0;
     for player in &confirmed {
-        let found: Option<i64> = sqlx::query_scalar("select user_id from players where id = $1")
+        let found: Option<i64> = sqlx::query_scalar("select user_id from ackloop.builtin_players where id = $1")
             .bind(player.id.get())
             .fetch_optional(&mut *db)
             .await
@@ -434,11 +434,11 @@ async fn verify_phase(
 /// The whole run, on the last primary once the queue is drained.
 async fn verify_run(checks: &mut Checks, confirmed: usize, db: &mut PgConnection) {
     let (users, jobs, done, failed, players): (i64, i64, i64, i64, i64) = sqlx::query_as(
-        "select (select count(*) from users),
-                (select count(*) from player_creation_jobs),
-                (select count(*) from player_creation_jobs where status = 'done'),
-                (select count(*) from player_creation_jobs where status = 'failed'),
-                (select count(*) from players)",
+        "select (select count(*) from ackloop.builtin_users),
+                (select count(*) from ackloop.player_creation_jobs),
+                (select count(*) from ackloop.player_creation_jobs where status = 'done'),
+                (select count(*) from ackloop.player_creation_jobs where status = 'failed'),
+                (select count(*) from ackloop.builtin_players)",
     )
     .fetch_one(&mut *db)
     .await

@@ -22,7 +22,7 @@ async fn garbage_on_both_channels_is_ignored_and_the_loop_keeps_working(
         "",
         "hello",
         "42",
-        "'; drop table users; --",
+        "'; drop table ackloop.builtin_users; --",
         unknown.as_str(),
         huge.as_str(),
     ];
@@ -38,7 +38,7 @@ async fn garbage_on_both_channels_is_ignored_and_the_loop_keeps_working(
             .await
             .expect("signups still confirmed after garbage");
         // Next round, also the id of another user's finished job.
-        let job_id: uuid::Uuid = sqlx::query_scalar!("select id from player_creation_jobs limit 1")
+        let job_id: uuid::Uuid = sqlx::query_scalar!("select id from ackloop.player_creation_jobs limit 1")
             .fetch_one(&pool)
             .await
             .unwrap();
@@ -66,7 +66,7 @@ async fn a_forged_confirmation_does_not_make_a_signup_succeed(pool: PgPool) {
             count_jobs_with_status(&pool, "pending").await == 1
         })
         .await;
-        let job_id: uuid::Uuid = sqlx::query_scalar!("select id from player_creation_jobs")
+        let job_id: uuid::Uuid = sqlx::query_scalar!("select id from ackloop.player_creation_jobs")
             .fetch_one(&pool)
             .await
             .unwrap();

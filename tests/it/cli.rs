@@ -37,7 +37,7 @@ async fn worker_and_signup_commands_close_the_loop(options: PgPoolOptions, conne
     let json = stdout_json(&output);
     assert_eq!(json["player"]["display_name"], "Ada");
     assert!(json["elapsed_ms"].as_f64().is_some_and(|ms| ms > 0.0));
-    let player_id = sqlx::query_scalar!("select id from players")
+    let player_id = sqlx::query_scalar!("select id from ackloop.builtin_players")
         .fetch_one(&pool)
         .await
         .unwrap();
@@ -75,7 +75,7 @@ async fn signup_command_exit_codes_tell_what_happened(options: PgPoolOptions, co
     let json = stdout_json(&timed_out);
     assert_eq!(json["error"], "timed_out");
     let job_id: uuid::Uuid =
-        sqlx::query_scalar!("select id from player_creation_jobs where status = 'pending'")
+        sqlx::query_scalar!("select id from ackloop.player_creation_jobs where status = 'pending'")
             .fetch_one(&pool)
             .await
             .unwrap();

@@ -174,8 +174,8 @@ pub const NOTHING: Counts = Counts {
 
 pub async fn counts(pool: &PgPool) -> Counts {
     let (users, jobs, players): (i64, i64, i64) = sqlx::query_as(
-        "select (select count(*) from users), (select count(*) from player_creation_jobs), \
-         (select count(*) from players)",
+        "select (select count(*) from ackloop.builtin_users), (select count(*) from ackloop.player_creation_jobs), \
+         (select count(*) from ackloop.builtin_players)",
     )
     .fetch_one(pool)
     .await
@@ -184,7 +184,7 @@ pub async fn counts(pool: &PgPool) -> Counts {
 }
 
 pub async fn count_jobs_with_status(pool: &PgPool, status: &str) -> i64 {
-    sqlx::query_scalar("select count(*) from player_creation_jobs where status = $1")
+    sqlx::query_scalar("select count(*) from ackloop.player_creation_jobs where status = $1")
         .bind(status)
         .fetch_one(pool)
         .await

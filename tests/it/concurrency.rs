@@ -67,7 +67,7 @@ async fn concurrent_signups_with_several_workers_give_every_user_exactly_one_pla
         }
     );
     assert_eq!(count_jobs_with_status(&pool, "done").await, expected);
-    let attempts = sqlx::query_scalar!(r#"select max(attempts) as "max!" from player_creation_jobs"#)
+    let attempts = sqlx::query_scalar!(r#"select max(attempts) as "max!" from ackloop.player_creation_jobs"#)
         .fetch_one(&pool)
         .await
         .unwrap();

@@ -54,7 +54,7 @@ fn corpus(count: usize) -> Vec<String> {
         "   ",
         "Ada\nLovelace",
         "ǅemal 🎮",
-        "'; drop table users; --",
+        "'; drop table ackloop.builtin_users; --",
         "\u{85}Ada",
         "Ada\u{200b}",
         "\u{feff}",
@@ -357,7 +357,7 @@ async fn a_signup_without_a_lock_wait_leaves_the_callers_limit(
         .unwrap();
     assert_eq!(lock_timeout(&mut tx).await, "250ms");
     tx.commit().await.unwrap();
-    let jobs: i64 = sqlx::query_scalar("select count(*) from player_creation_jobs where id is not null")
+    let jobs: i64 = sqlx::query_scalar("select count(*) from ackloop.player_creation_jobs where id is not null")
         .fetch_one(&pool)
         .await
         .unwrap();

@@ -43,9 +43,9 @@ async fn retry(client: &reqwest::Client, base: &str, job: &str, token: Option<&s
 /// Fails every job of `email`'s user for good, as a worker does after the last attempt.
 async fn fail_job_of(pool: &PgPool, email: &str) -> String {
     let id: uuid::Uuid = sqlx::query_scalar(
-        "update player_creation_jobs as jobs
+        "update ackloop.player_creation_jobs as jobs
          set status = 'failed', attempts = 5, last_error = 'the handler gave up', completed_at = now()
-         from users where users.id = jobs.user_id and users.email = $1
+         from ackloop.builtin_users where users.id = jobs.user_id and users.email = $1
          returning jobs.id",
     )
     .bind(email)

@@ -140,7 +140,7 @@ async fn a_client_that_gave_up_sends_its_key_again_and_gets_its_own_signup(
         async move { post_signup_as(&client, &base, Some(&key), "ada@example.com", "Ada").await }
     });
     wait_until("the first request's signup is committed", || async {
-        sqlx::query_scalar::<_, i64>("select count(*) from player_creation_jobs where id = $1::uuid")
+        sqlx::query_scalar::<_, i64>("select count(*) from ackloop.player_creation_jobs where id = $1::uuid")
             .bind(&key)
             .fetch_one(&pool)
             .await

@@ -49,7 +49,7 @@ async fn a_worker_killed_mid_job_releases_its_jobs_to_another(
     // Hold every user row, so the worker claims jobs, then blocks creating their players (the
     // foreign key check needs a share lock on the user).
     let mut blocker = pool.begin().await.unwrap();
-    sqlx::query!("select id from users for update")
+    sqlx::query!("select id from ackloop.builtin_users for update")
         .fetch_all(&mut *blocker)
         .await
         .unwrap();
@@ -67,7 +67,7 @@ async fn a_worker_killed_mid_job_releases_its_jobs_to_another(
         backends_waiting_on_locks(&pool).await == 0
     })
     .await;
-    let before = sqlx::query!("select id, status, attempts from player_creation_jobs order by id")
+    let before = sqlx::query!("select id, status, attempts from ackloop.player_creation_jobs order by id")
         .fetch_all(&pool)
         .await
         .unwrap();
@@ -90,7 +90,7 @@ async fn a_worker_killed_mid_job_releases_its_jobs_to_another(
     })
     .await;
     assert_eq!(counts(&pool).await.players, 5);
-    let after = sqlx::query!("select id, attempts from player_creation_jobs order by id")
+    let after = sqlx::query!("select id, attempts from ackloop.player_creation_jobs order by id")
         .fetch_all(&pool)
         .await
         .unwrap();

@@ -19,8 +19,8 @@ fn confirmations(text: &str, via: &str) -> f64 {
 
 async fn jobs_of(pool: &PgPool, email: &str) -> Vec<uuid::Uuid> {
     sqlx::query_scalar(
-        "select jobs.id from player_creation_jobs as jobs
-         join users on users.id = jobs.user_id
+        "select jobs.id from ackloop.player_creation_jobs as jobs
+         join ackloop.builtin_users on ackloop.builtin_users.id = jobs.user_id
          where lower(users.email) = lower($1)",
     )
     .bind(email)
@@ -131,7 +131,7 @@ async fn a_failed_signup_sent_again_hears_its_failure(options: PgPoolOptions, co
     assert!(matches!(first, Err(SignupError::TimedOut { .. })), "{first:?}");
     // The state a worker leaves after the last attempt.
     sqlx::query(
-        "update player_creation_jobs
+        "update ackloop.player_creation_jobs
          set status = 'failed', attempts = 5, last_error = 'the last attempt failed', completed_at = now()
          where id = $1",
     )

@@ -166,7 +166,7 @@ async fn one_email_under_two_keys_in_one_batch_is_one_signup_and_one_taken_email
         let unkeyed = unkeyed.await.unwrap();
         assert!(matches!(unkeyed, Err(SignupError::EmailTaken)), "{unkeyed:?}");
         let jobs: Vec<uuid::Uuid> = sqlx::query_scalar(
-            "select jobs.id from player_creation_jobs jobs join users on users.id = jobs.user_id
+            "select jobs.id from ackloop.player_creation_jobs jobs join ackloop.builtin_users on ackloop.builtin_users.id = jobs.user_id
              where lower(users.email) = lower($1)",
         )
         .bind(&email)
@@ -221,7 +221,7 @@ async fn create_user_in_a_repeatable_read_transaction_meets_a_concurrently_taken
         .await
         .unwrap();
     // Takes the snapshot.
-    sqlx::query("select count(*) from users")
+    sqlx::query("select count(*) from ackloop.builtin_users")
         .execute(&mut *tx)
         .await
         .unwrap();
@@ -311,8 +311,8 @@ async fn a_taken_email_under_the_old_grants_is_still_email_taken(pool: PgPool) {
     let sql = format!(
         "drop role if exists {role}; create role {role};
          grant usage on schema ackloop to {role};
-         grant select (id, email), insert (email, display_name) on users to {role};
-         grant select, insert (id, user_id, created_at) on player_creation_jobs to {role};"
+         grant select (id, email), insert (email, display_name) on ackloop.builtin_users to {role};
+         grant select, insert (id, user_id, created_at) on ackloop.player_creation_jobs to {role};"
     );
     sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
         .execute(&pool)

@@ -65,7 +65,7 @@ fn lines_saying<'a>(lines: &'a [Value], text: &str) -> Vec<&'a Value> {
 
 /// Every job's id, as text.
 async fn job_ids(pool: &sqlx::PgPool) -> BTreeSet<String> {
-    sqlx::query_scalar!("select id from player_creation_jobs")
+    sqlx::query_scalar!("select id from ackloop.player_creation_jobs")
         .fetch_all(pool)
         .await
         .unwrap()
@@ -97,16 +97,16 @@ async fn json_worker_log_names_the_job_on_every_line_about_one(
     // One job that cannot succeed, one that fails once and is retried, five that just work.
     execute(
         &pool,
-        "alter table players add constraint no_doomed_players check (display_name <> 'Doomed');
+        "alter table ackloop.builtin_players add constraint no_doomed_players check (display_name <> 'Doomed');
          create function flaky_players() returns trigger language plpgsql as $$
          begin
              if new.display_name = 'Flaky'
-                and (select attempts from player_creation_jobs where user_id = new.user_id) < 2 then
+                and (select attempts from ackloop.player_creation_jobs where user_id = new.user_id) < 2 then
                  raise exception 'flaky' using errcode = '40001';
              end if;
              return new;
          end $$;
-         create trigger flaky before insert on players for each row execute function flaky_players();",
+         create trigger flaky before insert on ackloop.builtin_players for each row execute function flaky_players();",
     )
     .await;
     for n in 0..3 {

@@ -146,7 +146,7 @@ async fn the_signup_side_counts_confirmations_timeouts_and_garbage(
 
     // Status polls (a zero timeout, as the example service's GET does) are neither missed
     // notifications nor callers that gave up.
-    let ids: Vec<uuid::Uuid> = sqlx::query_scalar("select id from player_creation_jobs order by user_id")
+    let ids: Vec<uuid::Uuid> = sqlx::query_scalar("select id from ackloop.player_creation_jobs order by user_id")
         .fetch_all(&pool)
         .await
         .unwrap();
@@ -215,7 +215,7 @@ async fn commit_to_claim_starts_at_the_write_not_at_the_transactions_start(
     .await;
     worker.stop().await;
     let claimed_within: f64 = sqlx::query_scalar(
-        "select extract(epoch from completed_at - created_at)::float8 from player_creation_jobs where id = $1",
+        "select extract(epoch from completed_at - created_at)::float8 from ackloop.player_creation_jobs where id = $1",
     )
     .bind(job.job_id.as_uuid())
     .fetch_one(&pool)
@@ -252,7 +252,7 @@ async fn jobs_done_counts_only_what_committed(options: PgPoolOptions, connect: P
              end if;
              return null;
          end $$;
-         create constraint trigger doomed after insert on players
+         create constraint trigger doomed after insert on ackloop.builtin_players
              deferrable initially deferred for each row execute function refuse_doomed();",
     )
     .await;

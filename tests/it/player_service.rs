@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use ackloop::{Handler, Job, JobError, JobId, NewUser, Player, SignupError, WorkerConfig};
+use ackloop::{Created, Handler, Job, JobError, JobId, NewUser, Player, SignupError, WorkerConfig};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{PgConnection, PgPool};
 
@@ -30,7 +30,7 @@ async fn service_pool(options: PgPoolOptions, connect: PgConnectOptions) -> PgPo
 /// The service's player row: (level, coins), if there is one.
 async fn player_row(pool: &PgPool, user_id: ackloop::UserId) -> Option<(i32, i64)> {
     sqlx::query_as("select level, coins from players where user_id = $1")
-        .bind(user_id.get())
+        .bind(user_id.to_string())
         .fetch_optional(pool)
         .await
         .unwrap()
@@ -38,14 +38,14 @@ async fn player_row(pool: &PgPool, user_id: ackloop::UserId) -> Option<(i32, i64
 
 async fn inventory(pool: &PgPool, user_id: ackloop::UserId) -> Vec<(String, i32)> {
     sqlx::query_as("select item, quantity from player_inventory where user_id = $1 order by item")
-        .bind(user_id.get())
+        .bind(user_id.to_string())
         .fetch_all(pool)
         .await
         .unwrap()
 }
 
 async fn job_row(pool: &PgPool, job_id: JobId) -> (String, i32, Option<String>) {
-    sqlx::query_as("select status, attempts, last_error from player_creation_jobs where id = $1")
+    sqlx::query_as("select status, attempts, last_error from ackloop.player_creation_jobs where id = $1")
         .bind(job_id.as_uuid())
         .fetch_one(pool)
         .await
@@ -78,7 +78,7 @@ async fn the_handlers_writes_commit_with_the_ack(options: PgPoolOptions, connect
         assert_eq!(inventory(&pool, player.user_id).await, starter_kit());
     }
     let done_without_kit: i64 = sqlx::query_scalar(
-        "select count(*) from player_creation_jobs as jobs
+        "select count(*) from ackloop.player_creation_jobs as jobs
          where status = 'done'
            and not exists (select 1 from player_inventory where user_id = jobs.user_id)",
     )
@@ -149,12 +149,12 @@ async fn a_handler_error_leaves_none_of_its_writes_and_the_job_retries(
 struct PanicsOnBoom;
 
 impl Handler for PanicsOnBoom {
-    async fn handle(&self, job: &Job, conn: &mut PgConnection) -> Result<(), JobError> {
-        StarterKit.handle(job, conn).await?;
+    async fn handle(&self, job: &Job, conn: &mut PgConnection) -> Result<Created, JobError> {
+        let created = StarterKit.handle(job, conn).await?;
         if job.display_name == "Boom" {
             panic!("boom: a bug in the handler");
         }
-        Ok(())
+        Ok(created)
     }
 }
 
@@ -190,7 +190,7 @@ async fn one_bad_signup_among_honest_ones<H: Handler>(
 }
 
 async fn user_id_of(pool: &PgPool, email: &str) -> ackloop::UserId {
-    let id: i64 = sqlx::query_scalar("select id from users where email = $1")
+    let id: i64 = sqlx::query_scalar("select id from ackloop.builtin_users where email = $1")
         .bind(email)
         .fetch_one(pool)
         .await
@@ -276,12 +276,12 @@ async fn the_caller_hears_job_failed_with_the_handlers_reason(
 struct HidesAFailure;
 
 impl Handler for HidesAFailure {
-    async fn handle(&self, job: &Job, conn: &mut PgConnection) -> Result<(), JobError> {
-        StarterKit.handle(job, conn).await?;
+    async fn handle(&self, job: &Job, conn: &mut PgConnection) -> Result<Created, JobError> {
+        let created = StarterKit.handle(job, conn).await?;
         if job.display_name == "Liar" {
             let _ignored = sqlx::query("select 1 / 0").execute(&mut *conn).await;
         }
-        Ok(())
+        Ok(created)
     }
 }
 
@@ -312,14 +312,14 @@ async fn a_handler_that_hides_a_failed_statement_keeps_nothing(
 struct WaitsForALock;
 
 impl Handler for WaitsForALock {
-    async fn handle(&self, job: &Job, conn: &mut PgConnection) -> Result<(), JobError> {
-        StarterKit.handle(job, conn).await?;
+    async fn handle(&self, job: &Job, conn: &mut PgConnection) -> Result<Created, JobError> {
+        let created = StarterKit.handle(job, conn).await?;
         if job.display_name == "Blocked" {
             sqlx::query("update starter_items set quantity = quantity where item = 'wooden sword'")
                 .execute(&mut *conn)
                 .await?;
         }
-        Ok(())
+        Ok(created)
     }
 }
 
@@ -391,7 +391,7 @@ async fn a_handler_waiting_on_a_lock_holds_up_neither_its_batch_nor_its_count(
 struct ItsOwnPoolIsAway;
 
 impl Handler for ItsOwnPoolIsAway {
-    async fn handle(&self, job: &Job, conn: &mut PgConnection) -> Result<(), JobError> {
+    async fn handle(&self, job: &Job, conn: &mut PgConnection) -> Result<Created, JobError> {
         if job.display_name == "Away" {
             return Err(sqlx::Error::PoolTimedOut.into());
         }

@@ -24,7 +24,7 @@ async fn signup_returns_player_and_writes_all_three_tables(
         .expect("signup confirmed");
 
     assert_eq!(player.display_name, "Ada Lovelace");
-    let user = sqlx::query!("select id, email, display_name from users")
+    let user = sqlx::query!("select id, email, display_name from ackloop.builtin_users")
         .fetch_one(&pool)
         .await
         .unwrap();
@@ -32,16 +32,16 @@ async fn signup_returns_player_and_writes_all_three_tables(
     assert_eq!(user.email, "Ada.Lovelace@example.com", "email stored as given");
     assert_eq!(user.display_name, "Ada Lovelace");
     let job =
-        sqlx::query!("select user_id, status, attempts, last_error, completed_at from player_creation_jobs")
+        sqlx::query!("select builtin_user_id, status, attempts, last_error, completed_at from ackloop.player_creation_jobs")
             .fetch_one(&pool)
             .await
             .unwrap();
-    assert_eq!(job.user_id, user.id);
+    assert_eq!(job.builtin_user_id, Some(user.id));
     assert_eq!(job.status, "done");
     assert_eq!(job.attempts, 1);
     assert_eq!(job.last_error, None);
     assert!(job.completed_at.is_some());
-    let stored = sqlx::query!("select id, user_id, display_name from players")
+    let stored = sqlx::query!("select id, user_id, display_name from ackloop.builtin_players")
         .fetch_one(&pool)
         .await
         .unwrap();
@@ -63,7 +63,7 @@ async fn jobs_channel_payload_is_exactly_the_job_id(pool: PgPool) {
 
     let notification = next_notification(&mut listener).await;
     assert_eq!(notification.payload(), signup.job_id.to_string());
-    let stored: uuid::Uuid = sqlx::query_scalar!("select id from player_creation_jobs")
+    let stored: uuid::Uuid = sqlx::query_scalar!("select id from ackloop.player_creation_jobs")
         .fetch_one(&pool)
         .await
         .unwrap();
@@ -101,7 +101,7 @@ async fn failing_job_insert_leaves_no_user_and_sends_no_notification(pool: PgPoo
     // Make the second step of the signup fail: the schema refuses every job.
     execute(
         &pool,
-        "alter table player_creation_jobs add constraint refuse_all check (false)",
+        "alter table ackloop.player_creation_jobs add constraint refuse_all check (false)",
     )
     .await;
     let signups = signups(&pool).await;
@@ -163,7 +163,7 @@ async fn schema_refuses_what_validation_refuses(pool: PgPool) {
         ("", "Ada"),
     ] {
         let result = sqlx::query!(
-            "insert into users (email, display_name) values ($1, $2)",
+            "insert into ackloop.builtin_users (email, display_name) values ($1, $2)",
             email,
             name
         )
@@ -252,7 +252,7 @@ async fn a_bad_signup_among_concurrent_ones_fails_alone(options: PgPoolOptions, 
     // The library's validation cannot know this rule; only the database refuses the row.
     execute(
         &pool,
-        "alter table users add constraint no_mallory check (display_name <> 'Mallory')",
+        "alter table ackloop.builtin_users add constraint no_mallory check (display_name <> 'Mallory')",
     )
     .await;
     let worker = spawn_worker(&pool, worker_config());
@@ -280,7 +280,7 @@ async fn a_bad_signup_among_concurrent_ones_fails_alone(options: PgPoolOptions, 
             players: 20
         }
     );
-    let mallory = sqlx::query_scalar!("select count(*) from users where display_name = 'Mallory'")
+    let mallory = sqlx::query_scalar!("select count(*) from ackloop.builtin_users where display_name = 'Mallory'")
         .fetch_one(&pool)
         .await
         .unwrap();

@@ -72,7 +72,7 @@ async fn a_job_that_cannot_succeed_fails_at_once_and_the_caller_hears_of_it(
     let pool = pool(options, connect, 6).await;
     execute(
         &pool,
-        "alter table players add constraint no_doomed_players check (display_name <> 'Doomed')",
+        "alter table ackloop.builtin_players add constraint no_doomed_players check (display_name <> 'Doomed')",
     )
     .await;
     let worker = spawn_worker(&pool, worker_config());
@@ -95,7 +95,7 @@ async fn a_job_that_cannot_succeed_fails_at_once_and_the_caller_hears_of_it(
         "reason: {reason}"
     );
     assert!(!log.text().contains("Doomed"), "{}", log.text());
-    let job = sqlx::query!("select status, attempts, last_error from player_creation_jobs")
+    let job = sqlx::query!("select status, attempts, last_error from ackloop.player_creation_jobs")
         .fetch_one(&pool)
         .await
         .unwrap();
@@ -121,12 +121,12 @@ async fn fail_transiently_until_attempt(pool: &sqlx::PgPool, attempts: i32) {
     let sql = format!(
         "create function flaky_players() returns trigger language plpgsql as $$
          begin
-             if (select attempts from player_creation_jobs where user_id = new.user_id) < {attempts} then
+             if (select attempts from ackloop.player_creation_jobs where user_id = new.user_id) < {attempts} then
                  raise exception 'flaky' using errcode = '40001';
              end if;
              return new;
          end $$;
-         create trigger flaky before insert on players for each row execute function flaky_players();"
+         create trigger flaky before insert on ackloop.builtin_players for each row execute function flaky_players();"
     );
     sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
         .execute(pool)
@@ -146,7 +146,7 @@ async fn transient_failures_are_retried_then_succeed(options: PgPoolOptions, con
         .await
         .expect("the third attempt succeeds");
 
-    let job = sqlx::query!("select status, attempts from player_creation_jobs")
+    let job = sqlx::query!("select status, attempts from ackloop.player_creation_jobs")
         .fetch_one(&pool)
         .await
         .unwrap();
@@ -180,7 +180,7 @@ async fn a_job_out_of_attempts_is_failed_with_its_last_error(
         matches!(&err, SignupError::JobFailed { reason, .. } if reason.contains("flaky")),
         "got {err:?}"
     );
-    let attempts = sqlx::query_scalar!("select attempts from player_creation_jobs")
+    let attempts = sqlx::query_scalar!("select attempts from ackloop.player_creation_jobs")
         .fetch_one(&pool)
         .await
         .unwrap();
@@ -193,7 +193,7 @@ async fn one_bad_job_does_not_hold_up_its_batch(options: PgPoolOptions, connect:
     let pool = pool(options, connect, 6).await;
     execute(
         &pool,
-        "alter table players add constraint no_doomed_players check (display_name <> 'Doomed')",
+        "alter table ackloop.builtin_players add constraint no_doomed_players check (display_name <> 'Doomed')",
     )
     .await;
     for n in 0..5 {
@@ -264,8 +264,8 @@ async fn a_due_retry_is_not_starved_by_a_busy_queue(options: PgPoolOptions, conn
     }
     wait_until("the retried job is done while the load goes on", || async {
         sqlx::query_scalar::<_, String>(
-            "select jobs.status from player_creation_jobs as jobs \
-             join users on users.id = jobs.user_id where users.email = 'user0@example.com'",
+            "select jobs.status from ackloop.player_creation_jobs as jobs \
+             join ackloop.builtin_users on ackloop.builtin_users.id = jobs.user_id where users.email = 'user0@example.com'",
         )
         .fetch_one(&pool)
         .await

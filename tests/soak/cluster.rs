@@ -91,13 +91,13 @@ pub async fn poison(pool: &PgPool, rng: &mut Rng, signups: u64) -> Vec<u64> {
          create function kill_own_session() returns trigger language plpgsql as $$
          begin
              if new.display_name in ({}) then
-                 perform nextval('poison_kills');
+                 perform nextval('public.poison_kills');
                  perform pg_terminate_backend(pg_backend_pid());
                  perform pg_sleep(1);
              end if;
              return new;
          end $$;
-         create trigger kill_own_session before insert on players
+         create trigger kill_own_session before insert on ackloop.builtin_players
              for each row execute function kill_own_session();",
         poison_names.join(", ")
     )))

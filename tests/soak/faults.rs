@@ -195,7 +195,7 @@ pub async fn inject(
                     "garbage",
                     &JobId::new().to_string(),
                     &"x".repeat(7999),
-                    "'; drop table users; --",
+                    "'; drop table ackloop.builtin_users; --",
                 ];
                 for payload in garbage {
                     for channel in [ackloop::DEFAULT_JOBS_CHANNEL, ackloop::DEFAULT_DONE_CHANNEL] {

@@ -75,7 +75,7 @@ pub async fn check(run: Run) -> ExitCode {
         for n in &poisoned {
             let job: Option<uuid::Uuid> = patiently(|| {
                 sqlx::query_scalar(
-                    "select jobs.id from player_creation_jobs as jobs join users on users.id = jobs.user_id
+                    "select jobs.id from ackloop.player_creation_jobs as jobs join ackloop.builtin_users on ackloop.builtin_users.id = jobs.user_id
                      where users.email = $1",
                 )
                 .bind(soak_email(*n))
@@ -114,14 +114,14 @@ pub async fn check(run: Run) -> ExitCode {
     ) = patiently(|| {
         sqlx::query_as(
             "select
-                     (select count(*) from users),
-                     (select count(*) from players),
-                     (select count(*) from player_creation_jobs where status = 'done'),
-                     (select count(*) from player_creation_jobs where status = 'failed'),
-                     (select count(*) from player_creation_jobs where status = 'pending'),
-                     (select count(*) - count(distinct user_id) from players),
-                     (select count(*) from users where not exists
-                         (select 1 from player_creation_jobs j where j.user_id = users.id))",
+                     (select count(*) from ackloop.builtin_users),
+                     (select count(*) from ackloop.builtin_players),
+                     (select count(*) from ackloop.player_creation_jobs where status = 'done'),
+                     (select count(*) from ackloop.player_creation_jobs where status = 'failed'),
+                     (select count(*) from ackloop.player_creation_jobs where status = 'pending'),
+                     (select count(*) - count(distinct user_id) from ackloop.builtin_players),
+                     (select count(*) from ackloop.builtin_users where not exists
+                         (select 1 from ackloop.player_creation_jobs j where j.user_id = users.id))",
         )
         .fetch_one(&pool)
     })
@@ -132,8 +132,8 @@ pub async fn check(run: Run) -> ExitCode {
     let failed_jobs: Vec<(String, String)> = patiently(|| {
         sqlx::query_as(
             "select users.email, coalesce(jobs.last_error, '')
-             from player_creation_jobs as jobs
-             join users on users.id = jobs.user_id
+             from ackloop.player_creation_jobs as jobs
+             join ackloop.builtin_users on ackloop.builtin_users.id = jobs.user_id
              where jobs.status = 'failed'",
         )
         .fetch_all(&pool)
@@ -156,7 +156,7 @@ pub async fn check(run: Run) -> ExitCode {
     let player_ids: Vec<i64> = confirmed.iter().map(|(_, player)| *player).collect();
     let owners: HashMap<i64, String> = patiently(|| {
         sqlx::query_as::<_, (i64, String)>(
-            "select players.id, users.email from players join users on users.id = players.user_id
+            "select players.id, users.email from ackloop.builtin_players join ackloop.builtin_users on ackloop.builtin_users.id = players.user_id
              where players.id = any($1)",
         )
         .bind(&player_ids)
@@ -178,7 +178,7 @@ pub async fn check(run: Run) -> ExitCode {
         .collect();
     let with_job_not_done: i64 = patiently(|| {
         sqlx::query_scalar(
-            "select count(*) from player_creation_jobs where id = any($1) and status <> 'done'",
+            "select count(*) from ackloop.player_creation_jobs where id = any($1) and status <> 'done'",
         )
         .bind(&with_job)
         .fetch_one(&pool)
@@ -191,7 +191,7 @@ pub async fn check(run: Run) -> ExitCode {
         .map(|r| soak_email(r.n))
         .collect();
     let without_job_committed: i64 = patiently(|| {
-        sqlx::query_scalar("select count(*) from users where email = any($1)")
+        sqlx::query_scalar("select count(*) from ackloop.builtin_users where email = any($1)")
             .bind(&without_job)
             .fetch_one(&pool)
     })
@@ -219,7 +219,7 @@ pub async fn check(run: Run) -> ExitCode {
         .filter_map(|r| r.job_id.map(|id| id.as_uuid()))
         .collect();
     let timed_out_done: i64 = patiently(|| {
-        sqlx::query_scalar("select count(*) from player_creation_jobs where id = any($1) and status = 'done'")
+        sqlx::query_scalar("select count(*) from ackloop.player_creation_jobs where id = any($1) and status = 'done'")
             .bind(&timed_out_ids)
             .fetch_one(&pool)
     })

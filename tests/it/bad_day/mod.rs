@@ -107,7 +107,7 @@ async fn a_committed_signup_keeps_its_job_id_when_the_database_goes_away() {
         })
     };
     wait_until("the signup to commit", || async {
-        sqlx::query_scalar::<_, i64>("select count(*) from player_creation_jobs")
+        sqlx::query_scalar::<_, i64>("select count(*) from ackloop.player_creation_jobs")
             .fetch_one(&pool)
             .await
             .unwrap_or(0)
@@ -133,7 +133,7 @@ async fn a_committed_signup_keeps_its_job_id_when_the_database_goes_away() {
         .connect_with(url.parse::<PgConnectOptions>().unwrap())
         .await
         .unwrap();
-    let exists: bool = sqlx::query_scalar("select exists (select from player_creation_jobs where id = $1)")
+    let exists: bool = sqlx::query_scalar("select exists (select from ackloop.player_creation_jobs where id = $1)")
         .bind(job_id.as_uuid())
         .fetch_one(&fresh)
         .await
@@ -207,7 +207,7 @@ async fn poison_the_player_named_poison(pool: &sqlx::PgPool) {
         create function kill_own_session() returns trigger language plpgsql as $$
         begin
             if new.display_name = 'Poison' then
-                perform nextval('poison_kills');
+                perform nextval('public.poison_kills');
                 perform pg_terminate_backend(pg_backend_pid());
                 -- pg_sleep checks for interrupts: the session ends here, mid-statement.
                 perform pg_sleep(1);
@@ -219,7 +219,7 @@ async fn poison_the_player_named_poison(pool: &sqlx::PgPool) {
     .await;
     execute(
         pool,
-        "create trigger kill_own_session before insert on players for each row execute function kill_own_session()",
+        "create trigger kill_own_session before insert on ackloop.builtin_players for each row execute function kill_own_session()",
     )
     .await;
 }
@@ -273,9 +273,8 @@ async fn a_job_that_kills_its_session_is_failed_and_every_other_job_flows(
     let poison = sqlx::query!(
         r#"
         select jobs.status, jobs.attempts
-        from player_creation_jobs as jobs
-        join users on users.id = jobs.user_id
-        where users.display_name = 'Poison'
+        from ackloop.player_creation_jobs as jobs
+        where jobs.display_name = 'Poison'
         "#
     )
     .fetch_one(&pool)
@@ -313,7 +312,7 @@ async fn a_long_lock_on_players_costs_jobs_no_attempts(options: PgPoolOptions, c
     commit_signups(&mut conn, 0..3).await;
     drop(conn);
     let mut holder = pool.begin().await.unwrap();
-    sqlx::query("lock table players in share mode")
+    sqlx::query("lock table ackloop.builtin_players in share mode")
         .execute(&mut *holder)
         .await
         .unwrap();
@@ -331,7 +330,7 @@ async fn a_long_lock_on_players_costs_jobs_no_attempts(options: PgPoolOptions, c
         "every job has waited for the lock and been given its attempt back",
         || async {
             let ids = sqlx::query_scalar::<_, uuid::Uuid>(
-                "select id from player_creation_jobs \
+                "select id from ackloop.player_creation_jobs \
                  where status = 'pending' and attempts = 0 and last_error like '%waited over 2s for a lock%'",
             )
             .fetch_all(&pool)

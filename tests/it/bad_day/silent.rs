@@ -153,7 +153,7 @@ async fn signups_whose_connections_go_silent_return_in_time_and_the_pool_recover
                     let job = job_id.to_string();
                     wait_until(&format!("job {job} of signup {n} completes"), || async {
                         sqlx::query_scalar::<_, String>(
-                            "select status from player_creation_jobs where id = $1::uuid",
+                            "select status from ackloop.player_creation_jobs where id = $1::uuid",
                         )
                         .bind(&job)
                         .fetch_optional(&pool)
@@ -166,7 +166,7 @@ async fn signups_whose_connections_go_silent_return_in_time_and_the_pool_recover
                 // Certainly not committed: no such user.
                 None => {
                     let email = format!("user{n}@example.com");
-                    let users: i64 = sqlx::query_scalar("select count(*) from users where email = $1")
+                    let users: i64 = sqlx::query_scalar("select count(*) from ackloop.builtin_users where email = $1")
                         .bind(&email)
                         .fetch_one(&pool)
                         .await

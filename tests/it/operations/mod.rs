@@ -52,7 +52,7 @@ async fn jobs_retry_revives_failed_jobs_and_refuses_done_ones(
 ) {
     let url = connect.to_url_lossy().to_string();
     let pool = pool(options, connect, 6).await;
-    execute(&pool, "alter table players add constraint broken check (false)").await;
+    execute(&pool, "alter table ackloop.builtin_players add constraint broken check (false)").await;
     let first = pending_signup(&pool, 1).await;
     let second = pending_signup(&pool, 2).await;
     let worker = spawn_worker(&pool, worker_config());
@@ -62,7 +62,7 @@ async fn jobs_retry_revives_failed_jobs_and_refuses_done_ones(
     .await;
 
     // The cause is fixed; the operator retries one job, then all the rest.
-    execute(&pool, "alter table players drop constraint broken").await;
+    execute(&pool, "alter table ackloop.builtin_players drop constraint broken").await;
     let one = run_ackloop(&url, &["jobs", "retry", &first.to_string(), "--json"]).await;
     assert_eq!(one.status.code(), Some(0), "{}", stderr(&one));
     assert_eq!(
@@ -109,8 +109,8 @@ async fn jobs_prune_deletes_only_finished_jobs_past_retention(
     worker.stop().await;
     execute(
         &pool,
-        "update player_creation_jobs set completed_at = now() - interval '8 days'
-         where user_id in (select id from users order by id limit 3)",
+        "update ackloop.player_creation_jobs set completed_at = now() - interval '8 days'
+         where user_id in (select id from ackloop.builtin_users order by id limit 3)",
     )
     .await;
     pending_signup(&pool, 9).await;
@@ -222,7 +222,7 @@ async fn doctor_says_what_is_wrong_and_how_to_fix_it(options: PgPoolOptions, con
     );
 
     // A failed job (player creation breaks), then a job nobody works on.
-    execute(&pool, "alter table players add constraint broken check (false)").await;
+    execute(&pool, "alter table ackloop.builtin_players add constraint broken check (false)").await;
     pending_signup(&pool, 1).await;
     let worker = spawn_worker(&pool, worker_config());
     wait_until("the job has failed", || async {

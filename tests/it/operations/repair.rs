@@ -30,7 +30,7 @@ async fn done_signups(pool: &PgPool, numbers: std::ops::RangeInclusive<usize>) -
 /// Deletes the player of `job_id`'s user, as a hand-made fix or a partial restore would.
 async fn delete_player_of(pool: &PgPool, job_id: JobId) {
     let deleted = sqlx::query(
-        "delete from players where user_id = (select user_id from player_creation_jobs where id = $1)",
+        "delete from ackloop.builtin_players where user_id = (select user_id from ackloop.player_creation_jobs where id = $1)",
     )
     .bind(job_id.as_uuid())
     .execute(pool)
@@ -57,8 +57,8 @@ async fn job_row(pool: &PgPool, job_id: JobId) -> JobRow {
     sqlx::query_as(
         "select jobs.status, jobs.attempts, jobs.last_error, jobs.run_after, jobs.updated_at,
                 jobs.completed_at, players.id as player_id, jobs.run_after <= now() as due
-         from player_creation_jobs as jobs
-         left join players on players.user_id = jobs.user_id
+         from ackloop.player_creation_jobs as jobs
+         left join ackloop.builtin_players on ackloop.builtin_players.user_id = jobs.user_id
          where jobs.id = $1",
     )
     .bind(job_id.as_uuid())
@@ -205,7 +205,7 @@ async fn jobs_retry_repair_touches_only_done_jobs_without_a_player(
     // `not valid`: the existing player stays; every new one is refused.
     execute(
         &pool,
-        "alter table players add constraint broken check (false) not valid",
+        "alter table ackloop.builtin_players add constraint broken check (false) not valid",
     )
     .await;
     let failed = pending_signup(&pool, 2).await;
@@ -215,7 +215,7 @@ async fn jobs_retry_repair_touches_only_done_jobs_without_a_player(
     })
     .await;
     worker.stop().await;
-    execute(&pool, "alter table players drop constraint broken").await;
+    execute(&pool, "alter table ackloop.builtin_players drop constraint broken").await;
     let pending = pending_signup(&pool, 3).await;
 
     let mut listener = listen_on(&pool, ackloop::DEFAULT_JOBS_CHANNEL).await;

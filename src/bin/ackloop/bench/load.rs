@@ -128,7 +128,7 @@ pub(super) async fn drain(
     while let Some(enqueuer) = enqueuers.join_next().await {
         enqueuer.expect("enqueuer panicked").map_err(into_sqlx)?;
     }
-    sqlx::raw_sql("analyze player_creation_jobs")
+    sqlx::raw_sql("analyze ackloop.player_creation_jobs")
         .execute(pool)
         .await?;
 
@@ -138,7 +138,7 @@ pub(super) async fn drain(
     let mut conn = PgConnection::connect_with(options).await?;
     loop {
         let pending: i64 =
-            sqlx::query_scalar("select count(*) from player_creation_jobs where status = 'pending'")
+            sqlx::query_scalar("select count(*) from ackloop.player_creation_jobs where status = 'pending'")
                 .fetch_one(&mut conn)
                 .await?;
         if pending == 0 {

@@ -169,12 +169,17 @@ fn through_proxy(direct: &PgConnectOptions, rtt: Duration) -> Result<PgConnectOp
 /// Inserts finished users, jobs and players, then analyses, so plans are those of a live system.
 async fn prefill(pool: &PgPool) -> Result<(), sqlx::Error> {
     let sql = format!(
-        "insert into users (email, display_name)
+        "insert into ackloop.builtin_users (email, display_name)
              select 'prefill-' || n || '@example.com', 'Prefill ' || n from generate_series(1, {PREFILL_ROWS}) as n;
-         insert into player_creation_jobs (id, user_id, status, attempts, completed_at)
-             select gen_random_uuid(), id, 'done', 1, now() from users;
-         insert into players (user_id, display_name) select id, display_name from users;
-         analyze users; analyze player_creation_jobs; analyze players;"
+         insert into ackloop.builtin_players (user_id, display_name) select id, display_name from ackloop.builtin_users;
+         insert into ackloop.player_creation_jobs
+             (id, builtin_user_id, user_id, display_name, status, attempts, completed_at, player_id, result)
+             select gen_random_uuid(), users.id, users.id::text, users.display_name, 'done', 1, now(),
+                    players.id::text,
+                    jsonb_build_object('display_name', players.display_name, 'created_at', players.created_at)
+             from ackloop.builtin_users as users
+             join ackloop.builtin_players as players on players.user_id = users.id;
+         analyze ackloop.builtin_users; analyze ackloop.player_creation_jobs; analyze ackloop.builtin_players;"
     );
     sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(pool).await?;
     Ok(())
@@ -184,11 +189,11 @@ async fn prefill(pool: &PgPool) -> Result<(), sqlx::Error> {
 async fn verify(pool: &PgPool, expected: usize) -> Result<(bool, String), sqlx::Error> {
     let (users, players, done, pending, doubled): (i64, i64, i64, i64, i64) = sqlx::query_as(
         "select
-             (select count(*) from users) - $1,
-             (select count(*) from players) - $1,
-             (select count(*) from player_creation_jobs where status = 'done') - $1,
-             (select count(*) from player_creation_jobs where status <> 'done'),
-             (select count(*) from (select user_id from players group by user_id having count(*) > 1) as d)",
+             (select count(*) from ackloop.builtin_users) - $1,
+             (select count(*) from ackloop.builtin_players) - $1,
+             (select count(*) from ackloop.player_creation_jobs where status = 'done') - $1,
+             (select count(*) from ackloop.player_creation_jobs where status <> 'done'),
+             (select count(*) from (select user_id from ackloop.builtin_players group by user_id having count(*) > 1) as d)",
     )
     .bind(PREFILL_ROWS)
     .fetch_one(pool)
@@ -207,8 +212,8 @@ async fn verify(pool: &PgPool, expected: usize) -> Result<(bool, String), sqlx::
 async fn count_commits(pool: &PgPool) -> Result<(i64, i64), sqlx::Error> {
     sqlx::query_as(
         "select
-             (select count(distinct xmin::text) from users where email not like 'prefill-%'),
-             (select count(distinct xmin::text) from players where display_name not like 'Prefill %')",
+             (select count(distinct xmin::text) from ackloop.builtin_users where email not like 'prefill-%'),
+             (select count(distinct xmin::text) from ackloop.builtin_players where display_name not like 'Prefill %')",
     )
     .fetch_one(pool)
     .await

@@ -79,10 +79,17 @@ fn job_rows(job: &ackloop::admin::JobDetails) -> Vec<(&'static str, String)> {
     let mut rows = vec![
         ("job", job.job_id.to_string()),
         ("status", job.status.to_string()),
-        ("user", format!("{} ({})", job.user_id, job.email)),
+        (
+            "user",
+            match &job.email {
+                Some(email) => format!("{} ({email})", job.user_id),
+                None => job.user_id.to_string(),
+            },
+        ),
         (
             "player",
             job.player_id
+                .as_ref()
                 .map_or_else(|| "none".to_owned(), |id| id.to_string()),
         ),
     ];
@@ -113,12 +120,12 @@ fn job_rows(job: &ackloop::admin::JobDetails) -> Vec<(&'static str, String)> {
 mod tests {
     use super::*;
 
-    fn done_job(player_id: Option<ackloop::PlayerId>) -> ackloop::admin::JobDetails {
+    fn done_job(player_id: Option<ackloop::ExternalId>) -> ackloop::admin::JobDetails {
         let now = chrono::Utc::now();
         ackloop::admin::JobDetails {
             job_id: ackloop::JobId::new(),
-            user_id: ackloop::UserId::from(1),
-            email: "ada@example.com".to_owned(),
+            user_id: ackloop::ExternalId::from(1_i64),
+            email: Some("ada@example.com".to_owned()),
             status: ackloop::JobStatus::Done,
             attempts: 1,
             last_error: None,
@@ -126,14 +133,14 @@ mod tests {
             created_at: now,
             updated_at: now,
             completed_at: Some(now),
-            player_id,
             player_missing: player_id.is_none(),
+            player_id,
         }
     }
 
     #[test]
     fn jobs_show_names_a_missing_player_as_a_problem_with_its_repair() {
-        let healthy = job_rows(&done_job(Some(ackloop::PlayerId::from(9))));
+        let healthy = job_rows(&done_job(Some(ackloop::ExternalId::from(9_i64))));
         assert!(healthy.iter().all(|(name, _)| *name != "problem"), "{healthy:?}");
 
         let job = done_job(None);
