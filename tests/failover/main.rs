@@ -434,11 +434,11 @@ async fn verify_phase(
 /// The whole run, on the last primary once the queue is drained.
 async fn verify_run(checks: &mut Checks, confirmed: usize, db: &mut PgConnection) {
     let (users, jobs, done, failed, players): (i64, i64, i64, i64, i64) = sqlx::query_as(
-        "select (select count(*) from ackloop.builtin_users),
+        "select (select count(*) from ackloop.builtin_users as users),
                 (select count(*) from ackloop.player_creation_jobs),
                 (select count(*) from ackloop.player_creation_jobs where status = 'done'),
                 (select count(*) from ackloop.player_creation_jobs where status = 'failed'),
-                (select count(*) from ackloop.builtin_players)",
+                (select count(*) from ackloop.builtin_players as players)",
     )
     .fetch_one(&mut *db)
     .await

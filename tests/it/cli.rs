@@ -37,7 +37,7 @@ async fn worker_and_signup_commands_close_the_loop(options: PgPoolOptions, conne
     let json = stdout_json(&output);
     assert_eq!(json["player"]["display_name"], "Ada");
     assert!(json["elapsed_ms"].as_f64().is_some_and(|ms| ms > 0.0));
-    let player_id = sqlx::query_scalar!("select id from ackloop.builtin_players")
+    let player_id = sqlx::query_scalar!("select id from ackloop.builtin_players as players")
         .fetch_one(&pool)
         .await
         .unwrap();

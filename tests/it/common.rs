@@ -174,8 +174,8 @@ pub const NOTHING: Counts = Counts {
 
 pub async fn counts(pool: &PgPool) -> Counts {
     let (users, jobs, players): (i64, i64, i64) = sqlx::query_as(
-        "select (select count(*) from ackloop.builtin_users), (select count(*) from ackloop.player_creation_jobs), \
-         (select count(*) from ackloop.builtin_players)",
+        "select (select count(*) from ackloop.builtin_users as users), (select count(*) from ackloop.player_creation_jobs), \
+         (select count(*) from ackloop.builtin_players as players)",
     )
     .fetch_one(pool)
     .await

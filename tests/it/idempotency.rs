@@ -20,7 +20,7 @@ fn confirmations(text: &str, via: &str) -> f64 {
 async fn jobs_of(pool: &PgPool, email: &str) -> Vec<uuid::Uuid> {
     sqlx::query_scalar(
         "select jobs.id from ackloop.player_creation_jobs as jobs
-         join ackloop.builtin_users on ackloop.builtin_users.id = jobs.user_id
+         join ackloop.builtin_users as users on users.id = jobs.builtin_user_id
          where lower(users.email) = lower($1)",
     )
     .bind(email)

@@ -166,7 +166,7 @@ async fn one_email_under_two_keys_in_one_batch_is_one_signup_and_one_taken_email
         let unkeyed = unkeyed.await.unwrap();
         assert!(matches!(unkeyed, Err(SignupError::EmailTaken)), "{unkeyed:?}");
         let jobs: Vec<uuid::Uuid> = sqlx::query_scalar(
-            "select jobs.id from ackloop.player_creation_jobs jobs join ackloop.builtin_users on ackloop.builtin_users.id = jobs.user_id
+            "select jobs.id from ackloop.player_creation_jobs jobs join ackloop.builtin_users as users on users.id = jobs.builtin_user_id
              where lower(users.email) = lower($1)",
         )
         .bind(&email)
@@ -221,7 +221,7 @@ async fn create_user_in_a_repeatable_read_transaction_meets_a_concurrently_taken
         .await
         .unwrap();
     // Takes the snapshot.
-    sqlx::query("select count(*) from ackloop.builtin_users")
+    sqlx::query("select count(*) from ackloop.builtin_users as users")
         .execute(&mut *tx)
         .await
         .unwrap();

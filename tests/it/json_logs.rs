@@ -101,7 +101,7 @@ async fn json_worker_log_names_the_job_on_every_line_about_one(
          create function flaky_players() returns trigger language plpgsql as $$
          begin
              if new.display_name = 'Flaky'
-                and (select attempts from ackloop.player_creation_jobs where user_id = new.user_id) < 2 then
+                and (select attempts from ackloop.player_creation_jobs where builtin_user_id = new.user_id) < 2 then
                  raise exception 'flaky' using errcode = '40001';
              end if;
              return new;

@@ -30,7 +30,7 @@ async fn the_gauges_and_prune_do_not_scan_the_finished_jobs(
     execute(
         &pool,
         "insert into player_creation_jobs (id, user_id, status, attempts, completed_at)
-         select gen_random_uuid(), id, 'done', 1, now() - interval '1 day' * random() from ackloop.builtin_users",
+         select gen_random_uuid(), id, 'done', 1, now() - interval '1 day' * random() from ackloop.builtin_users as users",
     )
     .await;
     for n in 0..5 {

@@ -24,7 +24,7 @@ async fn signup_returns_player_and_writes_all_three_tables(
         .expect("signup confirmed");
 
     assert_eq!(player.display_name, "Ada Lovelace");
-    let user = sqlx::query!("select id, email, display_name from ackloop.builtin_users")
+    let user = sqlx::query!("select id, email, display_name from ackloop.builtin_users as users")
         .fetch_one(&pool)
         .await
         .unwrap();
@@ -41,7 +41,7 @@ async fn signup_returns_player_and_writes_all_three_tables(
     assert_eq!(job.attempts, 1);
     assert_eq!(job.last_error, None);
     assert!(job.completed_at.is_some());
-    let stored = sqlx::query!("select id, user_id, display_name from ackloop.builtin_players")
+    let stored = sqlx::query!("select id, user_id, display_name from ackloop.builtin_players as players")
         .fetch_one(&pool)
         .await
         .unwrap();

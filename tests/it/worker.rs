@@ -121,7 +121,7 @@ async fn fail_transiently_until_attempt(pool: &sqlx::PgPool, attempts: i32) {
     let sql = format!(
         "create function flaky_players() returns trigger language plpgsql as $$
          begin
-             if (select attempts from ackloop.player_creation_jobs where user_id = new.user_id) < {attempts} then
+             if (select attempts from ackloop.player_creation_jobs where builtin_user_id = new.user_id) < {attempts} then
                  raise exception 'flaky' using errcode = '40001';
              end if;
              return new;
@@ -265,7 +265,7 @@ async fn a_due_retry_is_not_starved_by_a_busy_queue(options: PgPoolOptions, conn
     wait_until("the retried job is done while the load goes on", || async {
         sqlx::query_scalar::<_, String>(
             "select jobs.status from ackloop.player_creation_jobs as jobs \
-             join ackloop.builtin_users on ackloop.builtin_users.id = jobs.user_id where users.email = 'user0@example.com'",
+             join ackloop.builtin_users as users on users.id = jobs.builtin_user_id where users.email = 'user0@example.com'",
         )
         .fetch_one(&pool)
         .await

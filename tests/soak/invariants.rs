@@ -75,7 +75,7 @@ pub async fn check(run: Run) -> ExitCode {
         for n in &poisoned {
             let job: Option<uuid::Uuid> = patiently(|| {
                 sqlx::query_scalar(
-                    "select jobs.id from ackloop.player_creation_jobs as jobs join ackloop.builtin_users on ackloop.builtin_users.id = jobs.user_id
+                    "select jobs.id from ackloop.player_creation_jobs as jobs join ackloop.builtin_users as users on users.id = jobs.builtin_user_id
                      where users.email = $1",
                 )
                 .bind(soak_email(*n))
@@ -114,12 +114,12 @@ pub async fn check(run: Run) -> ExitCode {
     ) = patiently(|| {
         sqlx::query_as(
             "select
-                     (select count(*) from ackloop.builtin_users),
-                     (select count(*) from ackloop.builtin_players),
+                     (select count(*) from ackloop.builtin_users as users),
+                     (select count(*) from ackloop.builtin_players as players),
                      (select count(*) from ackloop.player_creation_jobs where status = 'done'),
                      (select count(*) from ackloop.player_creation_jobs where status = 'failed'),
                      (select count(*) from ackloop.player_creation_jobs where status = 'pending'),
-                     (select count(*) - count(distinct user_id) from ackloop.builtin_players),
+                     (select count(*) - count(distinct user_id) from ackloop.builtin_players as players),
                      (select count(*) from ackloop.builtin_users where not exists
                          (select 1 from ackloop.player_creation_jobs j where j.user_id = users.id))",
         )
@@ -133,7 +133,7 @@ pub async fn check(run: Run) -> ExitCode {
         sqlx::query_as(
             "select users.email, coalesce(jobs.last_error, '')
              from ackloop.player_creation_jobs as jobs
-             join ackloop.builtin_users on ackloop.builtin_users.id = jobs.user_id
+             join ackloop.builtin_users as users on users.id = jobs.builtin_user_id
              where jobs.status = 'failed'",
         )
         .fetch_all(&pool)

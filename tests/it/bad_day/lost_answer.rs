@@ -58,8 +58,8 @@ impl LostAnswer {
     /// The user and job committed for `email`, read directly.
     async fn committed(&self, email: &str) -> Option<(ackloop::UserId, ackloop::JobId)> {
         sqlx::query_as(
-            "select users.id, jobs.id from ackloop.builtin_users \
-             join ackloop.player_creation_jobs as jobs on jobs.user_id = users.id \
+            "select users.id, jobs.id from ackloop.builtin_users as users \
+             join ackloop.player_creation_jobs as jobs on jobs.builtin_user_id = users.id \
              where users.email = $1",
         )
         .bind(email)
@@ -71,7 +71,7 @@ impl LostAnswer {
     /// Asserts that `player` is `new_user`'s and that exactly one user, job and player exist.
     async fn assert_one_signup(&self, player: &ackloop::Player, new_user: &NewUser) {
         let (email, display_name): (String, String) = sqlx::query_as(
-            "select users.email, players.display_name from ackloop.builtin_players \
+            "select users.email, players.display_name from ackloop.builtin_players as players \
              join ackloop.builtin_users on ackloop.builtin_users.id = players.user_id where players.id = $1",
         )
         .bind(player.id)

@@ -58,7 +58,7 @@ async fn job_row(pool: &PgPool, job_id: JobId) -> JobRow {
         "select jobs.status, jobs.attempts, jobs.last_error, jobs.run_after, jobs.updated_at,
                 jobs.completed_at, players.id as player_id, jobs.run_after <= now() as due
          from ackloop.player_creation_jobs as jobs
-         left join ackloop.builtin_players on ackloop.builtin_players.user_id = jobs.user_id
+         left join ackloop.builtin_players as players on players.user_id = jobs.builtin_user_id
          where jobs.id = $1",
     )
     .bind(job_id.as_uuid())
