@@ -148,10 +148,10 @@ async fn a_client_that_skips_the_checks_cannot_store_what_rust_refuses(
 ) {
     let pool = pool(options, connect, 2).await;
     for (email, name, constraint) in [
-        (" ada@example.com", "Ada", "users_email_valid"),
-        ("ada@example.com", "Ada\t", "users_display_name_valid"),
+        (" ada@example.com", "Ada", "builtin_users_email_valid"),
+        ("ada@example.com", "Ada\t", "builtin_users_display_name_valid"),
     ] {
-        let direct = sqlx::query("insert into users (email, display_name) values ($1, $2)")
+        let direct = sqlx::query("insert into ackloop.builtin_users (email, display_name) values ($1, $2)")
             .bind(email)
             .bind(name)
             .execute(&pool)
@@ -274,7 +274,7 @@ async fn now_ms(pool: &PgPool) -> u64 {
 async fn a_schema_migrated_by_another_tool_is_recognised(options: PgPoolOptions, connect: PgConnectOptions) {
     let pool = pool(options, connect, 2).await;
     // What psql or Flyway leaves: the migrations' own record, no sqlx bookkeeping.
-    execute(&pool, "drop table _sqlx_migrations").await;
+    execute(&pool, "drop table ackloop._sqlx_migrations").await;
     ackloop::check_schema(&pool)
         .await
         .expect("the migrations' own record suffices");
@@ -307,7 +307,7 @@ async fn a_schema_from_before_the_contract_is_behind(options: PgPoolOptions, con
     execute(&pool, "drop schema ackloop cascade").await;
     execute(
         &pool,
-        "delete from _sqlx_migrations where version = 20261126000002",
+        "delete from ackloop._sqlx_migrations where version = 20261126000002",
     )
     .await;
     assert!(matches!(
@@ -381,14 +381,14 @@ async fn migrating_a_schema_another_tool_applied_is_refused_clearly(
     connect: PgConnectOptions,
 ) {
     let pool = pool(options, connect, 2).await;
-    execute(&pool, "drop table _sqlx_migrations").await;
+    execute(&pool, "drop table ackloop._sqlx_migrations").await;
     let err = ackloop::run_migrations(&pool)
         .await
         .expect_err("sqlx would apply every file again");
     assert!(err.to_string().contains("applied by another tool"), "{err}");
     assert_eq!(counts(&pool).await.users, 0);
     let tables: i64 =
-        sqlx::query_scalar("select count(*) from pg_tables where tablename = '_sqlx_migrations'")
+        sqlx::query_scalar("select count(*) from pg_tables where schemaname = 'ackloop' and tablename = '_sqlx_migrations'")
             .fetch_one(&pool)
             .await
             .unwrap();

@@ -151,7 +151,7 @@ async fn a_schema_newer_than_the_binary_is_refused_with_exit_9(
     // What a newer ackloop's migration leaves: sqlx's row, and the migration's own record.
     execute(
         &pool,
-        "insert into _sqlx_migrations (version, description, success, checksum, execution_time)
+        "insert into ackloop._sqlx_migrations (version, description, success, checksum, execution_time)
          values (99990101000000, 'from the future', true, '\\x00', 0);
          insert into ackloop.applied_migrations (version, description)
          values (99990101000000, 'from the future')",
@@ -223,7 +223,7 @@ async fn the_whole_loop_runs_as_least_privileged_roles(options: PgPoolOptions, c
     );
 
     // Neither side can do the other's work.
-    let forged_player = sqlx::query("insert into players (user_id, display_name) values (1, 'x')")
+    let forged_player = sqlx::query("insert into ackloop.builtin_players (user_id, display_name) values (1, 'x')")
         .execute(&auth_pool)
         .await
         .unwrap_err();
@@ -231,7 +231,7 @@ async fn the_whole_loop_runs_as_least_privileged_roles(options: PgPoolOptions, c
         forged_player.to_string().contains("permission denied"),
         "{forged_player}"
     );
-    let forged_user = sqlx::query("insert into users (email, display_name) values ('w@example.com', 'W')")
+    let forged_user = sqlx::query("insert into ackloop.builtin_users (email, display_name) values ('w@example.com', 'W')")
         .execute(&worker_pool)
         .await
         .unwrap_err();

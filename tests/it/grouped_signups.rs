@@ -126,7 +126,7 @@ async fn a_batch_that_meets_a_lock_is_written_one_by_one_and_only_the_blocked_si
     let Held { pool, signups, held } = held_writer(options, connect).await;
     // Someone's signup of the same email, not yet committed: the batch meets its lock.
     let mut blocker = admin.begin().await.unwrap();
-    sqlx::query("insert into users (email, display_name) values ('held@example.com', 'Blocker')")
+    sqlx::query("insert into ackloop.builtin_users (email, display_name) values ('held@example.com', 'Blocker')")
         .execute(&mut *blocker)
         .await
         .unwrap();

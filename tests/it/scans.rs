@@ -23,7 +23,7 @@ async fn the_gauges_and_prune_do_not_scan_the_finished_jobs(
     // A service's retention: many finished jobs, a few pending.
     execute(
         &pool,
-        "insert into users (email, display_name)
+        "insert into ackloop.builtin_users (email, display_name)
          select 'kept' || n || '@example.com', 'Kept ' || n from generate_series(1, 50000) as n",
     )
     .await;

@@ -35,7 +35,7 @@ async fn a_lock_held_on_the_email_bounds_the_signup_and_holds_up_nobody(
     let mut blockers = Vec::new();
     for email in ["held-1@example.com", "held-2@example.com"] {
         let mut tx = pool.begin().await.unwrap();
-        sqlx::query("insert into users (email, display_name) values ($1, 'Holder')")
+        sqlx::query("insert into ackloop.builtin_users (email, display_name) values ($1, 'Holder')")
             .bind(email)
             .execute(&mut *tx)
             .await

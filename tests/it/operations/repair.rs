@@ -30,7 +30,7 @@ async fn done_signups(pool: &PgPool, numbers: std::ops::RangeInclusive<usize>) -
 /// Deletes the player of `job_id`'s user, as a hand-made fix or a partial restore would.
 async fn delete_player_of(pool: &PgPool, job_id: JobId) {
     let deleted = sqlx::query(
-        "delete from ackloop.builtin_players where user_id = (select user_id from ackloop.player_creation_jobs where id = $1)",
+        "delete from ackloop.builtin_players where user_id = (select builtin_user_id from ackloop.player_creation_jobs where id = $1)",
     )
     .bind(job_id.as_uuid())
     .execute(pool)
