@@ -77,6 +77,7 @@ declare
         20261126000002, 20261126000003, 20261126000004
     ];
     recorded bigint[];
+    grantee text;
 begin
     select coalesce(array_agg(version order by version), '{}')
     into recorded
@@ -119,7 +120,26 @@ begin
             constraint players_user_id_key unique (user_id)
         );
     elsif recorded = earlier_versions then
-        -- An earlier ackloop's database: its tables move, everything in them kept.
+        -- An earlier ackloop's database: its tables move, everything in them kept. A role granted
+        -- anything on them (an operator's read-only role, say) keeps it, and gets the usage on
+        -- the schema that reaching them there takes.
+        for grantee in
+            select distinct grants.grantee::regrole::text
+            from pg_class as tables
+            cross join lateral aclexplode(tables.relacl) as grants
+            where tables.oid in ('public.users'::regclass, 'public.player_creation_jobs'::regclass,
+                                 'public.players'::regclass)
+              and grants.grantee not in (0, tables.relowner)
+            union
+            select distinct grants.grantee::regrole::text
+            from pg_attribute as columns
+            cross join lateral aclexplode(columns.attacl) as grants
+            where columns.attrelid in ('public.users'::regclass, 'public.player_creation_jobs'::regclass,
+                                       'public.players'::regclass)
+              and grants.grantee <> 0
+        loop
+            execute format('grant usage on schema ackloop to %s', grantee);
+        end loop;
         alter table public.users set schema ackloop;
         alter table public.player_creation_jobs set schema ackloop;
         alter table public.players set schema ackloop;

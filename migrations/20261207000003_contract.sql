@@ -60,20 +60,6 @@ as $$
     )::uuid
 $$;
 
--- Sets `lock_timeout` for the rest of the caller's transaction: `lock_wait_ms`, at least 1 ms (0
--- would mean no limit), or the session's setting when null.
-create function ackloop.limit_lock_waits(lock_wait_ms integer) returns text
-language sql volatile
-set search_path = pg_catalog, ackloop, pg_temp
-as $$
-    -- greatest() skips nulls: test for null first, or no limit would become 1 ms.
-    select set_config(
-        'lock_timeout',
-        case when lock_wait_ms is null then current_setting('lock_timeout') else greatest(lock_wait_ms, 1) || 'ms' end,
-        true
-    )
-$$;
-
 -- ───────────────────────────── the auth side ─────────────────────────────
 
 -- Adds a player-creation job for a user of the caller's own service, inside the caller's
@@ -123,7 +109,10 @@ begin
             using errcode = 'check_violation', constraint = 'player_creation_jobs_extra_valid',
                   column = 'extra', table = 'player_creation_jobs', schema = 'ackloop';
     end if;
-    perform ackloop.limit_lock_waits(lock_wait_ms);
+    -- greatest() skips nulls: test for null first, or no limit would become 1 ms.
+    if lock_wait_ms is not null then
+        perform set_config('lock_timeout', greatest(lock_wait_ms, 1) || 'ms', true);
+    end if;
     insert into ackloop.player_creation_jobs (id, user_id, display_name, extra, created_at)
     values (coalesce(new_job_id, ackloop.uuid_v7()), add_job.user_id, add_job.display_name,
             add_job.extra, clock_timestamp())
@@ -195,7 +184,12 @@ begin
     -- as the rules above.
     return query
     with limits as (
-        select ackloop.limit_lock_waits(lock_wait_ms)
+        select set_config(
+            'lock_timeout',
+            -- greatest() skips nulls: test for null first, or no limit would become 1 ms.
+            case when lock_wait_ms is null then current_setting('lock_timeout') else greatest(lock_wait_ms, 1) || 'ms' end,
+            true
+        )
     ),
     new_user as (
         -- A taken email inserts nothing (after waiting, within the lock limit, for a signup of
@@ -272,7 +266,12 @@ begin
     end if;
     return query
     with limits as (
-        select ackloop.limit_lock_waits(lock_wait_ms)
+        select set_config(
+            'lock_timeout',
+            -- greatest() skips nulls: test for null first, or no limit would become 1 ms.
+            case when lock_wait_ms is null then current_setting('lock_timeout') else greatest(lock_wait_ms, 1) || 'ms' end,
+            true
+        )
     ),
     input as (
         select *
@@ -799,7 +798,7 @@ revoke execute on all functions in schema ackloop from public;
 
 -- The grants kept from the functions replaced, and for the new functions the grants of their
 -- side: add_job goes with sign_up; insert_builtin_player and next_retry_due_in_secs with
--- claim_jobs; limit_lock_waits and limit_claim_session are called from inside the others only.
+-- claim_jobs; limit_claim_session is called from inside the others only.
 do $$
 declare
     kept record;

@@ -346,7 +346,7 @@ mod tests {
         assert_eq!(json_object_problem(&serde_json::json!({"a": [1, 2], "b": {"c": null}})), None);
         let value = serde_json::json!({"a": [1, 2], "b": {"c": null}});
         // {"a": [1, 2], "b": {"c": null}}
-        assert_eq!(value.to_string().len() + separators(&value), 32);
+        assert_eq!(value.to_string().len() + separators(&value), 31);
         let big = serde_json::json!({ "k": "x".repeat(MAX_JSON_BYTES) });
         assert!(json_object_problem(&big).is_some());
     }

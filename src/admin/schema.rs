@@ -60,7 +60,19 @@ pub(crate) async fn applied_by_another_tool(
         },
         Err(err) => return Err(err),
     };
+    // The earlier layout's versions (its tables in `public`) are for this layout's first
+    // migration to take over, whichever tool applied them.
+    let versions: Vec<i64> = versions.into_iter().filter(|version| !is_earlier_layout(*version)).collect();
     Ok((!versions.is_empty()).then_some(AppliedByAnotherTool { versions }))
+}
+
+/// Whether `version` is a migration of the layout before ackloop kept everything in its own
+/// schema (up to 20261126000004): this version's first migration moves such a database forward.
+fn is_earlier_layout(version: i64) -> bool {
+    MIGRATOR
+        .iter()
+        .next()
+        .is_some_and(|first| version < first.version)
 }
 
 /// Checks that every migration this version knows is applied, and no other, as the migrations
@@ -87,6 +99,9 @@ pub async fn check_schema(pool: &PgPool) -> Result<(), SchemaError> {
         },
         Err(err) => return Err(SchemaError::Database(err)),
     };
+    // A database on the earlier layout is behind: `ackloop migrate` moves it forward.
+    let earlier_layout = applied.iter().any(|version| is_earlier_layout(*version));
+    let applied: Vec<i64> = applied.into_iter().filter(|version| !is_earlier_layout(*version)).collect();
     let unknown: Vec<i64> = applied
         .iter()
         .copied()
@@ -95,7 +110,7 @@ pub async fn check_schema(pool: &PgPool) -> Result<(), SchemaError> {
     if !unknown.is_empty() {
         return Err(SchemaError::Newer { unknown });
     }
-    if applied.is_empty() {
+    if applied.is_empty() && !earlier_layout {
         return Err(SchemaError::Missing);
     }
     let missing: Vec<i64> = MIGRATOR

@@ -45,7 +45,7 @@ async fn fail_job_of(pool: &PgPool, email: &str) -> String {
     let id: uuid::Uuid = sqlx::query_scalar(
         "update ackloop.player_creation_jobs as jobs
          set status = 'failed', attempts = 5, last_error = 'the handler gave up', completed_at = now()
-         from ackloop.builtin_users where users.id = jobs.builtin_user_id and users.email = $1
+         from ackloop.builtin_users as users where users.id = jobs.builtin_user_id and users.email = $1
          returning jobs.id",
     )
     .bind(email)

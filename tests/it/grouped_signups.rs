@@ -50,7 +50,7 @@ pub(crate) async fn queued(log: &Log, n: usize) {
 
 /// How many transactions wrote the users with these emails.
 async fn transactions(pool: &PgPool, emails: &[&str]) -> i64 {
-    sqlx::query_scalar("select count(distinct xmin::text) from ackloop.builtin_users where email = any($1)")
+    sqlx::query_scalar("select count(distinct xmin::text) from ackloop.builtin_users as users where email = any($1)")
         .bind(emails)
         .fetch_one(pool)
         .await

@@ -69,7 +69,7 @@ async fn every_input_is_stored_as_given_or_refused_naming_the_field(pool: PgPool
         match create_user(&mut conn, &Channels::default(), &new_user).await {
             Ok(signup) => {
                 let row = sqlx::query!(
-                    "select email, display_name from ackloop.builtin_users where id = $1",
+                    "select email, display_name from ackloop.builtin_users as users where id = $1",
                     signup.user_id.get()
                 )
                 .fetch_one(&pool)

@@ -215,7 +215,7 @@ async fn the_contract_answers_a_key_sent_again_for_any_language(pool: PgPool) {
         .unwrap_err();
     assert_eq!(
         taken.as_database_error().unwrap().constraint(),
-        Some("users_email_key")
+        Some("builtin_users_email_key")
     );
     assert_eq!(counts(&pool).await.users, 1);
 }

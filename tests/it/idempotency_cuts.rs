@@ -124,7 +124,7 @@ async fn a_keyed_signup_whose_answer_is_lost_or_late_gets_its_own_player() {
         drop(tripped);
         let player = within("the caller", caller).await.unwrap().expect("its player");
         let (email, job): (String, uuid::Uuid) = sqlx::query_as(
-            "select users.email, jobs.id from ackloop.builtin_players join ackloop.builtin_users on ackloop.builtin_users.id = players.user_id
+            "select users.email, jobs.id from ackloop.builtin_players as players join ackloop.builtin_users as users on users.id = players.user_id
              join ackloop.player_creation_jobs jobs on jobs.builtin_user_id = users.id where players.id = $1",
         )
         .bind(player.id)

@@ -298,49 +298,77 @@ async fn a_keyed_replay_runs_as_the_least_privileged_auth_role(
         .unwrap();
 }
 
-/// A role granted what `sign_up` needed before 20261126000003 (no `select (display_name)` on
-/// users): a taken email without a job id is still 23505, not "permission denied" (the lookup
-/// that needs the column runs only for a given job id).
+/// A role granted EXECUTE on `sign_up` alone, and no right on any of ackloop's tables (the
+/// contract runs as ackloop's owner): a taken email is 23505 on builtin_users_email_key, a key
+/// sent again is its signup, and the tables stay out of its reach.
 #[sqlx::test]
-async fn a_taken_email_under_the_old_grants_is_still_email_taken(pool: PgPool) {
+async fn a_role_with_execute_alone_signs_up_and_cannot_touch_the_tables(pool: PgPool) {
     let oid: i64 = sqlx::query_scalar("select oid::int8 from pg_database where datname = current_database()")
         .fetch_one(&pool)
         .await
         .unwrap();
-    let role = format!("idem_old_{oid}");
+    let role = format!("idem_exec_{oid}");
     let sql = format!(
         "drop role if exists {role}; create role {role};
          grant usage on schema ackloop to {role};
-         grant select (id, email), insert (email, display_name) on ackloop.builtin_users to {role};
-         grant select, insert (id, user_id, created_at) on ackloop.player_creation_jobs to {role};"
+         revoke execute on all functions in schema ackloop from public;
+         grant execute on function ackloop.sign_up(text, text, uuid, text, integer) to {role};"
     );
     sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
         .execute(&pool)
         .await
         .unwrap();
+    let key = uuid::Uuid::now_v7();
     let mut tx = pool.begin().await.unwrap();
-    sqlx::query("select * from ackloop.sign_up('ada@example.com', 'Ada')")
-        .execute(&mut *tx)
-        .await
-        .unwrap();
     sqlx::raw_sql(sqlx::AssertSqlSafe(format!("set local role {role}")))
         .execute(&mut *tx)
         .await
         .unwrap();
-    let err = sqlx::query("select * from ackloop.sign_up('ada@example.com', 'Ada')")
+    let first: i64 = sqlx::query_scalar("select user_id from ackloop.sign_up('ada@example.com', 'Ada', $1)")
+        .bind(key)
+        .fetch_one(&mut *tx)
+        .await
+        .expect("EXECUTE alone signs up");
+    let again: i64 = sqlx::query_scalar("select user_id from ackloop.sign_up('ada@example.com', 'Ada', $1)")
+        .bind(key)
+        .fetch_one(&mut *tx)
+        .await
+        .expect("the same key again is the same signup");
+    assert_eq!(first, again);
+    sqlx::query("savepoint before_taken").execute(&mut *tx).await.unwrap();
+    let err = sqlx::query("select * from ackloop.sign_up('ADA@example.com', 'Ada')")
         .execute(&mut *tx)
         .await
         .unwrap_err();
-    let code = err
-        .as_database_error()
-        .and_then(|e| e.code().map(|c| c.into_owned()));
+    let db_err = err.as_database_error().expect("a database error");
+    assert_eq!(
+        (db_err.code().as_deref(), db_err.constraint()),
+        (Some("23505"), Some("builtin_users_email_key")),
+        "{err}"
+    );
+    sqlx::query("rollback to savepoint before_taken").execute(&mut *tx).await.unwrap();
+    for statement in [
+        "select count(*) from ackloop.builtin_users",
+        "select count(*) from ackloop.player_creation_jobs",
+        "update ackloop.player_creation_jobs set status = 'failed'",
+        "select * from ackloop.complete_jobs()",
+        "select ackloop.add_job('u1', 'Ada')",
+    ] {
+        sqlx::query("savepoint probe").execute(&mut *tx).await.unwrap();
+        let refused = sqlx::query(statement).execute(&mut *tx).await.unwrap_err();
+        assert_eq!(
+            refused.as_database_error().and_then(|e| e.code()).as_deref(),
+            Some("42501"),
+            "{statement}: {refused}"
+        );
+        sqlx::query("rollback to savepoint probe").execute(&mut *tx).await.unwrap();
+    }
     tx.rollback().await.unwrap();
     let sql = format!("drop owned by {role}; drop role {role}");
     sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
         .execute(&pool)
         .await
         .unwrap();
-    assert_eq!(code.as_deref(), Some("23505"), "{err}");
 }
 
 /// `on conflict do nothing` still waits for another session's uncommitted signup of the

@@ -24,6 +24,7 @@ mod json_logs;
 mod layout;
 mod metrics;
 mod operations;
+mod own_schema;
 mod player_service;
 mod pooler;
 mod protocol;

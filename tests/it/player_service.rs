@@ -190,7 +190,7 @@ async fn one_bad_signup_among_honest_ones<H: Handler>(
 }
 
 async fn user_id_of(pool: &PgPool, email: &str) -> ackloop::UserId {
-    let id: i64 = sqlx::query_scalar("select id from ackloop.builtin_users where email = $1")
+    let id: i64 = sqlx::query_scalar("select id from ackloop.builtin_users as users where email = $1")
         .bind(email)
         .fetch_one(pool)
         .await

@@ -29,14 +29,17 @@ async fn the_gauges_and_prune_do_not_scan_the_finished_jobs(
     .await;
     execute(
         &pool,
-        "insert into player_creation_jobs (id, user_id, status, attempts, completed_at)
-         select gen_random_uuid(), id, 'done', 1, now() - interval '1 day' * random() from ackloop.builtin_users as users",
+        "insert into ackloop.player_creation_jobs
+             (id, builtin_user_id, user_id, display_name, status, attempts, completed_at, player_id, result)
+         select gen_random_uuid(), id, id::text, display_name, 'done', 1, now() - interval '1 day' * random(),
+                id::text, '{}'
+         from ackloop.builtin_users as users",
     )
     .await;
     for n in 0..5 {
         pending_signup(&pool, n).await;
     }
-    execute(&pool, "analyze player_creation_jobs").await;
+    execute(&pool, "analyze ackloop.player_creation_jobs").await;
 
     let sql = explain("pending_jobs");
     let gauges: serde_json::Value = sqlx::query_scalar(sqlx::AssertSqlSafe(sql.as_str()))

@@ -280,7 +280,7 @@ async fn a_bad_signup_among_concurrent_ones_fails_alone(options: PgPoolOptions, 
             players: 20
         }
     );
-    let mallory = sqlx::query_scalar!("select count(*) from ackloop.builtin_users where display_name = 'Mallory'")
+    let mallory = sqlx::query_scalar!("select count(*) from ackloop.builtin_users as users where display_name = 'Mallory'")
         .fetch_one(&pool)
         .await
         .unwrap();

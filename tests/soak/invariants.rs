@@ -120,7 +120,7 @@ pub async fn check(run: Run) -> ExitCode {
                      (select count(*) from ackloop.player_creation_jobs where status = 'failed'),
                      (select count(*) from ackloop.player_creation_jobs where status = 'pending'),
                      (select count(*) - count(distinct user_id) from ackloop.builtin_players as players),
-                     (select count(*) from ackloop.builtin_users where not exists
+                     (select count(*) from ackloop.builtin_users as users where not exists
                          (select 1 from ackloop.player_creation_jobs j where j.user_id = users.id))",
         )
         .fetch_one(&pool)
@@ -156,7 +156,7 @@ pub async fn check(run: Run) -> ExitCode {
     let player_ids: Vec<i64> = confirmed.iter().map(|(_, player)| *player).collect();
     let owners: HashMap<i64, String> = patiently(|| {
         sqlx::query_as::<_, (i64, String)>(
-            "select players.id, users.email from ackloop.builtin_players join ackloop.builtin_users on ackloop.builtin_users.id = players.user_id
+            "select players.id, users.email from ackloop.builtin_players as players join ackloop.builtin_users as users on users.id = players.user_id
              where players.id = any($1)",
         )
         .bind(&player_ids)
@@ -191,7 +191,7 @@ pub async fn check(run: Run) -> ExitCode {
         .map(|r| soak_email(r.n))
         .collect();
     let without_job_committed: i64 = patiently(|| {
-        sqlx::query_scalar("select count(*) from ackloop.builtin_users where email = any($1)")
+        sqlx::query_scalar("select count(*) from ackloop.builtin_users as users where email = any($1)")
             .bind(&without_job)
             .fetch_one(&pool)
     })

@@ -72,7 +72,7 @@ impl LostAnswer {
     async fn assert_one_signup(&self, player: &ackloop::Player, new_user: &NewUser) {
         let (email, display_name): (String, String) = sqlx::query_as(
             "select users.email, players.display_name from ackloop.builtin_players as players \
-             join ackloop.builtin_users on ackloop.builtin_users.id = players.user_id where players.id = $1",
+             join ackloop.builtin_users as users on users.id = players.user_id where players.id = $1",
         )
         .bind(player.id)
         .fetch_one(&self.direct)

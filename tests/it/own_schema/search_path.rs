@@ -1,0 +1,215 @@
+//! The contract resolves ackloop's objects by itself: a caller's search_path, whatever it puts
+//! first (a service's own `users` or `players`, tables and functions named like ackloop's,
+//! temporary tables), never changes which table a step reads or writes.
+
+use ackloop::NewUser;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{Executor, PgPool};
+
+use crate::common::*;
+
+/// What a hostile search_path finds first: tables named like ackloop's that refuse every row
+/// (so a write that lands there fails the test loudly), and functions named like ackloop's that
+/// raise.
+const DECOYS: &str = r#"
+    create table {schema}.users (id bigint, email text, display_name text, constraint decoy check (false));
+    create table {schema}.players (id bigint, user_id bigint, display_name text, constraint decoy check (false));
+    create table {schema}.builtin_users (id bigint, email text, display_name text, constraint decoy check (false));
+    create table {schema}.builtin_players (id bigint, user_id bigint, display_name text, constraint decoy check (false));
+    create table {schema}.player_creation_jobs (id uuid, user_id text, constraint decoy check (false));
+    create function {schema}.uuid_v7() returns uuid language plpgsql as $$ begin raise exception 'decoy uuid_v7 called'; end $$;
+    create function {schema}.email_problem(text) returns text language plpgsql as $$ begin raise exception 'decoy email_problem called'; end $$;
+    create function {schema}.display_name_problem(text) returns text language plpgsql as $$ begin raise exception 'decoy display_name_problem called'; end $$;
+    create function {schema}.backoff_ms(integer, bigint, bigint) returns bigint language plpgsql as $$ begin raise exception 'decoy backoff_ms called'; end $$;
+"#;
+
+fn decoys(schema: &str) -> String {
+    DECOYS.replace("{schema}", schema)
+}
+
+/// A pool whose every session has decoy temporary tables and a search_path that puts them, then
+/// the `hostile` schema's decoys, first.
+async fn hostile_pool(options: PgPoolOptions, connect: PgConnectOptions, connections: u32) -> PgPool {
+    options
+        .max_connections(connections)
+        .after_connect(|conn, _meta| {
+            Box::pin(async move {
+                conn.execute(sqlx::AssertSqlSafe(decoys("pg_temp"))).await?;
+                Ok(())
+            })
+        })
+        .connect_with(connect.options([("search_path", "pg_temp, hostile, pg_catalog, public")]))
+        .await
+        .expect("connect with a hostile search_path")
+}
+
+#[sqlx::test]
+async fn a_services_own_users_first_in_the_search_path_does_not_cross_wire_signups(
+    options: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let admin = pool(options.clone(), connect.clone(), 3).await;
+    let worker = spawn_worker(&admin, worker_config());
+    let real = signups(&admin)
+        .await
+        .create_user_and_await_player(&NewUser::new("real@example.com", "Real").unwrap(), DEADLINE)
+        .await
+        .unwrap();
+    // The issue's reproduction: the auth service's own users, with a unique index on lower(email),
+    // first in its search_path.
+    execute(
+        &admin,
+        "create schema auth;
+         create table auth.users (id bigserial primary key, email text, display_name text);
+         create unique index on auth.users (lower(email));",
+    )
+    .await;
+    let auth = pool(options, connect.options([("search_path", "auth, public")]), 3).await;
+    let (job_id, user_id): (uuid::Uuid, i64) =
+        sqlx::query_as("select job_id, user_id from ackloop.sign_up('evil@example.com', 'Evil')")
+            .fetch_one(&auth)
+            .await
+            .expect("sign_up from a session whose own users come first");
+    assert_ne!(user_id, real.user_id.get(), "a new user, not the first one's id");
+    let (email,): (String,) = sqlx::query_as("select email from ackloop.builtin_users where id = $1")
+        .bind(user_id)
+        .fetch_one(&admin)
+        .await
+        .unwrap();
+    assert_eq!(email, "evil@example.com");
+    let player = signups(&auth)
+        .await
+        .await_player(job_id.into(), DEADLINE)
+        .await
+        .expect("the player of the user signed up");
+    assert_eq!((player.user_id.get(), player.display_name.as_str()), (user_id, "Evil"));
+    let theirs: i64 = sqlx::query_scalar("select count(*) from auth.users")
+        .fetch_one(&admin)
+        .await
+        .unwrap();
+    assert_eq!(theirs, 0, "the service's own users are untouched");
+    worker.stop().await;
+}
+
+#[sqlx::test]
+async fn a_player_services_own_players_first_in_the_search_path_are_left_alone(
+    options: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let admin = pool(options.clone(), connect.clone(), 3).await;
+    execute(
+        &admin,
+        "create schema game;
+         create table game.players (id bigserial primary key, user_id bigint unique, display_name text);
+         create table game.player_creation_jobs (id uuid primary key, user_id bigint, status text);",
+    )
+    .await;
+    let worker_pool = pool(
+        options,
+        ackloop::worker_session_options(connect.options([("search_path", "game, public")])),
+        4,
+    )
+    .await;
+    let worker = spawn_worker(&worker_pool, worker_config());
+    let signups = signups(&admin).await;
+    for n in 0..5 {
+        signups
+            .create_user_and_await_player(&user(n), DEADLINE)
+            .await
+            .expect("completed by a worker whose own players come first");
+    }
+    let (ours, theirs, their_jobs): (i64, i64, i64) = sqlx::query_as(
+        "select (select count(*) from ackloop.builtin_players),
+                (select count(*) from game.players),
+                (select count(*) from game.player_creation_jobs)",
+    )
+    .fetch_one(&admin)
+    .await
+    .unwrap();
+    assert_eq!((ours, theirs, their_jobs), (5, 0, 0));
+    worker.stop().await;
+}
+
+#[sqlx::test]
+async fn the_whole_loop_ignores_a_hostile_search_path_on_every_session(
+    options: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let admin = pool(options.clone(), connect.clone(), 2).await;
+    execute(&admin, "create schema hostile").await;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(decoys("hostile")))
+        .execute(&admin)
+        .await
+        .unwrap();
+    let auth = hostile_pool(options.clone(), connect.clone(), 3).await;
+    let workers = hostile_pool(options, ackloop::worker_session_options(connect), 4).await;
+    ackloop::check_schema(&auth).await.expect("the schema check");
+    let worker = spawn_worker(&workers, worker_config());
+    let signups = signups(&auth).await;
+    for n in 0..5 {
+        let player = signups
+            .create_user_and_await_player(&user(n), DEADLINE)
+            .await
+            .expect("a signup and its player, every name resolved to ackloop's");
+        assert_eq!(player.display_name, user(n).display_name());
+    }
+    // The one-at-a-time path too: a job that failed once is retried alone (start_attempt).
+    execute(
+        &admin,
+        "create function public.fail_once() returns trigger language plpgsql as $$
+         begin
+             -- A sequence, not a table: it does not roll back with the failed attempt.
+             if new.display_name = 'Once' and nextval('public.once') = 1 then
+                 raise exception 'fails once' using errcode = '40001';
+             end if;
+             return new;
+         end $$;
+         create sequence public.once;
+         create trigger fail_once before insert on ackloop.builtin_players
+             for each row execute function public.fail_once();",
+    )
+    .await;
+    signups
+        .create_user_and_await_player(&NewUser::new("once@example.com", "Once").unwrap(), DEADLINE)
+        .await
+        .expect("retried alone after its first attempt failed");
+    let (players, jobs_done, decoy_rows): (i64, i64, i64) = sqlx::query_as(
+        "select (select count(*) from ackloop.builtin_players),
+                (select count(*) from ackloop.player_creation_jobs where status = 'done'),
+                (select count(*) from hostile.users) + (select count(*) from hostile.players)
+                  + (select count(*) from hostile.builtin_users) + (select count(*) from hostile.builtin_players)
+                  + (select count(*) from hostile.player_creation_jobs)",
+    )
+    .fetch_one(&admin)
+    .await
+    .unwrap();
+    assert_eq!((players, jobs_done, decoy_rows), (6, 6, 0));
+    worker.stop().await;
+}
+
+#[sqlx::test]
+async fn every_function_of_the_contract_pins_its_search_path(pool: PgPool) {
+    let unpinned: Vec<String> = sqlx::query_scalar(
+        "select proname::text
+         from pg_proc
+         where pronamespace = 'ackloop'::regnamespace
+           and not coalesce('search_path=pg_catalog, ackloop, pg_temp' = any(proconfig), false)
+         order by proname",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert!(unpinned.is_empty(), "functions without a pinned search_path: {unpinned:?}");
+    // Only the functions the roles are granted may be called: none is open to PUBLIC.
+    let open: Vec<String> = sqlx::query_scalar(
+        "select proname::text
+         from pg_proc
+         where pronamespace = 'ackloop'::regnamespace
+           and (proacl is null or exists (select from aclexplode(proacl) as grants where grants.grantee = 0))
+         order by proname",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert!(open.is_empty(), "functions anyone may call: {open:?}");
+}
