@@ -1,8 +1,11 @@
 #!/usr/bin/env node
-// A player worker for ackloop in Node, written from docs/protocol.md alone: it wakes on
-// `player_jobs` (and polls, since notifications can be lost), claims batches of first attempts
-// with ackloop.claim_jobs, creates each player in a savepoint of its own, records failures with
-// ackloop.record_failure, marks the rest done with ackloop.mark_done, and commits. When a batch
+// A player service for ackloop in Node, written from docs/protocol.md alone. Its players live in
+// its own table, `node_players` (made at start if missing), keyed by the auth service's user id
+// that each job carries (text: a number, a UUID or a string). It wakes on `player_jobs` (and
+// polls, since notifications can be lost), claims batches of first attempts with
+// ackloop.claim_jobs, creates each player in a savepoint of its own, records failures with
+// ackloop.record_failure, marks the rest done with ackloop.mark_done (its own player id, as text,
+// and a small JSON result per job: what the waiting caller is told), and commits. When a batch
 // comes back short it takes jobs tried before, one at a time (ackloop.start_attempt, then
 // ackloop.lock_attempt); it takes jobs that way too when it starts and after its session died,
 // since a job may have killed it.
@@ -35,24 +38,54 @@ const jobError = (message, retryable = false) => Object.assign(new Error(message
 // limit (25P03).
 const lost = (err) => !(err instanceof DatabaseError) || /^(08|57P0|25P03)/.test(err.code);
 
-// The effect: this user's player. Runs inside the job's savepoint.
+// This service's own players: one per user of the auth service, whatever its id looks like.
+const CREATE_PLAYERS = `
+  create table if not exists node_players (
+    id bigserial primary key,
+    user_id text not null unique,
+    display_name text not null,
+    created_at timestamptz not null default now()
+  )`;
+
+// node_players, unless it exists; one process at a time (concurrent `create table if not
+// exists` can collide in the catalog).
+async function makePlayersTable(db) {
+  await db.query('begin');
+  try {
+    await db.query("select pg_advisory_xact_lock(hashtext('node_players'))");
+    await db.query(CREATE_PLAYERS);
+    await db.query('commit');
+  } catch (err) {
+    await db.query('rollback').catch(() => {});
+    throw err;
+  }
+}
+
+// The effect: this user's player, and the answer for mark_done. Runs inside the job's savepoint.
+// A player made by an earlier attempt whose answer was lost is the player: the same row is
+// returned, never a second one.
 async function createPlayer(db, job) {
   const named = (prefix) => prefix && job.display_name.startsWith(prefix);
   if (named(env.REJECT_PREFIX)) throw jobError(`the node worker refuses display names starting with ${env.REJECT_PREFIX}`);
   if (named(env.FAIL_PREFIX) && job.attempt === 1) throw jobError('the node worker failed attempt 1 on purpose', true);
   if (named(env.KILL_PREFIX)) await db.query('select pg_terminate_backend(pg_backend_pid())');
-  await db.query('insert into players (user_id, display_name) values ($1, $2) on conflict (user_id) do nothing',
+  const { rows: [player] } = await db.query(
+    `insert into node_players (user_id, display_name) values ($1, $2)
+     on conflict (user_id) do update set user_id = excluded.user_id
+     returning id::text as id, display_name`,
     [job.user_id, job.display_name]);
+  return { playerId: player.id, result: { display_name: player.display_name } };
 }
 
-// One attempt of a job, in a savepoint of its own: true if the effect succeeded. Otherwise its
-// writes are undone and the failure recorded (failed for good, or pending until its backoff).
+// One attempt of a job, in a savepoint of its own: the answer if the effect succeeded (the
+// player's id and result), else null, its writes undone and the failure recorded (failed for
+// good, or pending until its backoff).
 async function attempt(db, job) {
   await db.query('savepoint job');
   try {
-    await createPlayer(db, job);
+    const answer = await createPlayer(db, job);
     await db.query('release savepoint job');
-    return true;
+    return answer;
   } catch (err) {
     if (err.retryable === undefined && lost(err)) throw err;
     await db.query('rollback to savepoint job');
@@ -65,7 +98,7 @@ async function attempt(db, job) {
     );
     await db.query('release savepoint job');
     console.error(`job ${job.job_id} attempt ${job.attempt} ${outcome?.status ?? 'finished elsewhere'}: ${err.message}`);
-    return false;
+    return null;
   }
 }
 
@@ -75,9 +108,15 @@ async function attemptAll(db, take) {
   await db.query('begin');
   const jobs = await take();
   const done = [];
-  for (const job of jobs) if (await attempt(db, job)) done.push(job);
-  if (done.length > 0) await db.query('select ackloop.mark_done($1::uuid[], $2::int[])',
-    [done.map((job) => job.job_id), done.map((job) => job.attempt)]);
+  for (const job of jobs) {
+    const answer = await attempt(db, job);
+    if (answer !== null) done.push({ job, answer });
+  }
+  if (done.length > 0) await db.query(
+    `select ackloop.mark_done(job_ids => $1::uuid[], attempts => $2::int[], player_ids => $3::text[],
+       results => $4::jsonb[])`,
+    [done.map(({ job }) => job.job_id), done.map(({ job }) => job.attempt),
+      done.map(({ answer }) => answer.playerId), done.map(({ answer }) => JSON.stringify(answer.result))]);
   await db.query('commit');
   return [jobs.length, done.length];
 }
@@ -171,9 +210,14 @@ async function main() {
   // job) and after a lost session (a job may have killed it), so that such a job has its
   // attempts counted and fails in the end, instead of taking its batch down with it for ever.
   let alone = env.HANG_AFTER_CLAIM === '1' ? 0 : BATCH_SIZE;
+  let tableMade = false;
   while (!stopping) {
     try {
       db ??= await connect();
+      if (!tableMade) {
+        await makePlayersTable(db);
+        tableMade = true;
+      }
       while (!stopping && alone > 0 && (await runAlone(db, true))) alone -= 1;
       alone = 0;
       while (!stopping && (await runBatch(db)) === BATCH_SIZE);

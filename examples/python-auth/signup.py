@@ -1,14 +1,21 @@
 #!/usr/bin/env python3
-"""An auth side for ackloop in Python, written from docs/protocol.md alone.
+"""An auth service for ackloop in Python, written from docs/protocol.md alone.
 
-It listens on `player_jobs_done` before it writes anything, signs users up with
-ackloop.sign_up (choosing each job id itself, a UUIDv7, so that it can wait for the id before
-the signup commits), waits for its ids with a timeout, and reads each outcome with
-ackloop.job_outcomes. One JSON line per signup on stdout; exit 0 only if every signup's player
+Its users live in its own table, `py_users` (made at start if missing). A signup inserts the
+user and adds its player-creation job with ackloop.add_job in ONE transaction, so the job exists
+exactly when the user does; the job carries the user's own id (a UUID, as text) and display
+name. The job id is chosen here (a UUIDv7), so that the process listens on `player_jobs_done`
+for it before the signup commits; it waits with a timeout, rechecking with ackloop.job_outcomes
+(a notification can be lost), and prints the player service's answer: its own player id and its
+result (a JSON object). One JSON line per signup on stdout; exit 0 only if every signup's player
 was confirmed in time.
+
+With --builtin it signs users up on ackloop's built-in tables instead (ackloop.sign_up: the
+built-in auth service's users, answered by the built-in player service, e.g. `ackloop worker`).
 
     DATABASE_URL=postgres://… python signup.py --email ada@example.com --display-name Ada
     DATABASE_URL=postgres://… python signup.py --count 500 --concurrency 16 --prefix py-
+    DATABASE_URL=postgres://… python signup.py --builtin --count 500 --prefix py-
 """
 
 import argparse
@@ -24,9 +31,33 @@ import psycopg
 from psycopg import errors
 
 DONE_CHANNEL = "player_jobs_done"
-# While waiting, the tables are read this often too: a notification can be lost (a listener
-# reconnecting), and the tables are the truth anyway.
+# While waiting, the job is read this often too: a notification can be lost (a listener
+# reconnecting), and the job table is the truth anyway.
 LOOK_EVERY_SECS = 1.0
+
+# This service's own users. Whatever shape suits the service: ackloop only ever sees the id
+# (as text) and the display name it is given in add_job.
+CREATE_USERS = """
+    create table if not exists py_users (
+        id uuid primary key,
+        email text not null,
+        display_name text not null,
+        created_at timestamptz not null default now(),
+        constraint py_users_email_key unique (email),
+        constraint py_users_email_valid check (email ~ '^[^@[:space:]]+@[^@[:space:]]+$')
+    )
+"""
+
+# The refusals a caller is told about, by the constraint the database names: the field at fault.
+INVALID = {
+    "py_users_email_valid": "email",
+    "player_creation_jobs_user_id_valid": "user_id",
+    "player_creation_jobs_display_name_valid": "display_name",
+    "player_creation_jobs_extra_valid": "extra",
+    "builtin_users_email_valid": "email",
+    "builtin_users_display_name_valid": "display_name",
+}
+EMAIL_TAKEN = {"py_users_email_key", "builtin_users_email_key"}
 
 
 def uuid_v7() -> uuid.UUID:
@@ -65,37 +96,60 @@ class Confirmations:
 
 def refused(err: psycopg.Error) -> dict | None:
     """What a refused signup tells its caller, or None for an error that is not a refusal."""
-    diag = err.diag
-    if isinstance(err, errors.CheckViolation):
-        field = "email" if diag.constraint_name == "users_email_valid" else "display_name"
-        return {"outcome": "invalid", "field": field, "message": diag.message_primary}
-    if isinstance(err, errors.UniqueViolation) and diag.constraint_name == "users_email_key":
+    constraint = err.diag.constraint_name
+    if isinstance(err, errors.CheckViolation) and constraint in INVALID:
+        return {"outcome": "invalid", "field": INVALID[constraint], "message": err.diag.message_primary}
+    if isinstance(err, errors.UniqueViolation) and constraint in EMAIL_TAKEN:
         return {"outcome": "email_taken", "message": "this email is already registered"}
     if isinstance(err, errors.LockNotAvailable):
         return {"outcome": "busy", "message": "another signup of this email is in progress"}
     return None
 
 
-async def sign_up(conn, confirmations, email: str, name: str, timeout: float) -> dict:
+async def add_user_and_job(conn, job_id: uuid.UUID, email: str, name: str, lock_wait_ms: int) -> str:
+    """This service's signup: its user and the user's job, committed together. Returns the user id."""
+    user_id = uuid_v7()
+    async with conn.transaction():
+        # The job first: its lock_wait_ms bounds every row-lock wait for the rest of the
+        # transaction, and the user's insert below waits for one when another signup of the same
+        # email is in flight (then 55P03, `busy`).
+        await conn.execute(
+            "select ackloop.add_job(user_id => %s, display_name => %s, new_job_id => %s,"
+            " lock_wait_ms => %s)",
+            (str(user_id), name, job_id, lock_wait_ms),
+        )
+        await conn.execute(
+            "insert into py_users (id, email, display_name) values (%s, %s, %s)",
+            (user_id, email, name),
+        )
+    return str(user_id)
+
+
+async def sign_up_builtin(conn, job_id: uuid.UUID, email: str, name: str, lock_wait_ms: int) -> str:
+    """The built-in auth service's signup (its user in ackloop.builtin_users). Returns the user id."""
+    cur = await conn.execute(
+        "select user_id from ackloop.sign_up(%s, %s, new_job_id => %s, lock_wait_ms => %s)",
+        (email, name, job_id, lock_wait_ms),
+    )
+    return str((await cur.fetchone())[0])
+
+
+async def sign_up(conn, confirmations, write, email: str, name: str, timeout: float) -> dict:
     """One signup and its outcome, as a dict for one JSON line."""
     started = time.monotonic()
     job_id = uuid_v7()
     event = confirmations.waiters[str(job_id)] = asyncio.Event()  # before the signup commits
     try:
-        outcome = await write_and_wait(conn, event, job_id, email, name, started + timeout)
+        outcome = await write_and_wait(conn, event, write, job_id, email, name, started + timeout)
     finally:
         del confirmations.waiters[str(job_id)]
     return {"email": email, **outcome, "elapsed_ms": round((time.monotonic() - started) * 1000, 2)}
 
 
-async def write_and_wait(conn, event, job_id, email: str, name: str, deadline: float) -> dict:
+async def write_and_wait(conn, event, write, job_id, email: str, name: str, deadline: float) -> dict:
     ours = {"job_id": str(job_id)}
     try:
-        cur = await conn.execute(
-            "select user_id from ackloop.sign_up(%s, %s, new_job_id => %s, lock_wait_ms => %s)",
-            (email, name, job_id, max(1, int((deadline - time.monotonic()) * 1000))),
-        )
-        ours["user_id"] = (await cur.fetchone())[0]
+        ours["user_id"] = await write(conn, job_id, email, name, max(1, int((deadline - time.monotonic()) * 1000)))
     except psycopg.OperationalError as err:  # the connection went: the job id tells if it committed
         return ours | {"outcome": "unavailable", "message": str(err).strip()}
     except psycopg.Error as err:
@@ -109,22 +163,28 @@ async def write_and_wait(conn, event, job_id, email: str, name: str, deadline: f
             pass
         event.clear()
         cur = await conn.execute(
-            "select status, last_error, player_id, player_display_name"
-            " from ackloop.job_outcomes(array[%s]::uuid[])",
+            "select status, last_error, player_id, result from ackloop.job_outcomes(array[%s]::uuid[])",
             (job_id,),
         )
         row = await cur.fetchone()
         if row is None:
             return ours | {"outcome": "not_committed", "message": "no such job"}
-        status, last_error, player_id, player_name = row
-        if status == "done" and player_id is not None:
-            return ours | {"outcome": "done", "player_id": player_id, "player_display_name": player_name}
-        if status == "done":
-            return ours | {"outcome": "failed", "message": "the job is done but its player no longer exists"}
+        status, last_error, player_id, result = row
+        if status == "done":  # a done job always carries the player service's answer
+            return ours | {"outcome": "done", "player_id": player_id, "result": result}
         if status == "failed":
             return ours | {"outcome": "failed", "message": last_error}
         if time.monotonic() >= deadline:
             return ours | {"outcome": "timed_out", "message": "the job is committed and will still complete"}
+
+
+async def make_users_table(url: str) -> None:
+    """py_users, unless it exists; one process at a time (concurrent `create table if not exists`
+    can collide in the catalog)."""
+    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+        async with conn.transaction():
+            await conn.execute("select pg_advisory_xact_lock(hashtext('py_users'))")
+            await conn.execute(CREATE_USERS)
 
 
 async def main() -> int:
@@ -135,6 +195,10 @@ async def main() -> int:
     parser.add_argument("--prefix", default="py-", help="email and display name prefix for --count")
     parser.add_argument("--concurrency", type=int, default=1, help="signups at once, one connection each")
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds each signup may wait")
+    parser.add_argument(
+        "--builtin", action="store_true",
+        help="sign up on ackloop's built-in tables (ackloop.sign_up) instead of py_users",
+    )
     args = parser.parse_args()
     url = os.environ["DATABASE_URL"]
     if args.email is not None:
@@ -142,6 +206,11 @@ async def main() -> int:
     else:
         run = secrets.token_hex(3)
         users = [(f"{args.prefix}{run}-{i}@example.com", f"{args.prefix}{i}") for i in range(args.count)]
+    if args.builtin:
+        write = sign_up_builtin
+    else:
+        await make_users_table(url)
+        write = add_user_and_job
 
     confirmations = Confirmations(url)
     listener = asyncio.create_task(confirmations.run())
@@ -155,7 +224,7 @@ async def main() -> int:
             if conn is None or conn.closed:
                 conn = await psycopg.AsyncConnection.connect(url, autocommit=True)
             email, name = queue.pop()
-            outcome = await sign_up(conn, confirmations, email, name, args.timeout)
+            outcome = await sign_up(conn, confirmations, write, email, name, args.timeout)
             print(json.dumps(outcome), flush=True)
             outcomes.append(outcome)
         if conn is not None:
