@@ -13,6 +13,7 @@ mod contract;
 mod cutting_proxy;
 mod dashboard;
 mod example_service;
+mod existing_services;
 mod exit_codes;
 mod faults;
 mod grouped_signups;
