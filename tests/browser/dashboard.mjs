@@ -6,9 +6,9 @@
 //      which shows what the tables hold, refreshes itself, and asks for nothing off the machine.
 //   2. A signup that times out leaves a pending job: the page shows it pending, and its age.
 //   3. `ackloop worker` starts; more signups go through, and one fails at once (a trigger on
-//      players refuses the display name 'Fail Me' with a check_violation, which the worker does
-//      not retry). The page's numbers come to equal the tables', the failed job's row shows its
-//      last error. Screenshot.
+//      ackloop.builtin_players refuses the display name 'Fail Me' with a check_violation, which
+//      the worker does not retry). The page's numbers come to equal the tables', the failed
+//      job's row shows its last error. Screenshot.
 //   4. The trigger is dropped; retry is clicked on the failed row: the server says 401, the page
 //      asks for the token, and the job is queued again, completed, and gone from the table;
 //      `ackloop jobs show` says done, and the numbers count it. Screenshot.
@@ -108,9 +108,9 @@ async function sql(text, params = []) {
 // way is still filling, so the dashboard leaves it out).
 const RATES_SQL = `
   select s::float8 as second,
-    (select count(*) from player_creation_jobs
+    (select count(*) from ackloop.player_creation_jobs
       where floor(extract(epoch from created_at)) between s - 10 and s - 1) / 10.0 as signups,
-    (select count(*) from player_creation_jobs where status <> 'pending'
+    (select count(*) from ackloop.player_creation_jobs where status <> 'pending'
       and floor(extract(epoch from completed_at)) between s - 10 and s - 1) / 10.0 as completions`;
 
 // What the dashboard's numbers mean, read from the tables (the contract in issue 13). The page
@@ -119,12 +119,12 @@ const RATES_SQL = `
 async function tableNumbers() {
   const [row] = await sql(`
     select
-      (select count(*) from player_creation_jobs where status = 'pending')::int as pending,
-      (select count(*) from player_creation_jobs where status = 'failed')::int as failed,
-      (select count(*) from player_creation_jobs
+      (select count(*) from ackloop.player_creation_jobs where status = 'pending')::int as pending,
+      (select count(*) from ackloop.player_creation_jobs where status = 'failed')::int as failed,
+      (select count(*) from ackloop.player_creation_jobs
         where status = 'done' and completed_at >= now() - interval '60 seconds')::int as done_recent,
       (select extract(epoch from now() - min(created_at))::float8
-         from player_creation_jobs where status = 'pending') as oldest_pending,
+         from ackloop.player_creation_jobs where status = 'pending') as oldest_pending,
       pg_notification_queue_usage() * 100 as queue_usage,
       (select json_agg(json_build_array(rates.signups, rates.completions) order by rates.second)
          from generate_series(floor(extract(epoch from now()))::bigint - 1,
@@ -149,7 +149,8 @@ async function ratesAt(second) {
 async function job(id) {
   const [row] = await sql(
     `select j.status, j.attempts, j.last_error, u.email
-       from player_creation_jobs j join users u on u.id = j.user_id where j.id = $1`,
+       from ackloop.player_creation_jobs j join ackloop.builtin_users u on u.id = j.builtin_user_id
+      where j.id = $1`,
     [id],
   );
   return row;
@@ -314,9 +315,11 @@ async function main() {
   db = new pg.Client({ connectionString: url });
   await db.connect();
   // The cause of the one failure: a check_violation (SQLSTATE class 23), which the worker fails
-  // at once, without retries. Dropping the trigger removes it.
+  // at once, without retries. Dropping the trigger removes it. The function lives in public and
+  // is named with its schema: the trigger fires inside ackloop's functions, whose search_path is
+  // pinned to pg_catalog, ackloop, pg_temp (the body names nothing, so needs no path of its own).
   await sql(`
-    create or replace function browser_test_refuse() returns trigger language plpgsql as $$
+    create or replace function public.browser_test_refuse() returns trigger language plpgsql as $$
     begin
       if new.display_name = '${failName}' then
         raise exception 'the browser test refuses the display name %', new.display_name
@@ -324,8 +327,8 @@ async function main() {
       end if;
       return new;
     end $$`);
-  await sql(`create or replace trigger browser_test_refuse before insert on players
-               for each row execute function browser_test_refuse()`);
+  await sql(`create or replace trigger browser_test_refuse before insert on ackloop.builtin_players
+               for each row execute function public.browser_test_refuse()`);
 
   step("the dashboard, with a token, before any worker");
   // The worker's metrics endpoint, which the dashboard reads for the stages the tables do not
@@ -399,7 +402,7 @@ async function main() {
   });
   ok("ackloop worker started");
   await until(15, "the timed-out signup's job was not done", async () => {
-    const [row] = await sql(`select count(*)::int as n from player_creation_jobs where status = 'pending'`);
+    const [row] = await sql(`select count(*)::int as n from ackloop.player_creation_jobs where status = 'pending'`);
     return row.n === 0;
   });
   ok("the worker did the job that waited");
@@ -434,7 +437,7 @@ async function main() {
   // From the second after the last of them, the page's rates count every signup and every
   // finished job so far (until the first of them is more than ten seconds old).
   const [last] = await sql(`select floor(extract(epoch from greatest(max(created_at), max(completed_at))))::bigint + 1 as s
-                              from player_creation_jobs`);
+                              from ackloop.player_creation_jobs`);
   const [signupRate, completionRate] = await ratesAt(last.s);
   check(signupRate > 0 && completionRate > 0, `the tables: ${signupRate} signups/s, ${completionRate} completions/s ` +
     `(done or failed) over the ten seconds before the one after the last signup`, "they are 0");
@@ -460,7 +463,7 @@ async function main() {
   check(unauthenticated.status === 401, "POST /api/jobs/{id}/retry without the token is 401",
     `it is ${unauthenticated.status}`);
   check((await job(failedId)).status === "failed", "and the job is still failed", "it changed");
-  await sql("drop trigger browser_test_refuse on players");
+  await sql("drop trigger browser_test_refuse on ackloop.builtin_players");
   ok("dropped the trigger that failed the job");
   await page.click(`table#failed-jobs tr[data-job-id="${failedId}"] button.retry`);
   await waitInPage(10, "#action-result does not say `queued again` after the retry click",
@@ -535,7 +538,7 @@ try {
   } else if (db) {
     // A given database keeps its rows; the trigger and its function go.
     const c = new pg.Client({ connectionString: url });
-    await c.connect().then(() => c.query("drop function if exists browser_test_refuse() cascade")).catch(() => {});
+    await c.connect().then(() => c.query("drop function if exists public.browser_test_refuse() cascade")).catch(() => {});
     await c.end().catch(() => {});
   }
   if (status === 0 && !process.env.BROWSER_KEEP_LOGS) fs.rmSync(logs, { recursive: true, force: true });
