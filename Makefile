@@ -53,9 +53,12 @@ build: ## Build the library and the ackloop binary
 
 .PHONY: sqlx-cli
 sqlx-cli: ## Install the pinned sqlx-cli if it is missing (for migrate, prepare, lint)
-	@if ! cargo sqlx --version 2>/dev/null | grep -q ' $(SQLX_CLI_VERSION)$$'; then \
-	  echo "installing sqlx-cli $(SQLX_CLI_VERSION) (a few minutes, once)"; \
-	  cargo install sqlx-cli --version $(SQLX_CLI_VERSION) --locked --no-default-features --features postgres,rustls; \
+	@# With `sqlx-toml`, so that it reads sqlx.toml and records ackloop's migrations in
+	@# ackloop._sqlx_migrations, as the library does; one built without it would use public's.
+	@if ! cargo sqlx --version 2>/dev/null | grep -q ' $(SQLX_CLI_VERSION)$$' || \
+	    ! grep -q '"sqlx-cli $(SQLX_CLI_VERSION) [^"]*":{[^}]*"sqlx-toml"' "$${CARGO_HOME:-$$HOME/.cargo}/.crates2.json" 2>/dev/null; then \
+	  echo "installing sqlx-cli $(SQLX_CLI_VERSION) with sqlx.toml support (a few minutes, once)"; \
+	  cargo install sqlx-cli --version $(SQLX_CLI_VERSION) --locked --force --no-default-features --features postgres,rustls,sqlx-toml; \
 	fi
 
 .PHONY: migrate

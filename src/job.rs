@@ -239,7 +239,9 @@ pub(crate) fn json_object_problem(value: &serde_json::Value) -> Option<&'static 
 /// The ':' and ',' separators of a JSON value's text (outside strings).
 fn separators(value: &serde_json::Value) -> usize {
     match value {
-        serde_json::Value::Array(items) => items.len().saturating_sub(1) + items.iter().map(separators).sum::<usize>(),
+        serde_json::Value::Array(items) => {
+            items.len().saturating_sub(1) + items.iter().map(separators).sum::<usize>()
+        }
         serde_json::Value::Object(map) => {
             map.len() * 2 - usize::from(!map.is_empty()) + map.values().map(separators).sum::<usize>()
         }
@@ -342,15 +344,20 @@ mod tests {
 
     #[test]
     fn json_objects_are_measured_as_postgres_prints_them() {
-        assert_eq!(json_object_problem(&serde_json::json!([1])), Some("must be a JSON object"));
-        assert_eq!(json_object_problem(&serde_json::json!({"a": [1, 2], "b": {"c": null}})), None);
+        assert_eq!(
+            json_object_problem(&serde_json::json!([1])),
+            Some("must be a JSON object")
+        );
+        assert_eq!(
+            json_object_problem(&serde_json::json!({"a": [1, 2], "b": {"c": null}})),
+            None
+        );
         let value = serde_json::json!({"a": [1, 2], "b": {"c": null}});
         // {"a": [1, 2], "b": {"c": null}}
         assert_eq!(value.to_string().len() + separators(&value), 31);
         let big = serde_json::json!({ "k": "x".repeat(MAX_JSON_BYTES) });
         assert!(json_object_problem(&big).is_some());
     }
-
 
     #[test]
     fn backoff_doubles_from_base_and_stops_at_max() {

@@ -98,12 +98,12 @@ pub use connect::{BadConnectionString, ConnectConfig, TargetSessionAttrs, descri
 #[cfg(feature = "http")]
 pub use exporter::{MetricsError, MetricsHandle};
 pub use job::{
-    Backoff, ExternalId, InvalidExternalId, JobId, JobStatus, MAX_EXTERNAL_ID_CHARS, MAX_JSON_BYTES, PlayerId,
-    UnknownStatus, UserId,
+    Backoff, ExternalId, InvalidExternalId, JobId, JobStatus, MAX_EXTERNAL_ID_CHARS, MAX_JSON_BYTES,
+    PlayerId, UnknownStatus, UserId,
 };
 pub use signup::{
-    Confirmed, Field, InvalidInput, MAX_DISPLAY_NAME_CHARS, MAX_EMAIL_CHARS, NewJob, NewUser, Player, Rule, Signup,
-    SignupError, Signups, SignupsConfig, add_job, create_user,
+    Confirmed, Field, InvalidInput, MAX_DISPLAY_NAME_CHARS, MAX_EMAIL_CHARS, NewJob, NewUser, Player, Rule,
+    Signup, SignupError, Signups, SignupsConfig, add_job, create_user,
 };
 pub use store::is_unavailable;
 pub use telemetry::describe_metrics;

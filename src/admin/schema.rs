@@ -62,7 +62,10 @@ pub(crate) async fn applied_by_another_tool(
     };
     // The earlier layout's versions (its tables in `public`) are for this layout's first
     // migration to take over, whichever tool applied them.
-    let versions: Vec<i64> = versions.into_iter().filter(|version| !is_earlier_layout(*version)).collect();
+    let versions: Vec<i64> = versions
+        .into_iter()
+        .filter(|version| !is_earlier_layout(*version))
+        .collect();
     Ok((!versions.is_empty()).then_some(AppliedByAnotherTool { versions }))
 }
 
@@ -101,7 +104,10 @@ pub async fn check_schema(pool: &PgPool) -> Result<(), SchemaError> {
     };
     // A database on the earlier layout is behind: `ackloop migrate` moves it forward.
     let earlier_layout = applied.iter().any(|version| is_earlier_layout(*version));
-    let applied: Vec<i64> = applied.into_iter().filter(|version| !is_earlier_layout(*version)).collect();
+    let applied: Vec<i64> = applied
+        .into_iter()
+        .filter(|version| !is_earlier_layout(*version))
+        .collect();
     let unknown: Vec<i64> = applied
         .iter()
         .copied()

@@ -152,7 +152,10 @@ impl NewJob {
     ///     .with_extra(serde_json::json!({"referrer": "spring-campaign"}))?;
     /// # Ok::<(), ackloop::InvalidInput>(())
     /// ```
-    pub fn new(user_id: impl Into<ExternalId>, display_name: impl Into<String>) -> Result<Self, InvalidInput> {
+    pub fn new(
+        user_id: impl Into<ExternalId>,
+        display_name: impl Into<String>,
+    ) -> Result<Self, InvalidInput> {
         let display_name = display_name.into();
         check_display_name(&display_name).map_err(|rule| InvalidInput {
             field: Field::DisplayName,

@@ -126,7 +126,11 @@ pub async fn create_user(
 /// println!("player {} for account {account}", confirmed.player_id);
 /// # Ok(()) }
 /// ```
-pub async fn add_job(conn: &mut PgConnection, channels: &Channels, job: &NewJob) -> Result<JobId, SignupError> {
+pub async fn add_job(
+    conn: &mut PgConnection,
+    channels: &Channels,
+    job: &NewJob,
+) -> Result<JobId, SignupError> {
     let job_id = job.key().unwrap_or_default();
     store::add_job(
         conn,

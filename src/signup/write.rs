@@ -174,7 +174,12 @@ async fn committed_user(
         let ids = [job_id.as_uuid()];
         let err = match store::job_outcomes_by(pool, &ids, deadline).await {
             // A job of the built-in tables: its user is a built-in user's id.
-            Ok(rows) => return Ok(rows.first().and_then(|row| row.user_id.to_i64()).map(UserId::from)),
+            Ok(rows) => {
+                return Ok(rows
+                    .first()
+                    .and_then(|row| row.user_id.to_i64())
+                    .map(UserId::from));
+            }
             Err(err) => err,
         };
         failures += 1;

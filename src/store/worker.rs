@@ -158,8 +158,8 @@ pub(crate) async fn start_attempt(
 /// `None` if no such job is pending.
 pub(crate) async fn next_retry_due_in(executor: impl PgExecutor<'_>) -> Result<Option<f64>, sqlx::Error> {
     sqlx::query_scalar!(r#"select ackloop.next_retry_due_in_secs() as "due_in_secs?""#)
-    .fetch_one(executor)
-    .await
+        .fetch_one(executor)
+        .await
 }
 
 /// Replaces the provisional error [`start_attempt`] left on attempt `attempt` with what

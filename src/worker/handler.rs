@@ -30,7 +30,12 @@ pub struct Job {
 
 impl Job {
     /// A job as the worker hands it to a handler: for calling a handler in your own tests.
-    pub fn new(id: JobId, user_id: impl Into<ExternalId>, display_name: impl Into<String>, attempt: u32) -> Self {
+    pub fn new(
+        id: JobId,
+        user_id: impl Into<ExternalId>,
+        display_name: impl Into<String>,
+        attempt: u32,
+    ) -> Self {
         Self {
             id,
             user_id: user_id.into(),
@@ -211,8 +216,11 @@ impl JobError {
 pub trait Handler: Send + Sync + 'static {
     /// Does `job`'s work through `conn`, the connection of the claim's transaction, and says
     /// what it made.
-    fn handle(&self, job: &Job, conn: &mut PgConnection)
-    -> impl Future<Output = Result<Created, JobError>> + Send;
+    fn handle(
+        &self,
+        job: &Job,
+        conn: &mut PgConnection,
+    ) -> impl Future<Output = Result<Created, JobError>> + Send;
 }
 
 /// The built-in player service's handler: creates the player of a job signed up on the

@@ -287,7 +287,10 @@ impl<H: Handler> Processor<H> {
             tracing::debug!(batch.size = jobs.len(), done = done.len(), "batch done");
         }
         let took = started.elapsed().as_secs_f64();
-        for job in jobs.iter().filter(|job| done.iter().any(|done| done.id == job.id)) {
+        for job in jobs
+            .iter()
+            .filter(|job| done.iter().any(|done| done.id == job.id))
+        {
             tracing::debug!(job.id = %job.id, attempt = job.attempts, waited_secs = job.waited_secs, "job done");
             ::metrics::histogram!(telemetry::COMMIT_TO_CLAIM).record(job.waited_secs);
             ::metrics::histogram!(telemetry::CLAIM_TO_DONE).record(took);

@@ -415,11 +415,12 @@ async fn verify_phase(
     // Every player a caller was given is on the new primary, as given.
     let mut missing = 0;
     for player in &confirmed {
-        let found: Option<i64> = sqlx::query_scalar("select user_id from ackloop.builtin_players as players where id = $1")
-            .bind(player.id.get())
-            .fetch_optional(&mut *db)
-            .await
-            .unwrap();
+        let found: Option<i64> =
+            sqlx::query_scalar("select user_id from ackloop.builtin_players as players where id = $1")
+                .bind(player.id.get())
+                .fetch_optional(&mut *db)
+                .await
+                .unwrap();
         if found != Some(player.user_id.get()) {
             missing += 1;
         }

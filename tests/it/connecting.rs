@@ -88,11 +88,12 @@ async fn the_whole_loop_runs_over_tls_against_a_server_that_refuses_plain_connec
         .create_user_and_await_player(&NewUser::new("tls@example.com", "Over TLS").unwrap(), DEADLINE)
         .await
         .expect("the signup is confirmed over TLS");
-    let stored: String = sqlx::query_scalar("select display_name from ackloop.builtin_players as players where id = $1")
-        .bind(player.id.get())
-        .fetch_one(&pool)
-        .await
-        .unwrap();
+    let stored: String =
+        sqlx::query_scalar("select display_name from ackloop.builtin_players as players where id = $1")
+            .bind(player.id.get())
+            .fetch_one(&pool)
+            .await
+            .unwrap();
     assert_eq!(stored, "Over TLS");
 
     // Both listeners (the worker's on the jobs channel, ours on the done channel) are on TLS

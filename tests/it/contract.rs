@@ -311,7 +311,10 @@ async fn a_schema_from_before_the_contract_is_behind(options: PgPoolOptions, con
          insert into ackloop.applied_migrations (version, description) values (20261126000004, 'index failed jobs')",
     )
     .await;
-    let known: Vec<i64> = ackloop::MIGRATOR.iter().map(|migration| migration.version).collect();
+    let known: Vec<i64> = ackloop::MIGRATOR
+        .iter()
+        .map(|migration| migration.version)
+        .collect();
     assert!(matches!(
         ackloop::check_schema(&pool).await,
         Err(ackloop::SchemaError::Behind { ref missing }) if missing == &known
@@ -359,10 +362,11 @@ async fn a_signup_without_a_lock_wait_leaves_the_callers_limit(
         .unwrap();
     assert_eq!(lock_timeout(&mut tx).await, "250ms");
     tx.commit().await.unwrap();
-    let jobs: i64 = sqlx::query_scalar("select count(*) from ackloop.player_creation_jobs where id is not null")
-        .fetch_one(&pool)
-        .await
-        .unwrap();
+    let jobs: i64 =
+        sqlx::query_scalar("select count(*) from ackloop.player_creation_jobs where id is not null")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
     assert_eq!(jobs, 2, "a null job id got one made for it");
 }
 
@@ -389,10 +393,11 @@ async fn migrating_a_schema_another_tool_applied_is_refused_clearly(
         .expect_err("sqlx would apply every file again");
     assert!(err.to_string().contains("applied by another tool"), "{err}");
     assert_eq!(counts(&pool).await.users, 0);
-    let tables: i64 =
-        sqlx::query_scalar("select count(*) from pg_tables where schemaname = 'ackloop' and tablename = '_sqlx_migrations'")
-            .fetch_one(&pool)
-            .await
-            .unwrap();
+    let tables: i64 = sqlx::query_scalar(
+        "select count(*) from pg_tables where schemaname = 'ackloop' and tablename = '_sqlx_migrations'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
     assert_eq!(tables, 0, "nothing was written, not even sqlx's table");
 }

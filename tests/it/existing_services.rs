@@ -27,8 +27,12 @@ async fn the_existing_services_run_the_whole_loop_on_their_own_tables(
     connect: PgConnectOptions,
 ) {
     let pool = pool(options, connect.clone(), 6).await;
-    accounts::migrate(&pool).await.expect("ackloop's migrations, then the accounts service's");
-    game::migrate(&pool).await.expect("the game service's (ackloop's are applied already)");
+    accounts::migrate(&pool)
+        .await
+        .expect("ackloop's migrations, then the accounts service's");
+    game::migrate(&pool)
+        .await
+        .expect("the game service's (ackloop's are applied already)");
 
     let shutdown = tokio_util::sync::CancellationToken::new();
     let worker = game::worker(connect).await.unwrap();
@@ -57,7 +61,11 @@ async fn the_existing_services_run_the_whole_loop_on_their_own_tables(
                 .fetch_one(&pool)
                 .await
                 .unwrap();
-        assert_eq!(player.player_id.to_i64(), Some(id), "the caller gets the game's own id");
+        assert_eq!(
+            player.player_id.to_i64(),
+            Some(id),
+            "the caller gets the game's own id"
+        );
         assert_eq!(player.user_id.to_uuid(), Some(done.account_id));
         assert_eq!(player.result["level"], level);
         assert!(nickname.starts_with("Player "), "{nickname}");
@@ -79,16 +87,27 @@ async fn the_existing_services_run_the_whole_loop_on_their_own_tables(
     let refused = accounts::sign_up(&pool, &signups, "new@example.com", "argon2id:…", " ", DEADLINE)
         .await
         .unwrap_err();
-    assert!(matches!(refused, accounts::SignupFailed::Invalid(_)), "{refused:?}");
+    assert!(
+        matches!(refused, accounts::SignupFailed::Invalid(_)),
+        "{refused:?}"
+    );
 
     let tallies = (
         count(&pool, "select count(*) from users").await,
         count(&pool, "select count(*) from players").await,
-        count(&pool, "select count(*) from ackloop.player_creation_jobs where status = 'done'").await,
+        count(
+            &pool,
+            "select count(*) from ackloop.player_creation_jobs where status = 'done'",
+        )
+        .await,
         count(&pool, "select count(*) from ackloop.builtin_users").await,
         count(&pool, "select count(*) from ackloop.builtin_players").await,
     );
-    assert_eq!(tallies, (10, 10, 10, 0, 0), "users, players, jobs done, built-in users, built-in players");
+    assert_eq!(
+        tallies,
+        (10, 10, 10, 0, 0),
+        "users, players, jobs done, built-in users, built-in players"
+    );
     shutdown.cancel();
     within("the game service's worker stops", running)
         .await

@@ -163,7 +163,11 @@ async fn every_exit_code_and_json_shape(options: PgPoolOptions, connect: PgConne
     assert!(stdout_json(&out).is_object());
     let (code, _) = run(&url, &["jobs", "retry", &pending_job, "--json"]).await;
     assert_eq!(code, 10, "a done job cannot be retried");
-    execute(&pool, "alter table ackloop.builtin_players drop constraint no_refused").await;
+    execute(
+        &pool,
+        "alter table ackloop.builtin_players drop constraint no_refused",
+    )
+    .await;
     let (code, out) = run(&url, &["jobs", "retry", "--failed", "--json"]).await;
     assert_eq!(code, 0, "{}", stderr(&out));
     // 3 for an unknown job; 7 for a server that is not there or a malformed string.

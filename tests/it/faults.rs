@@ -223,18 +223,20 @@ async fn the_whole_loop_runs_as_least_privileged_roles(options: PgPoolOptions, c
     );
 
     // Neither side can do the other's work.
-    let forged_player = sqlx::query("insert into ackloop.builtin_players (user_id, display_name) values (1, 'x')")
-        .execute(&auth_pool)
-        .await
-        .unwrap_err();
+    let forged_player =
+        sqlx::query("insert into ackloop.builtin_players (user_id, display_name) values (1, 'x')")
+            .execute(&auth_pool)
+            .await
+            .unwrap_err();
     assert!(
         forged_player.to_string().contains("permission denied"),
         "{forged_player}"
     );
-    let forged_user = sqlx::query("insert into ackloop.builtin_users (email, display_name) values ('w@example.com', 'W')")
-        .execute(&worker_pool)
-        .await
-        .unwrap_err();
+    let forged_user =
+        sqlx::query("insert into ackloop.builtin_users (email, display_name) values ('w@example.com', 'W')")
+            .execute(&worker_pool)
+            .await
+            .unwrap_err();
     assert!(
         forged_user.to_string().contains("permission denied"),
         "{forged_user}"

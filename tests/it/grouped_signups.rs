@@ -50,11 +50,13 @@ pub(crate) async fn queued(log: &Log, n: usize) {
 
 /// How many transactions wrote the users with these emails.
 async fn transactions(pool: &PgPool, emails: &[&str]) -> i64 {
-    sqlx::query_scalar("select count(distinct xmin::text) from ackloop.builtin_users as users where email = any($1)")
-        .bind(emails)
-        .fetch_one(pool)
-        .await
-        .unwrap()
+    sqlx::query_scalar(
+        "select count(distinct xmin::text) from ackloop.builtin_users as users where email = any($1)",
+    )
+    .bind(emails)
+    .fetch_one(pool)
+    .await
+    .unwrap()
 }
 
 #[sqlx::test]
@@ -126,10 +128,12 @@ async fn a_batch_that_meets_a_lock_is_written_one_by_one_and_only_the_blocked_si
     let Held { pool, signups, held } = held_writer(options, connect).await;
     // Someone's signup of the same email, not yet committed: the batch meets its lock.
     let mut blocker = admin.begin().await.unwrap();
-    sqlx::query("insert into ackloop.builtin_users (email, display_name) values ('held@example.com', 'Blocker')")
-        .execute(&mut *blocker)
-        .await
-        .unwrap();
+    sqlx::query(
+        "insert into ackloop.builtin_users (email, display_name) values ('held@example.com', 'Blocker')",
+    )
+    .execute(&mut *blocker)
+    .await
+    .unwrap();
 
     let first = sign_up(&signups, "first@example.com", "First");
     queued(&log, 1).await;

@@ -335,7 +335,10 @@ async fn a_role_with_execute_alone_signs_up_and_cannot_touch_the_tables(pool: Pg
         .await
         .expect("the same key again is the same signup");
     assert_eq!(first, again);
-    sqlx::query("savepoint before_taken").execute(&mut *tx).await.unwrap();
+    sqlx::query("savepoint before_taken")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
     let err = sqlx::query("select * from ackloop.sign_up('ADA@example.com', 'Ada')")
         .execute(&mut *tx)
         .await
@@ -346,7 +349,10 @@ async fn a_role_with_execute_alone_signs_up_and_cannot_touch_the_tables(pool: Pg
         (Some("23505"), Some("builtin_users_email_key")),
         "{err}"
     );
-    sqlx::query("rollback to savepoint before_taken").execute(&mut *tx).await.unwrap();
+    sqlx::query("rollback to savepoint before_taken")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
     for statement in [
         "select count(*) from ackloop.builtin_users",
         "select count(*) from ackloop.player_creation_jobs",
@@ -361,7 +367,10 @@ async fn a_role_with_execute_alone_signs_up_and_cannot_touch_the_tables(pool: Pg
             Some("42501"),
             "{statement}: {refused}"
         );
-        sqlx::query("rollback to savepoint probe").execute(&mut *tx).await.unwrap();
+        sqlx::query("rollback to savepoint probe")
+            .execute(&mut *tx)
+            .await
+            .unwrap();
     }
     tx.rollback().await.unwrap();
     let sql = format!("drop owned by {role}; drop role {role}");

@@ -146,10 +146,11 @@ async fn the_signup_side_counts_confirmations_timeouts_and_garbage(
 
     // Status polls (a zero timeout, as the example service's GET does) are neither missed
     // notifications nor callers that gave up.
-    let ids: Vec<uuid::Uuid> = sqlx::query_scalar("select id from ackloop.player_creation_jobs order by user_id")
-        .fetch_all(&pool)
-        .await
-        .unwrap();
+    let ids: Vec<uuid::Uuid> =
+        sqlx::query_scalar("select id from ackloop.player_creation_jobs order by user_id")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
     let (done, pending) = (ackloop::JobId::from(ids[0]), ackloop::JobId::from(ids[4]));
     for _ in 0..3 {
         signups

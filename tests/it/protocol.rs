@@ -134,7 +134,8 @@ fn the_rust_side_takes_each_step_through_the_contract() {
     // Nothing else in the store signs users up by itself.
     for (name, sql) in &code {
         assert!(
-            !sql.contains("insert into ackloop.builtin_users") && !sql.contains("insert into ackloop.player_creation_jobs"),
+            !sql.contains("insert into ackloop.builtin_users")
+                && !sql.contains("insert into ackloop.player_creation_jobs"),
             "store::{name} repeats a step of the contract instead of calling it: {sql}"
         );
     }

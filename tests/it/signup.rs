@@ -31,11 +31,12 @@ async fn signup_returns_player_and_writes_all_three_tables(
     assert_eq!(user.id, player.user_id.get());
     assert_eq!(user.email, "Ada.Lovelace@example.com", "email stored as given");
     assert_eq!(user.display_name, "Ada Lovelace");
-    let job =
-        sqlx::query!("select builtin_user_id, status, attempts, last_error, completed_at from ackloop.player_creation_jobs")
-            .fetch_one(&pool)
-            .await
-            .unwrap();
+    let job = sqlx::query!(
+        "select builtin_user_id, status, attempts, last_error, completed_at from ackloop.player_creation_jobs"
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
     assert_eq!(job.builtin_user_id, Some(user.id));
     assert_eq!(job.status, "done");
     assert_eq!(job.attempts, 1);
@@ -280,10 +281,12 @@ async fn a_bad_signup_among_concurrent_ones_fails_alone(options: PgPoolOptions, 
             players: 20
         }
     );
-    let mallory = sqlx::query_scalar!("select count(*) from ackloop.builtin_users as users where display_name = 'Mallory'")
-        .fetch_one(&pool)
-        .await
-        .unwrap();
+    let mallory = sqlx::query_scalar!(
+        "select count(*) from ackloop.builtin_users as users where display_name = 'Mallory'"
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
     assert_eq!(mallory, Some(0));
     worker.stop().await;
 }

@@ -227,10 +227,11 @@ async fn hold_emails(pool: &sqlx::PgPool, ns: impl Iterator<Item = u64>, hold: D
     };
     let mut held = 0;
     for n in ns {
-        let insert = sqlx::query("insert into ackloop.builtin_users (email, display_name) values ($1, 'Holder')")
-            .bind(soak_email(n))
-            .execute(&mut *tx)
-            .await;
+        let insert =
+            sqlx::query("insert into ackloop.builtin_users (email, display_name) values ($1, 'Holder')")
+                .bind(soak_email(n))
+                .execute(&mut *tx)
+                .await;
         if insert.is_err() {
             return 0;
         }

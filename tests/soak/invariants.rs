@@ -121,7 +121,7 @@ pub async fn check(run: Run) -> ExitCode {
                      (select count(*) from ackloop.player_creation_jobs where status = 'pending'),
                      (select count(*) - count(distinct user_id) from ackloop.builtin_players as players),
                      (select count(*) from ackloop.builtin_users as users where not exists
-                         (select 1 from ackloop.player_creation_jobs j where j.user_id = users.id))",
+                         (select 1 from ackloop.player_creation_jobs j where j.builtin_user_id = users.id))",
         )
         .fetch_one(&pool)
     })
@@ -219,9 +219,11 @@ pub async fn check(run: Run) -> ExitCode {
         .filter_map(|r| r.job_id.map(|id| id.as_uuid()))
         .collect();
     let timed_out_done: i64 = patiently(|| {
-        sqlx::query_scalar("select count(*) from ackloop.player_creation_jobs where id = any($1) and status = 'done'")
-            .bind(&timed_out_ids)
-            .fetch_one(&pool)
+        sqlx::query_scalar(
+            "select count(*) from ackloop.player_creation_jobs where id = any($1) and status = 'done'",
+        )
+        .bind(&timed_out_ids)
+        .fetch_one(&pool)
     })
     .await;
     let latest_ms = reported.iter().map(|r| r.elapsed_ms).max().unwrap_or(0);

@@ -133,11 +133,12 @@ async fn a_committed_signup_keeps_its_job_id_when_the_database_goes_away() {
         .connect_with(url.parse::<PgConnectOptions>().unwrap())
         .await
         .unwrap();
-    let exists: bool = sqlx::query_scalar("select exists (select from ackloop.player_creation_jobs where id = $1)")
-        .bind(job_id.as_uuid())
-        .fetch_one(&fresh)
-        .await
-        .unwrap();
+    let exists: bool =
+        sqlx::query_scalar("select exists (select from ackloop.player_creation_jobs where id = $1)")
+            .bind(job_id.as_uuid())
+            .fetch_one(&fresh)
+            .await
+            .unwrap();
     assert!(exists, "the job id returned is the committed job's");
 }
 

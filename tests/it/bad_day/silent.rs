@@ -166,11 +166,13 @@ async fn signups_whose_connections_go_silent_return_in_time_and_the_pool_recover
                 // Certainly not committed: no such user.
                 None => {
                     let email = format!("user{n}@example.com");
-                    let users: i64 = sqlx::query_scalar("select count(*) from ackloop.builtin_users as users where email = $1")
-                        .bind(&email)
-                        .fetch_one(&pool)
-                        .await
-                        .unwrap();
+                    let users: i64 = sqlx::query_scalar(
+                        "select count(*) from ackloop.builtin_users as users where email = $1",
+                    )
+                    .bind(&email)
+                    .fetch_one(&pool)
+                    .await
+                    .unwrap();
                     assert_eq!(users, 0, "signup {n} said not written: {err}");
                 }
             },

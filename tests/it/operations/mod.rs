@@ -37,7 +37,10 @@ async fn jobs_show_reports_the_job_its_user_and_whether_a_player_exists(
     let done = stdout_json(&run_ackloop(&url, &["jobs", "show", &job_id.to_string(), "--json"]).await);
     assert_eq!(done["status"], "done");
     assert_eq!(done["attempts"], 1);
-    assert!(done["player_id"].is_string(), "a service's own id, as text: {done}");
+    assert!(
+        done["player_id"].is_string(),
+        "a service's own id, as text: {done}"
+    );
     assert_eq!(done["player_missing"], false);
     worker.stop().await;
 
@@ -52,7 +55,11 @@ async fn jobs_retry_revives_failed_jobs_and_refuses_done_ones(
 ) {
     let url = connect.to_url_lossy().to_string();
     let pool = pool(options, connect, 6).await;
-    execute(&pool, "alter table ackloop.builtin_players add constraint broken check (false)").await;
+    execute(
+        &pool,
+        "alter table ackloop.builtin_players add constraint broken check (false)",
+    )
+    .await;
     let first = pending_signup(&pool, 1).await;
     let second = pending_signup(&pool, 2).await;
     let worker = spawn_worker(&pool, worker_config());
@@ -62,7 +69,11 @@ async fn jobs_retry_revives_failed_jobs_and_refuses_done_ones(
     .await;
 
     // The cause is fixed; the operator retries one job, then all the rest.
-    execute(&pool, "alter table ackloop.builtin_players drop constraint broken").await;
+    execute(
+        &pool,
+        "alter table ackloop.builtin_players drop constraint broken",
+    )
+    .await;
     let one = run_ackloop(&url, &["jobs", "retry", &first.to_string(), "--json"]).await;
     assert_eq!(one.status.code(), Some(0), "{}", stderr(&one));
     assert_eq!(
@@ -222,7 +233,11 @@ async fn doctor_says_what_is_wrong_and_how_to_fix_it(options: PgPoolOptions, con
     );
 
     // A failed job (player creation breaks), then a job nobody works on.
-    execute(&pool, "alter table ackloop.builtin_players add constraint broken check (false)").await;
+    execute(
+        &pool,
+        "alter table ackloop.builtin_players add constraint broken check (false)",
+    )
+    .await;
     pending_signup(&pool, 1).await;
     let worker = spawn_worker(&pool, worker_config());
     wait_until("the job has failed", || async {

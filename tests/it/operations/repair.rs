@@ -215,7 +215,11 @@ async fn jobs_retry_repair_touches_only_done_jobs_without_a_player(
     })
     .await;
     worker.stop().await;
-    execute(&pool, "alter table ackloop.builtin_players drop constraint broken").await;
+    execute(
+        &pool,
+        "alter table ackloop.builtin_players drop constraint broken",
+    )
+    .await;
     let pending = pending_signup(&pool, 3).await;
 
     let mut listener = listen_on(&pool, ackloop::DEFAULT_JOBS_CHANNEL).await;

@@ -82,7 +82,10 @@ async fn a_services_own_users_first_in_the_search_path_does_not_cross_wire_signu
         .await_player(job_id.into(), DEADLINE)
         .await
         .expect("the player of the user signed up");
-    assert_eq!((player.user_id.get(), player.display_name.as_str()), (user_id, "Evil"));
+    assert_eq!(
+        (player.user_id.get(), player.display_name.as_str()),
+        (user_id, "Evil")
+    );
     let theirs: i64 = sqlx::query_scalar("select count(*) from auth.users")
         .fetch_one(&admin)
         .await
@@ -199,7 +202,10 @@ async fn every_function_of_the_contract_pins_its_search_path(pool: PgPool) {
     .fetch_all(&pool)
     .await
     .unwrap();
-    assert!(unpinned.is_empty(), "functions without a pinned search_path: {unpinned:?}");
+    assert!(
+        unpinned.is_empty(),
+        "functions without a pinned search_path: {unpinned:?}"
+    );
     // Only the functions the roles are granted may be called: none is open to PUBLIC.
     let open: Vec<String> = sqlx::query_scalar(
         "select proname::text

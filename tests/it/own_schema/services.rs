@@ -2,7 +2,9 @@
 //! transaction, the player service's handler writes its own players, and the caller gets what
 //! that handler answered, read from ackloop's job table. Nothing lands in the built-in tables.
 
-use ackloop::{Created, ExternalId, Field, Handler, Job, JobError, JobId, NewJob, SignupError, Worker, add_job};
+use ackloop::{
+    Created, ExternalId, Field, Handler, Job, JobError, JobId, NewJob, SignupError, Worker, add_job,
+};
 use serde_json::{Value, json};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{PgConnection, PgPool};
@@ -57,7 +59,12 @@ impl Handler for OwnPlayers {
 }
 
 /// Signs an account up the auth service's way: its own row and the job, one transaction.
-async fn sign_up_account(pool: &PgPool, email: &str, job: &NewJob, account: uuid::Uuid) -> Result<JobId, SignupError> {
+async fn sign_up_account(
+    pool: &PgPool,
+    email: &str,
+    job: &NewJob,
+    account: uuid::Uuid,
+) -> Result<JobId, SignupError> {
     let mut tx = pool.begin().await.unwrap();
     sqlx::query("insert into accounts.users (id, email, password_hash) values ($1, $2, 'argon2:…')")
         .bind(account)
@@ -89,8 +96,13 @@ async fn a_job_added_in_the_auth_services_transaction_is_answered_by_its_player_
         .unwrap()
         .with_extra(json!({ "referrer": "spring-campaign" }))
         .unwrap();
-    let job_id = sign_up_account(&pool, "ada@example.com", &job, account).await.unwrap();
-    let confirmed = signups.await_job(job_id, DEADLINE).await.expect("the player service's answer");
+    let job_id = sign_up_account(&pool, "ada@example.com", &job, account)
+        .await
+        .unwrap();
+    let confirmed = signups
+        .await_job(job_id, DEADLINE)
+        .await
+        .expect("the player service's answer");
     let (player_id, nickname, referrer): (i64, String, Option<String>) =
         sqlx::query_as("select id, nickname, referrer from game.players where account_id = $1")
             .bind(account)
@@ -101,13 +113,20 @@ async fn a_job_added_in_the_auth_services_transaction_is_answered_by_its_player_
     assert_eq!(confirmed.user_id, ExternalId::from(account));
     assert_eq!(confirmed.player_id, ExternalId::from(player_id));
     assert_eq!(confirmed.result, json!({ "level": 1 }));
-    assert_eq!((nickname.as_str(), referrer.as_deref()), ("Ada", Some("spring-campaign")));
+    assert_eq!(
+        (nickname.as_str(), referrer.as_deref()),
+        ("Ada", Some("spring-campaign"))
+    );
 
     // A signup the auth service rolls back leaves no job, and wakes no worker to no purpose.
     let mut tx = pool.begin().await.unwrap();
-    add_job(&mut tx, signups.channels(), &NewJob::new(uuid::Uuid::now_v7(), "Gone").unwrap())
-        .await
-        .unwrap();
+    add_job(
+        &mut tx,
+        signups.channels(),
+        &NewJob::new(uuid::Uuid::now_v7(), "Gone").unwrap(),
+    )
+    .await
+    .unwrap();
     tx.rollback().await.unwrap();
 
     // Waiting for a built-in player on it says what to call instead.
@@ -130,7 +149,11 @@ async fn a_job_added_again_with_its_key_is_the_same_job_and_other_data_is_refuse
     let job = NewJob::new(42_i64, "Ada").unwrap().with_key(key);
     let mut conn = pool.acquire().await.unwrap();
     assert_eq!(add_job(&mut conn, &channels, &job).await.unwrap(), key);
-    assert_eq!(add_job(&mut conn, &channels, &job).await.unwrap(), key, "sent again: the same job");
+    assert_eq!(
+        add_job(&mut conn, &channels, &job).await.unwrap(),
+        key,
+        "sent again: the same job"
+    );
     let renamed = NewJob::new(42_i64, "Ada B").unwrap().with_key(key);
     let err = add_job(&mut conn, &channels, &renamed).await.unwrap_err();
     assert!(matches!(err, SignupError::KeyReused(id) if id == key), "{err:?}");
@@ -138,10 +161,11 @@ async fn a_job_added_again_with_its_key_is_the_same_job_and_other_data_is_refuse
     let err = add_job(&mut conn, &channels, &other_job).await.unwrap_err();
     assert!(matches!(err, SignupError::UserHasJob), "{err:?}");
     assert!(err.to_string().contains("already has"), "{err}");
-    let jobs: Vec<(uuid::Uuid, String)> = sqlx::query_as("select id, user_id from ackloop.player_creation_jobs")
-        .fetch_all(&pool)
-        .await
-        .unwrap();
+    let jobs: Vec<(uuid::Uuid, String)> =
+        sqlx::query_as("select id, user_id from ackloop.player_creation_jobs")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
     assert_eq!(jobs, [(key.as_uuid(), "42".to_owned())]);
 }
 
@@ -182,7 +206,10 @@ async fn bad_input_to_add_job_is_refused_and_writes_nothing(pool: PgPool) {
             "{user_id:?} {name:?}: {err}"
         );
     }
-    assert_eq!(count(&pool, "select count(*) from ackloop.player_creation_jobs").await, 0);
+    assert_eq!(
+        count(&pool, "select count(*) from ackloop.player_creation_jobs").await,
+        0
+    );
 }
 
 #[sqlx::test]
@@ -193,9 +220,13 @@ async fn the_built_in_worker_fails_a_services_job_and_says_whose_handler_it_need
     let pool = pool(options, connect, 5).await;
     let signups = signups(&pool).await;
     let mut conn = pool.acquire().await.unwrap();
-    let job_id = add_job(&mut conn, signups.channels(), &NewJob::new(ExternalId::new("acct-7").unwrap(), "Ada").unwrap())
-        .await
-        .unwrap();
+    let job_id = add_job(
+        &mut conn,
+        signups.channels(),
+        &NewJob::new(ExternalId::new("acct-7").unwrap(), "Ada").unwrap(),
+    )
+    .await
+    .unwrap();
     drop(conn);
     let worker = spawn_worker(&pool, worker_config());
     let err = signups.await_job(job_id, DEADLINE).await.unwrap_err();
@@ -203,7 +234,10 @@ async fn the_built_in_worker_fails_a_services_job_and_says_whose_handler_it_need
         panic!("expected JobFailed, got {err:?}");
     };
     assert!(reason.contains("added by a service"), "{reason}");
-    assert_eq!(count(&pool, "select count(*) from ackloop.builtin_players").await, 0);
+    assert_eq!(
+        count(&pool, "select count(*) from ackloop.builtin_players").await,
+        0
+    );
     worker.stop().await;
 }
 
@@ -243,10 +277,18 @@ async fn migrating_beside_a_services_own_tables_of_the_same_names_leaves_them_as
         rows("_sqlx_migrations").await,
     ];
 
-    ackloop::run_migrations(&pool).await.expect("migrate beside the service's own tables");
-    ackloop::check_schema(&pool).await.expect("ackloop's schema is complete");
+    ackloop::run_migrations(&pool)
+        .await
+        .expect("migrate beside the service's own tables");
+    ackloop::check_schema(&pool)
+        .await
+        .expect("ackloop's schema is complete");
 
-    assert_eq!(describe_schema(&pool, "public").await, shape, "public's tables keep their shape");
+    assert_eq!(
+        describe_schema(&pool, "public").await,
+        shape,
+        "public's tables keep their shape"
+    );
     let after = [
         rows("users").await,
         rows("players").await,

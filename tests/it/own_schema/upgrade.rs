@@ -89,14 +89,18 @@ async fn populate_the_earlier_layout(pool: &PgPool) -> uuid::Uuid {
         .execute(pool)
         .await
         .unwrap();
-    sqlx::query("select * from ackloop.complete_jobs(2)").execute(pool).await.unwrap();
+    sqlx::query("select * from ackloop.complete_jobs(2)")
+        .execute(pool)
+        .await
+        .unwrap();
     let mut conn = pool.acquire().await.unwrap();
     for (reason, retryable) in [("a bad player", false), ("a flaky handler", true)] {
         let mut tx = conn.begin().await.unwrap();
-        let (job, attempt): (uuid::Uuid, i32) = sqlx::query_as("select job_id, attempt from ackloop.claim_jobs(1)")
-            .fetch_one(&mut *tx)
-            .await
-            .unwrap();
+        let (job, attempt): (uuid::Uuid, i32) =
+            sqlx::query_as("select job_id, attempt from ackloop.claim_jobs(1)")
+                .fetch_one(&mut *tx)
+                .await
+                .unwrap();
         sqlx::query(
             "select * from ackloop.record_failure(job_id => $1, attempt => $2, error => $3, retryable => $4,
                                                   backoff_base_ms => 60000)",
@@ -119,7 +123,10 @@ async fn populate_the_earlier_layout(pool: &PgPool) -> uuid::Uuid {
 }
 
 #[sqlx::test(migrations = false)]
-async fn an_earlier_layout_upgrades_with_every_row_state_and_grant(options: PgPoolOptions, connect: PgConnectOptions) {
+async fn an_earlier_layout_upgrades_with_every_row_state_and_grant(
+    options: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
     let pool = pool(options, connect.clone(), 4).await;
     migrate_to_the_earlier_layout(&pool).await;
     let key = populate_the_earlier_layout(&pool).await;
@@ -152,7 +159,9 @@ async fn an_earlier_layout_upgrades_with_every_row_state_and_grant(options: PgPo
     }
 
     ackloop::run_migrations(&pool).await.expect("the upgrade");
-    ackloop::check_schema(&pool).await.expect("the upgraded schema is current");
+    ackloop::check_schema(&pool)
+        .await
+        .expect("the upgraded schema is current");
 
     // Nothing of ackloop's is left in public; sqlx's record there went with it.
     let left: Vec<String> = sqlx::query_scalar(
@@ -171,7 +180,14 @@ async fn an_earlier_layout_upgrades_with_every_row_state_and_grant(options: PgPo
     assert_eq!(moved.len(), jobs.len());
     for (before, after) in jobs.iter().zip(&moved) {
         for column in [
-            "id", "status", "attempts", "last_error", "run_after", "created_at", "updated_at", "completed_at",
+            "id",
+            "status",
+            "attempts",
+            "last_error",
+            "run_after",
+            "created_at",
+            "updated_at",
+            "completed_at",
         ] {
             assert_eq!(before[column], after[column], "{column} of {before}");
         }
@@ -185,7 +201,10 @@ async fn an_earlier_layout_upgrades_with_every_row_state_and_grant(options: PgPo
                 assert_eq!(after["player_id"], player["id"].as_i64().unwrap().to_string());
                 assert_eq!(after["result"]["display_name"], player["display_name"]);
             }
-            _ => assert_eq!((&after["player_id"], &after["result"]), (&Value::Null, &Value::Null)),
+            _ => assert_eq!(
+                (&after["player_id"], &after["result"]),
+                (&Value::Null, &Value::Null)
+            ),
         }
     }
 
@@ -193,12 +212,16 @@ async fn an_earlier_layout_upgrades_with_every_row_state_and_grant(options: PgPo
     // and neither side can reach the tables past the functions.
     let mut conn = pool.acquire().await.unwrap();
     let mut tx = conn.begin().await.unwrap();
-    sqlx::query("set local role ackloop_auth").execute(&mut *tx).await.unwrap();
-    let again: uuid::Uuid = sqlx::query_scalar("select job_id from ackloop.sign_up('keyed@example.com', 'Keyed', $1)")
-        .bind(key)
-        .fetch_one(&mut *tx)
+    sqlx::query("set local role ackloop_auth")
+        .execute(&mut *tx)
         .await
-        .expect("the auth role signs up; its key still names its signup");
+        .unwrap();
+    let again: uuid::Uuid =
+        sqlx::query_scalar("select job_id from ackloop.sign_up('keyed@example.com', 'Keyed', $1)")
+            .bind(key)
+            .fetch_one(&mut *tx)
+            .await
+            .expect("the auth role signs up; its key still names its signup");
     assert_eq!(again, key);
     sqlx::query("select * from ackloop.sign_up('new@example.com', 'New')")
         .execute(&mut *tx)
@@ -211,12 +234,18 @@ async fn an_earlier_layout_upgrades_with_every_row_state_and_grant(options: PgPo
     assert!(refused.to_string().contains("permission denied"), "{refused}");
     tx.rollback().await.unwrap();
     let mut tx = conn.begin().await.unwrap();
-    sqlx::query("set local role ackloop_worker").execute(&mut *tx).await.unwrap();
+    sqlx::query("set local role ackloop_worker")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
     let completed: i64 = sqlx::query_scalar("select count(*) from ackloop.complete_jobs(10)")
         .fetch_one(&mut *tx)
         .await
         .expect("the worker role completes jobs");
-    assert_eq!(completed, 1, "the one new job never tried; the rest are retries or finished");
+    assert_eq!(
+        completed, 1,
+        "the one new job never tried; the rest are retries or finished"
+    );
     tx.rollback().await.unwrap();
     let mut tx = conn.begin().await.unwrap();
     sqlx::raw_sql(sqlx::AssertSqlSafe(format!("set local role {reporting}")))
@@ -238,13 +267,19 @@ async fn an_earlier_layout_upgrades_with_every_row_state_and_grant(options: PgPo
         .create_user_and_await_player(&user(7), DEADLINE)
         .await
         .expect("a signup after the upgrade");
-    let highest_before = users.iter().map(|user| user["id"].as_i64().unwrap()).max().unwrap();
+    let highest_before = users
+        .iter()
+        .map(|user| user["id"].as_i64().unwrap())
+        .max()
+        .unwrap();
     assert!(player.user_id.get() > highest_before);
     worker.stop().await;
-    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("drop owned by {reporting}; drop role {reporting}")))
-        .execute(&pool)
-        .await
-        .unwrap();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "drop owned by {reporting}; drop role {reporting}"
+    )))
+    .execute(&pool)
+    .await
+    .unwrap();
 
     // And the schema is the one a new database gets.
     let upgraded = describe_schema(&pool, "ackloop").await;
@@ -253,7 +288,10 @@ async fn an_earlier_layout_upgrades_with_every_row_state_and_grant(options: PgPo
         format!("drop database if exists {fresh_name}"),
         format!("create database {fresh_name}"),
     ] {
-        sqlx::raw_sql(sqlx::AssertSqlSafe(statement)).execute(&pool).await.unwrap();
+        sqlx::raw_sql(sqlx::AssertSqlSafe(statement))
+            .execute(&pool)
+            .await
+            .unwrap();
     }
     let fresh = PgPoolOptions::new()
         .max_connections(1)
@@ -278,8 +316,14 @@ async fn an_earlier_layout_upgrades_with_every_row_state_and_grant(options: PgPo
 #[sqlx::test(migrations = false)]
 async fn a_part_of_the_earlier_layout_is_refused_with_what_to_do(pool: PgPool) {
     migrate_to_the_earlier_layout(&pool).await;
-    execute(&pool, "delete from ackloop.applied_migrations where version = 20261126000004").await;
-    let err = ackloop::run_migrations(&pool).await.expect_err("a partial earlier schema");
+    execute(
+        &pool,
+        "delete from ackloop.applied_migrations where version = 20261126000004",
+    )
+    .await;
+    let err = ackloop::run_migrations(&pool)
+        .await
+        .expect_err("a partial earlier schema");
     let text = format!("{err:?}");
     assert!(text.contains("part of an earlier ackloop schema"), "{text}");
     let kept: i64 = sqlx::query_scalar("select count(*) from public.users")
