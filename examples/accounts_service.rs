@@ -116,7 +116,15 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let pool = PgPool::connect(&std::env::var("DATABASE_URL")?).await?;
     migrate(&pool).await?;
     let signups = Signups::connect(pool.clone()).await?;
-    let signed_up = sign_up(&pool, &signups, &email, "argon2id:…", &nickname, Duration::from_secs(10)).await?;
+    let signed_up = sign_up(
+        &pool,
+        &signups,
+        &email,
+        "argon2id:…",
+        &nickname,
+        Duration::from_secs(10),
+    )
+    .await?;
     match signed_up.player {
         Some(player) => println!(
             "account {} has player {} ({})",

@@ -6,7 +6,6 @@
 //! DATABASE_URL=postgres://… cargo run --example game_service
 //! ```
 
-
 use ackloop::{Created, Handler, Job, JobError, Worker, WorkerConfig, worker_session_options};
 use serde::Serialize;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
@@ -60,7 +59,11 @@ pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
 pub async fn worker(connect: PgConnectOptions) -> Result<Worker<CreatePlayer>, sqlx::Error> {
     let config = WorkerConfig::default();
     let pool = PgPoolOptions::new()
-        .max_connections(u32::try_from(config.concurrency).unwrap_or(u32::MAX).saturating_add(1))
+        .max_connections(
+            u32::try_from(config.concurrency)
+                .unwrap_or(u32::MAX)
+                .saturating_add(1),
+        )
         .connect_with(worker_session_options(connect))
         .await?;
     Ok(Worker::new(pool, config).with_handler(CreatePlayer))
