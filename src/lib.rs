@@ -7,17 +7,23 @@
 //! ```text
 //!  auth service                       PostgreSQL                          player worker
 //!  ────────────                       ──────────                          ─────────────
-//!  create_user_and_await_player
-//!   │ register waiter (job id)
-//!   │ one transaction: ─────────────▶ users + player_creation_jobs
-//!   │   insert user, insert job       pg_notify(player_jobs, job id) ───▶ wake up
-//!   │   notify job id                                                     one transaction:
-//!   │                                 players ◀────────────────────────── claim (SKIP LOCKED),
-//!   │                                 job status = done                   insert player,
+//!  one transaction of its own:
+//!   │ insert its user ──────────────▶ its users
+//!   │ add_job ──────────────────────▶ ackloop.player_creation_jobs
+//!   │   (register waiter first)       pg_notify(player_jobs, job id) ───▶ wake up
+//!   │ commit                                                              one transaction:
+//!   │                                 its players ◀────────────────────── claim (SKIP LOCKED),
+//!   │                                 job done + the handler's answer     handler inserts player,
 //!   │ ◀────── player_jobs_done ────── pg_notify(player_jobs_done, id) ◀── mark done, notify id
-//!   │ read outcome from the tables
-//!   ▼ Player, or TimedOut { job_id } / JobFailed { reason }
+//!   │ await_job: read the answer from ackloop's job table
+//!   ▼ Confirmed { player_id, result }, or TimedOut { job_id } / JobFailed { reason }
 //! ```
+//!
+//! Everything ackloop creates lives in the schema `ackloop` (nothing in `public`): the job table,
+//! the contract's functions (which pin their search_path and run as ackloop's owner, so a service's
+//! role needs EXECUTE and nothing else), and the built-in services' `builtin_users` and
+//! `builtin_players`, which the quick start's one-call path
+//! [`Signups::create_user_and_await_player`] and the built-in worker use.
 //!
 //! # Guarantees
 //! - **Commit means everything or nothing.** The user, the job and the wake-up are one
@@ -34,23 +40,28 @@
 //! - **No ordering** between jobs is promised.
 //!
 //! # Use
-//! - Auth side: [`Signups::connect`] once per process, then
-//!   [`Signups::create_user_and_await_player`] per signup; or [`create_user`] inside your own
-//!   transaction and [`Signups::await_player`] after commit.
-//! - Player side: [`Worker::run`], or `ackloop worker`; with the player service's own code,
-//!   [`Worker::with_handler`] and a [`Handler`].
+//! - Auth side with its own users table: [`Signups::connect`] once per process; per signup, your
+//!   user and [`add_job`] in one transaction of yours, then [`Signups::await_job`].
+//! - Player side with its own players table: [`Worker::with_handler`] and a [`Handler`] that
+//!   writes your player and returns [`Created`]; run it with [`Worker::run`].
+//! - The built-in services (quick start, `make demo`): [`Signups::create_user_and_await_player`]
+//!   per signup (or [`create_user`] in your transaction and [`Signups::await_player`]), and
+//!   [`Worker::new`] or `ackloop worker`.
 //! - Schema: [`MIGRATOR`] (or `sqlx migrate run` on `migrations/`).
 //! - Operators: [`admin`], or `ackloop jobs`, `status` and `doctor`.
 //!
 //! # The public surface
 //! The crate root holds what a service running the loop uses:
-//! - auth side: [`Signups`], [`SignupsConfig`], [`Signup`], [`create_user`], [`SignupError`];
-//!   its input and output: [`NewUser`], [`Player`], [`InvalidInput`], [`Field`], [`Rule`],
-//!   [`MAX_EMAIL_CHARS`], [`MAX_DISPLAY_NAME_CHARS`];
+//! - auth side: [`Signups`], [`SignupsConfig`], [`add_job`], [`NewJob`], [`Confirmed`],
+//!   [`SignupError`]; on the built-in tables [`Signup`], [`create_user`], [`NewUser`], [`Player`];
+//!   the input rules: [`InvalidInput`], [`Field`], [`Rule`], [`MAX_EMAIL_CHARS`],
+//!   [`MAX_DISPLAY_NAME_CHARS`], [`MAX_JSON_BYTES`];
 //! - player side: [`Worker`], [`WorkerConfig`], [`WorkerError`], [`worker_session_options`],
-//!   [`Backoff`]; the player service's own code: [`Handler`], [`Job`], [`JobError`], and the
-//!   built-in [`InsertPlayer`];
-//! - ids: [`JobId`], [`UserId`], [`PlayerId`], [`JobStatus`], [`UnknownStatus`];
+//!   [`Backoff`]; the player service's own code: [`Handler`], [`Job`], [`Created`], [`JobError`],
+//!   and the built-in [`InsertPlayer`];
+//! - ids: [`JobId`], [`ExternalId`] (a service's own id, as text), [`InvalidExternalId`],
+//!   [`MAX_EXTERNAL_ID_CHARS`], [`UserId`] and [`PlayerId`] (the built-in tables'), [`JobStatus`],
+//!   [`UnknownStatus`];
 //! - channels: [`Channels`], [`ChannelName`], [`DEFAULT_JOBS_CHANNEL`], [`DEFAULT_DONE_CHANNEL`],
 //!   [`InvalidChannelName`], [`parse_job_id`], [`BadPayload`];
 //! - connecting: [`ConnectConfig`] (libpq strings, several hosts), [`TargetSessionAttrs`],
