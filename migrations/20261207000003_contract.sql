@@ -357,7 +357,7 @@ $$;
 -- marks them done with the player as their answer and notifies each id on `done_channel`. Any
 -- failure fails the whole call and leaves every job as it was, its attempt uncounted: then take
 -- the jobs one by one with claim_jobs (a job added by a service, not by sign_up, has no built-in
--- user and fails the batch so). A lock wait over 2 s fails it (55P03).
+-- user: inserting its player fails, and the batch with it). A lock wait over 2 s fails it (55P03).
 create function ackloop.complete_jobs(
     batch_size integer default 32,
     done_channel text default 'player_jobs_done'
@@ -386,7 +386,7 @@ begin
         returning builtin_players.id, builtin_players.user_id, builtin_players.display_name,
                   builtin_players.created_at
     ),
-    players as (
+    made_players as (
         select * from new_players
         union all
         -- Players made before (a retried job): in this statement's snapshot, unlike new ones.
@@ -401,11 +401,10 @@ begin
             last_error = null,
             updated_at = now(),
             completed_at = now(),
-            -- No player (a service's job): null, which the table's checks refuse.
-            player_id = players.id::text,
-            result = jsonb_build_object('display_name', players.display_name, 'created_at', players.created_at)
+            player_id = made_players.id::text,
+            result = jsonb_build_object('display_name', made_players.display_name, 'created_at', made_players.created_at)
         from claimed
-        left join players on players.user_id = claimed.builtin_user_id
+        left join made_players on made_players.user_id = claimed.builtin_user_id
         where jobs.id = claimed.id
         returning jobs.id, extract(epoch from now() - jobs.created_at)::float8 as waited_secs
     )

@@ -219,3 +219,60 @@ async fn every_function_of_the_contract_pins_its_search_path(pool: PgPool) {
     .unwrap();
     assert!(open.is_empty(), "functions anyone may call: {open:?}");
 }
+
+/// Every table name in the Rust side's SQL and in the contract's function bodies carries its
+/// schema: nothing is left for a search_path to decide.
+#[test]
+fn no_statement_names_an_ackloop_table_without_its_schema() {
+    let unqualified = regex_lite_unqualified();
+    let mut sources: Vec<(String, String)> = Vec::new();
+    for dir in ["src/store", "migrations"] {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(dir);
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            sources.push((
+                path.display().to_string(),
+                std::fs::read_to_string(&path).unwrap(),
+            ));
+        }
+    }
+    let mut found = Vec::new();
+    for (path, text) in &sources {
+        for (number, line) in text.lines().enumerate() {
+            let code = line.split("--").next().unwrap_or_default();
+            let code = code.split("//").next().unwrap_or_default();
+            if unqualified(code) {
+                found.push(format!("{path}:{}: {}", number + 1, line.trim()));
+            }
+        }
+    }
+    assert!(
+        found.is_empty(),
+        "table names without their schema:\n{}",
+        found.join("\n")
+    );
+}
+
+/// Whether `code` names one of ackloop's tables after `from`, `join`, `into`, `update` or `on`
+/// without `ackloop.` in front.
+fn regex_lite_unqualified() -> impl Fn(&str) -> bool {
+    const TABLES: [&str; 7] = [
+        "player_creation_jobs",
+        "builtin_users",
+        "builtin_players",
+        "users",
+        "players",
+        "applied_migrations",
+        "_sqlx_migrations",
+    ];
+    const KEYWORDS: [&str; 6] = ["from", "join", "into", "update", "table", "exists"];
+    move |code: &str| {
+        let words: Vec<&str> = code
+            .split(|c: char| c.is_whitespace() || c == '(' || c == ',' || c == '"')
+            .filter(|word| !word.is_empty())
+            .collect();
+        words.windows(2).any(|pair| {
+            KEYWORDS.contains(&pair[0].to_ascii_lowercase().as_str()) && TABLES.contains(&pair[1])
+        })
+    }
+}
