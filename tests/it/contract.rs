@@ -2,8 +2,8 @@
 //! rules and defaults, refuses what Rust refuses whoever writes, and is recognised however the
 //! migrations were applied.
 
-use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{ConnectOptions, PgPool};
 
 use crate::common::*;
 
@@ -386,12 +386,21 @@ async fn migrating_a_schema_another_tool_applied_is_refused_clearly(
     options: PgPoolOptions,
     connect: PgConnectOptions,
 ) {
+    let url = connect.to_url_lossy().to_string();
     let pool = pool(options, connect, 2).await;
     execute(&pool, "drop table ackloop._sqlx_migrations").await;
     let err = ackloop::run_migrations(&pool)
         .await
         .expect_err("sqlx would apply every file again");
     assert!(err.to_string().contains("applied by another tool"), "{err}");
+    // The binary says so once, in its own words, with the schema's exit code.
+    let cli = run_ackloop(&url, &["migrate"]).await;
+    assert_eq!(cli.status.code(), Some(8), "{}", stderr(&cli));
+    let message = stderr(&cli);
+    assert!(
+        message.starts_with("error: the schema was applied by another tool") && message.lines().count() == 1,
+        "{message}"
+    );
     assert_eq!(counts(&pool).await.users, 0);
     let tables: i64 = sqlx::query_scalar(
         "select count(*) from pg_tables where schemaname = 'ackloop' and tablename = '_sqlx_migrations'",

@@ -49,6 +49,9 @@ pub enum Failure {
     Worker(#[from] WorkerError),
     #[error("migration failed")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    /// `migrate` on a schema psql (or another tool) applied: sqlx would apply every file again.
+    #[error(transparent)]
+    AppliedElsewhere(ackloop::admin::AppliedByAnotherTool),
     #[error(transparent)]
     Schema(#[from] ackloop::SchemaError),
     #[error(transparent)]
@@ -75,6 +78,20 @@ pub enum Failure {
 }
 
 impl Failure {
+    /// A migration's failure; the refusal to migrate a schema another tool applied is told as
+    /// itself, not as a failed migration.
+    pub fn from_migrate(err: sqlx::migrate::MigrateError) -> Self {
+        match err {
+            sqlx::migrate::MigrateError::Source(source) => {
+                match source.downcast::<ackloop::admin::AppliedByAnotherTool>() {
+                    Ok(elsewhere) => Self::AppliedElsewhere(*elsewhere),
+                    Err(source) => Self::Migrate(sqlx::migrate::MigrateError::Source(source)),
+                }
+            }
+            other => Self::Migrate(other),
+        }
+    }
+
     fn exit_code(&self) -> u8 {
         match self {
             Self::Signup(SignupError::Invalid(_)) | Self::Channel(_) => 3,
@@ -85,7 +102,8 @@ impl Failure {
             | Self::Connect { .. }
             | Self::Signup(SignupError::Unavailable { .. })
             | Self::Worker(WorkerError::Listen { .. }) => 7,
-            Self::Schema(ackloop::SchemaError::Missing | ackloop::SchemaError::Behind { .. }) => 8,
+            Self::Schema(ackloop::SchemaError::Missing | ackloop::SchemaError::Behind { .. })
+            | Self::AppliedElsewhere(_) => 8,
             // sqlx refuses to migrate a database holding migrations it does not have.
             Self::Schema(ackloop::SchemaError::Newer { .. })
             | Self::Migrate(sqlx::migrate::MigrateError::VersionMissing(_)) => 9,
@@ -121,6 +139,9 @@ impl Failure {
     fn kind(&self) -> &'static str {
         if let Self::Signup(SignupError::KeyReused(_)) = self {
             return "key_reused";
+        }
+        if let Self::AppliedElsewhere(_) = self {
+            return "schema_applied_elsewhere";
         }
         match self.exit_code() {
             3 => "invalid_input",

@@ -15,7 +15,9 @@ pub(super) async fn run(connection: &ConnectionArgs, json: bool) -> Result<(), F
             .map(|migration| migration.version)
             .collect(),
     };
-    ackloop::run_migrations(&pool).await?;
+    ackloop::run_migrations(&pool)
+        .await
+        .map_err(Failure::from_migrate)?;
     let latest = ackloop::MIGRATOR.iter().map(|migration| migration.version).max();
     if json {
         println!("{}", json!({ "applied": pending, "latest": latest }));
