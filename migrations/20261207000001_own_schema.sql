@@ -84,6 +84,20 @@ begin
     from ackloop.applied_migrations
     where version < 20261207000000;
 
+    -- A database from before the migrations recorded themselves (only sqlx's record in public
+    -- tells): it must be brought to the earlier layout's last version first.
+    if recorded = '{}' and to_regclass('public._sqlx_migrations') is not null then
+        select coalesce(array_agg(version order by version), '{}')
+        into recorded
+        from public._sqlx_migrations
+        where version = any (earlier_versions);
+        if recorded <> '{}' then
+            raise exception 'this database holds an early ackloop schema (migrations % applied, of %)',
+                    recorded, earlier_versions
+                using hint = 'finish it with the ackloop release that made it (its `ackloop migrate`), then migrate with this one';
+        end if;
+    end if;
+
     if recorded = '{}' then
         -- A new database: the tables as the earlier layout made them, in ackloop's schema.
         create table ackloop.users (
@@ -120,6 +134,17 @@ begin
             constraint players_user_id_key unique (user_id)
         );
     elsif recorded = earlier_versions then
+        -- A done job keeps the player's id and answer from now on: one whose player is gone
+        -- (deleted, or left out of a restore) has none to keep. Refused before anything moves,
+        -- while the earlier release's `ackloop jobs retry --repair --all-missing` can fix it.
+        if exists (
+            select from public.player_creation_jobs as jobs
+            where jobs.status = 'done'
+              and not exists (select from public.players where players.user_id = jobs.user_id)
+        ) then
+            raise exception 'some done jobs have no player (their players were deleted or not restored)'
+                using hint = 'with the ackloop release that made this database, run `ackloop jobs retry --repair --all-missing` and let a worker finish them, then migrate with this one';
+        end if;
         -- An earlier ackloop's database: its tables move, everything in them kept. A role granted
         -- anything on them (an operator's read-only role, say) keeps it, and gets the usage on
         -- the schema that reaching them there takes.

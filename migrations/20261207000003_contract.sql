@@ -637,6 +637,19 @@ as $$
       and jobs.attempts > 0
 $$;
 
+-- How many jobs are pending and how long the oldest has waited, for the queue gauges a worker
+-- samples every few seconds (`ackloop_jobs_pending`, `ackloop_oldest_pending_seconds`). Reads
+-- only pending rows, through the pending index: it must not grow with the finished jobs kept.
+create function ackloop.pending_jobs()
+returns table (pending bigint, oldest_pending_secs double precision)
+language sql stable security definer
+set search_path = pg_catalog, ackloop, pg_temp
+as $$
+    select count(*), extract(epoch from now() - min(jobs.created_at))::float8
+    from ackloop.player_creation_jobs as jobs
+    where jobs.status = 'pending'
+$$;
+
 -- Starts an attempt of the next due job tried before (`any_job`: of any due job), for a worker
 -- that takes such jobs one at a time, as a job that killed its session must be: locks it
 -- (skipping any another worker holds), counts the attempt, and leaves the job as it should be
@@ -796,8 +809,8 @@ $$;
 revoke execute on all functions in schema ackloop from public;
 
 -- The grants kept from the functions replaced, and for the new functions the grants of their
--- side: add_job goes with sign_up; insert_builtin_player and next_retry_due_in_secs with
--- claim_jobs; limit_claim_session is called from inside the others only.
+-- side: add_job goes with sign_up; insert_builtin_player, next_retry_due_in_secs and
+-- pending_jobs with claim_jobs; limit_claim_session is called from inside the others only.
 do $$
 declare
     kept record;
@@ -815,7 +828,8 @@ begin
             ('start_attempt', 'start_attempt'), ('lock_attempt', 'lock_attempt'),
             ('give_back_attempt', 'give_back_attempt'),
             ('note_unfinished_attempt', 'note_unfinished_attempt'),
-            ('claim_jobs', 'insert_builtin_player'), ('claim_jobs', 'next_retry_due_in_secs')
+            ('claim_jobs', 'insert_builtin_player'), ('claim_jobs', 'next_retry_due_in_secs'),
+            ('claim_jobs', 'pending_jobs')
         ) as names (kept_from, function_name) on names.kept_from = grants.function_name
     loop
         execute format('grant execute on function ackloop.%I to %s', kept.function_name, kept.grantee);

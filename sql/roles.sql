@@ -48,6 +48,7 @@ grant execute on function
     ackloop.backoff_ms(integer, bigint, bigint),
     ackloop.record_failure(uuid, integer, text, boolean, text, integer, bigint, bigint, boolean),
     ackloop.next_retry_due_in_secs(),
+    ackloop.pending_jobs(),
     ackloop.start_attempt(integer, bigint, bigint, text, boolean),
     ackloop.lock_attempt(uuid, integer),
     ackloop.give_back_attempt(uuid, integer, text, bigint, bigint),

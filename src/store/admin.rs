@@ -42,14 +42,12 @@ pub(crate) struct PendingJobs {
 /// [`PendingJobs`], reading only pending rows (through the partial pending index): it runs
 /// every few seconds in every worker, so it must not grow with the finished jobs kept.
 pub(crate) async fn pending_jobs(executor: impl PgExecutor<'_>) -> Result<PendingJobs, sqlx::Error> {
+    // Through the contract: a worker's role may call it, and has no right on the table.
     sqlx::query_as!(
         PendingJobs,
         r#"
-        select
-            count(*) as "pending!",
-            extract(epoch from now() - min(created_at))::float8 as "oldest_pending_secs?"
-        from ackloop.player_creation_jobs
-        where status = 'pending'
+        select pending as "pending!", oldest_pending_secs
+        from ackloop.pending_jobs()
         "#,
     )
     .fetch_one(executor)

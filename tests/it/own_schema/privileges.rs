@@ -11,7 +11,8 @@ const AUTH_CALLS: [&str; 4] = [
     "select * from ackloop.sign_up_many(array['b@example.com'], array['B'], array[null::uuid])",
     "select * from ackloop.job_outcomes(array[gen_random_uuid()])",
 ];
-const WORKER_CALLS: [&str; 10] = [
+const WORKER_CALLS: [&str; 11] = [
+    "select * from ackloop.pending_jobs()",
     "select * from ackloop.complete_jobs()",
     "select * from ackloop.claim_jobs()",
     "select * from ackloop.insert_builtin_player(gen_random_uuid())",

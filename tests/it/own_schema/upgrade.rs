@@ -332,3 +332,51 @@ async fn a_part_of_the_earlier_layout_is_refused_with_what_to_do(pool: PgPool) {
         .expect("the earlier tables are where they were");
     assert_eq!(kept, 0);
 }
+
+#[sqlx::test(migrations = false)]
+async fn a_done_job_whose_player_is_gone_stops_the_upgrade_before_anything_moves(pool: PgPool) {
+    migrate_to_the_earlier_layout(&pool).await;
+    populate_the_earlier_layout(&pool).await;
+    execute(
+        &pool,
+        "delete from public.players where id = (select min(id) from public.players)",
+    )
+    .await;
+    let err = ackloop::run_migrations(&pool)
+        .await
+        .expect_err("a done job without its player");
+    let text = format!("{err:?}");
+    assert!(
+        text.contains("done jobs have no player") && text.contains("--repair"),
+        "{text}"
+    );
+    let (in_public, recorded): (i64, i64) = sqlx::query_as(
+        "select (select count(*) from public.player_creation_jobs),
+                (select count(*) from ackloop.applied_migrations where version = 20261126000004)",
+    )
+    .fetch_one(&pool)
+    .await
+    .expect("the earlier layout, as it was");
+    assert_eq!((in_public, recorded), (6, 1));
+}
+
+#[sqlx::test(migrations = false)]
+async fn an_early_layout_from_before_the_contract_is_refused(pool: PgPool) {
+    // The first five migrations only, as an ackloop from before the contract left it: recorded
+    // by sqlx alone, nothing in ackloop's own record yet.
+    let mut early = sqlx::migrate!("tests/it/legacy_layout");
+    early.dangerous_set_table_name("_sqlx_migrations");
+    early.create_schemas = Cow::Borrowed(&[]);
+    early.migrations = Cow::Owned(early.migrations[..5].to_vec());
+    early.run(&pool).await.expect("the early layout");
+    let err = ackloop::run_migrations(&pool).await.expect_err("an early layout");
+    assert!(format!("{err:?}").contains("early ackloop schema"), "{err:?}");
+    // (sqlx makes its own record table before it runs any migration.)
+    let ours: i64 = sqlx::query_scalar(
+        "select count(*) from pg_tables where schemaname = 'ackloop' and tablename <> '_sqlx_migrations'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(ours, 0, "nothing made beside the early tables");
+}
