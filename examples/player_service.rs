@@ -13,7 +13,7 @@
 
 use std::time::Duration;
 
-use ackloop::{Created, Handler, Job, JobError, Worker, WorkerConfig, worker_session_options};
+use ackloop::{Created, Handler, Job, JobError, JobSource, Worker, WorkerConfig, worker_session_options};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{PgConnection, PgPool};
 use tokio_util::sync::CancellationToken;
@@ -24,10 +24,13 @@ pub const STARTING_COINS: i64 = 100;
 /// Display names only staff may use.
 const RESERVED_NAMES: &[&str] = &["admin", "moderator", "system"];
 
-/// The handler: the player with this service's columns, then the starter inventory.
+/// The handler: the player with this service's columns, then the starter inventory. It serves the
+/// built-in tables' signups (`ackloop signup`, or the auth_service example).
 pub struct StarterKit;
 
 impl Handler for StarterKit {
+    const SOURCE: JobSource = JobSource::BuiltinSignup;
+
     async fn handle(&self, job: &Job, conn: &mut PgConnection) -> Result<Created, JobError> {
         if is_reserved(&job.display_name) {
             // Retrying cannot change the name: fail now, and the caller hears this reason.

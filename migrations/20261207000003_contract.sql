@@ -22,6 +22,52 @@ where procs.pronamespace = 'ackloop'::regnamespace
   and grants.grantee <> 0
   and grants.grantee <> procs.proowner;
 
+-- A deployment that never ran sql/roles.sql called the functions through PUBLIC's EXECUTE, its
+-- roles holding rights on the tables instead (the functions ran with the caller's privileges).
+-- EXECUTE is no longer PUBLIC's: a role that could write the users table (the auth side) gets the
+-- auth side's functions, one that could update the job table (the worker) the worker's.
+insert into kept_function_grants (function_name, grantee)
+select functions.name, writers.grantee
+from (
+    select grants.grantee::regrole::text as grantee, 'auth' as side
+    from pg_class as tables
+    cross join lateral aclexplode(tables.relacl) as grants
+    where tables.oid = 'ackloop.builtin_users'::regclass and grants.privilege_type = 'INSERT'
+      and grants.grantee not in (0, tables.relowner)
+    union
+    select grants.grantee::regrole::text, 'auth'
+    from pg_attribute as columns
+    cross join lateral aclexplode(columns.attacl) as grants
+    where columns.attrelid = 'ackloop.builtin_users'::regclass and grants.privilege_type = 'INSERT'
+      and grants.grantee <> 0
+    union
+    select grants.grantee::regrole::text, 'worker'
+    from pg_class as tables
+    cross join lateral aclexplode(tables.relacl) as grants
+    where tables.oid = 'ackloop.player_creation_jobs'::regclass and grants.privilege_type = 'UPDATE'
+      and grants.grantee not in (0, tables.relowner)
+    union
+    select grants.grantee::regrole::text, 'worker'
+    from pg_attribute as columns
+    cross join lateral aclexplode(columns.attacl) as grants
+    where columns.attrelid = 'ackloop.player_creation_jobs'::regclass and grants.privilege_type = 'UPDATE'
+      and grants.grantee <> 0
+) as writers
+join (values
+    ('auth', 'sign_up'), ('auth', 'sign_up_many'), ('auth', 'job_outcomes'), ('auth', 'uuid_v7'),
+    ('worker', 'complete_jobs'), ('worker', 'claim_jobs'), ('worker', 'mark_done'),
+    ('worker', 'record_failure'), ('worker', 'start_attempt'), ('worker', 'lock_attempt'),
+    ('worker', 'give_back_attempt'), ('worker', 'note_unfinished_attempt'), ('worker', 'backoff_ms'),
+    ('worker', 'unfinished_attempt_error')
+) as functions (side, name) on functions.side = writers.side
+where exists (
+    select from pg_proc as procs
+    where procs.pronamespace = 'ackloop'::regnamespace
+      and procs.proname = functions.name
+      and (procs.proacl is null
+           or exists (select from aclexplode(procs.proacl) as open where open.grantee = 0))
+);
+
 -- Everything but the input rules, which the tables' check constraints call (made earlier).
 do $$
 declare
@@ -140,9 +186,14 @@ begin
             return earlier.id;
         end if;
     end if;
+    -- The user's job, whose id the caller can wait on instead (the detail carries it).
+    select jobs.id into added
+    from ackloop.player_creation_jobs as jobs
+    where jobs.user_id = add_job.user_id
+      and jobs.builtin_user_id is null;
     raise exception 'user % already has a player-creation job', add_job.user_id
         using errcode = 'unique_violation', constraint = 'player_creation_jobs_user_id_key',
-              table = 'player_creation_jobs', schema = 'ackloop';
+              table = 'player_creation_jobs', schema = 'ackloop', detail = coalesce(added::text, '');
 end
 $$;
 
@@ -352,12 +403,13 @@ as $$
            set_config('lock_timeout', '2s', true)
 $$;
 
--- The built-in player service in one statement: claims up to `batch_size` due jobs never tried
--- before (skipping any another worker holds), creates their players in ackloop.builtin_players,
+-- The built-in player service in one statement: claims up to `batch_size` due signups of the
+-- built-in tables never tried before (skipping any another worker holds; a service's jobs are
+-- its own worker's), creates their players in ackloop.builtin_players,
 -- marks them done with the player as their answer and notifies each id on `done_channel`. Any
 -- failure fails the whole call and leaves every job as it was, its attempt uncounted: then take
--- the jobs one by one with claim_jobs (a job added by a service, not by sign_up, has no built-in
--- user: inserting its player fails, and the batch with it). A lock wait over 2 s fails it (55P03).
+-- the jobs one by one with claim_jobs(builtin_signups => true). A lock wait over 2 s fails it
+-- (55P03).
 create function ackloop.complete_jobs(
     batch_size integer default 32,
     done_channel text default 'player_jobs_done'
@@ -374,6 +426,7 @@ begin
         where jobs.status = 'pending'
           and jobs.run_after <= now()
           and jobs.attempts = 0
+          and jobs.builtin_user_id is not null
         order by jobs.run_after, jobs.id
         limit batch_size
         for update skip locked
@@ -415,12 +468,14 @@ end
 $$;
 
 -- Locks up to `batch_size` due jobs never tried before for the caller's transaction (skipping
--- any another worker holds), with what a handler needs; `attempt` is the number of the attempt
+-- any another worker holds), with what a handler needs: jobs services added (add_job), or with
+-- `builtin_signups` the built-in tables' signups (sign_up), so that each kind goes to the worker
+-- whose handler serves it; `attempt` is the number of the attempt
 -- now being made. Call it first in a transaction; finish each job with mark_done or
 -- record_failure before committing. Sets limit_claim_session's limits: a worker that hangs or
 -- dies in the transaction gives its jobs back within about 10 s (a statement that keeps running
 -- keeps them until it ends or the server notices the client is gone).
-create function ackloop.claim_jobs(batch_size integer default 32)
+create function ackloop.claim_jobs(batch_size integer default 32, builtin_signups boolean default false)
 returns table (
     job_id uuid,
     user_id text,
@@ -441,6 +496,7 @@ begin
         where jobs.status = 'pending'
           and jobs.run_after <= now()
           and jobs.attempts = 0
+          and (jobs.builtin_user_id is not null) = builtin_signups
         order by jobs.run_after, jobs.id
         limit batch_size
         for update skip locked
@@ -624,10 +680,11 @@ as $$
         || 'terminated backend, an out-of-memory kill, or the worker stopped), unless it is running now'
 $$;
 
--- Seconds until the next job tried before is due (negative if one is due now but held by
--- another worker), or null when none is pending: how long a worker that takes retries one at
+-- Seconds until the next job tried before (of the kind claim_jobs' `builtin_signups` names) is
+-- due (negative if one is due now but held by another worker), or null when none is pending: how long a worker that takes retries one at
 -- a time may sleep.
-create function ackloop.next_retry_due_in_secs() returns double precision
+create function ackloop.next_retry_due_in_secs(builtin_signups boolean default false)
+returns double precision
 language sql stable security definer
 set search_path = pg_catalog, ackloop, pg_temp
 as $$
@@ -635,6 +692,7 @@ as $$
     from ackloop.player_creation_jobs as jobs
     where jobs.status = 'pending'
       and jobs.attempts > 0
+      and (jobs.builtin_user_id is not null) = builtin_signups
 $$;
 
 -- How many jobs are pending and how long the oldest has waited, for the queue gauges a worker
@@ -650,7 +708,8 @@ as $$
     where jobs.status = 'pending'
 $$;
 
--- Starts an attempt of the next due job tried before (`any_job`: of any due job), for a worker
+-- Starts an attempt of the next due job tried before (`any_job`: of any due job) of the kind
+-- `builtin_signups` names (as in claim_jobs), for a worker
 -- that takes such jobs one at a time, as a job that killed its session must be: locks it
 -- (skipping any another worker holds), counts the attempt, and leaves the job as it should be
 -- found if the attempt never finishes (`unfinished_attempt_error` as its error, not due again
@@ -665,7 +724,8 @@ create function ackloop.start_attempt(
     backoff_base_ms bigint default 1000,
     backoff_max_ms bigint default 300000,
     done_channel text default 'player_jobs_done',
-    any_job boolean default false
+    any_job boolean default false,
+    builtin_signups boolean default false
 ) returns table (
     status text,
     job_id uuid,
@@ -694,6 +754,7 @@ begin
         into job
         from ackloop.player_creation_jobs as jobs
         where jobs.status = 'pending' and jobs.run_after <= now()
+          and (jobs.builtin_user_id is not null) = builtin_signups
         order by jobs.run_after, jobs.id
         limit 1
         for update skip locked;
@@ -703,6 +764,7 @@ begin
         into job
         from ackloop.player_creation_jobs as jobs
         where jobs.status = 'pending' and jobs.attempts > 0 and jobs.run_after <= now()
+          and (jobs.builtin_user_id is not null) = builtin_signups
         order by jobs.run_after, jobs.id
         limit 1
         for update skip locked;
@@ -805,8 +867,10 @@ begin
 end
 $$;
 
--- Only the roles granted a side's functions may call them (they run as ackloop's owner).
+-- Only the roles granted a side's functions may call them (they run as ackloop's owner); and a
+-- function a later migration makes starts closed too.
 revoke execute on all functions in schema ackloop from public;
+alter default privileges in schema ackloop revoke execute on functions from public;
 
 -- The grants kept from the functions replaced, and for the new functions the grants of their
 -- side: add_job goes with sign_up; insert_builtin_player, next_retry_due_in_secs and
@@ -839,11 +903,13 @@ $$;
 
 -- The roles sql/roles.sql made held rights on ackloop's tables, which the steps needed when they
 -- ran with the caller's privileges. They run as ackloop's owner now: those rights go, so either
--- side can do through the tables no more than its functions allow. (Other roles' grants, an
--- operator's read-only role say, are left as they are.)
+-- side can do through the tables no more than its functions allow. Every other role loses its
+-- rights to write the tables too (only the functions write them, under their rules); what it may
+-- read (an operator's read-only role, say) it keeps.
 do $$
 declare
     side text;
+    writer text;
 begin
     for side in select rolname from pg_roles where rolname in ('ackloop_auth', 'ackloop_worker') loop
         execute format('revoke all on all tables in schema ackloop from %I', side);
@@ -851,6 +917,25 @@ begin
         -- Each side checks the schema's version before it starts.
         execute format('grant select on ackloop.applied_migrations to %I', side);
     end loop;
+    for writer in
+        select distinct grants.grantee::regrole::text
+        from pg_class as tables
+        cross join lateral aclexplode(tables.relacl) as grants
+        where tables.relnamespace = 'ackloop'::regnamespace and tables.relkind = 'r'
+          and grants.privilege_type in ('INSERT', 'UPDATE', 'DELETE', 'TRUNCATE')
+          and grants.grantee not in (0, tables.relowner)
+        union
+        select distinct grants.grantee::regrole::text
+        from pg_attribute as columns
+        join pg_class as tables on tables.oid = columns.attrelid
+        cross join lateral aclexplode(columns.attacl) as grants
+        where tables.relnamespace = 'ackloop'::regnamespace
+          and grants.privilege_type in ('INSERT', 'UPDATE')
+          and grants.grantee <> 0
+    loop
+        execute format('revoke insert, update, delete, truncate on all tables in schema ackloop from %s', writer);
+    end loop;
+    revoke insert, update, delete, truncate on all tables in schema ackloop from public;
 end
 $$;
 

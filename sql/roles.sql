@@ -42,14 +42,14 @@ grant execute on function
 -- The worker claims jobs, completes them and records failures.
 grant execute on function
     ackloop.complete_jobs(integer, text),
-    ackloop.claim_jobs(integer),
+    ackloop.claim_jobs(integer, boolean),
     ackloop.insert_builtin_player(uuid),
     ackloop.mark_done(uuid[], integer[], text[], jsonb[], text),
     ackloop.backoff_ms(integer, bigint, bigint),
     ackloop.record_failure(uuid, integer, text, boolean, text, integer, bigint, bigint, boolean),
-    ackloop.next_retry_due_in_secs(),
+    ackloop.next_retry_due_in_secs(boolean),
     ackloop.pending_jobs(),
-    ackloop.start_attempt(integer, bigint, bigint, text, boolean),
+    ackloop.start_attempt(integer, bigint, bigint, text, boolean, boolean),
     ackloop.lock_attempt(uuid, integer),
     ackloop.give_back_attempt(uuid, integer, text, bigint, bigint),
     ackloop.note_unfinished_attempt(uuid, integer, text),

@@ -229,24 +229,60 @@ pub(crate) fn json_object_problem(value: &serde_json::Value) -> Option<&'static 
     if !value.is_object() {
         return Some("must be a JSON object");
     }
-    // Postgres' jsonb text puts a space after each ':' and ','; serde_json's compact text has
-    // none: count them, so that what passes here passes there.
-    let compact = value.to_string();
-    let spaced = compact.len() + separators(value);
-    (spaced > MAX_JSON_BYTES).then_some("must be at most 8192 bytes as JSON text")
+    if has_nul(value) {
+        // PostgreSQL's jsonb cannot hold one.
+        return Some("must not contain NUL characters (\\u0000)");
+    }
+    // As PostgreSQL prints jsonb: a space after each ':' and ',' (serde_json's compact text has
+    // none), and numbers in full (1e300 has 301 digits there).
+    let printed = value.to_string().len() + extra_printed_bytes(value);
+    (printed > MAX_JSON_BYTES).then_some("must be at most 8192 bytes as JSON text")
 }
 
-/// The ':' and ',' separators of a JSON value's text (outside strings).
-fn separators(value: &serde_json::Value) -> usize {
+/// Whether a key or string anywhere in `value` holds a NUL character.
+fn has_nul(value: &serde_json::Value) -> bool {
     match value {
+        serde_json::Value::String(text) => text.contains('\0'),
+        serde_json::Value::Array(items) => items.iter().any(has_nul),
+        serde_json::Value::Object(map) => map
+            .iter()
+            .any(|(key, value)| key.contains('\0') || has_nul(value)),
+        _ => false,
+    }
+}
+
+/// How many more bytes PostgreSQL's jsonb text of `value` has than serde_json's compact text:
+/// its separators' spaces, and its numbers written out in full.
+fn extra_printed_bytes(value: &serde_json::Value) -> usize {
+    match value {
+        serde_json::Value::Number(number) if !number.is_i64() && !number.is_u64() => {
+            let compact = number.to_string().len();
+            // Rust prints an f64 in full, without an exponent, as PostgreSQL's numeric does.
+            let full = number.as_f64().map_or(compact, |float| float.to_string().len());
+            full.saturating_sub(compact)
+        }
         serde_json::Value::Array(items) => {
-            items.len().saturating_sub(1) + items.iter().map(separators).sum::<usize>()
+            items.len().saturating_sub(1) + items.iter().map(extra_printed_bytes).sum::<usize>()
         }
         serde_json::Value::Object(map) => {
-            map.len() * 2 - usize::from(!map.is_empty()) + map.values().map(separators).sum::<usize>()
+            map.len() * 2 - usize::from(!map.is_empty())
+                + map.values().map(extra_printed_bytes).sum::<usize>()
         }
         _ => 0,
     }
+}
+
+/// Where a job came from, which decides the worker that takes it: a worker claims only the jobs
+/// its [`Handler`](crate::Handler) serves ([`Handler::SOURCE`](crate::Handler::SOURCE)), so a
+/// service's own worker and the built-in one can share a database without taking each other's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum JobSource {
+    /// Jobs a service added for a user of its own tables ([`add_job`](crate::add_job),
+    /// `ackloop.add_job`): what a handler serves unless it says otherwise.
+    AddJob,
+    /// Signups on the built-in tables ([`Signups::create_user_and_await_player`](crate::Signups),
+    /// `ackloop.sign_up`): the built-in [`InsertPlayer`](crate::InsertPlayer) serves these.
+    BuiltinSignup,
 }
 
 /// Where a job is in its life: `pending` until a worker finishes it, then `done` or `failed`.
@@ -354,7 +390,14 @@ mod tests {
         );
         let value = serde_json::json!({"a": [1, 2], "b": {"c": null}});
         // {"a": [1, 2], "b": {"c": null}}
-        assert_eq!(value.to_string().len() + separators(&value), 31);
+        assert_eq!(value.to_string().len() + extra_printed_bytes(&value), 31);
+        // PostgreSQL prints 1e300 with its 301 digits.
+        assert_eq!(
+            serde_json::json!({"a": 1e300}).to_string().len()
+                + extra_printed_bytes(&serde_json::json!({"a": 1e300})),
+            308
+        );
+        assert!(json_object_problem(&serde_json::json!({"a": "nul\u{0}"})).is_some());
         let big = serde_json::json!({ "k": "x".repeat(MAX_JSON_BYTES) });
         assert!(json_object_problem(&big).is_some());
     }

@@ -58,7 +58,7 @@
 //!   [`MAX_DISPLAY_NAME_CHARS`], [`MAX_JSON_BYTES`];
 //! - player side: [`Worker`], [`WorkerConfig`], [`WorkerError`], [`worker_session_options`],
 //!   [`Backoff`]; the player service's own code: [`Handler`], [`Job`], [`Created`], [`JobError`],
-//!   and the built-in [`InsertPlayer`];
+//!   [`JobSource`], and the built-in [`InsertPlayer`];
 //! - ids: [`JobId`], [`ExternalId`] (a service's own id, as text), [`InvalidExternalId`],
 //!   [`MAX_EXTERNAL_ID_CHARS`], [`UserId`] and [`PlayerId`] (the built-in tables'), [`JobStatus`],
 //!   [`UnknownStatus`];
@@ -109,8 +109,8 @@ pub use connect::{BadConnectionString, ConnectConfig, TargetSessionAttrs, descri
 #[cfg(feature = "http")]
 pub use exporter::{MetricsError, MetricsHandle};
 pub use job::{
-    Backoff, ExternalId, InvalidExternalId, JobId, JobStatus, MAX_EXTERNAL_ID_CHARS, MAX_JSON_BYTES,
-    PlayerId, UnknownStatus, UserId,
+    Backoff, ExternalId, InvalidExternalId, JobId, JobSource, JobStatus, MAX_EXTERNAL_ID_CHARS,
+    MAX_JSON_BYTES, PlayerId, UnknownStatus, UserId,
 };
 pub use signup::{
     Confirmed, Field, InvalidInput, MAX_DISPLAY_NAME_CHARS, MAX_EMAIL_CHARS, NewJob, NewUser, Player, Rule,

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use super::input::InvalidInput;
+use super::input::{Field, InvalidInput, Rule};
 use crate::job::{JobId, UserId};
 use crate::store;
 
@@ -44,9 +44,12 @@ pub enum SignupError {
         reason: String,
     },
     /// This user (of the auth service's own tables) has a player-creation job already; nothing
-    /// was written. Wait on that job, or look it up with `ackloop jobs show`.
-    #[error("this user already has a player-creation job; wait on that job instead of adding another")]
-    UserHasJob,
+    /// was written. Wait on that job ([`Signups::await_job`](crate::Signups::await_job)).
+    #[error("this user already has a player-creation job{}; wait on it instead of adding another", job_hint_of(.job_id))]
+    UserHasJob {
+        /// The user's job, when the database named it.
+        job_id: Option<JobId>,
+    },
     /// No job has this id.
     #[error("no job {0}")]
     UnknownJob(JobId),
@@ -63,6 +66,10 @@ pub enum SignupError {
     /// Any other database error: a schema that is missing or newer, a permission, a bug.
     #[error("database error")]
     Database(#[source] sqlx::Error),
+}
+
+fn job_hint_of(job_id: &Option<JobId>) -> String {
+    job_id.map_or_else(String::new, |id| format!(" (job {id})"))
 }
 
 fn job_hint(job_id: &Option<JobId>) -> String {
@@ -83,6 +90,7 @@ impl SignupError {
         match self {
             Self::TimedOut { job_id, .. } | Self::JobFailed { job_id, .. } => Some(*job_id),
             Self::UnknownJob(job_id) => Some(*job_id),
+            Self::UserHasJob { job_id } => *job_id,
             Self::Unavailable { job_id, .. } => *job_id,
             _ => None,
         }
@@ -102,7 +110,14 @@ pub(super) fn classify(err: sqlx::Error, job_id: Option<JobId>) -> SignupError {
         && db_err.is_unique_violation()
     {
         match db_err.constraint() {
-            Some("player_creation_jobs_user_id_key") => return SignupError::UserHasJob,
+            Some("player_creation_jobs_user_id_key") => {
+                // `ackloop.add_job` names the user's job in the error's detail.
+                let job_id = db_err
+                    .try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
+                    .and_then(|pg| pg.detail())
+                    .and_then(|detail| detail.parse().ok());
+                return SignupError::UserHasJob { job_id };
+            }
             Some("player_creation_jobs_pkey") => {
                 if let Some(job_id) = job_id {
                     return SignupError::KeyReused(job_id);
@@ -110,6 +125,17 @@ pub(super) fn classify(err: sqlx::Error, job_id: Option<JobId>) -> SignupError {
             }
             _ => {}
         }
+    }
+    // The rules Rust applies first; a difference in how JSON is measured (PostgreSQL prints
+    // numbers in full) is still the caller's input, refused.
+    if let Some(db_err) = err.as_database_error()
+        && db_err.code().as_deref() == Some("23514")
+        && db_err.constraint() == Some("player_creation_jobs_extra_valid")
+    {
+        return SignupError::Invalid(InvalidInput {
+            field: Field::Extra,
+            rule: Rule::Json("must be at most 8192 bytes as JSON text (as PostgreSQL prints it)"),
+        });
     }
     if store::is_unavailable(&err) {
         // A request that never left the pool cannot have committed anything, nor one the server

@@ -6,7 +6,7 @@ use uuid::Uuid;
 use crate::channel::ChannelName;
 use chrono::{DateTime, Utc};
 
-use crate::job::{Backoff, ExternalId, JobId};
+use crate::job::{Backoff, ExternalId, JobId, JobSource};
 
 /// A job [`complete_due_jobs`] completed.
 #[derive(Debug)]
@@ -66,6 +66,7 @@ pub(crate) struct ClaimedJob {
 pub(crate) async fn claim_due_jobs(
     conn: &mut PgConnection,
     limit: i32,
+    source: JobSource,
 ) -> Result<Vec<ClaimedJob>, sqlx::Error> {
     sqlx::query_as!(
         ClaimedJob,
@@ -77,9 +78,10 @@ pub(crate) async fn claim_due_jobs(
             extra,
             attempt as "attempts!",
             waited_secs as "waited_secs!"
-        from ackloop.claim_jobs($1)
+        from ackloop.claim_jobs($1, $2)
         "#,
         limit,
+        source == JobSource::BuiltinSignup,
     )
     .fetch_all(conn)
     .await
@@ -122,6 +124,7 @@ pub(crate) async fn start_attempt(
     max_attempts: u32,
     backoff: &Backoff,
     done_channel: &ChannelName,
+    source: JobSource,
 ) -> Result<Option<StartedAttempt>, sqlx::Error> {
     sqlx::query_as!(
         StartedAttempt,
@@ -141,7 +144,8 @@ pub(crate) async fn start_attempt(
             backoff_base_ms => $2,
             backoff_max_ms => $3,
             done_channel => $4,
-            any_job => $5
+            any_job => $5,
+            builtin_signups => $6
         )
         "#,
         i32::try_from(max_attempts).unwrap_or(i32::MAX),
@@ -149,6 +153,7 @@ pub(crate) async fn start_attempt(
         millis(backoff.max),
         done_channel.as_str(),
         matches!(due, Due::Any),
+        source == JobSource::BuiltinSignup,
     )
     .fetch_optional(executor)
     .await
@@ -156,10 +161,16 @@ pub(crate) async fn start_attempt(
 
 /// Seconds until the next job tried before is due (negative if one is due now, but held), or
 /// `None` if no such job is pending.
-pub(crate) async fn next_retry_due_in(executor: impl PgExecutor<'_>) -> Result<Option<f64>, sqlx::Error> {
-    sqlx::query_scalar!(r#"select ackloop.next_retry_due_in_secs() as "due_in_secs?""#)
-        .fetch_one(executor)
-        .await
+pub(crate) async fn next_retry_due_in(
+    executor: impl PgExecutor<'_>,
+    source: JobSource,
+) -> Result<Option<f64>, sqlx::Error> {
+    sqlx::query_scalar!(
+        r#"select ackloop.next_retry_due_in_secs($1) as "due_in_secs?""#,
+        source == JobSource::BuiltinSignup,
+    )
+    .fetch_one(executor)
+    .await
 }
 
 /// Replaces the provisional error [`start_attempt`] left on attempt `attempt` with what

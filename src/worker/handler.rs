@@ -7,7 +7,7 @@ use std::task::Poll;
 
 use sqlx::PgConnection;
 
-use crate::job::{ExternalId, JobId, json_object_problem};
+use crate::job::{ExternalId, JobId, JobSource, json_object_problem};
 use crate::store;
 
 /// A job handed to a [`Handler`]: what the auth side added, and which attempt this is.
@@ -214,6 +214,10 @@ impl JobError {
 /// }
 /// ```
 pub trait Handler: Send + Sync + 'static {
+    /// The jobs this handler serves, and so the only ones its worker claims: those services
+    /// added with [`add_job`](crate::add_job) (the default), or the built-in tables' signups.
+    const SOURCE: JobSource = JobSource::AddJob;
+
     /// Does `job`'s work through `conn`, the connection of the claim's transaction, and says
     /// what it made.
     fn handle(
@@ -226,12 +230,14 @@ pub trait Handler: Send + Sync + 'static {
 /// The built-in player service's handler: creates the player of a job signed up on the
 /// built-in tables in `ackloop.builtin_players`, leaving one that already exists as it is, and
 /// answers with its id, display name and creation time. [`crate::Worker::new`] runs it, as one
-/// statement per batch. A job a service added (with [`add_job`](crate::add_job)) fails: it
-/// needs that service's own handler.
+/// statement per batch. It serves the built-in tables' signups only
+/// ([`JobSource::BuiltinSignup`]): jobs services add are their own handlers'.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct InsertPlayer;
 
 impl Handler for InsertPlayer {
+    const SOURCE: JobSource = JobSource::BuiltinSignup;
+
     async fn handle(&self, job: &Job, conn: &mut PgConnection) -> Result<Created, JobError> {
         let player = store::insert_builtin_player(conn, job.id).await?;
         Ok(Created {

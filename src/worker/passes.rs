@@ -58,7 +58,7 @@ impl<H: Handler> Processor<H> {
     /// Seconds until the next retry is due (see [`store::next_retry_due_in`]), within the pass
     /// limit like every other statement of a loop.
     pub(super) async fn next_retry_due_in(&self) -> Result<Option<f64>, sqlx::Error> {
-        self.on_own_connection(async |conn| store::next_retry_due_in(conn).await)
+        self.on_own_connection(async |conn| store::next_retry_due_in(conn, H::SOURCE).await)
             .await
     }
 
@@ -95,6 +95,7 @@ impl<H: Handler> Processor<H> {
             config.max_attempts,
             &config.backoff,
             &config.channels.done,
+            H::SOURCE,
         )
         .await?
         else {
@@ -247,7 +248,7 @@ impl<H: Handler> Processor<H> {
     async fn pass_one_by_one(&self, conn: &mut PgConnection, limit: i32) -> Result<Pass, sqlx::Error> {
         let started = Instant::now();
         let mut tx = conn.begin().await?;
-        let jobs = store::claim_due_jobs(&mut tx, limit).await?;
+        let jobs = store::claim_due_jobs(&mut tx, limit, H::SOURCE).await?;
         let mut done = Vec::with_capacity(jobs.len());
         let mut retry_at = None;
         if !jobs.is_empty() {

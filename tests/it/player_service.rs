@@ -4,7 +4,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use ackloop::{Created, Handler, Job, JobError, JobId, NewUser, Player, SignupError, WorkerConfig};
+use ackloop::{
+    Created, Handler, Job, JobError, JobId, JobSource, NewUser, Player, SignupError, WorkerConfig,
+};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{PgConnection, PgPool};
 
@@ -149,6 +151,8 @@ async fn a_handler_error_leaves_none_of_its_writes_and_the_job_retries(
 struct PanicsOnBoom;
 
 impl Handler for PanicsOnBoom {
+    const SOURCE: JobSource = JobSource::BuiltinSignup;
+
     async fn handle(&self, job: &Job, conn: &mut PgConnection) -> Result<Created, JobError> {
         let created = StarterKit.handle(job, conn).await?;
         if job.display_name == "Boom" {
@@ -276,6 +280,8 @@ async fn the_caller_hears_job_failed_with_the_handlers_reason(
 struct HidesAFailure;
 
 impl Handler for HidesAFailure {
+    const SOURCE: JobSource = JobSource::BuiltinSignup;
+
     async fn handle(&self, job: &Job, conn: &mut PgConnection) -> Result<Created, JobError> {
         let created = StarterKit.handle(job, conn).await?;
         if job.display_name == "Liar" {
@@ -312,6 +318,8 @@ async fn a_handler_that_hides_a_failed_statement_keeps_nothing(
 struct WaitsForALock;
 
 impl Handler for WaitsForALock {
+    const SOURCE: JobSource = JobSource::BuiltinSignup;
+
     async fn handle(&self, job: &Job, conn: &mut PgConnection) -> Result<Created, JobError> {
         let created = StarterKit.handle(job, conn).await?;
         if job.display_name == "Blocked" {
@@ -391,6 +399,8 @@ async fn a_handler_waiting_on_a_lock_holds_up_neither_its_batch_nor_its_count(
 struct ItsOwnPoolIsAway;
 
 impl Handler for ItsOwnPoolIsAway {
+    const SOURCE: JobSource = JobSource::BuiltinSignup;
+
     async fn handle(&self, job: &Job, conn: &mut PgConnection) -> Result<Created, JobError> {
         if job.display_name == "Away" {
             return Err(sqlx::Error::PoolTimedOut.into());

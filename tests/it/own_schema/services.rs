@@ -159,7 +159,10 @@ async fn a_job_added_again_with_its_key_is_the_same_job_and_other_data_is_refuse
     assert!(matches!(err, SignupError::KeyReused(id) if id == key), "{err:?}");
     let other_job = NewJob::new(42_i64, "Ada").unwrap();
     let err = add_job(&mut conn, &channels, &other_job).await.unwrap_err();
-    assert!(matches!(err, SignupError::UserHasJob), "{err:?}");
+    assert!(
+        matches!(err, SignupError::UserHasJob { job_id: Some(id) } if id == key),
+        "{err:?}"
+    );
     assert!(err.to_string().contains("already has"), "{err}");
     let jobs: Vec<(uuid::Uuid, String)> =
         sqlx::query_as("select id, user_id from ackloop.player_creation_jobs")
@@ -213,7 +216,7 @@ async fn bad_input_to_add_job_is_refused_and_writes_nothing(pool: PgPool) {
 }
 
 #[sqlx::test]
-async fn the_built_in_worker_fails_a_services_job_and_says_whose_handler_it_needs(
+async fn the_built_in_worker_leaves_a_services_job_to_that_services_worker(
     options: PgPoolOptions,
     connect: PgConnectOptions,
 ) {
@@ -229,14 +232,32 @@ async fn the_built_in_worker_fails_a_services_job_and_says_whose_handler_it_need
     .unwrap();
     drop(conn);
     let worker = spawn_worker(&pool, worker_config());
-    let err = signups.await_job(job_id, DEADLINE).await.unwrap_err();
-    let SignupError::JobFailed { reason, .. } = &err else {
-        panic!("expected JobFailed, got {err:?}");
-    };
-    assert!(reason.contains("added by a service"), "{reason}");
+    // A built-in signup added after it is done: the built-in worker has looked at the queue.
+    signups
+        .create_user_and_await_player(&user(1), DEADLINE)
+        .await
+        .expect("the built-in signup");
+    let (status, attempts): (String, i32) =
+        sqlx::query_as("select status, attempts from ackloop.player_creation_jobs where id = $1")
+            .bind(job_id.as_uuid())
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        (status.as_str(), attempts),
+        ("pending", 0),
+        "untouched, for its own worker"
+    );
+    // And the built-in handler refuses it, should it be handed one, saying whose it is.
+    let err = sqlx::query("select * from ackloop.insert_builtin_player($1)")
+        .bind(job_id.as_uuid())
+        .execute(&pool)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("added by a service"), "{err}");
     assert_eq!(
         count(&pool, "select count(*) from ackloop.builtin_players").await,
-        0
+        1
     );
     worker.stop().await;
 }
@@ -305,4 +326,86 @@ async fn migrating_beside_a_services_own_tables_of_the_same_names_leaves_them_as
         .expect("the built-in loop beside the service's own tables");
     worker.stop().await;
     assert_eq!(count(&pool, "select count(*) from public.players").await, 1);
+}
+
+/// A player service whose users have numeric ids, as the built-in tables' users do.
+struct NumberedPlayers;
+
+impl Handler for NumberedPlayers {
+    async fn handle(&self, job: &Job, conn: &mut PgConnection) -> Result<Created, JobError> {
+        let user = job
+            .user_id
+            .to_i64()
+            .ok_or_else(|| JobError::fail("not a numeric user id"))?;
+        let id: i64 = sqlx::query_scalar(
+            "insert into numbered.players (user_id, name) values ($1, $2)
+             on conflict (user_id) do update set user_id = excluded.user_id
+             returning id",
+        )
+        .bind(user)
+        .bind(&job.display_name)
+        .fetch_one(&mut *conn)
+        .await?;
+        Ok(Created::new(id))
+    }
+}
+
+#[sqlx::test]
+async fn a_services_users_and_the_built_in_users_of_the_same_ids_each_get_their_own_player(
+    options: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let pool = pool(options, connect, 8).await;
+    execute(
+        &pool,
+        "create schema numbered;
+         create table numbered.players (id bigserial primary key, user_id bigint unique, name text)",
+    )
+    .await;
+    // Both workers on one database: each takes its own kind of job only.
+    let builtin_worker = spawn_worker(&pool, worker_config());
+    let service_worker =
+        run_in_background(Worker::new(pool.clone(), worker_config()).with_handler(NumberedPlayers));
+    let signups = signups(&pool).await;
+    for n in 1..=3_i64 {
+        let player = signups
+            .create_user_and_await_player(&user(usize::try_from(n).unwrap()), DEADLINE)
+            .await
+            .expect("a built-in signup, by the built-in worker");
+        assert_eq!(player.user_id.get(), n, "built-in user {n}");
+        let mut conn = pool.acquire().await.unwrap();
+        let job_id = add_job(
+            &mut conn,
+            signups.channels(),
+            &NewJob::new(n, format!("Service {n}")).unwrap(),
+        )
+        .await
+        .expect("the service's user of the same id has a job of its own");
+        drop(conn);
+        let confirmed = signups
+            .await_job(job_id, DEADLINE)
+            .await
+            .expect("by the service's worker");
+        let (service_player,): (i64,) = sqlx::query_as("select id from numbered.players where user_id = $1")
+            .bind(n)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        assert_eq!(confirmed.player_id, ExternalId::from(service_player));
+    }
+    let (builtin, service, names): (i64, i64, i64) = sqlx::query_as(
+        "select (select count(*) from ackloop.builtin_players),
+                (select count(*) from numbered.players),
+                (select count(*) from numbered.players where name like 'Service %')",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        (builtin, service, names),
+        (3, 3, 3),
+        "no worker took the other's jobs"
+    );
+    builtin_worker.stop().await;
+    service_worker.stop().await;
 }

@@ -2,7 +2,7 @@
 //! player row), written the way a player service's own handler would, so that the difference
 //! measured is the handler path's cost (a savepoint and a statement per job), not the work.
 
-use ackloop::{Created, Handler, Job, JobError};
+use ackloop::{Created, Handler, Job, JobError, JobSource};
 use sqlx::PgConnection;
 
 /// Inserts the job's player with a statement of its own, and answers as the built-in does (so
@@ -10,6 +10,8 @@ use sqlx::PgConnection;
 pub struct InsertPlayerAsUser;
 
 impl Handler for InsertPlayerAsUser {
+    const SOURCE: JobSource = JobSource::BuiltinSignup;
+
     async fn handle(&self, job: &Job, conn: &mut PgConnection) -> Result<Created, JobError> {
         let user_id = job
             .user_id
