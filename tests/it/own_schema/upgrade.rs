@@ -380,3 +380,100 @@ async fn an_early_layout_from_before_the_contract_is_refused(pool: PgPool) {
     .unwrap();
     assert_eq!(ours, 0, "nothing made beside the early tables");
 }
+
+/// A deployment that never ran sql/roles.sql: its roles called the functions through PUBLIC's
+/// EXECUTE and held rights on the tables. After the upgrade each keeps its side's steps (granted
+/// now that EXECUTE is no longer PUBLIC's) and loses its writes to the tables.
+#[sqlx::test(migrations = false)]
+async fn roles_that_relied_on_public_execute_keep_their_side_and_lose_direct_writes(pool: PgPool) {
+    migrate_to_the_earlier_layout(&pool).await;
+    let oid: i64 = sqlx::query_scalar("select oid::int8 from pg_database where datname = current_database()")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    let (auth, worker) = (format!("open_auth_{oid}"), format!("open_worker_{oid}"));
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "drop role if exists {auth}; create role {auth}; drop role if exists {worker}; create role {worker};
+         grant usage on schema ackloop to {auth}, {worker};
+         grant select, insert on public.users, public.player_creation_jobs to {auth};
+         grant select on public.players to {auth};
+         grant select, update on public.player_creation_jobs to {worker};
+         grant select on public.users to {worker};
+         grant select, insert on public.players to {worker};"
+    )))
+    .execute(&pool)
+    .await
+    .unwrap();
+
+    ackloop::run_migrations(&pool).await.expect("the upgrade");
+
+    let run_as = |role: String, statement: &'static str| {
+        let pool = pool.clone();
+        async move {
+            let mut tx = pool.begin().await.unwrap();
+            sqlx::raw_sql(sqlx::AssertSqlSafe(format!("set local role {role}")))
+                .execute(&mut *tx)
+                .await
+                .unwrap();
+            let result = sqlx::raw_sql(statement).execute(&mut *tx).await;
+            tx.rollback().await.unwrap();
+            result.err().and_then(|err| {
+                err.as_database_error()
+                    .and_then(|e| e.code())
+                    .map(|c| c.into_owned())
+            })
+        }
+    };
+    assert_eq!(
+        run_as(
+            auth.clone(),
+            "select * from ackloop.sign_up('a@example.com', 'A')"
+        )
+        .await,
+        None
+    );
+    assert_eq!(
+        run_as(auth.clone(), "select ackloop.add_job('u-1', 'A')").await,
+        None
+    );
+    assert_eq!(
+        run_as(worker.clone(), "select * from ackloop.complete_jobs()").await,
+        None
+    );
+    assert_eq!(
+        run_as(worker.clone(), "select * from ackloop.claim_jobs()").await,
+        None
+    );
+    for (role, statement) in [
+        (
+            &auth,
+            "insert into ackloop.player_creation_jobs (id, user_id, display_name) values (gen_random_uuid(), 'x', 'X')",
+        ),
+        (
+            &auth,
+            "insert into ackloop.builtin_users (email, display_name) values ('b@example.com', 'B')",
+        ),
+        (
+            &worker,
+            "update ackloop.player_creation_jobs set status = 'failed'",
+        ),
+        (
+            &worker,
+            "insert into ackloop.builtin_players (user_id, display_name) values (1, 'x')",
+        ),
+        (&auth, "select * from ackloop.claim_jobs()"),
+        (&worker, "select ackloop.add_job('u-2', 'B')"),
+    ] {
+        assert_eq!(
+            run_as(role.clone(), statement).await.as_deref(),
+            Some("42501"),
+            "{role}: {statement}"
+        );
+    }
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "drop owned by {auth}; drop owned by {worker}; drop role {auth}; drop role {worker}"
+    )))
+    .execute(&pool)
+    .await
+    .unwrap();
+}
