@@ -31,6 +31,7 @@ pub use report::BenchReport;
 
 /// Finished rows put in the scratch database before measuring: on empty tables each backend
 /// caches a sequential-scan plan for the foreign-key check, and throughput halves as they grow.
+/// bench/prefill.sql writes them (its `generate_series(1, 20000)`); this counts them.
 const PREFILL_ROWS: i64 = 20_000;
 
 /// Runs one benchmark on a scratch database next to the one `admin` points at.
@@ -166,22 +167,10 @@ fn through_proxy(direct: &PgConnectOptions, rtt: Duration) -> Result<PgConnectOp
     proxied.parse()
 }
 
-/// Inserts finished users, jobs and players, then analyses, so plans are those of a live system.
+/// Inserts finished users, jobs and players, then analyses, so plans are those of a live system:
+/// bench/prefill.sql, the same rows the ceiling runs start from ([`PREFILL_ROWS`] of each).
 async fn prefill(pool: &PgPool) -> Result<(), sqlx::Error> {
-    let sql = format!(
-        "insert into ackloop.builtin_users (email, display_name)
-             select 'prefill-' || n || '@example.com', 'Prefill ' || n from generate_series(1, {PREFILL_ROWS}) as n;
-         insert into ackloop.builtin_players (user_id, display_name) select id, display_name from ackloop.builtin_users;
-         insert into ackloop.player_creation_jobs
-             (id, builtin_user_id, user_id, display_name, status, attempts, completed_at, player_id, result)
-             select gen_random_uuid(), users.id, users.id::text, users.display_name, 'done', 1, now(),
-                    players.id::text,
-                    jsonb_build_object('display_name', players.display_name, 'created_at', players.created_at)
-             from ackloop.builtin_users as users
-             join ackloop.builtin_players as players on players.user_id = users.id;
-         analyze ackloop.builtin_users; analyze ackloop.player_creation_jobs; analyze ackloop.builtin_players;"
-    );
-    sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(pool).await?;
+    sqlx::raw_sql(include_str!("../../../../bench/prefill.sql")).execute(pool).await?;
     Ok(())
 }
 
