@@ -439,14 +439,6 @@ begin
         returning builtin_players.id, builtin_players.user_id, builtin_players.display_name,
                   builtin_players.created_at
     ),
-    made_players as (
-        select * from new_players
-        union all
-        -- Players made before (a retried job): in this statement's snapshot, unlike new ones.
-        select existing.id, existing.user_id, existing.display_name, existing.created_at
-        from ackloop.builtin_players as existing
-        join claimed on claimed.builtin_user_id = existing.user_id
-    ),
     completed as (
         update ackloop.player_creation_jobs as jobs
         set status = 'done',
@@ -454,10 +446,13 @@ begin
             last_error = null,
             updated_at = now(),
             completed_at = now(),
-            player_id = made_players.id::text,
-            result = jsonb_build_object('display_name', made_players.display_name, 'created_at', made_players.created_at)
+            -- A job whose user has a player already (made by hand) gets none here: null, which
+            -- the table's check refuses, failing the batch; one at a time,
+            -- insert_builtin_player answers with the player that exists.
+            player_id = new_players.id::text,
+            result = jsonb_build_object('display_name', new_players.display_name, 'created_at', new_players.created_at)
         from claimed
-        left join made_players on made_players.user_id = claimed.builtin_user_id
+        left join new_players on new_players.user_id = claimed.builtin_user_id
         where jobs.id = claimed.id
         returning jobs.id, extract(epoch from now() - jobs.created_at)::float8 as waited_secs
     )
