@@ -113,7 +113,6 @@ pub(super) async fn drain(
         let (pool, next, channels, total) =
             (pool.clone(), Arc::clone(&next), channels.clone(), config.signups);
         enqueuers.spawn(async move {
-            let mut conn = pool.acquire().await.map_err(SignupError::Database)?;
             loop {
                 let n = next.fetch_add(1, Ordering::Relaxed);
                 if n >= total {
@@ -121,6 +120,11 @@ pub(super) async fn drain(
                 }
                 let user = NewUser::new(format!("drain-{n}@example.com"), format!("Drain {n}"))
                     .expect("bench users are valid");
+                // A connection per signup, not per enqueuer: the pool holds fewer connections
+                // than there are enqueuers (it is sized for the writers and worker loops), and
+                // an enqueuer holding one for the whole fill would leave the others waiting past
+                // the pool's acquire timeout whenever the fill takes longer than that.
+                let mut conn = pool.acquire().await.map_err(SignupError::Database)?;
                 ackloop::create_user(&mut conn, &channels, &user).await?;
             }
         });
