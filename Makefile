@@ -106,8 +106,9 @@ bench-scale: db ## Scale-out on one server: P auth x Q worker processes at 64 ca
 failover: ## Failover on real servers: a primary and a synchronous standby, the primary crashed, the standby promoted
 	scripts/pg-pair clean
 	scripts/pg-pair start
-	ACKLOOP_FAILOVER=1 cargo test --release $(FEATURES) --test failover; \
-	  status=$$?; scripts/pg-pair clean; exit $$status
+	@# The shell runs with -e: catch the status, so the servers are cleaned up on a failure too.
+	status=0; ACKLOOP_FAILOVER=1 cargo test --release $(FEATURES) --test failover || status=$$?; \
+	  scripts/pg-pair clean; exit $$status
 
 .PHONY: soak
 # The soak's cluster also listens on loopback TCP, so that the soak can put a proxy that goes
@@ -118,9 +119,10 @@ SOAK_PG := PG_DIR=$(CURDIR)/.pg-soak PG_PORT=$(or $(SOAK_PG_PORT),15433) PG_LIST
 
 soak: ## Fault-injection soak on a private cluster of its own (SOAK_SEED=… repeats a run)
 	$(SOAK_PG) scripts/pg start
-	$(SOAK_PG) ACKLOOP_SOAK=1 ACKLOOP_SOAK_URL="$$($(SOAK_PG) scripts/pg url)" \
-	  cargo test --release $(FEATURES) --test soak; \
-	  status=$$?; $(SOAK_PG) scripts/pg stop; exit $$status
+	@# The shell runs with -e: catch the status, so the cluster is stopped on a failure too.
+	status=0; $(SOAK_PG) ACKLOOP_SOAK=1 ACKLOOP_SOAK_URL="$$($(SOAK_PG) scripts/pg url)" \
+	  cargo test --release $(FEATURES) --test soak || status=$$?; \
+	  $(SOAK_PG) scripts/pg stop; exit $$status
 
 # The offline cache is made and checked against a freshly migrated, empty database beside
 # DATABASE_URL's (its name + _prepare): sqlx infers some columns' nullability from query plans,
