@@ -170,7 +170,9 @@ fn through_proxy(direct: &PgConnectOptions, rtt: Duration) -> Result<PgConnectOp
 /// Inserts finished users, jobs and players, then analyses, so plans are those of a live system:
 /// bench/prefill.sql, the same rows the ceiling runs start from ([`PREFILL_ROWS`] of each).
 async fn prefill(pool: &PgPool) -> Result<(), sqlx::Error> {
-    sqlx::raw_sql(include_str!("../../../../bench/prefill.sql")).execute(pool).await?;
+    sqlx::raw_sql(include_str!("../../../../bench/prefill.sql"))
+        .execute(pool)
+        .await?;
     Ok(())
 }
 
