@@ -6,6 +6,10 @@
 #   prog          its name, for messages (default scripts/pg)
 #   install_hint  extra lines for the "not found" error (scripts/pg points at DATABASE_URL)
 
+# apt_install (waits for the package manager's lock)
+# shellcheck source-path=SCRIPTDIR source=apt-lib.sh
+. "$(dirname "${BASH_SOURCE[0]}")/apt-lib.sh"
+
 # Where the server binaries are: Debian keeps them off PATH, under /usr/lib/postgresql/<major>/bin.
 find_bindir() {
   local dir
@@ -26,9 +30,7 @@ find_bindir() {
 install_server() {
   if [ "$(id -u)" -eq 0 ] && [ -x /usr/bin/apt-get ]; then
     echo "${prog:-scripts/pg}: PostgreSQL server not found; installing it with apt-get" >&2
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq >&2
-    apt-get install -y -qq --no-install-recommends postgresql >&2
+    apt_install --no-install-recommends postgresql
   else
     die "PostgreSQL server binaries (initdb, pg_ctl) not found.
   Install them:   sudo apt-get install postgresql     (Debian/Ubuntu)${install_hint:-}"
