@@ -272,6 +272,15 @@ fn extra_printed_bytes(value: &serde_json::Value) -> usize {
     }
 }
 
+/// What a handler answers for a built-in signup, beside the player's id: the caller of
+/// [`Signups::await_player`](crate::Signups::await_player) reads it back as a
+/// [`Player`](crate::Player). `ackloop.complete_jobs` stores the same shape.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct BuiltinAnswer {
+    pub(crate) display_name: String,
+    pub(crate) created_at: chrono::DateTime<chrono::Utc>,
+}
+
 /// Where a job came from, which decides the worker that takes it: a worker claims only the jobs
 /// its [`Handler`](crate::Handler) serves ([`Handler::SOURCE`](crate::Handler::SOURCE)), so a
 /// service's own worker and the built-in one can share a database without taking each other's.

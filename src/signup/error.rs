@@ -100,17 +100,11 @@ impl SignupError {
 /// Sorts a driver error into what a caller can act on. `job_id` is the job whose commit the error
 /// leaves uncertain, if any.
 pub(super) fn classify(err: sqlx::Error, job_id: Option<JobId>) -> SignupError {
-    if let Some(db_err) = err.as_database_error()
-        && db_err.is_unique_violation()
-        && db_err.constraint() == Some("builtin_users_email_key")
-    {
-        return SignupError::EmailTaken;
-    }
-    if let Some(db_err) = err.as_database_error()
-        && db_err.is_unique_violation()
-    {
-        match db_err.constraint() {
-            Some("player_creation_jobs_user_id_key") => {
+    // Matched by constraint name: what the contract's functions and the tables name.
+    if let Some(db_err) = err.as_database_error() {
+        match (db_err.is_unique_violation(), db_err.constraint()) {
+            (true, Some("builtin_users_email_key")) => return SignupError::EmailTaken,
+            (true, Some("player_creation_jobs_user_id_key")) => {
                 // `ackloop.add_job` names the user's job in the error's detail.
                 let job_id = db_err
                     .try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
@@ -118,24 +112,21 @@ pub(super) fn classify(err: sqlx::Error, job_id: Option<JobId>) -> SignupError {
                     .and_then(|detail| detail.parse().ok());
                 return SignupError::UserHasJob { job_id };
             }
-            Some("player_creation_jobs_pkey") => {
-                if let Some(job_id) = job_id {
-                    return SignupError::KeyReused(job_id);
+            (true, Some("player_creation_jobs_pkey")) => {
+                if let Some(key) = job_id {
+                    return SignupError::KeyReused(key);
                 }
+            }
+            // Rust checks the extra data first; what PostgreSQL measures otherwise (it prints
+            // numbers in full) is still the caller's input, refused.
+            (false, Some("player_creation_jobs_extra_valid")) => {
+                return SignupError::Invalid(InvalidInput {
+                    field: Field::Extra,
+                    rule: Rule::Json("must be at most 8192 bytes as JSON text (as PostgreSQL prints it)"),
+                });
             }
             _ => {}
         }
-    }
-    // The rules Rust applies first; a difference in how JSON is measured (PostgreSQL prints
-    // numbers in full) is still the caller's input, refused.
-    if let Some(db_err) = err.as_database_error()
-        && db_err.code().as_deref() == Some("23514")
-        && db_err.constraint() == Some("player_creation_jobs_extra_valid")
-    {
-        return SignupError::Invalid(InvalidInput {
-            field: Field::Extra,
-            rule: Rule::Json("must be at most 8192 bytes as JSON text (as PostgreSQL prints it)"),
-        });
     }
     if store::is_unavailable(&err) {
         // A request that never left the pool cannot have committed anything, nor one the server

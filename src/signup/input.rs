@@ -7,7 +7,7 @@ use std::fmt;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
-use crate::job::{ExternalId, JobId, PlayerId, UserId};
+use crate::job::{BuiltinAnswer, ExternalId, JobId, PlayerId, UserId};
 
 /// Longest email accepted (RFC 5321's limit on a forward path); the schema checks it too.
 pub const MAX_EMAIL_CHARS: usize = 254;
@@ -316,18 +316,11 @@ pub struct Player {
     pub created_at: DateTime<Utc>,
 }
 
-/// The built-in player's result, as `ackloop.complete_jobs` and `InsertPlayer` store it.
-#[derive(serde::Deserialize)]
-struct BuiltinResult {
-    display_name: String,
-    created_at: DateTime<Utc>,
-}
-
 impl Player {
     /// The built-in player a confirmation describes; `None` when it is not one (a job a service
     /// added, answered by its own handler).
     pub(crate) fn from_builtin(confirmed: &Confirmed) -> Option<Self> {
-        let result: BuiltinResult = confirmed.result_as().ok()?;
+        let result: BuiltinAnswer = confirmed.result_as().ok()?;
         Some(Self {
             id: PlayerId::from(confirmed.player_id.to_i64()?),
             user_id: UserId::from(confirmed.user_id.to_i64()?),

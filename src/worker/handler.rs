@@ -7,7 +7,7 @@ use std::task::Poll;
 
 use sqlx::PgConnection;
 
-use crate::job::{ExternalId, JobId, JobSource, json_object_problem};
+use crate::job::{BuiltinAnswer, ExternalId, JobId, JobSource, json_object_problem};
 use crate::store;
 
 /// A job handed to a [`Handler`]: what the auth side added, and which attempt this is.
@@ -95,6 +95,24 @@ impl Created {
         }
         self.result = value;
         Ok(self)
+    }
+
+    /// The answer for a built-in signup (a job of [`JobSource::BuiltinSignup`]): its player's
+    /// id, display name and creation time, which its caller reads back as a
+    /// [`Player`](crate::Player) from [`Signups::await_player`](crate::Signups::await_player).
+    pub fn builtin_player(
+        player_id: i64,
+        display_name: impl Into<String>,
+        created_at: chrono::DateTime<chrono::Utc>,
+    ) -> Self {
+        let answer = BuiltinAnswer {
+            display_name: display_name.into(),
+            created_at,
+        };
+        Self {
+            player_id: ExternalId::from(player_id),
+            result: serde_json::to_value(answer).expect("a string and a time serialise to JSON"),
+        }
     }
 
     /// The player's id in the player service's own table.
@@ -240,13 +258,11 @@ impl Handler for InsertPlayer {
 
     async fn handle(&self, job: &Job, conn: &mut PgConnection) -> Result<Created, JobError> {
         let player = store::insert_builtin_player(conn, job.id).await?;
-        Ok(Created {
-            player_id: ExternalId::from(player.id),
-            result: serde_json::json!({
-                "display_name": player.display_name,
-                "created_at": player.created_at,
-            }),
-        })
+        Ok(Created::builtin_player(
+            player.id,
+            player.display_name,
+            player.created_at,
+        ))
     }
 }
 

@@ -191,6 +191,33 @@ pub async fn count_jobs_with_status(pool: &PgPool, status: &str) -> i64 {
         .expect("count jobs")
 }
 
+/// A count the test asks for, `sql` returning one bigint.
+pub async fn count_of(pool: &PgPool, sql: &'static str) -> i64 {
+    sqlx::query_scalar(sql)
+        .fetch_one(pool)
+        .await
+        .unwrap_or_else(|err| panic!("{sql}: {err}"))
+}
+
+/// Runs `statement` as `role` in a transaction rolled back after: the SQLSTATE it failed with, or
+/// `None` when it ran.
+pub async fn as_role(pool: &PgPool, role: &str, statement: &str) -> Option<String> {
+    let mut tx = pool.begin().await.unwrap();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("set local role {role}")))
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    let result = sqlx::raw_sql(sqlx::AssertSqlSafe(statement.to_owned()))
+        .execute(&mut *tx)
+        .await;
+    tx.rollback().await.unwrap();
+    result.err().map(|err| {
+        err.as_database_error()
+            .and_then(|db_err| db_err.code())
+            .map_or_else(|| err.to_string(), |code| code.into_owned())
+    })
+}
+
 /// Runs statements that set up a fault (a constraint, a trigger) in the test's own database.
 pub async fn execute(pool: &PgPool, sql: &'static str) {
     sqlx::raw_sql(sql)

@@ -5,7 +5,6 @@
 
 use std::time::Duration;
 
-use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 
 use crate::common::*;
@@ -16,10 +15,6 @@ mod accounts;
 #[path = "../../examples/game_service.rs"]
 #[allow(dead_code)]
 mod game;
-
-async fn count(pool: &PgPool, sql: &'static str) -> i64 {
-    sqlx::query_scalar(sql).fetch_one(pool).await.unwrap()
-}
 
 #[sqlx::test(migrations = false)]
 async fn the_existing_services_run_the_whole_loop_on_their_own_tables(
@@ -93,15 +88,15 @@ async fn the_existing_services_run_the_whole_loop_on_their_own_tables(
     );
 
     let tallies = (
-        count(&pool, "select count(*) from users").await,
-        count(&pool, "select count(*) from players").await,
-        count(
+        count_of(&pool, "select count(*) from users").await,
+        count_of(&pool, "select count(*) from players").await,
+        count_of(
             &pool,
             "select count(*) from ackloop.player_creation_jobs where status = 'done'",
         )
         .await,
-        count(&pool, "select count(*) from ackloop.builtin_users").await,
-        count(&pool, "select count(*) from ackloop.builtin_players").await,
+        count_of(&pool, "select count(*) from ackloop.builtin_users").await,
+        count_of(&pool, "select count(*) from ackloop.builtin_players").await,
     );
     assert_eq!(
         tallies,

@@ -3,6 +3,8 @@
 
 use sqlx::PgPool;
 
+use crate::common::*;
+
 /// The auth side's steps and the worker's, as a role would call them (arguments that parse;
 /// what they would do does not matter: the call is refused before it runs).
 const AUTH_CALLS: [&str; 4] = [
@@ -51,26 +53,6 @@ async fn apply_roles(pool: &PgPool) {
         }
     }
     panic!("sql/roles.sql kept meeting concurrent role creation");
-}
-
-/// Runs `statement` as `role` in a transaction rolled back after; the SQLSTATE it failed with,
-/// or `None` when it ran.
-async fn as_role(pool: &PgPool, role: &str, statement: &str) -> Option<String> {
-    let mut tx = pool.begin().await.unwrap();
-    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("set local role {role}")))
-        .execute(&mut *tx)
-        .await
-        .unwrap();
-    let result = sqlx::raw_sql(sqlx::AssertSqlSafe(statement.to_owned()))
-        .execute(&mut *tx)
-        .await;
-    tx.rollback().await.unwrap();
-    result.err().map(|err| {
-        err.as_database_error()
-            .and_then(|e| e.code())
-            .map(|code| code.into_owned())
-            .unwrap_or_else(|| err.to_string())
-    })
 }
 
 #[sqlx::test]

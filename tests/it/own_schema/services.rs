@@ -77,10 +77,6 @@ async fn sign_up_account(
     Ok(job_id)
 }
 
-async fn count(pool: &PgPool, sql: &'static str) -> i64 {
-    sqlx::query_scalar(sql).fetch_one(pool).await.unwrap()
-}
-
 #[sqlx::test]
 async fn a_job_added_in_the_auth_services_transaction_is_answered_by_its_player_service(
     options: PgPoolOptions,
@@ -118,7 +114,7 @@ async fn a_job_added_in_the_auth_services_transaction_is_answered_by_its_player_
         ("Ada", Some("spring-campaign"))
     );
 
-    // A signup the auth service rolls back leaves no job, and wakes no worker to no purpose.
+    // A signup the auth service rolls back leaves no job (counted below).
     let mut tx = pool.begin().await.unwrap();
     add_job(
         &mut tx,
@@ -134,9 +130,9 @@ async fn a_job_added_in_the_auth_services_transaction_is_answered_by_its_player_
     assert!(err.to_string().contains("await_job"), "{err}");
 
     let (jobs, builtin_users, builtin_players) = (
-        count(&pool, "select count(*) from ackloop.player_creation_jobs").await,
-        count(&pool, "select count(*) from ackloop.builtin_users").await,
-        count(&pool, "select count(*) from ackloop.builtin_players").await,
+        count_of(&pool, "select count(*) from ackloop.player_creation_jobs").await,
+        count_of(&pool, "select count(*) from ackloop.builtin_users").await,
+        count_of(&pool, "select count(*) from ackloop.builtin_players").await,
     );
     assert_eq!((jobs, builtin_users, builtin_players), (1, 0, 0));
     worker.stop().await;
@@ -210,7 +206,7 @@ async fn bad_input_to_add_job_is_refused_and_writes_nothing(pool: PgPool) {
         );
     }
     assert_eq!(
-        count(&pool, "select count(*) from ackloop.player_creation_jobs").await,
+        count_of(&pool, "select count(*) from ackloop.player_creation_jobs").await,
         0
     );
 }
@@ -256,7 +252,7 @@ async fn the_built_in_worker_leaves_a_services_job_to_that_services_worker(
         .unwrap_err();
     assert!(err.to_string().contains("added by a service"), "{err}");
     assert_eq!(
-        count(&pool, "select count(*) from ackloop.builtin_players").await,
+        count_of(&pool, "select count(*) from ackloop.builtin_players").await,
         1
     );
     worker.stop().await;
@@ -325,7 +321,7 @@ async fn migrating_beside_a_services_own_tables_of_the_same_names_leaves_them_as
         .await
         .expect("the built-in loop beside the service's own tables");
     worker.stop().await;
-    assert_eq!(count(&pool, "select count(*) from public.players").await, 1);
+    assert_eq!(count_of(&pool, "select count(*) from public.players").await, 1);
 }
 
 /// A player service whose users have numeric ids, as the built-in tables' users do.

@@ -407,43 +407,14 @@ async fn roles_that_relied_on_public_execute_keep_their_side_and_lose_direct_wri
 
     ackloop::run_migrations(&pool).await.expect("the upgrade");
 
-    let run_as = |role: String, statement: &'static str| {
-        let pool = pool.clone();
-        async move {
-            let mut tx = pool.begin().await.unwrap();
-            sqlx::raw_sql(sqlx::AssertSqlSafe(format!("set local role {role}")))
-                .execute(&mut *tx)
-                .await
-                .unwrap();
-            let result = sqlx::raw_sql(statement).execute(&mut *tx).await;
-            tx.rollback().await.unwrap();
-            result.err().and_then(|err| {
-                err.as_database_error()
-                    .and_then(|e| e.code())
-                    .map(|c| c.into_owned())
-            })
-        }
-    };
-    assert_eq!(
-        run_as(
-            auth.clone(),
-            "select * from ackloop.sign_up('a@example.com', 'A')"
-        )
-        .await,
-        None
-    );
-    assert_eq!(
-        run_as(auth.clone(), "select ackloop.add_job('u-1', 'A')").await,
-        None
-    );
-    assert_eq!(
-        run_as(worker.clone(), "select * from ackloop.complete_jobs()").await,
-        None
-    );
-    assert_eq!(
-        run_as(worker.clone(), "select * from ackloop.claim_jobs()").await,
-        None
-    );
+    for (role, statement) in [
+        (&auth, "select * from ackloop.sign_up('a@example.com', 'A')"),
+        (&auth, "select ackloop.add_job('u-1', 'A')"),
+        (&worker, "select * from ackloop.complete_jobs()"),
+        (&worker, "select * from ackloop.claim_jobs()"),
+    ] {
+        assert_eq!(as_role(&pool, role, statement).await, None, "{role}: {statement}");
+    }
     for (role, statement) in [
         (
             &auth,
@@ -465,7 +436,7 @@ async fn roles_that_relied_on_public_execute_keep_their_side_and_lose_direct_wri
         (&worker, "select ackloop.add_job('u-2', 'B')"),
     ] {
         assert_eq!(
-            run_as(role.clone(), statement).await.as_deref(),
+            as_role(&pool, role, statement).await.as_deref(),
             Some("42501"),
             "{role}: {statement}"
         );

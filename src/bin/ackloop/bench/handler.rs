@@ -29,9 +29,10 @@ impl Handler for InsertPlayerAsUser {
         )
         .fetch_one(&mut *conn)
         .await?;
-        Created::new(player.id).with_result(&serde_json::json!({
-            "display_name": player.display_name,
-            "created_at": player.created_at,
-        }))
+        Ok(Created::builtin_player(
+            player.id,
+            player.display_name,
+            player.created_at,
+        ))
     }
 }
