@@ -151,15 +151,16 @@ async fn a_client_that_skips_the_checks_cannot_store_what_rust_refuses(
         (" ada@example.com", "Ada", "builtin_users_email_valid"),
         ("ada@example.com", "Ada\t", "builtin_users_display_name_valid"),
     ] {
-        let direct = sqlx::query("insert into ackloop.builtin_users (email, display_name) values ($1, $2)")
-            .bind(email)
-            .bind(name)
+        // Among other entries, as a grouping client sends them: the whole call is refused.
+        let many = sqlx::query("select * from ackloop.sign_up_many($1, $2, array[null, null]::uuid[])")
+            .bind(vec!["grace@example.com", email])
+            .bind(vec!["Grace", name])
             .execute(&pool)
             .await
-            .expect_err("a direct insert of refused input");
-        let direct = direct.as_database_error().expect("a database error");
-        assert_eq!(direct.code().as_deref(), Some("23514"));
-        assert_eq!(direct.constraint(), Some(constraint));
+            .expect_err("sign_up_many of refused input");
+        let many = many.as_database_error().expect("a database error");
+        assert_eq!(many.code().as_deref(), Some("23514"));
+        assert_eq!(many.constraint(), Some(constraint));
 
         let through = sqlx::query("select * from ackloop.sign_up($1, $2)")
             .bind(email)
@@ -172,11 +173,13 @@ async fn a_client_that_skips_the_checks_cannot_store_what_rust_refuses(
         assert_eq!(through.constraint(), Some(constraint));
         let (email_rule, name_rule) = rust_problems(email, name);
         let rule = email_rule.or(name_rule).expect("Rust refuses it too");
-        assert!(
-            through.message().ends_with(&rule),
-            "{} should name the rule {rule:?}",
-            through.message()
-        );
+        for refusal in [through, many] {
+            assert!(
+                refusal.message().ends_with(&rule),
+                "{} should name the rule {rule:?}",
+                refusal.message()
+            );
+        }
     }
     let counts = counts(&pool).await;
     assert_eq!((counts.users, counts.jobs), (0, 0), "nothing partial was written");

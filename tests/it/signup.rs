@@ -155,26 +155,28 @@ async fn signup_in_callers_transaction_is_confirmed_after_commit(
 }
 
 #[sqlx::test]
-async fn schema_refuses_what_validation_refuses(pool: PgPool) {
-    // The library validates first; the schema is the last line for writers in other languages.
-    for (email, name) in [
-        ("ada@example.com", ""),
-        ("ada@example.com", "   "),
-        ("ada@example.com", &*"x".repeat(65)),
-        ("", "Ada"),
+async fn the_contract_refuses_what_validation_refuses(pool: PgPool) {
+    // The library validates first; the contract's functions, the only writers of the built-in
+    // tables, are the last line for writers in other languages.
+    for (email, name, constraint) in [
+        ("ada@example.com", "", "builtin_users_display_name_valid"),
+        ("ada@example.com", "   ", "builtin_users_display_name_valid"),
+        (
+            "ada@example.com",
+            &*"x".repeat(65),
+            "builtin_users_display_name_valid",
+        ),
+        ("", "Ada", "builtin_users_email_valid"),
     ] {
-        let result = sqlx::query!(
-            "insert into ackloop.builtin_users (email, display_name) values ($1, $2)",
-            email,
-            name
-        )
-        .execute(&pool)
-        .await;
-        let err = result.expect_err("the schema should refuse this row");
-        assert!(
-            err.as_database_error().is_some_and(|e| e.is_check_violation()),
-            "{email:?}/{name:?}: {err}"
-        );
+        let result = sqlx::query("select * from ackloop.sign_up_many($1, $2, array[null]::uuid[])")
+            .bind(vec![email])
+            .bind(vec![name])
+            .execute(&pool)
+            .await;
+        let err = result.expect_err("the contract should refuse this signup");
+        let err = err.as_database_error().expect("a database error");
+        assert!(err.is_check_violation(), "{email:?}/{name:?}: {err}");
+        assert_eq!(err.constraint(), Some(constraint), "{email:?}/{name:?}");
     }
     assert_eq!(counts(&pool).await.users, 0);
 }

@@ -190,10 +190,19 @@ async fn the_whole_loop_ignores_a_hostile_search_path_on_every_session(
     worker.stop().await;
 }
 
+/// The input rules, which the tables' check constraints call on every row: unpinned for speed
+/// (migration `…04_cheaper_checks`), and safe because whatever decides runs pinned.
+const INPUT_RULES: [&str; 4] = [
+    "display_name_problem",
+    "email_problem",
+    "json_object_problem",
+    "user_id_problem",
+];
+
 #[sqlx::test]
 async fn every_function_of_the_contract_pins_its_search_path(pool: PgPool) {
-    let unpinned: Vec<String> = sqlx::query_scalar(
-        "select proname::text
+    let unpinned: Vec<(String, bool)> = sqlx::query_as(
+        "select proname::text, prosecdef
          from pg_proc
          where pronamespace = 'ackloop'::regnamespace
            and not coalesce('search_path=pg_catalog, ackloop, pg_temp' = any(proconfig), false)
@@ -202,9 +211,10 @@ async fn every_function_of_the_contract_pins_its_search_path(pool: PgPool) {
     .fetch_all(&pool)
     .await
     .unwrap();
-    assert!(
-        unpinned.is_empty(),
-        "functions without a pinned search_path: {unpinned:?}"
+    let expected: Vec<(String, bool)> = INPUT_RULES.iter().map(|name| (name.to_string(), false)).collect();
+    assert_eq!(
+        unpinned, expected,
+        "functions without a pinned search_path (name, security definer)"
     );
     // Only the functions the roles are granted may be called: none is open to PUBLIC.
     let open: Vec<String> = sqlx::query_scalar(
@@ -275,4 +285,40 @@ fn regex_lite_unqualified() -> impl Fn(&str) -> bool {
             KEYWORDS.contains(&pair[0].to_ascii_lowercase().as_str()) && TABLES.contains(&pair[1])
         })
     }
+}
+
+/// A service that calls an input rule directly under a search_path of its own making misleads
+/// only itself: the same rule inside the contract is planned again under the pinned path, in the
+/// same session, and still refuses.
+#[sqlx::test]
+async fn an_input_rule_fooled_by_a_callers_search_path_still_holds_inside_the_contract(pool: PgPool) {
+    let mut conn = pool.acquire().await.unwrap();
+    for statement in [
+        "create schema hostile",
+        "create function hostile.char_length(text) returns integer language sql as 'select 1'",
+        "set search_path = hostile, pg_catalog",
+    ] {
+        sqlx::query(statement).execute(&mut *conn).await.unwrap();
+    }
+    let too_long = format!("{}@example.com", "a".repeat(300));
+    let fooled: Option<String> = sqlx::query_scalar("select ackloop.email_problem($1)")
+        .bind(&too_long)
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap();
+    assert_eq!(fooled, None, "the hostile char_length was not used");
+    let refused = sqlx::query("select * from ackloop.sign_up($1, 'Evil')")
+        .bind(&too_long)
+        .execute(&mut *conn)
+        .await
+        .expect_err("an email over 254 characters signed up");
+    assert!(
+        refused.to_string().contains("must be at most 254 characters"),
+        "{refused}"
+    );
+    let users: i64 = sqlx::query_scalar("select count(*) from ackloop.builtin_users")
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap();
+    assert_eq!(users, 0);
 }
