@@ -1,9 +1,12 @@
 //! The `ackloop` binary, run for real against the test's database: output, exit codes, rows.
 
 use std::process::{Output, Stdio};
+use std::time::Duration;
 
-use sqlx::ConnectOptions;
+use ackloop::NewUser;
+
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{ConnectOptions, PgPool};
 use tokio::process::Command;
 
 use crate::common::*;
@@ -186,4 +189,51 @@ async fn signup_with_an_idempotency_key_can_be_run_again(options: PgPoolOptions,
     .await;
     assert_eq!(bad.status.code(), Some(2), "{}", stderr(&bad));
     assert_eq!(counts(&pool).await.users, 1, "nothing else was written");
+}
+
+/// A duration without a unit (is `7` seconds or days?) or past any sensible bound is a usage
+/// error naming the forms, before anything touches the database: `jobs prune --older-than 7`
+/// once meant seven seconds and pruned nearly everything.
+#[sqlx::test]
+async fn durations_need_a_unit_and_a_sensible_size(pool: PgPool) {
+    let url = pool.connect_options().to_url_lossy().to_string();
+    signups(&pool)
+        .await
+        .create_user_and_await_player(
+            &NewUser::new("ada@example.com", "Ada").unwrap(),
+            Duration::from_secs(1),
+        )
+        .await
+        .expect_err("no worker runs, so the signup times out");
+    for (args, says) in [
+        (
+            &["jobs", "prune", "--older-than", "7"][..],
+            "has no unit: give a number with a unit: 500ms, 30s, 2m, 12h or 7d",
+        ),
+        (
+            &["jobs", "prune", "--older-than", "1000000000000s"][..],
+            "too long",
+        ),
+        (
+            &[
+                "signup",
+                "--email",
+                "b@example.com",
+                "--display-name",
+                "B",
+                "--timeout",
+                "30",
+            ][..],
+            "no unit",
+        ),
+    ] {
+        let output = run_ackloop(&url, args).await;
+        assert_eq!(output.status.code(), Some(2), "{args:?}: {}", stderr(&output));
+        assert!(stderr(&output).contains(says), "{args:?}: {}", stderr(&output));
+    }
+    assert_eq!(
+        count_of(&pool, "select count(*) from ackloop.player_creation_jobs").await,
+        1,
+        "nothing pruned or added"
+    );
 }

@@ -3,7 +3,16 @@
 
 use std::time::Duration;
 
-/// Reads `500us`, `500ms`, `5s`, `2m`, `1h`, `7d`, or a bare number of seconds.
+/// The forms a duration takes, for the messages.
+const FORMS: &str = "a number with a unit: 500ms, 30s, 2m, 12h or 7d (us, ms, s, m, h, d)";
+
+/// The longest duration accepted: a century, far past any retention or timeout, and well inside
+/// what PostgreSQL's timestamps and tokio's timers can add to now.
+const LONGEST: Duration = Duration::from_secs(100 * 365 * 86_400);
+
+/// Reads `500us`, `500ms`, `5s`, `2m`, `1h` or `7d`. The unit is required: a bare `7` could mean
+/// seconds or days, and `jobs prune --older-than 7` pruning everything older than seven seconds
+/// is not a mistake to allow.
 pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
     let split = text
@@ -12,17 +21,21 @@ pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
     let (number, unit) = text.split_at(split);
     let value: f64 = number
         .parse()
-        .map_err(|_| format!("{text:?} is not a duration like 500ms, 5s or 2m"))?;
+        .map_err(|_| format!("{text:?} is not a duration: give {FORMS}"))?;
     let seconds = match unit {
         "us" => value / 1_000_000.0,
         "ms" => value / 1000.0,
-        "" | "s" => value,
+        "s" => value,
         "m" => value * 60.0,
         "h" => value * 3600.0,
         "d" => value * 86400.0,
-        _ => return Err(format!("unknown unit {unit:?}: use us, ms, s, m, h or d")),
+        "" => return Err(format!("{text:?} has no unit: give {FORMS}")),
+        _ => return Err(format!("unknown unit {unit:?} in {text:?}: give {FORMS}")),
     };
-    Duration::try_from_secs_f64(seconds).map_err(|err| format!("{text:?}: {err}"))
+    match Duration::try_from_secs_f64(seconds) {
+        Ok(duration) if duration <= LONGEST => Ok(duration),
+        _ => Err(format!("{text:?} is too long: at most 36500d (a century)")),
+    }
 }
 
 #[cfg(test)]
@@ -34,7 +47,9 @@ mod tests {
         assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
         assert_eq!(parse_duration("250us"), Ok(Duration::from_micros(250)));
         assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
-        assert_eq!(parse_duration("5"), Ok(Duration::from_secs(5)));
+        assert!(parse_duration("5").unwrap_err().contains("no unit"));
+        assert!(parse_duration("1000000000000s").unwrap_err().contains("too long"));
+        assert_eq!(parse_duration("36500d"), Ok(Duration::from_secs(36500 * 86_400)));
         assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
         assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
         assert!(parse_duration("soon").is_err());
