@@ -4,9 +4,9 @@ the database refuses exactly what its rules name, to a caller in any language.
 
 The built-in auth service: for each edge case, ackloop.sign_up raises SQLSTATE 23514 (constraint
 builtin_users_email_valid or builtin_users_display_name_valid, "invalid email: <rule>") exactly
-when ackloop.email_problem or ackloop.display_name_problem names a rule; a plain insert into
-ackloop.builtin_users is refused exactly then too (the check constraints agree with the
-functions); a taken email, in other letter case, raises 23505 on builtin_users_email_key.
+when ackloop.email_problem or ackloop.display_name_problem names a rule; ackloop.sign_up_many
+refuses the same entry, among others, exactly then and in the same words (the entry's position
+in the detail); a taken email, in other letter case, raises 23505 on builtin_users_email_key.
 
 A service's own users: ackloop.add_job raises 23514 (constraint
 player_creation_jobs_user_id_valid, …_display_name_valid or …_extra_valid, "invalid user id:
@@ -105,14 +105,21 @@ def check_sign_up(conn, failures: list[str]) -> int:
                 got = (err.diag.constraint_name, err.diag.message_primary)
         if got != expected:
             failures.append(f"{case}: expected {expected or 'success'}, got {got or 'success'}")
-        refused = False
+        # The same entry among good ones, as a grouping client sends them: the whole call is
+        # refused the same way, with the entry's position in the detail.
+        got = None
         with conn.transaction(force_rollback=True):
             try:
-                conn.execute("insert into ackloop.builtin_users (email, display_name) values (%s, %s)", (email, name))
-            except errors.CheckViolation:
-                refused = True
-        if refused != (expected is not None):
-            failures.append(f"insert of {email!r}, {name!r}: refused={refused}, but the rules say {expected}")
+                conn.execute(
+                    "select * from ackloop.sign_up_many(%s, %s, array[null, null]::uuid[])",
+                    (["other@example.com", email], ["Other", name]),
+                )
+            except errors.CheckViolation as err:
+                got = (err.diag.constraint_name, err.diag.message_primary)
+                if err.diag.message_detail != "entry 2 of the call":
+                    failures.append(f"sign_up_many of {email!r}, {name!r}: detail {err.diag.message_detail!r}")
+        if got != expected:
+            failures.append(f"sign_up_many of {email!r}, {name!r}: expected {expected or 'success'}, got {got or 'success'}")
 
     with conn.transaction(force_rollback=True):
         conn.execute("select * from ackloop.sign_up('Case@Example.com', 'Case')")
