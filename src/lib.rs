@@ -66,7 +66,7 @@
 //!   [`InvalidChannelName`], [`parse_job_id`], [`BadPayload`];
 //! - connecting: [`ConnectConfig`] (libpq strings, several hosts), [`TargetSessionAttrs`],
 //!   [`BadConnectionString`], [`describe_db_error`],
-//!   [`is_unavailable`];
+//!   [`is_unavailable`], [`is_refusal`];
 //! - schema: [`MIGRATOR`], [`run_migrations`], [`check_schema`], [`SchemaError`];
 //! - metrics: [`describe_metrics`], [`sample_queue_gauges`], and with the `http` feature
 //!   `MetricsHandle` and `MetricsError`.
@@ -116,7 +116,7 @@ pub use signup::{
     Confirmed, Field, InvalidInput, MAX_DISPLAY_NAME_CHARS, MAX_EMAIL_CHARS, NewJob, NewUser, Player, Rule,
     Signup, SignupError, Signups, SignupsConfig, add_job, create_user,
 };
-pub use store::is_unavailable;
+pub use store::{is_refusal, is_unavailable};
 pub use telemetry::describe_metrics;
 /// The names of the metrics ackloop records.
 pub mod metric_names {

@@ -16,6 +16,10 @@ const RECONNECT_BACKOFF: Backoff = Backoff {
     max: Duration::from_secs(5),
 };
 
+/// How long [`Subscription::connect_or_later`] waits for its first `LISTEN` before it leaves
+/// the rest to the reader: long enough for a healthy server, short enough not to hold a caller.
+const FIRST_LISTEN_WAIT: Duration = Duration::from_secs(1);
+
 /// How long a listener may hear nothing before it checks that its connection still answers.
 const LIVENESS_IDLE: Duration = Duration::from_secs(5);
 
@@ -86,18 +90,39 @@ pub(crate) struct Subscription {
 
 impl Subscription {
     /// Connects and starts listening; returns once `LISTEN` is in effect, so anything committed
-    /// from then on is delivered.
-    pub(crate) async fn connect(target: ListenTarget, channel: ChannelName) -> Result<Self, sqlx::Error> {
+    /// from then on is delivered. A server that cannot be reached yet (down, restarting,
+    /// failing over) is no error: the subscription starts without a connection and
+    /// [`Subscription::next`] keeps trying, reporting [`Event::Resubscribed`] once `LISTEN` is
+    /// in effect, so that its owner checks the tables for whatever it missed. A refusal (a wrong
+    /// password, an unknown database, TLS refused) is returned at once.
+    pub(crate) async fn connect_or_later(
+        target: ListenTarget,
+        channel: ChannelName,
+    ) -> Result<Self, sqlx::Error> {
         let options = target.options();
         let pool = listener_pool(options.clone());
-        let listener = listen(&pool, &channel).await?;
+        // The pool retries an unreachable server until its acquire timeout: bound the first try
+        // so that a caller with a short deadline is not held here.
+        let first = tokio::time::timeout(FIRST_LISTEN_WAIT, listen(&pool, &channel)).await;
+        let (listener, failed_reconnects) = match first {
+            Ok(Ok(listener)) => (Some(listener), 0),
+            Ok(Err(err)) if !crate::store::is_worth_waiting_for(&err) => return Err(err),
+            Ok(Err(err)) => {
+                tracing::warn!(channel = %channel, error = %Described(&err), "cannot listen yet; retrying");
+                (None, 1)
+            }
+            Err(_) => {
+                tracing::warn!(channel = %channel, "cannot listen yet (no answer); retrying");
+                (None, 1)
+            }
+        };
         Ok(Self {
             pool,
             target,
             options,
             channel,
-            listener: Some(listener),
-            failed_reconnects: 0,
+            listener,
+            failed_reconnects,
         })
     }
 

@@ -106,7 +106,9 @@ impl Confirmations {
         let span = tracing::info_span!("listener", channel = %channel);
         let (reader, rechecker) = match source {
             Source::Listen(listen_options) => {
-                let subscription = Subscription::connect(*listen_options, channel).await?;
+                // A server down or restarting while the service starts is no error: the reader keeps
+                // trying, and the table checks find whatever it missed.
+                let subscription = Subscription::connect_or_later(*listen_options, channel).await?;
                 let rechecker = tokio::spawn(tick(RECHECK_INTERVAL, hints.clone()));
                 let reader = tokio::spawn(read(subscription, hints).instrument(span.clone()));
                 (reader, Some(rechecker))

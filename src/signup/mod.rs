@@ -198,8 +198,14 @@ impl Signups {
     /// price: after a server restart, a dead pooled connection fails one signup with
     /// [`SignupError::Unavailable`] instead of being replaced unseen.
     ///
+    /// A server that cannot be reached yet (down, restarting, failing over while the service
+    /// starts) is no error: the listener keeps trying in the background, waiting callers check
+    /// the tables meanwhile, and each call retries its writes until its own timeout.
+    ///
     /// # Errors
-    /// [`SignupError::Unavailable`] or [`SignupError::Database`] when the listener cannot connect.
+    /// [`SignupError::Database`] (or [`SignupError::Unavailable`] for TLS) when the server
+    /// refuses the listener's connection for good
+    /// (a wrong password, an unknown database, TLS refused: see [`crate::is_refusal`]).
     ///
     /// ```no_run
     /// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {

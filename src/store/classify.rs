@@ -29,6 +29,35 @@ pub fn is_unavailable(err: &sqlx::Error) -> bool {
     }
 }
 
+/// Whether `err` means the server refused this connection for a reason that waiting will not
+/// change: a wrong password or unknown role (SQLSTATE class 28), an unknown database (3D000), no
+/// permission to connect (42501), a TLS handshake refused (a certificate that does not verify),
+/// or settings the driver cannot use. Start-up gives up at once on these, with the reason,
+/// where it keeps trying an unreachable or restarting server until its deadline.
+///
+/// ```
+/// assert!(!ackloop::is_refusal(&sqlx::Error::PoolTimedOut));
+/// ```
+pub fn is_refusal(err: &sqlx::Error) -> bool {
+    match err {
+        sqlx::Error::Tls(_) | sqlx::Error::Configuration(_) => true,
+        // rustls refuses a certificate during the handshake as an I/O error holding its error.
+        sqlx::Error::Io(io) => io
+            .get_ref()
+            .is_some_and(|inner| inner.downcast_ref::<rustls::Error>().is_some()),
+        sqlx::Error::Database(db_err) => db_err
+            .code()
+            .is_some_and(|code| code.starts_with("28") || matches!(&*code, "3D000" | "42501")),
+        _ => false,
+    }
+}
+
+/// Whether `err` is worth trying again at start-up: the server unreachable, restarting or
+/// failing over, and not refusing this connection for good ([`is_refusal`]).
+pub(crate) fn is_worth_waiting_for(err: &sqlx::Error) -> bool {
+    is_unavailable(err) && !is_refusal(err)
+}
+
 /// Whether a statement gave up waiting for a row lock (`lock_timeout`, SQLSTATE 55P03).
 pub(crate) fn is_lock_timeout(err: &sqlx::Error) -> bool {
     err.as_database_error()

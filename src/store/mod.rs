@@ -16,8 +16,8 @@ mod signup;
 mod worker;
 
 pub(crate) use admin::*;
-pub use classify::is_unavailable;
 pub(crate) use classify::*;
+pub use classify::{is_refusal, is_unavailable};
 #[cfg(feature = "http")]
 pub(crate) use dashboard::*;
 pub(crate) use signup::*;

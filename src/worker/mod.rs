@@ -167,7 +167,9 @@ impl<H: Handler> Worker<H> {
                 // Wherever the pool goes, across a failover too.
                 None => ListenTarget::Pool(self.pool.clone()),
             };
-            let subscription = Subscription::connect(target, config.channels.jobs.clone())
+            // A server not reachable yet is no error: the subscription keeps trying, and the
+            // worker's sweeps and polls find the jobs meanwhile.
+            let subscription = Subscription::connect_or_later(target, config.channels.jobs.clone())
                 .await
                 .map_err(|source| WorkerError::Listen {
                     channel: config.channels.jobs.to_string(),

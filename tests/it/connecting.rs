@@ -115,7 +115,7 @@ async fn the_whole_loop_runs_over_tls_against_a_server_that_refuses_plain_connec
 
     // Without TLS the server refuses, and the message says what to change.
     let plain = run_ackloop(&format!("{url}?sslmode=disable"), &["status"]).await;
-    assert_eq!(plain.status.code(), Some(7));
+    assert_eq!(plain.status.code(), Some(11));
     assert!(
         stderr(&plain).contains("requires TLS: add sslmode=require"),
         "{}",
@@ -128,7 +128,7 @@ async fn the_whole_loop_runs_over_tls_against_a_server_that_refuses_plain_connec
         &["status"],
     )
     .await;
-    assert_eq!(unknown_ca.status.code(), Some(7));
+    assert_eq!(unknown_ca.status.code(), Some(11));
     let message = stderr(&unknown_ca);
     assert!(
         message.contains("not signed by a CA you trust") && message.contains("sslrootcert="),
@@ -157,7 +157,7 @@ async fn the_whole_loop_runs_over_tls_against_a_server_that_refuses_plain_connec
     );
     assert_eq!(
         run_ackloop(&without_cert, &["status"]).await.status.code(),
-        Some(7)
+        Some(11)
     );
 
     signal(&worker, "-TERM").await;
@@ -274,7 +274,7 @@ async fn every_connection_string_form_reaches_the_server() {
         &["status"],
     )
     .await;
-    assert_eq!(wrong.status.code(), Some(7));
+    assert_eq!(wrong.status.code(), Some(11));
     let message = stderr(&wrong);
     assert!(
         message.contains("password authentication failed")

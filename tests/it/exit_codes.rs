@@ -185,6 +185,22 @@ async fn every_exit_code_and_json_shape(options: PgPoolOptions, connect: PgConne
     assert_eq!(code, 7);
     let (code, _) = run("postgres://app:secret@[oops/app", &["status", "--json"]).await;
     assert_eq!(code, 7);
+    // 11: the server refuses the connection (here, a database that does not exist): answered at
+    // once, where an unreachable server is tried again until the timeout.
+    let unknown_database = sqlx::ConnectOptions::to_url_lossy(
+        &url.parse::<sqlx::postgres::PgConnectOptions>()
+            .unwrap()
+            .database("ackloop_no_such_database"),
+    )
+    .to_string();
+    let started = std::time::Instant::now();
+    let (code, _) = run(&unknown_database, &["status", "--json"]).await;
+    assert_eq!(code, 11);
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(3),
+        "a refusal took {:?}",
+        started.elapsed()
+    );
     // 2: a usage error (clap's, before any --json applies).
     let usage = run_ackloop(&url, &["signup", "--email", "x@example.com"]).await;
     assert_eq!(usage.status.code(), Some(2));
@@ -220,7 +236,7 @@ fn the_walk_covers_the_printed_table() {
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&help.stdout);
-    let walked = ["0", "2", "3", "4", "5", "6", "7", "8", "9", "10"];
+    let walked = ["0", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11"];
     for code in walked {
         assert!(
             text.lines()

@@ -18,6 +18,58 @@ const POLL_ONLY_CONFIRM_INTERVAL: Duration = Duration::from_millis(100);
 /// string's `connect_timeout` says otherwise.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long start-up keeps trying a server that cannot be reached yet (down, restarting,
+/// failing over). A refusal (a wrong password, an unknown database, TLS refused) ends it at once.
+#[derive(Debug, Clone, Copy)]
+pub enum Patience {
+    /// Until this moment: a command's `--timeout`, or the connect timeout for the others.
+    Until(tokio::time::Instant),
+    /// Until it connects, logging each failed try: a worker waits for its database.
+    Forever,
+}
+
+impl Patience {
+    /// Until `timeout` from now.
+    pub fn for_(timeout: Duration) -> Self {
+        Self::Until(tokio::time::Instant::now() + timeout)
+    }
+
+    /// How long one try may take: what is left, or `limit`.
+    fn try_limit(self, limit: Duration) -> Duration {
+        match self {
+            Self::Until(deadline) => {
+                limit.min(deadline.saturating_duration_since(tokio::time::Instant::now()))
+            }
+            Self::Forever => limit,
+        }
+    }
+
+    /// Waits before try number `failed + 1`, or returns false if the deadline comes first.
+    async fn wait_to_retry(self, failed: u32, err: &sqlx::Error) -> bool {
+        let delay = START_BACKOFF.delay(failed);
+        match self {
+            Self::Until(deadline) => {
+                if tokio::time::Instant::now() + delay >= deadline {
+                    return false;
+                }
+                tracing::debug!(error = %ackloop::describe_db_error(err), attempt = failed, "cannot reach the database yet; retrying");
+            }
+            Self::Forever => {
+                tracing::warn!(error = %ackloop::describe_db_error(err), attempt = failed, "cannot reach the database yet; retrying");
+            }
+        }
+        tokio::time::sleep(delay).await;
+        true
+    }
+}
+
+/// Waits between tries at start-up: quick at first (a restart takes about a second), capped so
+/// that a worker waiting out a long outage logs a line every few seconds.
+const START_BACKOFF: ackloop::Backoff = ackloop::Backoff {
+    base: Duration::from_millis(100),
+    max: Duration::from_secs(5),
+};
+
 impl ConnectionArgs {
     /// DATABASE_URL read as libpq would, or libpq's environment variables when it is unset.
     pub fn connect_config(&self) -> Result<ConnectConfig, Failure> {
@@ -52,9 +104,9 @@ impl ConnectionArgs {
     }
 
     /// A pool (as [`ConnectionArgs::pool`]) on a database whose schema this version can use.
-    pub async fn migrated_pool(&self, connections: u32) -> Result<PgPool, Failure> {
-        let pool = self.pool(connections).await?;
-        ackloop::check_schema(&pool).await?;
+    pub async fn migrated_pool(&self, connections: u32, patience: Patience) -> Result<PgPool, Failure> {
+        let pool = self.pool(connections, patience).await?;
+        checked_schema(&pool, patience).await?;
         Ok(pool)
     }
 
@@ -74,8 +126,45 @@ impl ConnectionArgs {
     }
 
     /// A pool of at most `connections` on `DATABASE_URL`.
-    pub async fn pool(&self, connections: u32) -> Result<PgPool, Failure> {
-        connect(self, |options| options, connections).await
+    pub async fn pool(&self, connections: u32, patience: Patience) -> Result<PgPool, Failure> {
+        connect(self, |options| options, connections, patience).await
+    }
+
+    /// Start-up's patience for a command without a timeout of its own: the connect timeout.
+    pub fn default_patience(&self) -> Result<Patience, Failure> {
+        Ok(Patience::for_(self.connect_timeout()?))
+    }
+
+    /// The connect timeout: the connection string's, or ackloop's default.
+    pub fn connect_timeout(&self) -> Result<Duration, Failure> {
+        Ok(self
+            .connect_config()?
+            .connect_timeout()
+            .unwrap_or(CONNECT_TIMEOUT))
+    }
+}
+
+/// Checks that this version can use the schema, trying again while the server cannot be reached
+/// (a restart ends the first connections: "terminating connection", "the database system is
+/// starting up").
+pub async fn checked_schema(pool: &PgPool, patience: Patience) -> Result<(), Failure> {
+    let mut failed = 0;
+    loop {
+        let limit = patience.try_limit(CONNECT_TIMEOUT);
+        let err = match tokio::time::timeout(limit, ackloop::check_schema(pool)).await {
+            Ok(Ok(())) => return Ok(()),
+            Ok(Err(ackloop::SchemaError::Database(err)))
+                if ackloop::is_unavailable(&err) && !ackloop::is_refusal(&err) =>
+            {
+                err
+            }
+            Ok(Err(err)) => return Err(err.into()),
+            Err(_) => sqlx::Error::PoolTimedOut,
+        };
+        failed += 1;
+        if !patience.wait_to_retry(failed, &err).await {
+            return Err(ackloop::SchemaError::Database(err).into());
+        }
     }
 }
 
@@ -86,6 +175,36 @@ pub async fn connect(
     connection: &ConnectionArgs,
     adjust: impl Fn(PgConnectOptions) -> PgConnectOptions,
     connections: u32,
+    patience: Patience,
+) -> Result<PgPool, Failure> {
+    let mut failed = 0;
+    loop {
+        match connect_once(connection, &adjust, connections, patience).await {
+            Err(Failure::Connect {
+                source,
+                target,
+                from_env,
+            }) if ackloop::is_unavailable(&source) && !ackloop::is_refusal(&source) => {
+                failed += 1;
+                if !patience.wait_to_retry(failed, &source).await {
+                    return Err(Failure::Connect {
+                        target,
+                        from_env,
+                        source,
+                    });
+                }
+            }
+            other => return other,
+        }
+    }
+}
+
+/// One try of [`connect`], within what `patience` leaves.
+async fn connect_once(
+    connection: &ConnectionArgs,
+    adjust: &impl Fn(PgConnectOptions) -> PgConnectOptions,
+    connections: u32,
+    patience: Patience,
 ) -> Result<PgPool, Failure> {
     let config = connection.connect_config()?;
     let target = config.to_string();
@@ -123,7 +242,7 @@ pub async fn connect(
             .map_err(failed);
     }
     let options = adjust(config.into_options());
-    let probe = tokio::time::timeout(timeout, options.connect())
+    let probe = tokio::time::timeout(patience.try_limit(timeout), options.connect())
         .await
         .map_err(|_| failed(timed_out()))?
         .map_err(failed)?;

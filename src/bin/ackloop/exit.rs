@@ -22,6 +22,9 @@ Exit codes:
   9  the schema is newer than this ackloop: upgrade ackloop
   10 doctor found something that needs attention; `jobs retry` was given a job it cannot act
      on (the message says why and what to do)
+  11 the server refused the connection: wrong password, unknown user or database, no
+     permission to connect, or a TLS certificate that does not verify (answered at once; an
+     unreachable or restarting server is tried again until the timeout, then exit 7)
   130 worker: a second SIGINT or SIGTERM stopped it at once";
 
 /// Everything a subcommand can fail with, each mapped to one exit code in [`Failure::exit_code`].
@@ -98,6 +101,7 @@ impl Failure {
             Self::Signup(SignupError::EmailTaken | SignupError::KeyReused(_)) => 4,
             Self::Signup(SignupError::TimedOut { .. }) => 5,
             Self::Signup(SignupError::JobFailed { .. }) => 6,
+            Self::Connect { source, .. } if ackloop::is_refusal(source) => 11,
             Self::BadUrl { .. }
             | Self::Connect { .. }
             | Self::Signup(SignupError::Unavailable { .. })

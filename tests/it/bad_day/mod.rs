@@ -171,6 +171,54 @@ async fn a_signup_waits_out_a_server_that_is_down_when_it_starts() {
     worker.stop().await;
 }
 
+/// `ackloop signup` and `ackloop worker` processes started while the server is down (a service
+/// deployed during a restart or a failover): each keeps trying until its deadline, and every
+/// signup gets its player once the server is back within it. Before, start-up was outside the
+/// deadline's retries and such calls failed within milliseconds.
+#[tokio::test]
+async fn cli_processes_started_while_the_server_is_down_wait_for_it() {
+    let (cluster, url) = OwnCluster::start("down-at-cli-start").await;
+    cluster_pool(&url).await.close().await;
+    cluster.pg("stop").await;
+    let worker = ackloop_command(&url)
+        .args(["worker", "--shutdown-timeout", "2s"])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut calls = JoinSet::new();
+    for n in 0..20 {
+        let mut command = ackloop_command(&url);
+        command.args([
+            "signup",
+            "--email",
+            &format!("down-{n}@example.com"),
+            "--display-name",
+            &format!("Down {n}"),
+            "--timeout",
+            "60s",
+            "--json",
+        ]);
+        calls.spawn(async move { command.output().await.unwrap() });
+    }
+    // Starting the server takes a while: the processes meet a missing socket first.
+    cluster.pg("start").await;
+    for output in within("the signup processes", calls.join_all()).await {
+        assert_eq!(
+            output.status.code(),
+            Some(0),
+            "a signup started during the outage: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    let pool = cluster_pool(&url).await;
+    let counts = counts(&pool).await;
+    assert_eq!((counts.users, counts.jobs, counts.players), (20, 20, 20));
+    signal(&worker, "-TERM").await;
+    let mut worker = worker;
+    let status = within("the worker to stop", worker.wait()).await.unwrap();
+    assert!(status.success(), "the worker: {status:?}");
+}
+
 /// SIGTERM while the worker is still connecting, to a server that accepts the connection and
 /// never answers: the worker exits 0 at once, not when the connection attempt gives up.
 #[tokio::test]

@@ -28,7 +28,7 @@ pub(super) async fn run(
         });
     };
     let pool = tokio::select! {
-        pool = connection.migrated_pool(CONNECTIONS) => pool?,
+        pool = connection.migrated_pool(CONNECTIONS, connection.default_patience()?) => pool?,
         _ = interrupt.recv() => return Ok(()),
         _ = terminate.recv() => return Ok(()),
     };

@@ -12,7 +12,7 @@ pub(super) async fn run(
     stale_after: Duration,
     json: bool,
 ) -> Result<(), Failure> {
-    let pool = connection.pool(2).await?;
+    let pool = connection.pool(2, connection.default_patience()?).await?;
     let listen_options = match connection.listen_options()? {
         Some(options) => options,
         None => connection.connect_options()?,

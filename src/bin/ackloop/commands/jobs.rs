@@ -6,7 +6,9 @@ use crate::args::{ConnectionArgs, JobsCommand};
 use crate::exit::Failure;
 
 pub(super) async fn run(connection: &ConnectionArgs, command: JobsCommand) -> Result<(), Failure> {
-    let pool = connection.migrated_pool(1).await?;
+    let pool = connection
+        .migrated_pool(1, connection.default_patience()?)
+        .await?;
     match command {
         JobsCommand::Show { job_id, json } => {
             let job = ackloop::admin::job_details(&pool, job_id).await?;

@@ -6,7 +6,7 @@ use crate::args::ConnectionArgs;
 use crate::exit::Failure;
 
 pub(super) async fn run(connection: &ConnectionArgs, json: bool) -> Result<(), Failure> {
-    let pool = connection.pool(1).await?;
+    let pool = connection.pool(1, connection.default_patience()?).await?;
     let pending: Vec<i64> = match ackloop::check_schema(&pool).await {
         Ok(()) => Vec::new(),
         Err(ackloop::SchemaError::Behind { missing }) => missing,

@@ -7,6 +7,7 @@ use ackloop::{NewUser, SignupError};
 use serde_json::json;
 
 use crate::args::ConnectionArgs;
+use crate::connect::Patience;
 use crate::exit::Failure;
 
 pub(super) async fn signup(
@@ -19,16 +20,19 @@ pub(super) async fn signup(
 ) -> Result<(), Failure> {
     // Validate before connecting: bad input is reported the same with or without a database.
     let new_user = NewUser::new(email, display_name).map_err(SignupError::from)?;
-    let pool = connection.migrated_pool(2).await?;
-    let signups = connection.signups(pool).await?;
+    // The timeout bounds the whole call: a server that is down or restarting while this starts
+    // is tried again until then, and the signup gets what is left.
     let started = Instant::now();
+    let pool = connection.migrated_pool(2, Patience::for_(timeout)).await?;
+    let signups = connection.signups(pool).await?;
+    let left = timeout.saturating_sub(started.elapsed());
     let player = match idempotency_key {
         Some(key) => {
             signups
-                .create_user_and_await_player_with_key(&new_user, key, timeout)
+                .create_user_and_await_player_with_key(&new_user, key, left)
                 .await?
         }
-        None => signups.create_user_and_await_player(&new_user, timeout).await?,
+        None => signups.create_user_and_await_player(&new_user, left).await?,
     };
     let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
     if json {
@@ -49,15 +53,17 @@ pub(super) async fn await_player(
     timeout: Duration,
     json: bool,
 ) -> Result<(), Failure> {
-    let pool = connection.migrated_pool(2).await?;
+    let started = Instant::now();
+    let pool = connection.migrated_pool(2, Patience::for_(timeout)).await?;
     let job_id = match (job_id, email) {
         (Some(job_id), _) => job_id,
         (None, Some(email)) => ackloop::admin::find_job_by_email(&pool, &email).await?,
         (None, None) => unreachable!("clap requires a job id or --email"),
     };
     let signups = connection.signups(pool).await?;
-    let started = Instant::now();
-    let player = signups.await_player(job_id, timeout).await?;
+    let player = signups
+        .await_player(job_id, timeout.saturating_sub(started.elapsed()))
+        .await?;
     let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
     if json {
         println!(

@@ -6,7 +6,9 @@ use crate::args::ConnectionArgs;
 use crate::exit::Failure;
 
 pub(super) async fn run(connection: &ConnectionArgs, json: bool) -> Result<(), Failure> {
-    let pool = connection.migrated_pool(1).await?;
+    let pool = connection
+        .migrated_pool(1, connection.default_patience()?)
+        .await?;
     let report = StatusReport::read(&pool).await.map_err(Failure::Query)?;
     if json {
         println!(

@@ -8,7 +8,7 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
 use crate::args::ConnectionArgs;
-use crate::connect::connect;
+use crate::connect::{Patience, checked_schema, connect};
 use crate::exit::Failure;
 
 pub(super) async fn run(
@@ -37,8 +37,17 @@ pub(super) async fn run(
     // Start-up steps end at the first signal too (a server that does not answer, a schema check
     // behind a lock): there is nothing to drain yet.
     let started = async {
-        let pool = connect(connection, ackloop::worker_session_options, connections).await?;
-        ackloop::check_schema(&pool).await?;
+        // A worker waits for its database: one started during an outage or a failover (its
+        // service deployed before the database, a restart) connects when it can. What can
+        // never succeed (a refusal, a schema it cannot use) stops it at once.
+        let pool = connect(
+            connection,
+            ackloop::worker_session_options,
+            connections,
+            Patience::Forever,
+        )
+        .await?;
+        checked_schema(&pool, Patience::Forever).await?;
         Ok::<_, Failure>(pool)
     };
     let pool = tokio::select! {
