@@ -237,3 +237,33 @@ async fn durations_need_a_unit_and_a_sensible_size(pool: PgPool) {
         "nothing pruned or added"
     );
 }
+
+/// Each command's `--help` shows its own options first, then the connection and logging options
+/// every command takes, once, under their own heading.
+#[test]
+fn help_shows_the_commands_own_options_first_and_the_shared_ones_once() {
+    for (command, own) in [
+        ("signup", "--email"),
+        ("worker", "--batch-size"),
+        ("jobs", "--help"),
+    ] {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_ackloop"))
+            .args([command, "--help"])
+            .env("DATABASE_URL", "postgres://app@localhost/app")
+            .output()
+            .unwrap();
+        let help = String::from_utf8_lossy(&output.stdout);
+        let own_at = help.find("Options:").expect("an Options section");
+        let shared_at = help
+            .find("Connection and logging (every command):")
+            .unwrap_or_else(|| panic!("{command}: no shared heading in {help}"));
+        assert!(own_at < shared_at, "{command}: own options come first: {help}");
+        assert!(help[own_at..shared_at].contains(own), "{command}: {help}");
+        assert!(
+            !help[own_at..shared_at].contains("--database-url"),
+            "{command}: {help}"
+        );
+        assert_eq!(help.matches("--database-url <").count(), 1, "{command}: {help}");
+        assert!(!help.contains("required"), "{command}: {help}");
+    }
+}

@@ -25,6 +25,8 @@ fn exit_code(output: &Output) -> i32 {
             8 => "schema_missing",
             9 => "schema_newer",
             10 => "attention",
+            11 => "refused",
+            12 => "unknown_job",
             _ => "error",
         };
         assert_eq!(json["error"], kind, "{json}");
@@ -170,13 +172,13 @@ async fn every_exit_code_and_json_shape(options: PgPoolOptions, connect: PgConne
     .await;
     let (code, out) = run(&url, &["jobs", "retry", "--failed", "--json"]).await;
     assert_eq!(code, 0, "{}", stderr(&out));
-    // 3 for an unknown job; 7 for a server that is not there or a malformed string.
+    // 12 for an unknown job; 7 for a server that is not there or a malformed string.
     let (code, _) = run(
         &url,
         &["jobs", "show", &ackloop::JobId::new().to_string(), "--json"],
     )
     .await;
-    assert_eq!(code, 3);
+    assert_eq!(code, 12);
     let (code, _) = run(
         "postgres://app@127.0.0.1:1/app?connect_timeout=2",
         &["status", "--json"],
@@ -236,7 +238,7 @@ fn the_walk_covers_the_printed_table() {
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&help.stdout);
-    let walked = ["0", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11"];
+    let walked = ["0", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12"];
     for code in walked {
         assert!(
             text.lines()

@@ -9,6 +9,10 @@ use clap::{ArgGroup, Args, Parser, Subcommand};
 use crate::duration_arg::parse_duration;
 use crate::exit::EXIT_CODES;
 
+/// The heading of the options every command takes (the connection, the channels, the logs):
+/// listed once, after each command's own options.
+const GLOBAL_OPTIONS: &str = "Connection and logging (every command)";
+
 /// Hand work from one service to another through PostgreSQL, and know it was done.
 #[derive(Debug, Parser)]
 #[command(name = "ackloop", version, about)]
@@ -18,7 +22,7 @@ pub struct Cli {
     pub connection: ConnectionArgs,
     /// How log lines are written to stderr: text for people, or json for log pipelines (one
     /// object per line, each line about a job with its job.id field)
-    #[arg(long, env = "ACKLOOP_LOG_FORMAT", global = true, value_enum, default_value_t = LogFormat::Text)]
+    #[arg(long, env = "ACKLOOP_LOG_FORMAT", global = true, value_enum, default_value_t = LogFormat::Text, help_heading = GLOBAL_OPTIONS)]
     pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
@@ -47,6 +51,7 @@ impl LogFormat {
 
 /// Where the database is, and which channels to use.
 #[derive(Debug, Args)]
+#[command(next_help_heading = GLOBAL_OPTIONS)]
 pub struct ConnectionArgs {
     /// PostgreSQL connection string, as libpq reads it: postgres://user:pass@host/db?sslmode=require,
     /// postgres://user@/db?host=/run/postgresql (a Unix socket), or host=db dbname=app user=app.

@@ -25,6 +25,8 @@ Exit codes:
   11 the server refused the connection: wrong password, unknown user or database, no
      permission to connect, or a TLS certificate that does not verify (answered at once; an
      unreachable or restarting server is tried again until the timeout, then exit 7)
+  12 no such job: no job with that id, or no signup with that email (never written,
+     rolled back, or pruned)
   130 worker: a second SIGINT or SIGTERM stopped it at once";
 
 /// Everything a subcommand can fail with, each mapped to one exit code in [`Failure::exit_code`].
@@ -113,7 +115,7 @@ impl Failure {
             | Self::Migrate(sqlx::migrate::MigrateError::VersionMissing(_)) => 9,
             Self::Worker(WorkerError::Config(_)) | Self::ListenAddr { .. } | Self::BenchFlags(_) => 2,
             Self::Admin(ackloop::admin::AdminError::UnknownJob(_))
-            | Self::Signup(SignupError::UnknownJob(_)) => 3,
+            | Self::Signup(SignupError::UnknownJob(_)) => 12,
             Self::Admin(
                 ackloop::admin::AdminError::AlreadyDone(_)
                 | ackloop::admin::AdminError::DoneWithoutPlayer(_)
@@ -156,6 +158,8 @@ impl Failure {
             8 => "schema_missing",
             9 => "schema_newer",
             10 => "attention",
+            11 => "refused",
+            12 => "unknown_job",
             _ => "error",
         }
     }

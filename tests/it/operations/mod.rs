@@ -45,7 +45,7 @@ async fn jobs_show_reports_the_job_its_user_and_whether_a_player_exists(
     worker.stop().await;
 
     let unknown = run_ackloop(&url, &["jobs", "show", &ackloop::JobId::new().to_string()]).await;
-    assert_eq!(unknown.status.code(), Some(3), "{}", stderr(&unknown));
+    assert_eq!(unknown.status.code(), Some(12), "{}", stderr(&unknown));
 }
 
 #[sqlx::test]
@@ -196,7 +196,7 @@ async fn await_by_email_resumes_a_timed_out_signup(options: PgPoolOptions, conne
         &["await", "--email", "nobody@example.com", "--timeout", "1s"],
     )
     .await;
-    assert_eq!(nobody.status.code(), Some(3), "{}", stderr(&nobody));
+    assert_eq!(nobody.status.code(), Some(12), "{}", stderr(&nobody));
 }
 
 #[sqlx::test]
