@@ -174,6 +174,26 @@ impl Failure {
                 let _ = write!(message, ": {}", ackloop::describe_db_error(db_err));
                 break;
             }
+            // sqlx's migration errors print the driver's error (its internals included) inside
+            // their own text: say which step failed, and let the driver error end the chain.
+            if let Some(migrate) = cause.downcast_ref::<sqlx::migrate::MigrateError>() {
+                match migrate {
+                    sqlx::migrate::MigrateError::ExecuteMigration(_, version) => {
+                        let _ = write!(
+                            message,
+                            ": migration {version} was rolled back (nothing of it is applied)"
+                        );
+                    }
+                    sqlx::migrate::MigrateError::Execute(_) => {
+                        let _ = write!(message, ": the migration that failed was rolled back");
+                    }
+                    other => {
+                        let _ = write!(message, ": {other}");
+                    }
+                }
+                source = cause.source();
+                continue;
+            }
             // Many errors already print their source in their own message; say each thing once.
             let text = cause.to_string();
             if !message.contains(&text) {
