@@ -94,6 +94,11 @@ impl fmt::Display for Described<'_> {
 fn describe_tls_error(text: &str) -> String {
     let advice = if text.contains("UnknownIssuer") || text.contains("unknown issuer") {
         "the server's certificate is not signed by a CA you trust: give its CA with sslrootcert=/path/to/ca.crt"
+    } else if text.contains("CaUsedAsEndEntity") {
+        "the server's certificate is its own CA (self-signed, as `openssl req -x509` makes one), \
+         which rustls does not accept as a server's certificate, though libpq does: sign the \
+         server's certificate with a separate CA and give that CA as sslrootcert, or use \
+         sslmode=require without sslrootcert (encrypted, not verified)"
     } else if text.contains("NotValidForName") || text.contains("not valid for name") {
         "the server's certificate is not for this host name: connect by the name on the certificate, or use sslmode=verify-ca"
     } else if text.contains("does not support TLS") {

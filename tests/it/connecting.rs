@@ -14,11 +14,17 @@ struct Certs(PathBuf);
 
 impl Certs {
     async fn make(name: &str) -> Self {
+        Self::make_with(name, &[]).await
+    }
+
+    /// With `--self-signed`: a server certificate that is its own CA (PostgreSQL's docs' recipe).
+    async fn make_with(name: &str, flags: &[&str]) -> Self {
         let dir = std::env::temp_dir().join(format!("ackloop-certs-{name}-{}", std::process::id()));
         let status = within(
             "scripts/test-certs",
             tokio::process::Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/test-certs"))
                 .arg(&dir)
+                .args(flags)
                 .status(),
         )
         .await
@@ -322,4 +328,41 @@ async fn connect_timeout_in_the_string_is_honoured() {
         stderr(&output)
     );
     assert!(took >= Duration::from_secs(2), "took {took:?}");
+}
+
+/// A server whose certificate is its own CA (PostgreSQL's docs' recipe for a test server), given
+/// as `sslrootcert` with verify-full: psql accepts it, rustls refuses a CA certificate used as a
+/// server's. ackloop says exactly that, at once, and what to give instead; sslmode=require
+/// (encrypted, not verified) connects.
+#[tokio::test]
+async fn a_self_signed_server_certificate_is_refused_with_what_to_do_instead() {
+    let certs = Certs::make_with("self-signed", &["--self-signed"]).await;
+    let (_cluster, url) = OwnCluster::start_tls("tls-self-signed", certs.dir()).await;
+    let verified = format!(
+        "{url}?sslmode=verify-full&sslrootcert={}",
+        certs.path("server.crt")
+    );
+    let started = std::time::Instant::now();
+    let refused = run_ackloop(&verified, &["status"]).await;
+    let message = stderr(&refused);
+    assert_eq!(refused.status.code(), Some(11), "{message}");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "answered in {:?}",
+        started.elapsed()
+    );
+    assert!(
+        message.contains("its own CA") && message.contains("sslmode=require"),
+        "{message}"
+    );
+    // Migrated first, as a user would: status then has a schema to read.
+    let required = format!("{url}?sslmode=require");
+    assert_ok(
+        &run_ackloop(&required, &["migrate"]).await,
+        "migrate over sslmode=require",
+    );
+    assert_ok(
+        &run_ackloop(&required, &["status"]).await,
+        "status over sslmode=require",
+    );
 }
