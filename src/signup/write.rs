@@ -110,8 +110,11 @@ pub(super) async fn write(
                 continue;
             }
             writer::Attempt::Expired => return Err(not_written(None, uncertain_job)),
+            // What waiting cannot change (a statement the server refused, or a connection it
+            // refuses for good) is answered at once.
             writer::Attempt::NotCommitted(err)
-                if !store::is_unavailable(&err) && !store::is_lock_timeout(&err) =>
+                if store::is_refusal(&err)
+                    || (!store::is_unavailable(&err) && !store::is_lock_timeout(&err)) =>
             {
                 return Err(classify(err, uncertain_job));
             }

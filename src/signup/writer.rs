@@ -291,6 +291,13 @@ async fn write_together(pool: &PgPool, channels: &Channels, batch: Vec<Queued>) 
     };
     let mut conn = match tokio::time::timeout_at(latest, pool.acquire()).await {
         Ok(Ok(conn)) => conn,
+        // A refusal (a wrong password, an unknown database) will not pass by waiting: each
+        // caller meets it again on a connection of its own, and is answered with the server's
+        // error, its SQLSTATE kept, at once. (`sqlx::Error` cannot be cloned for every caller.)
+        Ok(Err(err)) if store::is_refusal(&err) || !store::is_unavailable(&err) => {
+            tracing::debug!(error = %crate::connect::Described(&err), "cannot connect; each signup tries alone");
+            return answer_all(batch, &|| Attempt::WriteAlone);
+        }
         Ok(Err(err)) => {
             let message = err.to_string();
             return answer_all(batch, &|| {

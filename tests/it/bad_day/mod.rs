@@ -400,3 +400,45 @@ async fn a_long_lock_on_players_costs_jobs_no_attempts(options: PgPoolOptions, c
     assert_eq!(counts(&pool).await.players, 3);
     worker.stop().await;
 }
+
+/// A pool the server refuses for good (here, a database that does not exist; a wrong password
+/// is the same) answers a signup at once with the server's error, its SQLSTATE kept, instead of
+/// trying again until the caller's timeout as if the server were away.
+#[sqlx::test]
+async fn a_refused_connection_answers_a_signup_at_once_with_the_servers_error(
+    _options: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let refused = PgPoolOptions::new()
+        .max_connections(2)
+        .connect_lazy_with(connect.clone().database("ackloop_no_such_database"));
+    // The listener reaches the real database: only the writers' connections are refused.
+    let config = ackloop::SignupsConfig {
+        listen_options: Some(connect),
+        ..ackloop::SignupsConfig::default()
+    };
+    let signups = Arc::new(ackloop::Signups::connect_with(refused, config).await.unwrap());
+    let started = Instant::now();
+    // Many at once, so that the writers group them and meet the refusal for all of them.
+    let mut calls = JoinSet::new();
+    for n in 0..20 {
+        let signups = Arc::clone(&signups);
+        calls.spawn(async move { signups.create_user_and_await_player(&user(n), DEADLINE).await });
+    }
+    for result in within("the callers", calls.join_all()).await {
+        let err = result.expect_err("a signup through a refused pool");
+        let code = match &err {
+            SignupError::Database(source) => source
+                .as_database_error()
+                .and_then(|db_err| db_err.code())
+                .map(|code| code.into_owned()),
+            other => panic!("not the server's error: {other:?}"),
+        };
+        assert_eq!(code.as_deref(), Some("3D000"), "{err}");
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "answered after {:?}",
+        started.elapsed()
+    );
+}
