@@ -112,9 +112,13 @@ pub(super) async fn write(
             writer::Attempt::Expired => return Err(not_written(None, uncertain_job)),
             // What waiting cannot change (a statement the server refused, or a connection it
             // refuses for good) is answered at once.
+            // A lock wait given up, or a conflict the server rolled back (40001, 40P01: under
+            // a serializable default isolation, say), is written again alone until the deadline.
             writer::Attempt::NotCommitted(err)
                 if store::is_refusal(&err)
-                    || (!store::is_unavailable(&err) && !store::is_lock_timeout(&err)) =>
+                    || !(store::is_unavailable(&err)
+                        || store::is_lock_timeout(&err)
+                        || store::is_transaction_conflict(&err)) =>
             {
                 return Err(classify(err, uncertain_job));
             }

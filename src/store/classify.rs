@@ -58,6 +58,15 @@ pub(crate) fn is_worth_waiting_for(err: &sqlx::Error) -> bool {
     is_unavailable(err) && !is_refusal(err)
 }
 
+/// Whether a transaction was rolled back to resolve a conflict with another (a serialization
+/// failure under REPEATABLE READ or SERIALIZABLE, 40001, or a deadlock, 40P01): it certainly did
+/// not commit, and the same transaction tried again will usually succeed.
+pub(crate) fn is_transaction_conflict(err: &sqlx::Error) -> bool {
+    err.as_database_error()
+        .and_then(|db_err| db_err.code())
+        .is_some_and(|code| code == "40001" || code == "40P01")
+}
+
 /// Whether a statement gave up waiting for a row lock (`lock_timeout`, SQLSTATE 55P03).
 pub(crate) fn is_lock_timeout(err: &sqlx::Error) -> bool {
     err.as_database_error()

@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ackloop::{NewUser, SignupError};
+use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use tokio::task::JoinSet;
 
@@ -441,4 +442,41 @@ async fn a_refused_connection_answers_a_signup_at_once_with_the_servers_error(
         "answered after {:?}",
         started.elapsed()
     );
+}
+
+/// A signup the server rolls back to resolve a conflict (40001, as a database whose default
+/// isolation is serializable does now and then; here raised once by a trigger) certainly did
+/// not commit: it is written again and gets its player, where it used to fail the caller.
+#[sqlx::test]
+async fn a_serialization_failure_is_written_again_and_costs_the_caller_nothing(pool: PgPool) {
+    for statement in [
+        "create sequence conflicts_raised",
+        r#"create function raise_one_conflict() returns trigger language plpgsql as $$
+           begin
+               if nextval('public.conflicts_raised') = 1 then
+                   raise exception 'could not serialize access' using errcode = 'serialization_failure';
+               end if;
+               return new;
+           end $$"#,
+        "create trigger one_conflict before insert on ackloop.builtin_users
+             for each row execute function raise_one_conflict()",
+    ] {
+        execute(&pool, statement).await;
+    }
+    let worker = spawn_worker(&pool, worker_config());
+    let player = signups(&pool)
+        .await
+        .create_user_and_await_player(&user(1), DEADLINE)
+        .await
+        .expect("the signup is written again after the conflict");
+    let raised: i64 = sqlx::query_scalar("select last_value from conflicts_raised")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert!(
+        raised >= 2,
+        "the conflict was raised, then the signup written: {raised}"
+    );
+    assert_eq!(counts(&pool).await.players, 1, "{player:?}");
+    worker.stop().await;
 }
