@@ -106,6 +106,9 @@ pub(super) async fn first_suitable(
 ) -> Result<(usize, PgConnection), sqlx::Error> {
     let mut reasons = Vec::new();
     let mut last_err = None;
+    // Whether every host refused this connection for good (a wrong password, an unknown
+    // database): then the refusal itself is the answer, not "no server is …".
+    let mut all_refused = true;
     for (index, options) in hosts.iter().enumerate() {
         let attempt = async {
             let mut conn = options.connect().await?;
@@ -115,23 +118,28 @@ pub(super) async fn first_suitable(
         match tokio::time::timeout(connect_timeout, attempt).await {
             Ok(Ok((conn, None))) => return Ok((index, conn)),
             Ok(Ok((conn, Some(why)))) => {
+                all_refused = false;
                 let _ = conn.close().await;
                 reasons.push(format!("{} is {why}", server_name(options)));
             }
             Ok(Err(err)) => {
+                all_refused &= crate::store::is_refusal(&err);
                 reasons.push(format!("{}: {}", server_name(options), Described(&err)));
                 last_err = Some(err);
             }
-            Err(_) => reasons.push(format!(
-                "{}: no answer within {} s",
-                server_name(options),
-                connect_timeout.as_secs()
-            )),
+            Err(_) => {
+                all_refused = false;
+                reasons.push(format!(
+                    "{}: no answer within {} s",
+                    server_name(options),
+                    connect_timeout.as_secs()
+                ));
+            }
         }
     }
     // One host that could not be reached: its own error, as a single-host connection reports it.
     match last_err {
-        Some(err) if hosts.len() == 1 => Err(err),
+        Some(err) if hosts.len() == 1 || all_refused => Err(err),
         _ => Err(none_suitable(wanted, &reasons)),
     }
 }

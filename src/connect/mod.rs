@@ -176,8 +176,19 @@ impl ConnectConfig {
         pool: PgPoolOptions,
         adjust: impl Fn(PgConnectOptions) -> PgConnectOptions,
     ) -> Result<PgPool, sqlx::Error> {
-        let hosts = self.hosts.iter().cloned().map(adjust).collect();
         let connect_timeout = self.connect_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT);
+        self.connect_pool_within(pool, adjust, connect_timeout).await
+    }
+
+    /// Like [`ConnectConfig::connect_pool_with`], each host given `host_timeout` to connect.
+    pub async fn connect_pool_within(
+        &self,
+        pool: PgPoolOptions,
+        adjust: impl Fn(PgConnectOptions) -> PgConnectOptions,
+        host_timeout: Duration,
+    ) -> Result<PgPool, sqlx::Error> {
+        let hosts = self.hosts.iter().cloned().map(adjust).collect();
+        let connect_timeout = host_timeout;
         follow::connect_pool(hosts, self.target_session_attrs, connect_timeout, pool).await
     }
 

@@ -130,8 +130,10 @@ impl<H: Handler> Worker<H> {
     /// waits and carries on when it is back.
     ///
     /// # Errors
-    /// [`WorkerError::Config`] for a setting out of range; [`WorkerError::Listen`] when the first
-    /// connection to listen for jobs fails.
+    /// [`WorkerError::Config`] for a setting out of range; [`WorkerError::Listen`] when the
+    /// server refuses the connection to listen for jobs for good (a wrong password, an unknown
+    /// database, TLS refused). A server not reachable yet is no error: the worker keeps trying,
+    /// and sweeps and polls the table meanwhile.
     ///
     /// ```no_run
     /// # async fn demo(pool: sqlx::PgPool) -> Result<(), ackloop::WorkerError> {

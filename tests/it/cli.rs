@@ -205,6 +205,14 @@ async fn durations_need_a_unit_and_a_sensible_size(pool: PgPool) {
         )
         .await
         .expect_err("no worker runs, so the signup times out");
+    // A failed job a month old: what a prune of "7" of any unit would delete.
+    sqlx::query(
+        "update ackloop.player_creation_jobs
+         set status = 'failed', last_error = 'gave up', completed_at = now() - interval '30 days'",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
     for (args, says) in [
         (
             &["jobs", "prune", "--older-than", "7"][..],
@@ -292,4 +300,54 @@ async fn a_failed_migration_is_told_once_without_internals(pool: PgPool) {
     for internal in ["error returned from database", "at line", "while executing"] {
         assert!(!text.contains(internal), "{internal:?} in {text}");
     }
+}
+
+/// Start-up inside a short deadline: `--timeout 0s` on a healthy server still connects and says
+/// how the job stands (exit 5, pending), and a server that never answers, behind a multi-host
+/// string, ends the call near its timeout, not after the connect timeout.
+#[sqlx::test]
+async fn start_up_keeps_within_the_commands_timeout(pool: PgPool) {
+    let url = pool.connect_options().to_url_lossy().to_string();
+    let pending = signups(&pool)
+        .await
+        .create_user_and_await_player(
+            &NewUser::new("ada@example.com", "Ada").unwrap(),
+            Duration::from_secs(1),
+        )
+        .await
+        .expect_err("no worker runs");
+    let job_id = pending.job_id().expect("committed").to_string();
+    let now = run_ackloop(&url, &["await", &job_id, "--timeout", "0s"]).await;
+    assert_eq!(now.status.code(), Some(5), "{}", stderr(&now));
+
+    // Accepts connections and never answers.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = silent.local_addr().unwrap().port();
+    let held = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = silent.accept().await {
+            held.push(socket);
+        }
+    });
+    let silent_url = format!(
+        "postgres://app@127.0.0.1:{port},127.0.0.1:{port}/app?target_session_attrs=read-write&sslmode=disable"
+    );
+    let started = std::time::Instant::now();
+    let output = run_ackloop(
+        &silent_url,
+        &[
+            "signup",
+            "--email",
+            "b@example.com",
+            "--display-name",
+            "B",
+            "--timeout",
+            "2s",
+        ],
+    )
+    .await;
+    let took = started.elapsed();
+    held.abort();
+    assert_eq!(output.status.code(), Some(7), "{}", stderr(&output));
+    assert!(took < Duration::from_secs(4), "a 2 s timeout took {took:?}");
 }

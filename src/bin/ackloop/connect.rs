@@ -19,42 +19,50 @@ const POLL_ONLY_CONFIRM_INTERVAL: Duration = Duration::from_millis(100);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How long start-up keeps trying a server that cannot be reached yet (down, restarting,
-/// failing over). A refusal (a wrong password, an unknown database, TLS refused) ends it at once.
+/// failing over), and how long each try may take. A refusal (a wrong password, an unknown
+/// database, TLS refused) ends it at once.
 #[derive(Debug, Clone, Copy)]
-pub enum Patience {
-    /// Until this moment: a command's `--timeout`, or the connect timeout for the others.
-    Until(tokio::time::Instant),
-    /// Until it connects, logging each failed try: a worker waits for its database.
-    Forever,
+pub struct Patience {
+    /// Until when to try again: a command's `--timeout`, or the connect timeout for the others;
+    /// none for a worker, which waits for its database, logging each failed try.
+    deadline: Option<tokio::time::Instant>,
+    /// The connect timeout: what one try may take.
+    per_try: Duration,
+    /// Whether the deadline is the command's own `--timeout` (said when it cuts a try short).
+    own_deadline: bool,
 }
 
 impl Patience {
-    /// Until `timeout` from now.
-    pub fn for_(timeout: Duration) -> Self {
-        Self::Until(tokio::time::Instant::now() + timeout)
-    }
-
-    /// How long one try may take: what is left, or `limit`.
-    fn try_limit(self, limit: Duration) -> Duration {
-        match self {
-            Self::Until(deadline) => {
-                limit.min(deadline.saturating_duration_since(tokio::time::Instant::now()))
+    /// What is left until the deadline, within the connect timeout. The first try gets at least
+    /// [`FIRST_TRY`], so that a short `--timeout` (even `0s`, "how does it stand?") on a
+    /// healthy server does not fail for want of time to connect; later tries at least
+    /// [`LAST_TRY`].
+    fn try_limit(self, first: bool) -> Duration {
+        match self.deadline {
+            Some(deadline) => {
+                let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                let floor = if first { FIRST_TRY } else { LAST_TRY };
+                self.per_try.min(left.max(floor))
             }
-            Self::Forever => limit,
+            None => self.per_try,
         }
     }
 
-    /// Waits before try number `failed + 1`, or returns false if the deadline comes first.
+    /// Waits before try number `failed + 1`, or returns false when no time is left for one.
+    /// The waits are spread a little, so that processes started together do not retry together.
     async fn wait_to_retry(self, failed: u32, err: &sqlx::Error) -> bool {
-        let delay = START_BACKOFF.delay(failed);
-        match self {
-            Self::Until(deadline) => {
-                if tokio::time::Instant::now() + delay >= deadline {
+        let mut delay = spread(START_BACKOFF.delay(failed));
+        match self.deadline {
+            Some(deadline) => {
+                let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                if left <= LAST_TRY {
                     return false;
                 }
+                // A last try just before the deadline, rather than none.
+                delay = delay.min(left - LAST_TRY);
                 tracing::debug!(error = %ackloop::describe_db_error(err), attempt = failed, "cannot reach the database yet; retrying");
             }
-            Self::Forever => {
+            None => {
                 tracing::warn!(error = %ackloop::describe_db_error(err), attempt = failed, "cannot reach the database yet; retrying");
             }
         }
@@ -69,6 +77,23 @@ const START_BACKOFF: ackloop::Backoff = ackloop::Backoff {
     base: Duration::from_millis(100),
     max: Duration::from_secs(5),
 };
+
+/// The least time the first try is given, whatever the deadline: a healthy server answers
+/// within it, across a network and TLS too.
+const FIRST_TRY: Duration = Duration::from_secs(1);
+
+/// The least time a try is given, the last one before a deadline included: a connection on a
+/// local socket takes milliseconds, one with TLS across a network some tens.
+const LAST_TRY: Duration = Duration::from_millis(250);
+
+/// `delay` less up to a quarter, by the clock's nanoseconds: enough to spread processes that
+/// started in the same instant.
+fn spread(delay: Duration) -> Duration {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| since.subsec_nanos());
+    delay.mul_f64(1.0 - f64::from(nanos % 1000) / 4000.0)
+}
 
 impl ConnectionArgs {
     /// DATABASE_URL read as libpq would, or libpq's environment variables when it is unset.
@@ -132,11 +157,34 @@ impl ConnectionArgs {
 
     /// Start-up's patience for a command without a timeout of its own: the connect timeout.
     pub fn default_patience(&self) -> Result<Patience, Failure> {
-        Ok(Patience::for_(self.connect_timeout()?))
+        let per_try = self.connect_timeout()?;
+        Ok(Patience {
+            deadline: Some(tokio::time::Instant::now() + per_try),
+            per_try,
+            own_deadline: false,
+        })
+    }
+
+    /// Start-up's patience for a command that bounds its whole call by `timeout`.
+    pub fn patience_for(&self, timeout: Duration) -> Result<Patience, Failure> {
+        Ok(Patience {
+            deadline: Some(tokio::time::Instant::now() + timeout),
+            per_try: self.connect_timeout()?,
+            own_deadline: true,
+        })
+    }
+
+    /// Start-up's patience for a worker: until it connects.
+    pub fn patience_until_connected(&self) -> Result<Patience, Failure> {
+        Ok(Patience {
+            deadline: None,
+            per_try: self.connect_timeout()?,
+            own_deadline: false,
+        })
     }
 
     /// The connect timeout: the connection string's, or ackloop's default.
-    pub fn connect_timeout(&self) -> Result<Duration, Failure> {
+    fn connect_timeout(&self) -> Result<Duration, Failure> {
         Ok(self
             .connect_config()?
             .connect_timeout()
@@ -150,7 +198,7 @@ impl ConnectionArgs {
 pub async fn checked_schema(pool: &PgPool, patience: Patience) -> Result<(), Failure> {
     let mut failed = 0;
     loop {
-        let limit = patience.try_limit(CONNECT_TIMEOUT);
+        let limit = patience.try_limit(failed == 0);
         let err = match tokio::time::timeout(limit, ackloop::check_schema(pool)).await {
             Ok(Ok(())) => return Ok(()),
             Ok(Err(ackloop::SchemaError::Database(err)))
@@ -179,7 +227,9 @@ pub async fn connect(
 ) -> Result<PgPool, Failure> {
     let mut failed = 0;
     loop {
-        match connect_once(connection, &adjust, connections, patience).await {
+        let limit = patience.try_limit(failed == 0);
+        let cut_short = patience.own_deadline && limit < patience.per_try;
+        match connect_once(connection, &adjust, connections, limit, cut_short).await {
             Err(Failure::Connect {
                 source,
                 target,
@@ -199,12 +249,13 @@ pub async fn connect(
     }
 }
 
-/// One try of [`connect`], within what `patience` leaves.
+/// One try of [`connect`], given `limit`.
 async fn connect_once(
     connection: &ConnectionArgs,
     adjust: &impl Fn(PgConnectOptions) -> PgConnectOptions,
     connections: u32,
-    patience: Patience,
+    limit: Duration,
+    cut_short: bool,
 ) -> Result<PgPool, Failure> {
     let config = connection.connect_config()?;
     let target = config.to_string();
@@ -215,14 +266,21 @@ async fn connect_once(
         from_env: connection.database_url.is_none(),
         source,
     };
-    // Say which limit ran out: connect_timeout from the string, or the default.
+    // Say which limit ran out: the command's own timeout (what was left of it), connect_timeout
+    // from the string, or the default.
     let timed_out = || {
-        let limit = match config_timeout {
-            Some(_) => format!("no answer within connect_timeout={} s", timeout.as_secs()),
-            None => format!(
+        let limit = if cut_short {
+            format!(
+                "no answer within the {} ms left of the command's timeout",
+                limit.as_millis()
+            )
+        } else if config_timeout.is_some() {
+            format!("no answer within connect_timeout={} s", timeout.as_secs())
+        } else {
+            format!(
                 "no answer within {} s (set connect_timeout to change it)",
                 timeout.as_secs()
-            ),
+            )
         };
         sqlx::Error::Io(std::io::Error::new(std::io::ErrorKind::TimedOut, limit))
     };
@@ -236,13 +294,14 @@ async fn connect_once(
     if config.hosts().len() > 1 || config.target_session_attrs() != ackloop::TargetSessionAttrs::Any {
         // Several hosts: the first one that is what target_session_attrs asks for, followed
         // across a failover. Each host gets the connect timeout.
-        return config
-            .connect_pool_with(pool_options, adjust)
+        let hosts = config.connect_pool_within(pool_options, adjust, limit);
+        return tokio::time::timeout(limit, hosts)
             .await
+            .map_err(|_| failed(timed_out()))?
             .map_err(failed);
     }
     let options = adjust(config.into_options());
-    let probe = tokio::time::timeout(patience.try_limit(timeout), options.connect())
+    let probe = tokio::time::timeout(limit, options.connect())
         .await
         .map_err(|_| failed(timed_out()))?
         .map_err(failed)?;

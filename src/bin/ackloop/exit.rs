@@ -99,11 +99,12 @@ impl Failure {
 
     fn exit_code(&self) -> u8 {
         match self {
+            // A refusal anywhere in the chain (the pool's, the listener's, the worker's).
+            _ if self.database_refused() => 11,
             Self::Signup(SignupError::Invalid(_)) | Self::Channel(_) => 3,
             Self::Signup(SignupError::EmailTaken | SignupError::KeyReused(_)) => 4,
             Self::Signup(SignupError::TimedOut { .. }) => 5,
             Self::Signup(SignupError::JobFailed { .. }) => 6,
-            Self::Connect { source, .. } if ackloop::is_refusal(source) => 11,
             Self::BadUrl { .. }
             | Self::Connect { .. }
             | Self::Signup(SignupError::Unavailable { .. })
@@ -129,16 +130,27 @@ impl Failure {
         }
     }
 
-    /// Whether a driver error in the chain of causes says the database could not be reached.
-    fn database_unreachable(&self) -> bool {
+    /// Whether a driver error in the chain of causes says the server refused the connection
+    /// for good ([`ackloop::is_refusal`]).
+    fn database_refused(&self) -> bool {
+        self.first_driver_error().is_some_and(ackloop::is_refusal)
+    }
+
+    /// The first driver error in the chain of causes.
+    fn first_driver_error(&self) -> Option<&sqlx::Error> {
         let mut source = std::error::Error::source(self);
         while let Some(cause) = source {
             if let Some(db_err) = cause.downcast_ref::<sqlx::Error>() {
-                return ackloop::is_unavailable(db_err);
+                return Some(db_err);
             }
             source = cause.source();
         }
-        false
+        None
+    }
+
+    /// Whether a driver error in the chain of causes says the database could not be reached.
+    fn database_unreachable(&self) -> bool {
+        self.first_driver_error().is_some_and(ackloop::is_unavailable)
     }
 
     /// A short machine-readable name for `--json` output.

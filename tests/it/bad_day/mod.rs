@@ -9,12 +9,12 @@
 
 mod lost_answer;
 mod silent;
+mod start_up;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ackloop::{NewUser, SignupError};
-use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use tokio::task::JoinSet;
 
@@ -170,54 +170,6 @@ async fn a_signup_waits_out_a_server_that_is_down_when_it_starts() {
         "nothing doubled"
     );
     worker.stop().await;
-}
-
-/// `ackloop signup` and `ackloop worker` processes started while the server is down (a service
-/// deployed during a restart or a failover): each keeps trying until its deadline, and every
-/// signup gets its player once the server is back within it. Before, start-up was outside the
-/// deadline's retries and such calls failed within milliseconds.
-#[tokio::test]
-async fn cli_processes_started_while_the_server_is_down_wait_for_it() {
-    let (cluster, url) = OwnCluster::start("down-at-cli-start").await;
-    cluster_pool(&url).await.close().await;
-    cluster.pg("stop").await;
-    let worker = ackloop_command(&url)
-        .args(["worker", "--shutdown-timeout", "2s"])
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut calls = JoinSet::new();
-    for n in 0..20 {
-        let mut command = ackloop_command(&url);
-        command.args([
-            "signup",
-            "--email",
-            &format!("down-{n}@example.com"),
-            "--display-name",
-            &format!("Down {n}"),
-            "--timeout",
-            "60s",
-            "--json",
-        ]);
-        calls.spawn(async move { command.output().await.unwrap() });
-    }
-    // Starting the server takes a while: the processes meet a missing socket first.
-    cluster.pg("start").await;
-    for output in within("the signup processes", calls.join_all()).await {
-        assert_eq!(
-            output.status.code(),
-            Some(0),
-            "a signup started during the outage: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-    }
-    let pool = cluster_pool(&url).await;
-    let counts = counts(&pool).await;
-    assert_eq!((counts.users, counts.jobs, counts.players), (20, 20, 20));
-    signal(&worker, "-TERM").await;
-    let mut worker = worker;
-    let status = within("the worker to stop", worker.wait()).await.unwrap();
-    assert!(status.success(), "the worker: {status:?}");
 }
 
 /// SIGTERM while the worker is still connecting, to a server that accepts the connection and
@@ -399,84 +351,5 @@ async fn a_long_lock_on_players_costs_jobs_no_attempts(options: PgPoolOptions, c
     .await;
     assert_eq!(count_jobs_with_status(&pool, "failed").await, 0);
     assert_eq!(counts(&pool).await.players, 3);
-    worker.stop().await;
-}
-
-/// A pool the server refuses for good (here, a database that does not exist; a wrong password
-/// is the same) answers a signup at once with the server's error, its SQLSTATE kept, instead of
-/// trying again until the caller's timeout as if the server were away.
-#[sqlx::test]
-async fn a_refused_connection_answers_a_signup_at_once_with_the_servers_error(
-    _options: PgPoolOptions,
-    connect: PgConnectOptions,
-) {
-    let refused = PgPoolOptions::new()
-        .max_connections(2)
-        .connect_lazy_with(connect.clone().database("ackloop_no_such_database"));
-    // The listener reaches the real database: only the writers' connections are refused.
-    let config = ackloop::SignupsConfig {
-        listen_options: Some(connect),
-        ..ackloop::SignupsConfig::default()
-    };
-    let signups = Arc::new(ackloop::Signups::connect_with(refused, config).await.unwrap());
-    let started = Instant::now();
-    // Many at once, so that the writers group them and meet the refusal for all of them.
-    let mut calls = JoinSet::new();
-    for n in 0..20 {
-        let signups = Arc::clone(&signups);
-        calls.spawn(async move { signups.create_user_and_await_player(&user(n), DEADLINE).await });
-    }
-    for result in within("the callers", calls.join_all()).await {
-        let err = result.expect_err("a signup through a refused pool");
-        let code = match &err {
-            SignupError::Database(source) => source
-                .as_database_error()
-                .and_then(|db_err| db_err.code())
-                .map(|code| code.into_owned()),
-            other => panic!("not the server's error: {other:?}"),
-        };
-        assert_eq!(code.as_deref(), Some("3D000"), "{err}");
-    }
-    assert!(
-        started.elapsed() < Duration::from_secs(3),
-        "answered after {:?}",
-        started.elapsed()
-    );
-}
-
-/// A signup the server rolls back to resolve a conflict (40001, as a database whose default
-/// isolation is serializable does now and then; here raised once by a trigger) certainly did
-/// not commit: it is written again and gets its player, where it used to fail the caller.
-#[sqlx::test]
-async fn a_serialization_failure_is_written_again_and_costs_the_caller_nothing(pool: PgPool) {
-    for statement in [
-        "create sequence conflicts_raised",
-        r#"create function raise_one_conflict() returns trigger language plpgsql as $$
-           begin
-               if nextval('public.conflicts_raised') = 1 then
-                   raise exception 'could not serialize access' using errcode = 'serialization_failure';
-               end if;
-               return new;
-           end $$"#,
-        "create trigger one_conflict before insert on ackloop.builtin_users
-             for each row execute function raise_one_conflict()",
-    ] {
-        execute(&pool, statement).await;
-    }
-    let worker = spawn_worker(&pool, worker_config());
-    let player = signups(&pool)
-        .await
-        .create_user_and_await_player(&user(1), DEADLINE)
-        .await
-        .expect("the signup is written again after the conflict");
-    let raised: i64 = sqlx::query_scalar("select last_value from conflicts_raised")
-        .fetch_one(&pool)
-        .await
-        .unwrap();
-    assert!(
-        raised >= 2,
-        "the conflict was raised, then the signup written: {raised}"
-    );
-    assert_eq!(counts(&pool).await.players, 1, "{player:?}");
     worker.stop().await;
 }

@@ -190,7 +190,7 @@ async fn the_whole_loop_ignores_a_hostile_search_path_on_every_session(
     worker.stop().await;
 }
 
-/// The input rules, which the tables' check constraints call on every row: unpinned for speed
+/// The input rules, which the writing functions call on every row: unpinned for speed
 /// (migration `…04_cheaper_checks`), and safe because whatever decides runs pinned.
 const INPUT_RULES: [&str; 4] = [
     "display_name_problem",

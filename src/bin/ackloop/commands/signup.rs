@@ -7,7 +7,6 @@ use ackloop::{NewUser, SignupError};
 use serde_json::json;
 
 use crate::args::ConnectionArgs;
-use crate::connect::Patience;
 use crate::exit::Failure;
 
 pub(super) async fn signup(
@@ -23,7 +22,9 @@ pub(super) async fn signup(
     // The timeout bounds the whole call: a server that is down or restarting while this starts
     // is tried again until then, and the signup gets what is left.
     let started = Instant::now();
-    let pool = connection.migrated_pool(2, Patience::for_(timeout)).await?;
+    let pool = connection
+        .migrated_pool(2, connection.patience_for(timeout)?)
+        .await?;
     let signups = connection.signups(pool).await?;
     let left = timeout.saturating_sub(started.elapsed());
     let player = match idempotency_key {
@@ -54,7 +55,9 @@ pub(super) async fn await_player(
     json: bool,
 ) -> Result<(), Failure> {
     let started = Instant::now();
-    let pool = connection.migrated_pool(2, Patience::for_(timeout)).await?;
+    let pool = connection
+        .migrated_pool(2, connection.patience_for(timeout)?)
+        .await?;
     let job_id = match (job_id, email) {
         (Some(job_id), _) => job_id,
         (None, Some(email)) => ackloop::admin::find_job_by_email(&pool, &email).await?,

@@ -8,7 +8,7 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
 use crate::args::ConnectionArgs;
-use crate::connect::{Patience, checked_schema, connect};
+use crate::connect::{checked_schema, connect};
 use crate::exit::Failure;
 
 pub(super) async fn run(
@@ -44,10 +44,10 @@ pub(super) async fn run(
             connection,
             ackloop::worker_session_options,
             connections,
-            Patience::Forever,
+            connection.patience_until_connected()?,
         )
         .await?;
-        checked_schema(&pool, Patience::Forever).await?;
+        checked_schema(&pool, connection.patience_until_connected()?).await?;
         Ok::<_, Failure>(pool)
     };
     let pool = tokio::select! {
