@@ -60,7 +60,15 @@ pub(super) async fn await_player(
         .await?;
     let job_id = match (job_id, email) {
         (Some(job_id), _) => job_id,
-        (None, Some(email)) => ackloop::admin::find_job_by_email(&pool, &email).await?,
+        // Within the command's timeout too (at least a second, as start-up's first try).
+        (None, Some(email)) => {
+            let left = timeout
+                .saturating_sub(started.elapsed())
+                .max(Duration::from_secs(1));
+            tokio::time::timeout(left, ackloop::admin::find_job_by_email(&pool, &email))
+                .await
+                .map_err(|_| Failure::Query(sqlx::Error::PoolTimedOut))??
+        }
         (None, None) => unreachable!("clap requires a job id or --email"),
     };
     let signups = connection.signups(pool).await?;
