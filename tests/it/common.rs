@@ -219,6 +219,14 @@ pub async fn as_role(pool: &PgPool, role: &str, statement: &str) -> Option<Strin
 }
 
 /// Runs statements that set up a fault (a constraint, a trigger) in the test's own database.
+/// Runs a statement made at run time (names with the test database's oid in them, say).
+pub async fn execute_owned(pool: &PgPool, sql: String) {
+    sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+        .execute(pool)
+        .await
+        .unwrap();
+}
+
 pub async fn execute(pool: &PgPool, sql: &'static str) {
     sqlx::raw_sql(sql)
         .execute(pool)
@@ -420,6 +428,21 @@ pub async fn cluster_worker_pool(url: &str) -> PgPool {
         .connect_with(ackloop::worker_session_options(url.parse().unwrap()))
         .await
         .expect("connect to the test's cluster")
+}
+
+/// A server on 127.0.0.1 that accepts connections and never writes a byte, as a host behind a
+/// dead route or a hung proxy looks: its port, and the task holding the connections (abort it
+/// to close them).
+pub async fn silent_server() -> (u16, JoinHandle<()>) {
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = silent.local_addr().unwrap().port();
+    let holder = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((stream, _)) = silent.accept().await {
+            held.push(stream);
+        }
+    });
+    (port, holder)
 }
 
 /// A TCP port nobody listens on right now.

@@ -223,13 +223,6 @@ async fn every_exit_code_and_json_shape(options: PgPoolOptions, connect: PgConne
     assert_eq!(code, 9);
 }
 
-async fn execute_owned(pool: &sqlx::PgPool, sql: String) {
-    sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
-        .execute(pool)
-        .await
-        .unwrap();
-}
-
 /// The table the walk above follows is the one `--help` prints.
 #[test]
 fn the_walk_covers_the_printed_table() {

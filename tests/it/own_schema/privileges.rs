@@ -39,7 +39,7 @@ const TABLE_ACCESS: [&str; 8] = [
 
 /// Applies sql/roles.sql; the roles are the cluster's, shared by tests running at once, so a
 /// creation that lost a race with another test's is simply done again.
-async fn apply_roles(pool: &PgPool) {
+pub(super) async fn apply_roles(pool: &PgPool) {
     for _ in 0..5 {
         match sqlx::raw_sql(include_str!("../../../sql/roles.sql"))
             .execute(pool)
