@@ -308,15 +308,7 @@ async fn start_up_keeps_within_the_commands_timeout(pool: PgPool) {
     let now = run_ackloop(&url, &["await", &job_id, "--timeout", "0s"]).await;
     assert_eq!(now.status.code(), Some(5), "{}", stderr(&now));
 
-    // Accepts connections and never answers.
-    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = silent.local_addr().unwrap().port();
-    let held = tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((socket, _)) = silent.accept().await {
-            held.push(socket);
-        }
-    });
+    let (port, held) = silent_server().await;
     let silent_url = format!(
         "postgres://app@127.0.0.1:{port},127.0.0.1:{port}/app?target_session_attrs=read-write&sslmode=disable"
     );

@@ -303,15 +303,7 @@ async fn every_connection_string_form_reaches_the_server() {
 /// default of 10 seconds.
 #[tokio::test]
 async fn connect_timeout_in_the_string_is_honoured() {
-    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = silent.local_addr().unwrap().port();
-    // Accept and hold connections, never writing a byte.
-    let holder = tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((stream, _)) = silent.accept().await {
-            held.push(stream);
-        }
-    });
+    let (port, holder) = silent_server().await;
     let started = Instant::now();
     let output = run_ackloop(
         &format!("postgres://app@127.0.0.1:{port}/app?connect_timeout=2&sslmode=disable"),
