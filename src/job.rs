@@ -345,6 +345,12 @@ impl fmt::Display for JobStatus {
 #[error("unknown job status {0:?}")]
 pub struct UnknownStatus(pub String);
 
+/// How long past its timeout a signup or a wait may be answered, at most: the last look at the
+/// tables (a confirmation whose notification was lost still counts) and the answer of a statement
+/// sent just before the deadline take up to this much. A wait whose look takes longer is answered
+/// as timed out, with its job id.
+pub const ANSWER_MARGIN: Duration = Duration::from_millis(100);
+
 /// When a failed attempt is tried again: exponential backoff from `base`, capped at `max`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Backoff {

@@ -109,8 +109,8 @@ pub use connect::{BadConnectionString, ConnectConfig, TargetSessionAttrs, descri
 #[cfg(feature = "http")]
 pub use exporter::{MetricsError, MetricsHandle};
 pub use job::{
-    Backoff, ExternalId, InvalidExternalId, JobId, JobSource, JobStatus, MAX_EXTERNAL_ID_CHARS,
-    MAX_JSON_BYTES, PlayerId, UnknownStatus, UserId,
+    ANSWER_MARGIN, Backoff, ExternalId, InvalidExternalId, JobId, JobSource, JobStatus,
+    MAX_EXTERNAL_ID_CHARS, MAX_JSON_BYTES, PlayerId, UnknownStatus, UserId,
 };
 pub use signup::{
     Confirmed, Field, InvalidInput, MAX_DISPLAY_NAME_CHARS, MAX_EMAIL_CHARS, NewJob, NewUser, Player, Rule,

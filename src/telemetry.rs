@@ -24,6 +24,11 @@ pub const JOBS_FAILED: &str = "ackloop_jobs_failed_total";
 /// status polls through `await_player`, and signups sent again with their idempotency key; not
 /// a sign of lost notifications).
 pub const CONFIRMATIONS: &str = "ackloop_confirmations_total";
+/// Counter, label `by`: waiters whose deadline came without a confirmation, answered by a
+/// `marker` (one notification through the listener for everyone due at once) or from the
+/// `tables` (their jobs read: after a listener reconnect, when a marker did not come back in
+/// time, or when polling instead of listening).
+pub const LAST_LOOKS: &str = "ackloop_last_looks_total";
 /// Counter, label `channel`: listener reconnects.
 pub const LISTENER_RECONNECTS: &str = "ackloop_listener_reconnects_total";
 /// Counter: callers that waited their whole timeout for a job still pending (the job still

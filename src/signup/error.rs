@@ -23,6 +23,17 @@ pub enum SignupError {
         "idempotency key {0} was used for a signup with another email or display name; send a new key for a new signup"
     )]
     KeyReused(JobId),
+    /// The caller's timeout ran out before the signup was sent to the database: more signups at
+    /// once than the writers could take in that time (the database answered others meanwhile),
+    /// or no time at all. Nothing was written; sign up again, with a longer timeout or fewer
+    /// signups at once. (A database that cannot be reached is [`SignupError::Unavailable`].)
+    #[error(
+        "signup not written: its timeout ran out after {waited:.1?}, before its turn to be written came; nothing was committed: sign up again (with a longer timeout, or fewer signups at once)"
+    )]
+    NotWritten {
+        /// How long the signup waited for its turn.
+        waited: Duration,
+    },
     /// The signup committed but no worker finished its job in time. Nothing is lost: the job is
     /// durable and will be completed; wait again with
     /// [`Signups::await_player`](crate::Signups::await_player).

@@ -9,9 +9,9 @@
 //! ```text
 //! signup/mod.rs ─┬─▶ error.rs    SignupError, the classifier  ─▶ input, job, store
 //!                ├─▶ write.rs    one signup's write, retried  ─▶ error, input, writer, job, store
-//!                ├─▶ writer.rs   grouped commits              ─▶ input, job, store, channel, connect
-//!                ├─▶ confirm.rs  waiters, the LISTEN on done  ─▶ input, job, store, channel, listen,
-//!                │                                               connect, telemetry
+//!                ├─▶ writer/     grouped commits, each signup's turn ─▶ input, job, store, channel
+//!                ├─▶ confirm/    waiters, the LISTEN on done, the last looks ─▶ input, job, store,
+//!                │                                               channel, listen, connect, telemetry
 //!                └─▶ input.rs    NewUser, Player, the rules   ─▶ job (the side's leaf)
 //! ```
 //!
@@ -31,7 +31,7 @@ use sqlx::postgres::PgConnectOptions;
 use sqlx::{PgConnection, PgPool};
 use tokio::time::Instant;
 
-use self::confirm::{Checked, Confirmations, FINAL_CHECK_MARGIN, Look, Outcome, Source};
+use self::confirm::{Checked, Confirmations, Outcome, Source};
 pub use self::error::SignupError;
 use self::error::classify;
 pub use self::input::{
@@ -40,7 +40,7 @@ pub use self::input::{
 use self::write::{Key, Written, write};
 use self::writer::Writers;
 use crate::channel::Channels;
-use crate::job::{JobId, UserId};
+use crate::job::{ANSWER_MARGIN, JobId, UserId};
 use crate::listen::ListenTarget;
 use crate::store;
 
@@ -363,10 +363,7 @@ impl Signups {
             Written::Now => waiter.outcome(deadline).await,
             // Written by an earlier call, whose confirmation this waiter may have missed: the
             // tables first, as `await_player` does.
-            Written::Earlier => match waiter
-                .check(deadline + FINAL_CHECK_MARGIN, Look::BeforeWaiting)
-                .await
-            {
+            Written::Earlier => match Box::pin(waiter.check(deadline + ANSWER_MARGIN)).await {
                 Ok(Checked::Pending) => waiter.outcome(deadline).await,
                 Ok(checked) => checked,
                 // Out of time, or the look failed: the waiter's own final look decides.
@@ -419,10 +416,7 @@ impl Signups {
         let waiter = self.confirmations.register(job_id);
         // Registered first, then checked: a job finished before registration is seen here, one
         // finished after it is delivered to the waiter.
-        match waiter
-            .check(deadline + FINAL_CHECK_MARGIN, Look::BeforeWaiting)
-            .await
-        {
+        match Box::pin(waiter.check(deadline + ANSWER_MARGIN)).await {
             // A zero timeout asks how the job stands, not for a wait: a pending job is the
             // answer, not a caller that gave up.
             Ok(Checked::Pending) if timeout.is_zero() => {

@@ -41,13 +41,22 @@ const WRITE_RETRY_BACKOFF: crate::job::Backoff = crate::job::Backoff {
     max: Duration::from_secs(1),
 };
 
-/// A signup that certainly was not written by its deadline.
-/// `Unavailable`: certainly not committed (`job_id` None), or, after an attempt whose fate was
-/// unknown, perhaps committed (`job_id` given).
-fn not_written(source: Option<sqlx::Error>, job_id: Option<JobId>) -> SignupError {
-    SignupError::Unavailable {
-        job_id,
-        source: source.unwrap_or(sqlx::Error::PoolTimedOut),
+/// The answer to a signup whose deadline came before it was sent (`unsent`), after this call
+/// met the database away (`unreachable`, its last error) or not, and, after an attempt whose fate
+/// was unknown, perhaps committed (`uncertain_job`).
+fn unsent(
+    unsent: writer::Unsent,
+    unreachable: Option<sqlx::Error>,
+    uncertain_job: Option<JobId>,
+    waited: Duration,
+) -> SignupError {
+    match (unsent, unreachable, uncertain_job) {
+        // The database was fine and busy: not an outage, and certainly nothing written.
+        (writer::Unsent::Busy, None, None) => SignupError::NotWritten { waited },
+        (_, unreachable, job_id) => SignupError::Unavailable {
+            job_id,
+            source: unreachable.unwrap_or_else(store::no_answer_in_time),
+        },
     }
 }
 
@@ -62,6 +71,15 @@ pub(super) async fn write(
     key: Key,
     deadline: Instant,
 ) -> Result<(UserId, Written), SignupError> {
+    let started = Instant::now();
+    // No time at all (a zero timeout): nothing is sent.
+    if started >= deadline {
+        return Err(SignupError::NotWritten {
+            waited: Duration::ZERO,
+        });
+    }
+    // The last error that said the database could not be reached, while retrying.
+    let mut unreachable: Option<sqlx::Error> = None;
     // An attempt whose fate is unknown, still to be resolved by the job id.
     let mut maybe_committed: Option<sqlx::Error> = None;
     // Whether any attempt's fate was ever unknown: it may have committed, so every answer keeps
@@ -71,7 +89,7 @@ pub(super) async fn write(
     let mut failures = 0;
     loop {
         let attempt = if let Some(err) = maybe_committed.take() {
-            match committed_user(pool, job_id, deadline).await {
+            match Box::pin(committed_user(pool, job_id, deadline)).await {
                 Ok(Some(user_id)) => return Ok((user_id, Written::Now)),
                 // Not there now: write it again, alone. The lost statement may still commit
                 // later (the server can run it after its client has gone); then `sign_up`,
@@ -81,9 +99,9 @@ pub(super) async fn write(
                 Err(lookup) => writer::Attempt::Unknown(lookup),
             }
         } else if alone {
-            writers.write_alone(new_user, job_id, deadline).await
+            Box::pin(writers.write_alone(new_user, job_id, started, deadline)).await
         } else {
-            writers.write(new_user, job_id, deadline).await
+            writers.write(new_user, job_id, started, deadline).await
         };
         // Once an attempt's fate was unknown, it may yet commit (the server can run a
         // statement after its client has gone): every answer then keeps the job id.
@@ -109,7 +127,9 @@ pub(super) async fn write(
                 alone = true;
                 continue;
             }
-            writer::Attempt::Expired => return Err(not_written(None, uncertain_job)),
+            writer::Attempt::Unsent(reason) => {
+                return Err(unsent(reason, unreachable, uncertain_job, started.elapsed()));
+            }
             // What waiting cannot change (a statement the server refused, or a connection it
             // refuses for good) is answered at once.
             // A lock wait given up, or a conflict the server rolled back (40001, 40P01: under
@@ -158,7 +178,10 @@ pub(super) async fn write(
         failures += 1;
         let delay = WRITE_RETRY_BACKOFF.delay(failures);
         if Instant::now() + delay >= deadline {
-            return Err(not_written(Some(retry_after), uncertain_job));
+            return Err(SignupError::Unavailable {
+                job_id: uncertain_job,
+                source: retry_after,
+            });
         }
         tracing::debug!(
             job.id = %job_id,
@@ -166,6 +189,9 @@ pub(super) async fn write(
             retry_in_ms = delay.as_millis() as u64,
             "signup not written; retrying"
         );
+        if store::is_unavailable(&retry_after) {
+            unreachable = Some(retry_after);
+        }
         tokio::time::sleep(delay).await;
     }
 }
@@ -179,7 +205,7 @@ async fn committed_user(
     let mut failures = 0;
     loop {
         let ids = [job_id.as_uuid()];
-        let err = match store::job_outcomes_by(pool, &ids, deadline).await {
+        let err = match store::job_outcomes_by(pool, &ids, store::Outcomes::All, deadline).await {
             // A job of the built-in tables: its user is a built-in user's id.
             Ok(rows) => {
                 return Ok(rows

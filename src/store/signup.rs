@@ -134,21 +134,38 @@ impl JobOutcomeRow {
     }
 }
 
-/// Reads the state of each of `ids` that exists (ids of no job are simply absent).
-/// [`job_outcomes`] by `deadline`, on a pool connection of its own. A look still unanswered then
+/// Which of the jobs asked for a look returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Outcomes {
+    /// Every job that exists, pending ones included (ids of no job are simply absent).
+    All,
+    /// Only finished jobs: a periodic look at thousands of waiting jobs, most of them pending,
+    /// costs the client nothing for those.
+    Finished,
+}
+
+/// Reads the state of `ids` ([`Outcomes`] says which return) by `deadline`, on a pool connection
+/// of its own. A look still unanswered then
 /// closes its connection instead of returning it: sqlx tests a returned connection with a ping
 /// that has no time limit, so a connection that stopped answering without closing (a NAT or load
 /// balancer that dropped it) would hold its pool slot for ever.
 pub(crate) async fn job_outcomes_by(
     pool: &PgPool,
     ids: &[Uuid],
+    which: Outcomes,
     deadline: tokio::time::Instant,
 ) -> Result<Vec<JobOutcomeRow>, sqlx::Error> {
     let mut conn = match tokio::time::timeout_at(deadline, pool.acquire()).await {
         Ok(conn) => conn?,
         Err(_) => return Err(sqlx::Error::PoolTimedOut),
     };
-    match tokio::time::timeout_at(deadline, job_outcomes(&mut *conn, ids)).await {
+    let look = async {
+        match which {
+            Outcomes::All => job_outcomes(&mut *conn, ids).await,
+            Outcomes::Finished => finished_job_outcomes(&mut *conn, ids).await,
+        }
+    };
+    match tokio::time::timeout_at(deadline, look).await {
         Ok(Ok(rows)) => Ok(rows),
         Ok(Err(err)) => {
             if is_unavailable(&err) {
@@ -192,4 +209,64 @@ pub(crate) async fn job_outcomes(
     )
     .fetch_all(executor)
     .await
+}
+
+async fn finished_job_outcomes(
+    executor: impl PgExecutor<'_>,
+    ids: &[Uuid],
+) -> Result<Vec<JobOutcomeRow>, sqlx::Error> {
+    sqlx::query_as!(
+        JobOutcomeRow,
+        r#"
+        select
+            job_id as "id!: JobId",
+            user_id as "user_id!: ExternalId",
+            status as "status!",
+            last_error,
+            player_id as "player_id?: ExternalId",
+            result,
+            since_done_secs
+        from ackloop.job_outcomes($1)
+        where status <> 'pending'
+        "#,
+        ids,
+    )
+    .fetch_all(executor)
+    .await
+}
+
+/// Sends `payload` on `channel` by `deadline`, without waiting for the commit to be flushed to
+/// disk: a marker that nobody needs after a crash.
+pub(crate) async fn notify_unlogged(
+    pool: &PgPool,
+    channel: &ChannelName,
+    payload: &str,
+    deadline: tokio::time::Instant,
+) -> Result<(), sqlx::Error> {
+    let mut conn = match tokio::time::timeout_at(deadline, pool.acquire()).await {
+        Ok(conn) => conn?,
+        Err(_) => return Err(sqlx::Error::PoolTimedOut),
+    };
+    let notify = sqlx::query_scalar!(
+        r#"
+        select set_config('synchronous_commit', 'off', true) as "off!"
+        from pg_notify($1, $2) as notified
+        "#,
+        channel.as_str(),
+        payload,
+    )
+    .fetch_one(&mut *conn);
+    match tokio::time::timeout_at(deadline, notify).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(err)) => {
+            if is_unavailable(&err) {
+                conn.close_on_drop();
+            }
+            Err(err)
+        }
+        Err(_) => {
+            conn.close_on_drop();
+            Err(no_answer_in_time())
+        }
+    }
 }

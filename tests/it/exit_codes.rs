@@ -27,6 +27,7 @@ fn exit_code(output: &Output) -> i32 {
             10 => "attention",
             11 => "refused",
             12 => "unknown_job",
+            13 => "not_written",
             _ => "error",
         };
         assert_eq!(json["error"], kind, "{json}");
@@ -179,6 +180,22 @@ async fn every_exit_code_and_json_shape(options: PgPoolOptions, connect: PgConne
     )
     .await;
     assert_eq!(code, 12);
+    // 13 for a signup given no time to be written (a healthy database, not an outage).
+    let (code, out) = run(
+        &url,
+        &[
+            "signup",
+            "--email",
+            "no-time@example.com",
+            "--display-name",
+            "No Time",
+            "--timeout",
+            "0s",
+            "--json",
+        ],
+    )
+    .await;
+    assert_eq!(code, 13, "{}", stderr(&out));
     let (code, _) = run(
         "postgres://app@127.0.0.1:1/app?connect_timeout=2",
         &["status", "--json"],
@@ -231,7 +248,9 @@ fn the_walk_covers_the_printed_table() {
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&help.stdout);
-    let walked = ["0", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12"];
+    let walked = [
+        "0", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12", "13",
+    ];
     for code in walked {
         assert!(
             text.lines()

@@ -22,6 +22,7 @@ mod idempotency;
 mod idempotency_cuts;
 mod idempotency_races;
 mod json_logs;
+mod last_looks;
 mod layout;
 mod metrics;
 mod operations;

@@ -20,29 +20,32 @@ pub struct Cluster {
     pub proxied_url: String,
 }
 
+/// A new, empty database `name` on the cluster at `admin_url` (dropped first if a run left it).
+pub async fn fresh_database(admin_url: &str, name: &str) -> PgConnectOptions {
+    let admin_options: PgConnectOptions = admin_url.parse().expect("ACKLOOP_SOAK_URL");
+    let admin = PgPoolOptions::new()
+        .max_connections(1)
+        .connect_with(admin_options.clone())
+        .await
+        .unwrap();
+    for statement in [
+        format!("drop database if exists {name} with (force)"),
+        format!("create database {name}"),
+    ] {
+        sqlx::raw_sql(sqlx::AssertSqlSafe(statement))
+            .execute(&admin)
+            .await
+            .unwrap();
+    }
+    admin.close().await;
+    admin_options.database(name)
+}
+
 impl Cluster {
     /// A fresh, migrated database for this run (`soak_SEED`) on the cluster at `admin_url`, and
     /// the proxy that can go silent in front of it; returns them with a pool on the database.
     pub async fn create(admin_url: &str, seed: u64) -> (Self, SilentProxy, PgPool) {
-        // A fresh database for this run.
-        let admin_options: PgConnectOptions = admin_url.parse().expect("ACKLOOP_SOAK_URL");
-        let database = format!("soak_{seed}");
-        let admin = PgPoolOptions::new()
-            .max_connections(1)
-            .connect_with(admin_options.clone())
-            .await
-            .unwrap();
-        for statement in [
-            format!("drop database if exists {database} with (force)"),
-            format!("create database {database}"),
-        ] {
-            sqlx::raw_sql(sqlx::AssertSqlSafe(statement))
-                .execute(&admin)
-                .await
-                .unwrap();
-        }
-        admin.close().await;
-        let options = admin_options.database(&database);
+        let options = fresh_database(admin_url, &format!("soak_{seed}")).await;
         // Worker 0 and signer 0 reach the server through a proxy that can go silent.
         let proxy = SilentProxy::start(options.get_port()).await;
         let cluster = Cluster {

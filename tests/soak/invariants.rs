@@ -33,6 +33,8 @@ pub struct Run {
     pub workers_exited_cleanly: bool,
     /// How long the signers ran.
     pub load_secs: f64,
+    /// The burst after the faults.
+    pub burst: crate::burst::Burst,
 }
 
 /// Checks the invariants, prints each with its figure, closes the pool, and says whether all
@@ -65,6 +67,7 @@ pub async fn check(run: Run) -> ExitCode {
         drained,
         workers_exited_cleanly,
         load_secs,
+        burst,
     } = run;
     // The poison jobs' callers (long timed out) ask again, and hear of the failure.
     let poison_heard = {
@@ -237,7 +240,7 @@ pub async fn check(run: Run) -> ExitCode {
     let poison_failed = i64::try_from(failed_jobs.len()).unwrap();
 
     let attempted = reported.len();
-    let checks = [
+    let checks = vec![
         ("every signup reported an outcome", attempted as u64 == signups),
         ("signer processes exited 0", signers_ok),
         ("queue drained", drained),
@@ -355,6 +358,11 @@ pub async fn check(run: Run) -> ExitCode {
             r.error.as_deref().unwrap_or("")
         );
     }
+    burst.print();
+    let checks = checks
+        .into_iter()
+        .map(|(check, held)| (check.to_owned(), held))
+        .chain(burst.checks());
     let mut all_held = true;
     for (check, held) in checks {
         println!("  [{}] {check}", if held { "ok" } else { "BROKEN" });

@@ -9,18 +9,21 @@
 //! emails that signups are about to ask for; the connections of one worker and one signer go
 //! silent without closing (they reach the server through a proxy); and garbage is notified on
 //! both channels. A few signups are poison: creating their player kills the session. Then it
-//! drains the queue, checks the invariants, prints each with its figure, and exits non-zero if
+//! drains the queue, stops the workers, runs a burst of 50,000 callers at once on a database of
+//! its own (`burst`), checks the invariants, prints each with its figure, and exits non-zero if
 //! any broke.
 //!
 //! Settings (environment): SOAK_SEED (default: from the clock; printed, so a run can be
 //! repeated), SOAK_SIGNUPS (6000), SOAK_SIGNERS (3), SOAK_WORKERS (3), SOAK_TIMEOUT_MS (3000),
 //! SOAK_PAUSE_MS (60: each of a signer's 8 callers pauses this long between signups),
 //! ACKLOOP_SOAK_URL (the soak cluster's TCP URL; `make soak` sets it), PG_DIR (its directory,
-//! for restarts and crashes).
+//! for restarts and crashes), SOAK_BURST (50000) and SOAK_BURST_TIMEOUT_MS (2000). `soak burst`
+//! runs the burst alone.
 //!
 //! Here: the settings and the run's order. In `cluster`: the database, the worker processes and
 //! signals; `signer`: the signer processes; `faults`: the faults; `invariants`: the checks.
 
+mod burst;
 mod cluster;
 mod faults;
 mod invariants;
@@ -52,6 +55,24 @@ fn main() -> ExitCode {
     if std::env::var_os("ACKLOOP_SOAK").is_none() {
         println!("soak: skipped (run `make soak`)");
         return ExitCode::SUCCESS;
+    }
+    // `soak burst`: the burst alone (what `make soak` runs after the faults).
+    if args.get(1).map(String::as_str) == Some("burst") {
+        return runtime.block_on(async {
+            let url = std::env::var("ACKLOOP_SOAK_URL").expect("ACKLOOP_SOAK_URL");
+            let burst = burst::burst(&url).await;
+            burst.print();
+            let mut held = true;
+            for (check, ok) in burst.checks() {
+                println!("  [{}] {check}", if ok { "ok" } else { "BROKEN" });
+                held &= ok;
+            }
+            if held {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        });
     }
     runtime.block_on(soak())
 }
@@ -188,6 +209,9 @@ async fn soak() -> ExitCode {
         workers_exited_cleanly &= matches!(status, Ok(Ok(status)) if status.success());
     }
 
+    // With every worker stopped: the burst, on a database of its own.
+    let burst = burst::burst(&admin_url).await;
+
     invariants::check(invariants::Run {
         settings,
         pool,
@@ -199,6 +223,7 @@ async fn soak() -> ExitCode {
         drained,
         workers_exited_cleanly,
         load_secs,
+        burst,
     })
     .await
 }

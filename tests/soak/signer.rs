@@ -112,6 +112,7 @@ pub async fn signer(args: &[String]) -> ExitCode {
                     Err(err @ SignupError::JobFailed { .. }) => ("failed", err.job_id(), None),
                     Err(err @ SignupError::Unavailable { .. }) => ("unavailable", err.job_id(), None),
                     Err(SignupError::EmailTaken) => ("email_taken", None, None),
+                    Err(SignupError::NotWritten { .. }) => ("not_written", None, None),
                     Err(err) => ("error", err.job_id(), None),
                 };
                 let line = Reported {

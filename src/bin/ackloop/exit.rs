@@ -27,6 +27,8 @@ Exit codes:
      unreachable or restarting server is tried again until the timeout, then exit 7)
   12 no such job: no job with that id, or no signup with that email (never written,
      rolled back, or pruned)
+  13 not written: the timeout ran out before the signup's turn to be written came (the
+     database was answering, busy with others); nothing was committed: sign up again
   130 worker: a second SIGINT or SIGTERM stopped it at once";
 
 /// Everything a subcommand can fail with, each mapped to one exit code in [`Failure::exit_code`].
@@ -117,6 +119,7 @@ impl Failure {
             Self::Worker(WorkerError::Config(_)) | Self::ListenAddr { .. } | Self::BenchFlags(_) => 2,
             Self::Admin(ackloop::admin::AdminError::UnknownJob(_))
             | Self::Signup(SignupError::UnknownJob(_)) => 12,
+            Self::Signup(SignupError::NotWritten { .. }) => 13,
             Self::Admin(
                 ackloop::admin::AdminError::AlreadyDone(_)
                 | ackloop::admin::AdminError::DoneWithoutPlayer(_)
@@ -172,6 +175,7 @@ impl Failure {
             10 => "attention",
             11 => "refused",
             12 => "unknown_job",
+            13 => "not_written",
             _ => "error",
         }
     }

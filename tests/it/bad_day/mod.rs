@@ -7,6 +7,7 @@
 //! `silent`: connections that go silent without closing. In `lost_answer`: a write whose answer
 //! is lost.
 
+mod burst;
 mod lost_answer;
 mod silent;
 mod start_up;

@@ -17,7 +17,6 @@
 //! up and its connection closed.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Duration;
 
 use sqlx::pool::PoolConnection;
@@ -27,9 +26,13 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use uuid::Uuid;
 
+mod turn;
+
+pub(crate) use self::turn::Unsent;
+use self::turn::{LastAnswer, SharedTurn, Turn};
 use super::input::NewUser;
 use crate::channel::Channels;
-use crate::job::{JobId, UserId};
+use crate::job::{ANSWER_MARGIN, JobId, UserId};
 use crate::store;
 
 /// Signups waiting for a writer, at most: past this, callers wait (within their deadlines) for
@@ -66,33 +69,30 @@ pub(crate) enum Attempt {
     NotCommitted(sqlx::Error),
     /// The statement was sent and its answer never came: it may have committed.
     Unknown(sqlx::Error),
-    /// The deadline passed before a writer took the signup: it will never be written.
-    Expired,
+    /// The deadline passed before the signup was sent: it will never be written.
+    Unsent(Unsent),
 }
-
-/// A queued signup's state, shared by its caller and the writers, so that exactly one of them
-/// decides its fate at the deadline: a writer takes it, or the caller withdraws it.
-const QUEUED: u8 = 0;
-const TAKEN: u8 = 1;
-const WITHDRAWN: u8 = 2;
 
 /// A signup waiting for a writer.
 struct Queued {
     new_user: NewUser,
     job_id: JobId,
+    /// When its caller queued it.
+    since: Instant,
     deadline: Instant,
-    state: Arc<AtomicU8>,
+    turn: Arc<SharedTurn>,
     written: oneshot::Sender<Attempt>,
 }
 
 impl Queued {
     /// Claims the signup for writing; false if its caller withdrew it or its deadline passed.
     fn take(&self) -> bool {
-        Instant::now() < self.deadline
-            && self
-                .state
-                .compare_exchange(QUEUED, TAKEN, Ordering::AcqRel, Ordering::Acquire)
-                .is_ok()
+        Instant::now() < self.deadline && self.turn.take()
+    }
+
+    /// Marks a taken signup as sent; false (and the caller told) if its caller withdrew it.
+    fn send(self) -> Option<Self> {
+        if self.turn.send() { Some(self) } else { None }
     }
 }
 
@@ -101,6 +101,7 @@ pub(crate) struct Writers {
     pool: PgPool,
     channels: Channels,
     queue: mpsc::Sender<Queued>,
+    answered: Arc<LastAnswer>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -116,12 +117,14 @@ impl Writers {
     pub(crate) fn start(pool: PgPool, channels: Channels, writers: usize, max_batch: usize) -> Self {
         let (queue, receiver) = mpsc::channel(QUEUE_CAPACITY);
         let receiver = Arc::new(Mutex::new(receiver));
+        let answered = Arc::new(LastAnswer::new());
         let tasks = (0..writers.max(1))
             .map(|_| {
                 tokio::spawn(write_batches(
                     pool.clone(),
                     channels.clone(),
                     Arc::clone(&receiver),
+                    Arc::clone(&answered),
                     max_batch.max(1),
                 ))
             })
@@ -130,54 +133,84 @@ impl Writers {
             pool,
             channels,
             queue,
+            answered,
             tasks,
         }
     }
 
-    /// Writes one signup together with others queued at the same moment, by `deadline`.
-    pub(crate) async fn write(&self, new_user: &NewUser, job_id: JobId, deadline: Instant) -> Attempt {
-        let state = Arc::new(AtomicU8::new(QUEUED));
-        let (written, result) = oneshot::channel();
+    /// Writes one signup together with others queued at the same moment, by `deadline`. A
+    /// signup sent by then is answered once its statement is, waiting at most [`ANSWER_MARGIN`]
+    /// past the deadline. `since`: when the caller began writing this signup.
+    pub(crate) async fn write(
+        &self,
+        new_user: &NewUser,
+        job_id: JobId,
+        since: Instant,
+        deadline: Instant,
+    ) -> Attempt {
+        let turn = Arc::new(SharedTurn::new());
+        let (written, mut result) = oneshot::channel();
         let queued = Queued {
             new_user: new_user.clone(),
             job_id,
+            since,
             deadline,
-            state: Arc::clone(&state),
+            turn: Arc::clone(&turn),
             written,
         };
         match tokio::time::timeout_at(deadline, self.queue.send(queued)).await {
             Ok(Ok(())) => tracing::trace!(job.id = %job_id, "signup queued"),
             Ok(Err(_)) => return Attempt::NotCommitted(sqlx::Error::PoolClosed),
-            Err(_) => return Attempt::Expired,
+            Err(_) => return Attempt::Unsent(self.answered.unsent_since(since)),
         }
-        match tokio::time::timeout_at(deadline, result).await {
-            Ok(Ok(attempt)) => attempt,
+        match tokio::time::timeout_at(deadline, &mut result).await {
+            Ok(Ok(attempt)) => return attempt,
             // The writers stopped (the handle is being dropped) before or while writing.
-            Ok(Err(_)) => match state.load(Ordering::Acquire) {
-                TAKEN => Attempt::Unknown(sqlx::Error::PoolClosed),
-                _ => Attempt::NotCommitted(sqlx::Error::PoolClosed),
-            },
-            Err(_) => {
-                // Withdraw it; if a writer took it first, it is in flight and may commit.
-                match state.compare_exchange(QUEUED, WITHDRAWN, Ordering::AcqRel, Ordering::Acquire) {
-                    Ok(_) => Attempt::Expired,
-                    Err(_) => Attempt::Unknown(sqlx::Error::Io(std::io::ErrorKind::TimedOut.into())),
-                }
+            Ok(Err(_)) => {
+                return match turn.now() {
+                    Turn::Sent => Attempt::Unknown(sqlx::Error::PoolClosed),
+                    _ => Attempt::NotCommitted(sqlx::Error::PoolClosed),
+                };
             }
+            Err(_) => {}
+        }
+        if turn.withdraw() {
+            return Attempt::Unsent(self.answered.unsent_since(since));
+        }
+        // Sent just before the deadline: its answer is usually a moment away.
+        match tokio::time::timeout_at(deadline + ANSWER_MARGIN, result).await {
+            Ok(Ok(attempt)) => attempt,
+            Ok(Err(_)) => Attempt::Unknown(sqlx::Error::PoolClosed),
+            Err(_) => Attempt::Unknown(store::no_answer_in_time()),
         }
     }
 
     /// Writes one signup in a transaction of its own, from the caller's task, by `deadline`:
     /// after a shared batch failed, or to try again after an outage. It may wait for a lock all
     /// the time it has left.
-    pub(crate) async fn write_alone(&self, new_user: &NewUser, job_id: JobId, deadline: Instant) -> Attempt {
+    pub(crate) async fn write_alone(
+        &self,
+        new_user: &NewUser,
+        job_id: JobId,
+        since: Instant,
+        deadline: Instant,
+    ) -> Attempt {
         let conn = match tokio::time::timeout_at(deadline, self.pool.acquire()).await {
             Ok(Ok(conn)) => conn,
             Ok(Err(err)) => return Attempt::NotCommitted(err),
-            Err(_) => return Attempt::Expired,
+            Err(_) => return Attempt::Unsent(self.answered.unsent_since(since)),
         };
         let lock_wait = deadline.saturating_duration_since(Instant::now());
-        write_one(conn, &self.channels, new_user, job_id, lock_wait, deadline).await
+        write_one(
+            conn,
+            &self.channels,
+            &self.answered,
+            new_user,
+            job_id,
+            lock_wait,
+            deadline,
+        )
+        .await
     }
 }
 
@@ -186,6 +219,7 @@ impl Writers {
 async fn write_one(
     mut conn: PoolConnection<Postgres>,
     channels: &Channels,
+    answered: &LastAnswer,
     new_user: &NewUser,
     job_id: JobId,
     lock_wait: Duration,
@@ -199,7 +233,11 @@ async fn write_one(
         &channels.jobs,
         Some(lock_wait),
     );
-    match tokio::time::timeout_at(deadline + STATEMENT_GRACE, statement).await {
+    let answer = tokio::time::timeout_at(deadline + STATEMENT_GRACE, statement).await;
+    if let Ok(Ok(_) | Err(sqlx::Error::Database(_))) = &answer {
+        answered.record();
+    }
+    match answer {
         Ok(Ok(user_id)) => Attempt::Found(user_id),
         Ok(Err(err)) => attempt_failed(err),
         Err(_) => {
@@ -233,6 +271,7 @@ async fn write_batches(
     pool: PgPool,
     channels: Channels,
     receiver: Arc<Mutex<mpsc::Receiver<Queued>>>,
+    answered: Arc<LastAnswer>,
     max_batch: usize,
 ) {
     loop {
@@ -248,7 +287,9 @@ async fn write_batches(
                 if queued.take() {
                     batch.push(queued);
                 } else {
-                    let _ = queued.written.send(Attempt::Expired);
+                    let _ = queued
+                        .written
+                        .send(Attempt::Unsent(answered.unsent_since(queued.since)));
                 }
                 if batch.len() >= max_batch {
                     break;
@@ -258,12 +299,12 @@ async fn write_batches(
             batch
         };
         if !batch.is_empty() {
-            write_together(&pool, &channels, batch).await;
+            write_together(&pool, &channels, &answered, batch).await;
         }
     }
 }
 
-async fn write_together(pool: &PgPool, channels: &Channels, batch: Vec<Queued>) {
+async fn write_together(pool: &PgPool, channels: &Channels, answered: &LastAnswer, batch: Vec<Queued>) {
     // A job id already in the batch is a caller's key sent twice at once: the grouped statement
     // answers by job id alone, so it would tell both that the one written is theirs, whatever
     // their email and name. All but the first are written alone, where `sign_up` compares them.
@@ -274,16 +315,9 @@ async fn write_together(pool: &PgPool, channels: &Channels, batch: Vec<Queued>) 
         tracing::debug!(job.id = %queued.job_id, "a job id twice in one batch; the second is written alone");
         let _ = queued.written.send(Attempt::WriteAlone);
     }
-    let earliest = batch
-        .iter()
-        .map(|q| q.deadline)
-        .min()
-        .expect("a batch is never empty");
-    let latest = batch
-        .iter()
-        .map(|q| q.deadline)
-        .max()
-        .expect("a batch is never empty");
+    let Some(latest) = batch.iter().map(|q| q.deadline).max() else {
+        return;
+    };
     let answer_all = |batch: Vec<Queued>, attempt: &dyn Fn() -> Attempt| {
         for queued in batch {
             let _ = queued.written.send(attempt());
@@ -304,15 +338,30 @@ async fn write_together(pool: &PgPool, channels: &Channels, batch: Vec<Queued>) 
                 Attempt::NotCommitted(sqlx::Error::Io(std::io::Error::other(message.clone())))
             });
         }
-        // Nothing was sent: the callers may try again alone if they still have time.
-        Err(_) => return answer_all(batch, &|| Attempt::NotCommitted(sqlx::Error::PoolTimedOut)),
+        // Every caller's deadline has passed, and nothing was sent.
+        Err(_) => {
+            for queued in batch {
+                let unsent = answered.unsent_since(queued.since);
+                let _ = queued.written.send(Attempt::Unsent(unsent));
+            }
+            return;
+        }
     };
-    let lock_wait = BATCH_LOCK_WAIT.min(earliest.saturating_duration_since(Instant::now()));
+    // Callers that gave up while the connection came are not sent (they answered themselves).
+    let batch: Vec<Queued> = batch.into_iter().filter_map(Queued::send).collect();
+    let Some(latest) = batch.iter().map(|q| q.deadline).max() else {
+        return;
+    };
+    // Not shortened for a signup near its deadline: its caller waits for a sent statement up to
+    // `ANSWER_MARGIN` past it, longer than this wait. (A wait of a millisecond fails the whole
+    // batch on any lock, the commit's turn at the notify lock included.)
+    let lock_wait = BATCH_LOCK_WAIT;
     if batch.len() == 1 {
         let queued = batch.into_iter().next().expect("one signup");
         let attempt = match write_one(
             conn,
             channels,
+            answered,
             &queued.new_user,
             queued.job_id,
             lock_wait,
@@ -335,7 +384,11 @@ async fn write_together(pool: &PgPool, channels: &Channels, batch: Vec<Queued>) 
     let job_ids: Vec<Uuid> = batch.iter().map(|q| q.job_id.as_uuid()).collect();
     let statement =
         store::insert_users_and_jobs(&mut *conn, &emails, &names, &job_ids, &channels.jobs, lock_wait);
-    match tokio::time::timeout_at(latest + STATEMENT_GRACE, statement).await {
+    let answer = tokio::time::timeout_at(latest + STATEMENT_GRACE, statement).await;
+    if let Ok(Ok(_) | Err(sqlx::Error::Database(_))) = &answer {
+        answered.record();
+    }
+    match answer {
         Ok(Ok(written)) => {
             tracing::debug!(
                 batch.size = batch.len(),
