@@ -150,5 +150,13 @@ pub async fn run_migrations(pool: &sqlx::PgPool) -> Result<(), sqlx::migrate::Mi
     if let Some(elsewhere) = admin::schema::applied_by_another_tool(pool).await? {
         return Err(sqlx::migrate::MigrateError::Source(Box::new(elsewhere)));
     }
-    MIGRATOR.run(pool).await
+    // On one connection of its own, closed if a migration fails: sqlx holds its advisory lock
+    // for the session and does not release it on an error, so a pooled connection would keep
+    // it and the next `run_migrations` in this process would wait for ever.
+    let mut conn = pool.acquire().await?;
+    let result = MIGRATOR.run(&mut *conn).await;
+    if result.is_err() {
+        conn.close_on_drop();
+    }
+    result
 }

@@ -197,7 +197,7 @@ pub(crate) async fn job_id_by_email(
         select jobs.id as "id!: JobId"
         from ackloop.builtin_users as users
         join ackloop.player_creation_jobs as jobs on jobs.builtin_user_id = users.id
-        where lower(users.email) = lower($1)
+        where ackloop.fold_email(users.email) = ackloop.fold_email($1)
         "#,
         email,
     )

@@ -2,6 +2,7 @@
 //! whatever search_path a caller has, and upgraded from the earlier layout with nothing lost.
 
 mod cheaper_checks;
+mod locale_and_claims;
 mod privileges;
 mod search_path;
 mod services;
