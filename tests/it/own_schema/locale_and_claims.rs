@@ -229,7 +229,7 @@ async fn completing_a_job_this_transaction_did_not_claim_is_refused(pool: PgPool
     // Claimed in a savepoint rolled back since.
     let mut tx = conn.begin().await.unwrap();
     {
-        let mut savepoint = (&mut *tx).begin().await.unwrap();
+        let mut savepoint = (*tx).begin().await.unwrap();
         let claimed: Vec<uuid::Uuid> = sqlx::query_scalar("select job_id from ackloop.claim_jobs(1)")
             .fetch_all(&mut *savepoint)
             .await
