@@ -137,6 +137,11 @@ fn error_response(err: SignupError) -> Response {
             StatusCode::SERVICE_UNAVAILABLE,
             json!({ "job_id": job_id, "error": err.to_string() }),
         ),
+        // Nothing was written and the database is fine: busy, so try again shortly.
+        SignupError::NotWritten { .. } => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            json!({ "error": err.to_string(), "retry": true }),
+        ),
         _ => (
             StatusCode::INTERNAL_SERVER_ERROR,
             json!({ "error": err.to_string() }),

@@ -85,6 +85,10 @@ pub(crate) struct Subscription {
     options: PgConnectOptions,
     channel: ChannelName,
     listener: Option<PgListener>,
+    /// The server process of the listener's connection, when known: a liveness check that finds
+    /// another one caught sqlx reconnecting by itself inside a read the check cancelled, which
+    /// no event reported (notifications sent in between are lost).
+    backend_pid: Option<i32>,
     failed_reconnects: u32,
 }
 
@@ -104,16 +108,16 @@ impl Subscription {
         // The pool retries an unreachable server until its acquire timeout: bound the first try
         // so that a caller with a short deadline is not held here.
         let first = tokio::time::timeout(FIRST_LISTEN_WAIT, listen(&pool, &channel)).await;
-        let (listener, failed_reconnects) = match first {
-            Ok(Ok(listener)) => (Some(listener), 0),
+        let (listener, backend_pid, failed_reconnects) = match first {
+            Ok(Ok((listener, pid))) => (Some(listener), Some(pid), 0),
             Ok(Err(err)) if !crate::store::is_worth_waiting_for(&err) => return Err(err),
             Ok(Err(err)) => {
                 tracing::warn!(channel = %channel, error = %Described(&err), "cannot listen yet; retrying");
-                (None, 1)
+                (None, None, 1)
             }
             Err(_) => {
                 tracing::warn!(channel = %channel, "cannot listen yet (no answer); retrying");
-                (None, 1)
+                (None, None, 1)
             }
         };
         Ok(Self {
@@ -122,6 +126,7 @@ impl Subscription {
             options,
             channel,
             listener,
+            backend_pid,
             failed_reconnects,
         })
     }
@@ -137,8 +142,9 @@ impl Subscription {
                     tokio::time::sleep(RECONNECT_BACKOFF.delay(self.failed_reconnects)).await;
                 }
                 match listen(&self.pool, &self.channel).await {
-                    Ok(listener) => {
+                    Ok((listener, pid)) => {
                         self.listener = Some(listener);
+                        self.backend_pid = Some(pid);
                         self.failed_reconnects = 0;
                         self.count_reconnect();
                         tracing::info!(channel = %self.channel, "listener reconnected");
@@ -163,8 +169,16 @@ impl Subscription {
                 Ok(received) => received,
                 Err(_) => {
                     let ping =
-                        tokio::time::timeout(LIVENESS_ANSWER, crate::store::ping(&mut *listener)).await;
-                    if !matches!(ping, Ok(Ok(()))) {
+                        tokio::time::timeout(LIVENESS_ANSWER, crate::store::backend_pid(&mut *listener))
+                            .await;
+                    if let Ok(Ok(pid)) = ping {
+                        let known = self.backend_pid.replace(pid);
+                        if known.is_some_and(|known| known != pid) {
+                            self.count_reconnect();
+                            tracing::info!(channel = %self.channel, "listener reconnected");
+                            return Event::Resubscribed;
+                        }
+                    } else {
                         tracing::warn!(
                             channel = %self.channel,
                             "listener connection did not answer a liveness check; replacing it"
@@ -182,6 +196,9 @@ impl Subscription {
                 Ok(Some(notification)) => return Event::Notification(notification),
                 // sqlx has already reconnected and re-issued LISTEN before returning this.
                 Ok(None) => {
+                    // Learnt at the next liveness check (a statement now would hide the LISTEN
+                    // from pg_stat_activity).
+                    self.backend_pid = None;
                     self.count_reconnect();
                     tracing::info!(channel = %self.channel, "listener reconnected");
                     return Event::Resubscribed;
@@ -234,8 +251,11 @@ impl Subscription {
     }
 }
 
-async fn listen(pool: &PgPool, channel: &ChannelName) -> Result<PgListener, sqlx::Error> {
+async fn listen(pool: &PgPool, channel: &ChannelName) -> Result<(PgListener, i32), sqlx::Error> {
     let mut listener = PgListener::connect_with(pool).await?;
+    // Before the LISTEN, which stays the session's last statement until a liveness check (what
+    // an operator, or a test, finds listeners by in pg_stat_activity).
+    let pid = crate::store::backend_pid(&mut listener).await?;
     listener.listen(channel.as_str()).await?;
-    Ok(listener)
+    Ok((listener, pid))
 }

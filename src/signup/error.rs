@@ -23,12 +23,13 @@ pub enum SignupError {
         "idempotency key {0} was used for a signup with another email or display name; send a new key for a new signup"
     )]
     KeyReused(JobId),
-    /// The caller's timeout ran out before the signup was sent to the database: more signups at
-    /// once than the writers could take in that time (the database answered others meanwhile),
-    /// or no time at all. Nothing was written; sign up again, with a longer timeout or fewer
-    /// signups at once. (A database that cannot be reached is [`SignupError::Unavailable`].)
+    /// The caller's timeout ran out before the signup could be written, while the database
+    /// answered: more signups at once than the writers could take in that time, another
+    /// session's open transaction holding the same email until then, or no time at all. Nothing
+    /// was written; sign up again (with a longer timeout, or fewer signups at once). A database
+    /// that cannot be reached is [`SignupError::Unavailable`].
     #[error(
-        "signup not written: its timeout ran out after {waited:.1?}, before its turn to be written came; nothing was committed: sign up again (with a longer timeout, or fewer signups at once)"
+        "signup not written: its timeout ran out after {waited:.1?}, before it could be written (its turn did not come, or another session held its email); nothing was committed: sign up again"
     )]
     NotWritten {
         /// How long the signup waited for its turn.

@@ -178,9 +178,17 @@ pub(super) async fn write(
         failures += 1;
         let delay = WRITE_RETRY_BACKOFF.delay(failures);
         if Instant::now() + delay >= deadline {
-            return Err(SignupError::Unavailable {
-                job_id: uncertain_job,
-                source: retry_after,
+            // Out of time. Certainly not written, and the database answered (a lock held on the
+            // email, a conflict it rolled back): not an outage.
+            let reached = !store::is_unavailable(&retry_after) && unreachable.is_none();
+            return Err(match uncertain_job {
+                None if reached => SignupError::NotWritten {
+                    waited: started.elapsed(),
+                },
+                job_id => SignupError::Unavailable {
+                    job_id,
+                    source: retry_after,
+                },
             });
         }
         tracing::debug!(

@@ -363,6 +363,13 @@ pub(crate) async fn ping(executor: impl PgExecutor<'_>) -> Result<(), sqlx::Erro
     Ok(())
 }
 
+/// The server process of the session on `executor`: a different one means a new connection.
+pub(crate) async fn backend_pid(executor: impl PgExecutor<'_>) -> Result<i32, sqlx::Error> {
+    sqlx::query_scalar!(r#"select pg_backend_pid() as "pid!""#)
+        .fetch_one(executor)
+        .await
+}
+
 /// Whether the server is in recovery (a standby), and whether this session's transactions are
 /// read-only by default: what libpq's `target_session_attrs` looks at.
 pub(crate) async fn session_state(executor: impl PgExecutor<'_>) -> Result<(bool, bool), sqlx::Error> {

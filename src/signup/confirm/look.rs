@@ -14,7 +14,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use tokio::sync::mpsc;
+use tokio::sync::{Semaphore, mpsc};
 use tokio::time::Instant;
 use uuid::Uuid;
 
@@ -28,6 +28,10 @@ use crate::telemetry;
 /// looked up in several queries, each answering its waiters as soon as it returns.
 const MAX_TABLE_LOOK: usize = 4096;
 
+/// Rounds of looks under way at once: a round that waits for its marker or reads the tables does
+/// not hold up the looks falling due meanwhile, which gather into the next round.
+const ROUNDS_AT_ONCE: usize = 4;
+
 /// The part of a look's time (from the deadline to the bound) the marker may take: the rest is
 /// left for reading the tables should it not come back.
 const MARKER_SHARE: f64 = 0.5;
@@ -38,7 +42,12 @@ pub(super) async fn look_at_deadlines(
     done_channel: ChannelName,
     mut due: mpsc::UnboundedReceiver<FinalLook>,
 ) {
+    let rounds = Arc::new(Semaphore::new(ROUNDS_AT_ONCE));
     while let Some(first) = due.recv().await {
+        let Ok(round) = Arc::clone(&rounds).acquire_owned().await else {
+            return;
+        };
+        // Taken once a round may start: what fell due meanwhile is answered together.
         let mut looks = vec![first];
         while let Ok(look) = due.try_recv() {
             looks.push(look);
@@ -49,12 +58,19 @@ pub(super) async fn look_at_deadlines(
         if looks.is_empty() {
             continue;
         }
-        if shared.listening {
-            looks = answer_by_marker(&shared, &done_channel, looks).await;
-        }
-        for chunk in chunks(looks, MAX_TABLE_LOOK) {
-            answer_from_the_tables(&shared, chunk).await;
-        }
+        let shared = Arc::clone(&shared);
+        let done_channel = done_channel.clone();
+        // Every step of a round is bounded by its looks' bounds: it ends by itself.
+        tokio::spawn(async move {
+            let mut looks = looks;
+            if shared.listening {
+                looks = answer_by_marker(&shared, &done_channel, looks).await;
+            }
+            for chunk in chunks(looks, MAX_TABLE_LOOK) {
+                answer_from_the_tables(&shared, chunk).await;
+            }
+            drop(round);
+        });
     }
 }
 

@@ -73,12 +73,14 @@ impl Confirmations {
         let listening = matches!(source, Source::Listen(_));
         let shared = Arc::new(Shared::new(pool, listening, final_looks));
         let span = tracing::info_span!("listener", channel = %channel);
-        let looker = tokio::spawn(look::look_at_deadlines(Arc::clone(&shared), channel.clone(), due));
+        let looker = look::look_at_deadlines(Arc::clone(&shared), channel.clone(), due);
         let tasks = match source {
             Source::Listen(target) => {
                 // A server down or restarting while the service starts is no error: the reader
-                // keeps trying, and the table checks find whatever it missed.
+                // keeps trying, and the table checks find whatever it missed. (A refusal returns
+                // here, before any task is spawned.)
                 let subscription = Subscription::connect_or_later(*target, channel).await?;
+                let looker = tokio::spawn(looker);
                 let (hints, hinted) = mpsc::unbounded_channel();
                 let reader = resolve::read(Arc::clone(&shared), subscription, hints);
                 let resolver = resolve::resolve(Arc::clone(&shared), hinted);
@@ -90,7 +92,7 @@ impl Confirmations {
                 ]
             }
             Source::Poll(interval) => vec![
-                looker,
+                tokio::spawn(looker),
                 tokio::spawn(resolve::recheck(Arc::clone(&shared), interval).instrument(span)),
             ],
         };

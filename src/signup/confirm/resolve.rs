@@ -161,7 +161,11 @@ fn deliver(shared: &Shared, rows: &[store::JobOutcomeRow], mut notified: HashSet
             count_confirmation(via, row);
         }
     }
-    // Notified as finished while the tables say otherwise: forged, or early.
+    // Notified as finished while the tables say otherwise: forged, or early (the tables read
+    // elsewhere than where the job was written?). A marker cannot answer for such jobs.
+    if !notified.is_empty() {
+        shared.note_loss();
+    }
     for job_id in notified {
         ::metrics::counter!(telemetry::CONFIRMATIONS_IGNORED).increment(1);
         tracing::warn!(

@@ -90,9 +90,18 @@ impl Queued {
         Instant::now() < self.deadline && self.turn.take()
     }
 
-    /// Marks a taken signup as sent; false (and the caller told) if its caller withdrew it.
-    fn send(self) -> Option<Self> {
-        if self.turn.send() { Some(self) } else { None }
+    /// Marks a taken signup as sent, unless its caller withdrew it, or its deadline passed (then
+    /// the writer withdraws it and tells its caller).
+    fn send(self, answered: &LastAnswer) -> Option<Self> {
+        if Instant::now() >= self.deadline {
+            if self.turn.withdraw() {
+                let _ = self
+                    .written
+                    .send(Attempt::Unsent(answered.unsent_since(self.since)));
+            }
+            return None;
+        }
+        self.turn.send().then_some(self)
     }
 }
 
@@ -201,6 +210,8 @@ impl Writers {
             Err(_) => return Attempt::Unsent(self.answered.unsent_since(since)),
         };
         let lock_wait = deadline.saturating_duration_since(Instant::now());
+        // The caller's own task waits: its answer is due by the margin, not the writers' grace.
+        let give_up = deadline + ANSWER_MARGIN;
         write_one(
             conn,
             &self.channels,
@@ -208,14 +219,15 @@ impl Writers {
             new_user,
             job_id,
             lock_wait,
-            deadline,
+            give_up,
         )
         .await
     }
 }
 
 /// Writes one signup on `conn` in its own transaction, waiting at most `lock_wait` for row locks
-/// and giving the statement up (closing its connection) [`STATEMENT_GRACE`] after `deadline`.
+/// and giving the statement up (closing its connection) at `give_up`.
+#[allow(clippy::too_many_arguments)]
 async fn write_one(
     mut conn: PoolConnection<Postgres>,
     channels: &Channels,
@@ -223,7 +235,7 @@ async fn write_one(
     new_user: &NewUser,
     job_id: JobId,
     lock_wait: Duration,
-    deadline: Instant,
+    give_up: Instant,
 ) -> Attempt {
     let statement = store::insert_user_and_job(
         &mut *conn,
@@ -233,9 +245,9 @@ async fn write_one(
         &channels.jobs,
         Some(lock_wait),
     );
-    let answer = tokio::time::timeout_at(deadline + STATEMENT_GRACE, statement).await;
-    if let Ok(Ok(_) | Err(sqlx::Error::Database(_))) = &answer {
-        answered.record();
+    let answer = tokio::time::timeout_at(give_up, statement).await;
+    if let Ok(answer) = &answer {
+        answered.record_if_reached(answer);
     }
     match answer {
         Ok(Ok(user_id)) => Attempt::Found(user_id),
@@ -347,8 +359,12 @@ async fn write_together(pool: &PgPool, channels: &Channels, answered: &LastAnswe
             return;
         }
     };
-    // Callers that gave up while the connection came are not sent (they answered themselves).
-    let batch: Vec<Queued> = batch.into_iter().filter_map(Queued::send).collect();
+    // Callers that gave up while the connection came are not sent (they answered themselves),
+    // nor are signups whose deadline passed meanwhile (their callers are told so here).
+    let batch: Vec<Queued> = batch
+        .into_iter()
+        .filter_map(|queued| queued.send(answered))
+        .collect();
     let Some(latest) = batch.iter().map(|q| q.deadline).max() else {
         return;
     };
@@ -365,7 +381,7 @@ async fn write_together(pool: &PgPool, channels: &Channels, answered: &LastAnswe
             &queued.new_user,
             queued.job_id,
             lock_wait,
-            queued.deadline,
+            queued.deadline + STATEMENT_GRACE,
         )
         .await
         {
@@ -385,8 +401,8 @@ async fn write_together(pool: &PgPool, channels: &Channels, answered: &LastAnswe
     let statement =
         store::insert_users_and_jobs(&mut *conn, &emails, &names, &job_ids, &channels.jobs, lock_wait);
     let answer = tokio::time::timeout_at(latest + STATEMENT_GRACE, statement).await;
-    if let Ok(Ok(_) | Err(sqlx::Error::Database(_))) = &answer {
-        answered.record();
+    if let Ok(answer) = &answer {
+        answered.record_if_reached(answer);
     }
     match answer {
         Ok(Ok(written)) => {

@@ -86,7 +86,17 @@ impl LastAnswer {
         }
     }
 
-    pub(super) fn record(&self) {
+    /// Records a statement's answer if the database gave it: rows, or an error of the statement
+    /// itself (not a lost connection, nor a server shutting down or refusing sessions).
+    pub(super) fn record_if_reached<T>(&self, answer: &Result<T, sqlx::Error>) {
+        match answer {
+            Ok(_) => self.record(),
+            Err(err @ sqlx::Error::Database(_)) if !crate::store::is_unavailable(err) => self.record(),
+            Err(_) => {}
+        }
+    }
+
+    fn record(&self) {
         let micros = u64::try_from(self.epoch.elapsed().as_micros()).unwrap_or(u64::MAX);
         self.micros.fetch_max(micros.max(1), Ordering::Relaxed);
     }

@@ -75,8 +75,8 @@ async fn a_lock_held_on_the_email_bounds_the_signup_and_holds_up_nobody(
         if is_blocked {
             blocked += 1;
             match result {
-                // Nothing was written, and the caller is told so (no job id).
-                Err(SignupError::Unavailable { job_id: None, .. }) => {}
+                // Nothing was written, and the caller is told so: not an outage.
+                Err(SignupError::NotWritten { .. }) => {}
                 other => panic!("a signup blocked on a lock got {other:?}"),
             }
         } else {

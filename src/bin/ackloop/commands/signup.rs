@@ -27,6 +27,14 @@ pub(super) async fn signup(
         .await?;
     let signups = connection.signups(pool).await?;
     let left = timeout.saturating_sub(started.elapsed());
+    // Start-up (a server away or slow to answer) took all the time: not a busy writer.
+    if left.is_zero() && !timeout.is_zero() {
+        return Err(SignupError::Unavailable {
+            job_id: None,
+            source: sqlx::Error::PoolTimedOut,
+        }
+        .into());
+    }
     let player = match idempotency_key {
         Some(key) => {
             signups
