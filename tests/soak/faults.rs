@@ -18,18 +18,22 @@ use crate::silent_proxy::SilentProxy;
 use crate::{Rng, Settings};
 
 /// Every kind of fault the soak injects; each happens at least once a run.
-pub const FAULT_KINDS: [&str; 10] = [
+pub const FAULT_KINDS: [&str; 11] = [
     "worker killed",
     "worker stopped while starting",
     "listeners terminated",
     "postgres restarted",
     "postgres crashed",
+    "signups started while down",
     "workers frozen",
     "emails held",
     "connections silenced",
     "garbage notified",
     "garbage notified",
 ];
+
+/// `ackloop signup` processes started each time the server is stopped for them.
+const STARTS_WHILE_DOWN: usize = 20;
 
 /// Workers' shutdown timeout in the soak, and so the bound on a SIGTERM while one starts.
 const SHUTDOWN_TIMEOUT_MS: u64 = 5000;
@@ -48,6 +52,8 @@ pub struct FaultLog {
     pub slowest_startup_exit: Duration,
     /// Whether every worker sent SIGTERM while it started exited in time, as it should.
     pub startup_exits_ok: bool,
+    /// The exit codes of the `ackloop signup` processes started while the server was stopped.
+    pub started_while_down: Vec<Option<i32>>,
 }
 
 /// Injects faults at seeded random moments (`started`: when the signers started) until every
@@ -85,6 +91,7 @@ pub async fn inject(
     let mut silences: Vec<u64> = Vec::new();
     let mut slowest_startup_exit = Duration::ZERO;
     let mut startup_exits_ok = true;
+    let mut started_while_down: Vec<Option<i32>> = Vec::new();
     while signer_tasks.iter().any(|task| !task.is_finished()) {
         tokio::time::sleep(Duration::from_millis(150 + rng.below(600))).await;
         let count_of = |faults: &HashMap<&str, u32>, name: &str| faults.get(name).copied().unwrap_or(0);
@@ -92,11 +99,12 @@ pub async fn inject(
         let fault = if let Some(fault) = every_kind.pop() {
             fault
         } else {
-            match rng.below(14) {
+            match rng.below(15) {
                 0..=2 => "worker killed",
                 3..=4 => "listeners terminated",
                 5 if count_of(&faults, "postgres restarted") < 4 => "postgres restarted",
                 6 if count_of(&faults, "postgres crashed") < 2 => "postgres crashed",
+                12 if count_of(&faults, "signups started while down") < 2 => "signups started while down",
                 7 if count_of(&faults, "workers frozen") < 2 => "workers frozen",
                 8 | 9 => "emails held",
                 10 if count_of(&faults, "connections silenced") < 2 => "connections silenced",
@@ -185,6 +193,44 @@ pub async fn inject(
                 let hold = Duration::from_millis(timeout_ms / 3 + rng.below(timeout_ms / 3));
                 held_emails += hold_emails(pool, (next + 4..next + 10).filter(|n| *n < signups), hold).await;
             }
+            // Processes started while the server is stopped (a deploy during a restart or a
+            // failover): each keeps trying within its timeout and gets its player.
+            "signups started while down" => {
+                let from = now_ms();
+                cluster.pg("stop").await;
+                let first = started_while_down.len();
+                let processes: Vec<tokio::process::Child> = (first..first + STARTS_WHILE_DOWN)
+                    .map(|n| {
+                        tokio::process::Command::new(crate::ACKLOOP)
+                            .args([
+                                "signup",
+                                "--email",
+                                &format!("started-down-{n}@example.com"),
+                                "--display-name",
+                                &format!("Started down {n}"),
+                                "--timeout",
+                                "30s",
+                                "--json",
+                            ])
+                            .env("DATABASE_URL", &cluster.url)
+                            .env("RUST_LOG", "ackloop=error")
+                            .stdout(std::process::Stdio::null())
+                            .stderr(std::process::Stdio::null())
+                            .kill_on_drop(true)
+                            .spawn()
+                            .expect("start ackloop signup")
+                    })
+                    .collect();
+                cluster.pg("start").await;
+                outages.push((from, now_ms()));
+                for mut process in processes {
+                    let status = tokio::time::timeout(Duration::from_secs(40), process.wait()).await;
+                    started_while_down.push(match status {
+                        Ok(Ok(status)) => status.code(),
+                        _ => None,
+                    });
+                }
+            }
             "connections silenced" => {
                 silences.push(now_ms());
                 proxy.silence();
@@ -216,6 +262,7 @@ pub async fn inject(
         silences,
         slowest_startup_exit,
         startup_exits_ok,
+        started_while_down,
     }
 }
 

@@ -60,6 +60,7 @@ pub async fn check(run: Run) -> ExitCode {
                 silences,
                 slowest_startup_exit,
                 startup_exits_ok,
+                started_while_down,
             },
         reported,
         confirmations,
@@ -273,6 +274,10 @@ pub async fn check(run: Run) -> ExitCode {
             FAULT_KINDS.iter().all(|kind| faults.contains_key(kind)),
         ),
         ("emails were held by another session", held_emails > 0),
+        (
+            "every ackloop signup started while the server was stopped got its player (exit 0)",
+            !started_while_down.is_empty() && started_while_down.iter().all(|code| *code == Some(0)),
+        ),
         ("every user has its job", users_without_job == 0),
         ("each confirmed player is its own signup's", misowned == 0),
         (
@@ -325,6 +330,16 @@ pub async fn check(run: Run) -> ExitCode {
     println!(
         "server away (restart, crash) for {outage_ms:?} ms; emails held by another session: {held_emails}; slowest exit after SIGTERM while starting: {} ms",
         slowest_startup_exit.as_millis()
+    );
+    println!(
+        "ackloop signup processes started while the server was stopped: {}, exit codes {:?}",
+        started_while_down.len(),
+        started_while_down
+            .iter()
+            .fold(std::collections::BTreeMap::new(), |mut codes, code| {
+                *codes.entry(*code).or_insert(0) += 1;
+                codes
+            })
     );
     println!(
         "timed-out signups whose job completed afterwards: {timed_out_done} of {}; errors with a job id whose job is not done: {with_job_not_done}; errors without a job id that committed: {without_job_committed}",

@@ -5,7 +5,8 @@
 //! `soak signer …`) work against a private cluster of their own while, at seeded random moments:
 //! workers are SIGKILLed and restarted, or sent SIGTERM while they start; all workers are frozen
 //! (SIGSTOP) for longer than a signup's timeout; listener backends are terminated; PostgreSQL is
-//! restarted, or its postmaster killed with SIGKILL; another session holds uncommitted inserts of
+//! restarted, or its postmaster killed with SIGKILL, or stopped while 20 `ackloop signup`
+//! processes start (each must get its player); another session holds uncommitted inserts of
 //! emails that signups are about to ask for; the connections of one worker and one signer go
 //! silent without closing (they reach the server through a proxy); and garbage is notified on
 //! both channels. A few signups are poison: creating their player kills the session. Then it

@@ -11,6 +11,9 @@ use tokio::task::JoinSet;
 
 use crate::common::*;
 
+/// How many `ackloop signup` processes start while the server is down.
+const STARTED_WHILE_DOWN: usize = 100;
+
 /// `ackloop signup` and `ackloop worker` processes started while the server is down (a service
 /// deployed during a restart or a failover): each keeps trying until its deadline, and every
 /// signup gets its player once the server is back within it. Before, start-up was outside the
@@ -30,7 +33,7 @@ async fn cli_processes_started_while_the_server_is_down_wait_for_it() {
     let (worker_met, worker_log) = met_the_outage(worker.stderr.take().unwrap());
     let mut calls = JoinSet::new();
     let mut all_met = vec![worker_met];
-    for n in 0..20 {
+    for n in 0..STARTED_WHILE_DOWN {
         let mut child = ackloop_command(&url)
             .args([
                 "signup",
@@ -66,7 +69,11 @@ async fn cli_processes_started_while_the_server_is_down_wait_for_it() {
     }
     let pool = cluster_pool(&url).await;
     let counts = counts(&pool).await;
-    assert_eq!((counts.users, counts.jobs, counts.players), (20, 20, 20));
+    let started = STARTED_WHILE_DOWN as i64;
+    assert_eq!(
+        (counts.users, counts.jobs, counts.players),
+        (started, started, started)
+    );
     signal(&worker, "-TERM").await;
     let status = within("the worker to stop", worker.wait()).await.unwrap();
     assert!(status.success(), "the worker: {status:?}");
