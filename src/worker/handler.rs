@@ -164,6 +164,61 @@ impl JobError {
     }
 }
 
+/// Turns any error into a [`JobError`] with one call, in a handler: `.retry_later()?` for what
+/// may pass (a service that is down, a timeout), `.fail()?` for what no retry fixes (input the
+/// player service refuses). The reason kept with the job is the error's message followed by its
+/// causes.
+///
+/// ```
+/// use ackloop::{JobError, JobResultExt};
+///
+/// fn level(extra: &str) -> Result<u32, JobError> {
+///     let level: u32 = extra.parse().fail()?;
+///     Ok(level)
+/// }
+/// assert!(matches!(level("x"), Err(JobError::Fail(reason)) if reason == "invalid digit found in string"));
+/// assert_eq!(level("7").unwrap(), 7);
+/// ```
+pub trait JobResultExt<T> {
+    /// [`JobError::RetryLater`] with the error's message: tried again after the backoff, failed
+    /// after the last attempt.
+    ///
+    /// # Errors
+    /// The error, as [`JobError::RetryLater`].
+    fn retry_later(self) -> Result<T, JobError>;
+
+    /// [`JobError::Fail`] with the error's message: the job fails now, with no further attempt.
+    ///
+    /// # Errors
+    /// The error, as [`JobError::Fail`].
+    fn fail(self) -> Result<T, JobError>;
+}
+
+impl<T, E: std::error::Error> JobResultExt<T> for Result<T, E> {
+    fn retry_later(self) -> Result<T, JobError> {
+        self.map_err(|err| JobError::RetryLater(reason_of(&err)))
+    }
+
+    fn fail(self) -> Result<T, JobError> {
+        self.map_err(|err| JobError::Fail(reason_of(&err)))
+    }
+}
+
+/// An error's message and its causes, each once.
+fn reason_of(err: &dyn std::error::Error) -> String {
+    let mut reason = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !reason.contains(&text) {
+            reason.push_str(": ");
+            reason.push_str(&text);
+        }
+        source = cause.source();
+    }
+    reason
+}
+
 /// The player service's own code: what creating a job's player means.
 ///
 /// The worker calls [`Handler::handle`] for each job it claims, inside the claim's transaction,

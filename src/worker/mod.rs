@@ -25,7 +25,7 @@ mod loops;
 mod passes;
 
 pub use config::{WorkerConfig, worker_session_options};
-pub use handler::{Created, Handler, InsertPlayer, Job, JobError};
+pub use handler::{Created, Handler, InsertPlayer, Job, JobError, JobResultExt};
 use passes::Processor;
 
 /// What stops a worker from running. A failing *job* is not one of these: it is recorded in its
