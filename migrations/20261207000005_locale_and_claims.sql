@@ -236,46 +236,13 @@ begin
 end
 $$;
 
--- Which jobs this transaction has claimed, for mark_done and record_failure: a transaction-local
--- setting, so a claim rolled back (with its savepoint, or its transaction) is forgotten with it.
--- A safeguard against completing the wrong job by mistake, not a permission: the roles that may
--- call these functions are trusted with the queue.
-create function ackloop.note_claimed(job_ids uuid[]) returns integer
-language plpgsql volatile
-set search_path = pg_catalog, ackloop, pg_temp
-as $$
-begin
-    if coalesce(cardinality(job_ids), 0) > 0 then
-        perform set_config(
-            'ackloop.claimed_jobs',
-            concat_ws(',', nullif(current_setting('ackloop.claimed_jobs', true), ''), array_to_string(job_ids, ',')),
-            true
-        );
-    end if;
-    return coalesce(cardinality(job_ids), 0);
-end
-$$;
-
--- Closed to everyone: only the contract's steps (running as ackloop's owner) call it. The
--- contract's `alter default privileges in schema ackloop revoke … from public` does not close
--- new functions (per-schema default privileges can only add to the global ones), so every
--- function after it is closed by name.
-revoke execute on function ackloop.note_claimed(uuid[]) from public;
-
--- The first of `job_ids` this transaction has not claimed, or null.
-create function ackloop.first_unclaimed(job_ids uuid[]) returns uuid
-language sql stable
-set search_path = pg_catalog, ackloop, pg_temp
-as $$
-    select given.id
-    from unnest(job_ids) as given (id)
-    where given.id <> all (
-        coalesce(string_to_array(nullif(current_setting('ackloop.claimed_jobs', true), ''), ',')::uuid[], '{}')
-    )
-    limit 1
-$$;
-revoke execute on function ackloop.first_unclaimed(uuid[]) from public;
-
+-- Which jobs this transaction has claimed, for mark_done and record_failure: claim_jobs and
+-- lock_attempt append the ids they lock to the transaction-local setting `ackloop.claimed_jobs`,
+-- so a claim rolled back (with its savepoint, or its transaction) is forgotten with it. Written
+-- and read inline in each function (a call of a helper with a pinned search_path, per claim and
+-- per completion, cost the one-job-per-transaction path of a service's handler about a third of
+-- its throughput). A safeguard against completing the wrong job by mistake, not a permission:
+-- the roles that may call these functions are trusted with the queue.
 -- Locks up to `batch_size` due jobs never tried before for the caller's transaction (skipping
 -- any another worker holds), with what a handler needs: jobs services added (add_job), or with
 -- `builtin_signups` the built-in tables' signups (sign_up), so that each kind goes to the worker
@@ -319,7 +286,14 @@ begin
         extract(epoch from now() - claimed.created_at)::float8
     from claimed
     -- One row: the claimed ids noted for mark_done and record_failure.
-    cross join (select ackloop.note_claimed(array_agg(claimed.id)) from claimed) as noted
+    cross join (
+        select set_config(
+            'ackloop.claimed_jobs',
+            concat_ws(',', nullif(current_setting('ackloop.claimed_jobs', true), ''), array_to_string(array_agg(claimed.id), ',')),
+            true
+        )
+        from claimed
+    ) as noted
     order by claimed.id;
 end
 $$;
@@ -341,7 +315,11 @@ begin
       and jobs.attempts = lock_attempt.attempt
     for update;
     if found then
-        perform ackloop.note_claimed(array[lock_attempt.job_id]);
+        perform set_config(
+            'ackloop.claimed_jobs',
+            concat_ws(',', nullif(current_setting('ackloop.claimed_jobs', true), ''), lock_attempt.job_id::text),
+            true
+        );
     end if;
     return found;
 end
@@ -366,6 +344,10 @@ as $$
 declare
     missing uuid;
     problem text;
+    -- The jobs this transaction claimed (claim_jobs, lock_attempt: `ackloop.claimed_jobs`).
+    claimed uuid[] := coalesce(
+        string_to_array(nullif(current_setting('ackloop.claimed_jobs', true), ''), ',')::uuid[], '{}'
+    );
 begin
     if cardinality(job_ids) is distinct from cardinality(mark_done.attempts)
         or cardinality(job_ids) is distinct from cardinality(player_ids)
@@ -373,8 +355,12 @@ begin
         raise exception 'mark_done needs one attempt, player id and result per job id'
             using errcode = 'invalid_parameter_value';
     end if;
-    missing := ackloop.first_unclaimed(job_ids);
-    if missing is not null then
+    select given.id
+    into missing
+    from unnest(job_ids) as given (id)
+    where given.id <> all (claimed)
+    limit 1;
+    if found then
         raise exception 'job % was not claimed in this transaction', missing
             using errcode = 'object_not_in_prerequisite_state',
                   hint = 'claim jobs in the transaction that completes them: ackloop.claim_jobs, or ackloop.lock_attempt after ackloop.start_attempt';
@@ -438,7 +424,9 @@ declare
     reason text := left(error, 2000);
     delay bigint := ackloop.backoff_ms(attempt, backoff_base_ms, backoff_max_ms);
 begin
-    if ackloop.first_unclaimed(array[record_failure.job_id]) is not null then
+    if record_failure.job_id <> all (
+        coalesce(string_to_array(nullif(current_setting('ackloop.claimed_jobs', true), ''), ',')::uuid[], '{}')
+    ) then
         raise exception 'job % was not claimed in this transaction', record_failure.job_id
             using errcode = 'object_not_in_prerequisite_state',
                   hint = 'claim jobs in the transaction that records their failures: ackloop.claim_jobs, or ackloop.lock_attempt after ackloop.start_attempt';
