@@ -294,12 +294,18 @@ pub enum JobSource {
     BuiltinSignup,
 }
 
-/// Where a job is in its life: `pending` until a worker finishes it, then `done` or `failed`.
+/// Where a job is in its life: `pending` (or `running`, an attempt of a job taken alone) until a
+/// worker finishes it, then `done` or `failed`. docs/protocol.md draws the transitions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum JobStatus {
     /// Waiting to be claimed, or waiting for its next attempt.
     Pending,
+    /// An attempt counted and committed before it is made, as a worker does for a job it takes
+    /// alone (a retry, or any job after a session died): until the attempt ends, or its lease
+    /// does (then the attempt is taken as ended with its session). A batch's jobs are never
+    /// `running`: their claim is a row lock inside one transaction.
+    Running,
     /// The worker created the player (unless someone deleted it since: `JobDetails::player_missing`).
     Done,
     /// Every attempt failed; `last_error` says why.
@@ -315,6 +321,7 @@ impl JobStatus {
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Pending => "pending",
+            Self::Running => "running",
             Self::Done => "done",
             Self::Failed => "failed",
         }
@@ -327,6 +334,7 @@ impl FromStr for JobStatus {
     fn from_str(text: &str) -> Result<Self, Self::Err> {
         match text {
             "pending" => Ok(Self::Pending),
+            "running" => Ok(Self::Running),
             "done" => Ok(Self::Done),
             "failed" => Ok(Self::Failed),
             other => Err(UnknownStatus(other.to_owned())),
@@ -445,9 +453,14 @@ mod tests {
 
     #[test]
     fn status_text_round_trips() {
-        for status in [JobStatus::Pending, JobStatus::Done, JobStatus::Failed] {
+        for status in [
+            JobStatus::Pending,
+            JobStatus::Running,
+            JobStatus::Done,
+            JobStatus::Failed,
+        ] {
             assert_eq!(status.as_str().parse::<JobStatus>().unwrap(), status);
         }
-        assert!("running".parse::<JobStatus>().is_err());
+        assert!("claimed".parse::<JobStatus>().is_err());
     }
 }

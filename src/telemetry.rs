@@ -39,9 +39,9 @@ pub const PAYLOADS_IGNORED: &str = "ackloop_payloads_ignored_total";
 /// Counter: confirmations (job ids on the done channel) for jobs the tables say are not
 /// finished, ignored: forged, or sent by something other than a worker's commit.
 pub const CONFIRMATIONS_IGNORED: &str = "ackloop_confirmations_ignored_total";
-/// Gauge: pending jobs (sampled).
+/// Gauge: unfinished jobs, pending or running (sampled).
 pub const JOBS_PENDING: &str = "ackloop_jobs_pending";
-/// Gauge: age of the oldest pending job, 0 when none (sampled).
+/// Gauge: age of the oldest unfinished job, 0 when none (sampled).
 pub const OLDEST_PENDING: &str = "ackloop_oldest_pending_seconds";
 /// Gauge: share of the server's notification queue in use, 0 to 1 (sampled).
 pub const NOTIFICATION_QUEUE_USAGE: &str = "ackloop_notification_queue_usage";
@@ -86,7 +86,7 @@ pub fn describe_metrics() {
         CONFIRMATIONS_IGNORED,
         "confirmations for jobs the tables say are not finished"
     );
-    describe_gauge!(JOBS_PENDING, "pending jobs");
-    describe_gauge!(OLDEST_PENDING, Unit::Seconds, "age of the oldest pending job");
+    describe_gauge!(JOBS_PENDING, "unfinished jobs: pending or running");
+    describe_gauge!(OLDEST_PENDING, Unit::Seconds, "age of the oldest unfinished job");
     describe_gauge!(NOTIFICATION_QUEUE_USAGE, "share of the notification queue in use");
 }

@@ -57,8 +57,8 @@ pub enum AdminError {
     /// left out of a restore). [`repair_job`] puts it back to pending.
     #[error("job {0} is done but its player is missing; run again with --repair to create it")]
     DoneWithoutPlayer(JobId),
-    /// Retrying is for failed jobs; a pending one will be taken by a worker anyway.
-    #[error("job {0} is still pending; a worker will take it")]
+    /// Retrying is for failed jobs; a pending (or running) one will be finished by a worker anyway.
+    #[error("job {0} is not finished yet (pending or running); a worker will finish it")]
     StillPending(JobId),
     /// Repairing is for done jobs whose player is missing; a failed job is retried as it is.
     #[error("job {0} has failed; retry it without --repair")]
@@ -143,7 +143,7 @@ pub async fn retry_failed_job(pool: &PgPool, channels: &Channels, job_id: JobId)
     match job.status {
         JobStatus::Done if job.player_missing => Err(AdminError::DoneWithoutPlayer(job_id)),
         JobStatus::Done => Err(AdminError::AlreadyDone(job_id)),
-        JobStatus::Pending => Err(AdminError::StillPending(job_id)),
+        JobStatus::Pending | JobStatus::Running => Err(AdminError::StillPending(job_id)),
         // It failed between the two statements: the retry applies now.
         JobStatus::Failed => {
             store::retry_failed_jobs(pool, Some(job_id), &channels.jobs).await?;
@@ -201,7 +201,7 @@ pub async fn repair_job(pool: &PgPool, channels: &Channels, job_id: JobId) -> Re
             // Its player went missing after the repair looked: try again.
             JobStatus::Done if job.player_missing => {}
             JobStatus::Done => return Err(AdminError::AlreadyDone(job_id)),
-            JobStatus::Pending => return Err(AdminError::StillPending(job_id)),
+            JobStatus::Pending | JobStatus::Running => return Err(AdminError::StillPending(job_id)),
             JobStatus::Failed => return Err(AdminError::StillFailed(job_id)),
         }
     }

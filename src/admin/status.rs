@@ -19,11 +19,15 @@ const RECENT_FAILURES: i64 = 10;
 pub struct StatusReport {
     /// Jobs waiting for a worker (including those waiting for a retry).
     pub pending: i64,
+    /// Jobs with an attempt under way that a worker counted before making it (a job taken
+    /// alone); one whose worker died stays here until its lease ends.
+    pub running: i64,
     /// Jobs whose player exists.
     pub done: i64,
     /// Jobs that ran out of attempts.
     pub failed: i64,
-    /// Seconds since the oldest pending job was created; `None` when nothing is pending. A value
+    /// Seconds since the oldest unfinished (pending or running) job was created; `None` when
+    /// there is none. A value
     /// that keeps growing means no worker is running, or workers cannot keep up.
     pub oldest_pending_secs: Option<f64>,
     /// The most recent failures, newest first.
@@ -74,6 +78,7 @@ impl StatusReport {
         let failures = store::recent_failures(pool, RECENT_FAILURES).await?;
         Ok(Self {
             pending: counts.pending,
+            running: counts.running,
             done: counts.done,
             failed: counts.failed,
             oldest_pending_secs: counts.oldest_pending_secs,

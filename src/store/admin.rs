@@ -6,10 +6,11 @@ use sqlx::{PgConnection, PgExecutor};
 use crate::channel::ChannelName;
 use crate::job::{ExternalId, JobId};
 
-/// Job counts by status and the age of the oldest pending job.
+/// Job counts by status and the age of the oldest unfinished (pending or running) job.
 #[derive(Debug, Clone)]
 pub(crate) struct JobCounts {
     pub(crate) pending: i64,
+    pub(crate) running: i64,
     pub(crate) done: i64,
     pub(crate) failed: i64,
     pub(crate) oldest_pending_secs: Option<f64>,
@@ -21,9 +22,10 @@ pub(crate) async fn job_counts(executor: impl PgExecutor<'_>) -> Result<JobCount
         r#"
         select
             count(*) filter (where status = 'pending') as "pending!",
+            count(*) filter (where status = 'running') as "running!",
             count(*) filter (where status = 'done') as "done!",
             count(*) filter (where status = 'failed') as "failed!",
-            extract(epoch from now() - min(created_at) filter (where status = 'pending'))::float8
+            extract(epoch from now() - min(created_at) filter (where status in ('pending', 'running')))::float8
                 as "oldest_pending_secs?"
         from ackloop.player_creation_jobs
         "#,
@@ -323,7 +325,7 @@ pub(crate) async fn delete_finished_jobs(
         where id = any(array(
             select id
             from ackloop.player_creation_jobs
-            where status <> 'pending'
+            where status in ('done', 'failed')
               and completed_at < now() - make_interval(secs => $1)
             order by completed_at
             limit $2
@@ -347,7 +349,7 @@ pub(crate) async fn count_finished_jobs(
         r#"
         select count(*) as "count!"
         from ackloop.player_creation_jobs
-        where status <> 'pending'
+        where status in ('done', 'failed')
           and completed_at < now() - make_interval(secs => $1)
         "#,
         older_than_secs,
@@ -428,7 +430,8 @@ pub(crate) async fn notification_queue_usage(executor: impl PgExecutor<'_>) -> R
         .await
 }
 
-/// Pending jobs created more than `older_than_secs` ago, and the oldest one's age.
+/// Unfinished (pending or running) jobs created more than `older_than_secs` ago, and the oldest
+/// one's age.
 pub(crate) async fn stale_pending_jobs(
     executor: impl PgExecutor<'_>,
     older_than_secs: f64,
@@ -439,7 +442,7 @@ pub(crate) async fn stale_pending_jobs(
             count(*) as "stale!",
             extract(epoch from now() - min(created_at))::float8 as "oldest_secs?"
         from ackloop.player_creation_jobs
-        where status = 'pending'
+        where status in ('pending', 'running')
           and created_at < now() - make_interval(secs => $1)
         "#,
         older_than_secs,

@@ -59,7 +59,7 @@ pub(crate) struct FinishedSecond {
 }
 
 /// Jobs finished per second over the last `window_secs`, and over the whole window, in one
-/// pass through the index on finished jobs (`status <> 'pending'` is its predicate).
+/// pass through the index on finished jobs (`status in ('done', 'failed')` is its predicate).
 pub(crate) async fn finished_per_second(
     executor: impl PgExecutor<'_>,
     window_secs: f64,
@@ -76,7 +76,7 @@ pub(crate) async fn finished_per_second(
             percentile_cont(0.99) within group (order by extract(epoch from completed_at - created_at))
                 filter (where status = 'done') as "commit_to_done_p99"
         from ackloop.player_creation_jobs
-        where status <> 'pending'
+        where status in ('done', 'failed')
           and completed_at >= now() - make_interval(secs => $1)
         group by grouping sets ((floor(extract(epoch from completed_at))::bigint), ())
         order by 1 nulls first

@@ -87,23 +87,38 @@ pub(crate) async fn claim_due_jobs(
     .await
 }
 
-/// A job [`start_attempt`] took for an attempt of its own.
+/// The row `ackloop.start_attempt` answers with.
+struct StartAttemptRow {
+    status: String,
+    id: JobId,
+    user_id: ExternalId,
+    display_name: String,
+    extra: Option<serde_json::Value>,
+    attempt: i32,
+    waited_secs: f64,
+    last_error: Option<String>,
+    lease_ms: Option<i64>,
+    abandoned_attempt: Option<i32>,
+}
+
+/// What [`start_attempt`] did with the next due job.
 #[derive(Debug)]
-pub(crate) struct StartedAttempt {
-    /// `started`, or `gave_up` when its attempts were used up and it was failed instead.
-    pub(crate) status: String,
-    pub(crate) id: JobId,
-    pub(crate) user_id: ExternalId,
-    pub(crate) display_name: String,
-    pub(crate) extra: Option<serde_json::Value>,
-    /// The attempt counted (attempts made, when it gave up).
-    pub(crate) attempt: i32,
-    /// From its signup to this claim.
-    pub(crate) waited_secs: f64,
-    /// The job's error before this attempt (its reason for failing, when it gave up).
-    pub(crate) last_error: Option<String>,
-    /// How long the job stays not due should this attempt never finish.
-    pub(crate) lease_ms: Option<i64>,
+pub(crate) enum Started {
+    /// The job is `running` attempt `job.attempts`, counted and committed.
+    Running {
+        job: ClaimedJob,
+        /// How long the job stays not due should this attempt never finish: its lease.
+        lease: std::time::Duration,
+        /// The attempt before this one, if it was found running past its lease: it ended with
+        /// its session (a crash, a killed backend, a job that kills sessions).
+        abandoned_attempt: Option<i32>,
+    },
+    /// Its attempts were used up, so it was failed (and its caller told) instead.
+    GaveUp {
+        id: JobId,
+        attempts: i32,
+        reason: String,
+    },
 }
 
 /// Which due jobs a lone attempt takes.
@@ -125,9 +140,9 @@ pub(crate) async fn start_attempt(
     backoff: &Backoff,
     done_channel: &ChannelName,
     source: JobSource,
-) -> Result<Option<StartedAttempt>, sqlx::Error> {
-    sqlx::query_as!(
-        StartedAttempt,
+) -> Result<Option<Started>, sqlx::Error> {
+    let row = sqlx::query_as!(
+        StartAttemptRow,
         r#"
         select
             status as "status!",
@@ -138,7 +153,8 @@ pub(crate) async fn start_attempt(
             attempt as "attempt!",
             waited_secs as "waited_secs!",
             last_error,
-            lease_ms
+            lease_ms,
+            abandoned_attempt
         from ackloop.start_attempt(
             max_attempts => $1,
             backoff_base_ms => $2,
@@ -156,7 +172,35 @@ pub(crate) async fn start_attempt(
         source == JobSource::BuiltinSignup,
     )
     .fetch_optional(executor)
-    .await
+    .await?;
+    let Some(row) = row else {
+        return Ok(None);
+    };
+    let started = match row.status.as_str() {
+        "gave_up" => Started::GaveUp {
+            id: row.id,
+            attempts: row.attempt,
+            reason: row.last_error.unwrap_or_default(),
+        },
+        "started" => Started::Running {
+            lease: std::time::Duration::from_millis(row.lease_ms.unwrap_or_default().unsigned_abs()),
+            abandoned_attempt: row.abandoned_attempt,
+            job: ClaimedJob {
+                id: row.id,
+                user_id: row.user_id,
+                display_name: row.display_name,
+                extra: row.extra,
+                attempts: row.attempt,
+                waited_secs: row.waited_secs,
+            },
+        },
+        other => {
+            return Err(sqlx::Error::Decode(
+                format!("ackloop.start_attempt answered with an unknown status {other:?}").into(),
+            ));
+        }
+    };
+    Ok(Some(started))
 }
 
 /// Seconds until the next job tried before is due (negative if one is due now, but held), or
@@ -173,10 +217,9 @@ pub(crate) async fn next_retry_due_in(
     .await
 }
 
-/// Replaces the provisional error [`start_attempt`] left on attempt `attempt` with what
-/// actually ended it, when it ended with an error its session survived
-/// (`ackloop.note_unfinished_attempt`); only if the job is as that attempt left it. The attempt
-/// stays counted.
+/// Ends attempt `attempt`, which [`start_attempt`] started, with what ended it, when that was an
+/// error its session survived (`ackloop.note_unfinished_attempt`): the job is pending again, the
+/// attempt counted; only if the job is still running that attempt.
 pub(crate) async fn note_unfinished_attempt(
     executor: impl PgExecutor<'_>,
     job_id: JobId,
@@ -195,8 +238,8 @@ pub(crate) async fn note_unfinished_attempt(
 }
 
 /// Takes back attempt `attempt` of a job (it never ran: it waited for a lock another session
-/// holds), leaving `error` and the job due again after the backoff for `attempt`
-/// (`ackloop.give_back_attempt`); only if the job is as that attempt left it.
+/// holds): the job is pending again, showing `error`, due after the backoff for `attempt`
+/// (`ackloop.give_back_attempt`); only if the job is still running that attempt.
 pub(crate) async fn give_back_attempt(
     executor: impl PgExecutor<'_>,
     job_id: JobId,

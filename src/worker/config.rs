@@ -7,12 +7,6 @@ use sqlx::postgres::PgConnectOptions;
 use crate::channel::Channels;
 use crate::job::Backoff;
 
-/// The longest a worker statement waits for a lock another session holds (a `CREATE INDEX`, an
-/// `ALTER TABLE`, a row someone keeps locked), set by [`worker_session_options`]. Then the
-/// statement fails, the worker backs off and tries again, and the wait is not counted as an
-/// attempt of any job: a lock is the database's state, not the job's fault.
-pub(super) const LOCK_WAIT: &str = "2s";
-
 /// Adds the session settings a worker's connections should carry, so that the server itself
 /// releases the jobs of a worker that died or froze, without waiting for TCP to notice:
 ///
@@ -23,10 +17,13 @@ pub(super) const LOCK_WAIT: &str = "2s";
 ///   between the statements of a transaction loses its session, and its claims, after 10s. The
 ///   built-in batch is one statement; a handler's batch, and a job taken alone, hold a
 ///   transaction open between statements, for as long as the handlers take.
-/// - `lock_timeout = 2s`: a statement waiting on a lock another session holds gives up; the
-///   worker backs off and tries again without counting an attempt. Without it, a wait longer
-///   than the worker's 10 s limit on a pass is taken for a dead connection, and a job being tried
-///   alone then keeps that attempt.
+///
+/// Every function of the contract that claims sets the same two for the rest of its transaction,
+/// with the lock wait limit (`lock_timeout = 2s`: a lock another session holds is not the job's
+/// fault, so the wait costs no attempt), in `ackloop.limit_claim_session`, the one place the
+/// lock limit is written. The server arms the connection check when a statement starts, though,
+/// so a claim made in one statement (the built-in batch) is watched only if the session carries
+/// it: hence these.
 ///
 /// `ackloop worker` uses these; build an embedded worker's pool with them too. They need
 /// PostgreSQL 14 or later.
@@ -43,7 +40,6 @@ pub fn worker_session_options(options: PgConnectOptions) -> PgConnectOptions {
     options.options([
         ("client_connection_check_interval", "1s"),
         ("idle_in_transaction_session_timeout", "10s"),
-        ("lock_timeout", LOCK_WAIT),
     ])
 }
 

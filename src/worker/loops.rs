@@ -23,23 +23,61 @@ const UNAVAILABLE_BACKOFF: Backoff = Backoff {
 /// attempt, or the backend of a session a job just killed).
 const RETRY_RECHECK: Duration = Duration::from_millis(250);
 
+/// How a processing loop takes jobs.
+#[derive(Debug, Clone, Copy)]
+enum Mode {
+    /// One at a time, each attempt counted in its own committed transaction before it is made
+    /// (`ackloop.start_attempt`): `left` more at most, since `since`. Taken when the loop starts
+    /// (the last process may have died of a job) and after any pass the session did not survive
+    /// (a job may have killed it), so a job that kills sessions is counted, retried with backoff
+    /// and failed, instead of taking its batch down with it for ever.
+    Alone { left: usize, since: Instant },
+    /// In batches, as many jobs per transaction as the batch size.
+    Batches,
+}
+
+impl Mode {
+    /// Alone for the next `batch_size` jobs: a batch's worth, so the job that killed the
+    /// session is among them.
+    fn alone(batch_size: u16) -> Self {
+        Self::Alone {
+            left: usize::from(batch_size),
+            since: Instant::now(),
+        }
+    }
+
+    /// Alone when the loop starts. No dying backend of this loop's holds a job yet, so an empty
+    /// queue ends it at once.
+    fn starting(batch_size: u16) -> Self {
+        Self::Alone {
+            left: usize::from(batch_size),
+            since: Instant::now()
+                .checked_sub(ALONE_AT_LEAST)
+                .unwrap_or_else(Instant::now),
+        }
+    }
+
+    /// After a lone attempt took a job: one fewer left; none left, back to batches.
+    fn took_one(self) -> Self {
+        match self {
+            Self::Alone { left, since } if left > 1 => Self::Alone {
+                left: left - 1,
+                since,
+            },
+            _ => Self::Batches,
+        }
+    }
+}
+
 /// Where a processing loop stands between passes.
 struct LoopState {
-    /// Jobs still to take one at a time, each attempt counted in its own committed transaction
-    /// before it is made. Set when the loop starts (the last process may have died of a job)
-    /// and after any pass the session did not survive (a job may have killed it), so a job that
-    /// kills sessions is counted, retried with backoff and failed, instead of taking its batch
-    /// down with it for ever.
-    careful: usize,
-    /// When `careful` was last set.
-    careful_since: Instant,
+    mode: Mode,
     /// When a retry this loop knows of comes due.
     next_retry: Option<Instant>,
-    /// Look for jobs tried before that are due again (they are never taken in a batch).
-    look_for_retries: bool,
-    /// The last look that found no retry due: retries are looked for at least once a poll
-    /// interval, even while wake-ups keep the loop busy with batches.
-    last_retry_look: Instant,
+    /// When retries were last looked for and none was due; `None`: look now (on start, at a
+    /// poll tick, when a retry comes due). Retries are looked for at least once a poll interval,
+    /// even while wake-ups keep the loop busy with batches.
+    retries_looked_at: Option<Instant>,
     /// Failed passes in a row, for the backoff.
     unavailable: u32,
 }
@@ -53,14 +91,9 @@ impl<H: Handler> Processor<H> {
         );
         poll.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut state = LoopState {
-            careful: usize::from(self.config.batch_size),
-            // No dying backend of this loop's holds a job yet: an empty queue ends it at once.
-            careful_since: Instant::now()
-                .checked_sub(ALONE_AT_LEAST)
-                .unwrap_or_else(Instant::now),
+            mode: Mode::starting(self.config.batch_size),
             next_retry: None,
-            look_for_retries: true,
-            last_retry_look: Instant::now(),
+            retries_looked_at: None,
             unavailable: 0,
         };
         loop {
@@ -70,29 +103,7 @@ impl<H: Handler> Processor<H> {
                     Ok(true) => continue,
                     Ok(false) => break,
                     Err(err) => {
-                        state.unavailable += 1;
-                        let delay = if state.unavailable == 1 && !store::is_lock_timeout(&err) {
-                            // At once, one job alone: if a job killed the session, its attempt is
-                            // counted before the other loops' batches meet it too.
-                            Duration::ZERO
-                        } else {
-                            UNAVAILABLE_BACKOFF.delay(state.unavailable - 1)
-                        };
-                        if store::is_lock_timeout(&err) {
-                            tracing::warn!(
-                                retry_in_ms = delay.as_millis() as u64,
-                                "jobs wait for a lock another session holds; retrying"
-                            );
-                        } else {
-                            // The session may have died of a job: take the next ones alone.
-                            state.careful = usize::from(self.config.batch_size);
-                            state.careful_since = Instant::now();
-                            tracing::warn!(
-                                error = %Described(&err),
-                                retry_in_ms = delay.as_millis() as u64,
-                                "cannot process jobs; retrying (the next jobs one at a time)"
-                            );
-                        }
+                        let delay = self.after_failed_step(&mut state, &err);
                         tokio::select! {
                             () = shutdown.cancelled() => return,
                             () = tokio::time::sleep(delay) => {}
@@ -113,25 +124,52 @@ impl<H: Handler> Processor<H> {
                 () = self.wake.notified() => {}
                 () = retry_due => {
                     state.next_retry = None;
-                    state.look_for_retries = true;
+                    state.retries_looked_at = None;
                 }
-                _ = poll.tick() => state.look_for_retries = true,
+                _ = poll.tick() => state.retries_looked_at = None,
             }
         }
     }
 
+    /// After a step failed: how long to wait before the next. A lock wait that ran out backs
+    /// off; anything else may mean a job killed the session, so the next jobs are taken alone,
+    /// the first at once, so that its attempt is counted before the other loops' batches meet
+    /// it too.
+    fn after_failed_step(&self, state: &mut LoopState, err: &sqlx::Error) -> Duration {
+        state.unavailable += 1;
+        if store::is_lock_timeout(err) {
+            let delay = UNAVAILABLE_BACKOFF.delay(state.unavailable - 1);
+            tracing::warn!(
+                retry_in_ms = delay.as_millis() as u64,
+                "jobs wait for a lock another session holds; retrying"
+            );
+            return delay;
+        }
+        let delay = if state.unavailable == 1 {
+            Duration::ZERO
+        } else {
+            UNAVAILABLE_BACKOFF.delay(state.unavailable - 1)
+        };
+        state.mode = Mode::alone(self.config.batch_size);
+        tracing::warn!(
+            error = %Described(err),
+            retry_in_ms = delay.as_millis() as u64,
+            "cannot process jobs; retrying (the next jobs one at a time)"
+        );
+        delay
+    }
+
     /// One step of a drain; true while there may be more to do.
     async fn drain_step(&self, state: &mut LoopState) -> Result<bool, sqlx::Error> {
-        if state.careful > 0 {
+        if let Mode::Alone { since, .. } = state.mode {
             let lone = self.attempt_alone(Due::Any, state).await?;
             state.unavailable = 0;
             match lone {
-                Lone::Taken { .. } => state.careful -= 1,
-                Lone::NoneDue if state.careful_since.elapsed() >= ALONE_AT_LEAST => state.careful = 0,
+                Lone::Taken { .. } => state.mode = state.mode.took_one(),
+                Lone::NoneDue if since.elapsed() >= ALONE_AT_LEAST => state.mode = Mode::Batches,
                 Lone::NoneDue => {
                     // Nothing due that nobody holds: look again (alone) a little later.
-                    let again = state.careful_since + ALONE_AT_LEAST;
-                    state.next_retry = earliest(state.next_retry, Some(again));
+                    state.next_retry = earliest(state.next_retry, Some(since + ALONE_AT_LEAST));
                     return Ok(false);
                 }
             }
@@ -140,15 +178,14 @@ impl<H: Handler> Processor<H> {
         // Retries first when they may be due, so that a busy queue cannot starve them.
         let now = Instant::now();
         let retry_due = state.next_retry.is_some_and(|at| at <= now);
-        if state.look_for_retries
-            || retry_due
-            || now.duration_since(state.last_retry_look) >= self.config.poll_interval
-        {
+        let look_overdue = state
+            .retries_looked_at
+            .is_none_or(|at| now.duration_since(at) >= self.config.poll_interval);
+        if retry_due || look_overdue {
             let lone = self.attempt_alone(Due::Retries, state).await?;
             state.unavailable = 0;
             if let Lone::NoneDue = lone {
-                state.look_for_retries = false;
-                state.last_retry_look = now;
+                state.retries_looked_at = Some(now);
                 // Ask the table when the next retry is due (any worker's), so that none waits
                 // for a poll tick; one due but held by someone is looked at again shortly.
                 let due_in = self.next_retry_due_in().await?;

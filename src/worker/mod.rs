@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::channel::{IgnoredPayloads, parse_job_id};
+use crate::job::JobSource;
 use crate::listen::{Event, ListenTarget, Subscription};
 
 mod config;
@@ -25,7 +26,7 @@ mod loops;
 mod passes;
 
 pub use config::{WorkerConfig, worker_session_options};
-pub use handler::{Created, Handler, InsertPlayer, Job, JobError, JobResultExt};
+pub use handler::{Batches, Created, Handler, InsertPlayer, Job, JobError, JobResultExt};
 use passes::Processor;
 
 /// What stops a worker from running. A failing *job* is not one of these: it is recorded in its
@@ -54,9 +55,6 @@ pub struct Worker<H = InsertPlayer> {
     pool: PgPool,
     config: WorkerConfig,
     handler: H,
-    /// Whether `handler` is the built-in one that [`Worker::new`] set, which completes a whole
-    /// batch in one statement.
-    built_in: bool,
 }
 
 impl Worker {
@@ -81,7 +79,6 @@ impl Worker {
             pool,
             config,
             handler: InsertPlayer,
-            built_in: true,
         }
     }
 }
@@ -121,8 +118,29 @@ impl<H: Handler> Worker<H> {
             pool: self.pool,
             config: self.config,
             handler,
-            built_in: false,
         }
+    }
+
+    /// The wake-up subscription on the jobs channel, unless the worker only polls. A server
+    /// not reachable yet is no error: the subscription keeps trying, and the worker's sweeps and
+    /// polls find the jobs meanwhile.
+    async fn subscribe(&self) -> Result<Option<Subscription>, WorkerError> {
+        let config = &self.config;
+        if config.poll_only {
+            return Ok(None);
+        }
+        let target = match config.listen_options.clone() {
+            Some(options) => ListenTarget::Fixed(Box::new(options)),
+            // Wherever the pool goes, across a failover too.
+            None => ListenTarget::Pool(self.pool.clone()),
+        };
+        let subscription = Subscription::connect_or_later(target, config.channels.jobs.clone())
+            .await
+            .map_err(|source| WorkerError::Listen {
+                channel: config.channels.jobs.to_string(),
+                source,
+            })?;
+        Ok(Some(subscription))
     }
 
     /// Processes jobs until `shutdown` is cancelled, then lets in-flight batches finish (up to
@@ -148,44 +166,14 @@ impl<H: Handler> Worker<H> {
     /// # Ok(()) }
     /// ```
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), WorkerError> {
+        check_config::<H>(&self.config)?;
+        let subscription = self.subscribe().await?;
         let config = self.config;
-        if config.concurrency == 0 {
-            return Err(WorkerError::Config("concurrency must be at least 1"));
-        }
-        if config.batch_size == 0 {
-            return Err(WorkerError::Config("batch size must be at least 1"));
-        }
-        if config.max_attempts == 0 {
-            return Err(WorkerError::Config("max attempts must be at least 1"));
-        }
-        if config.poll_interval.is_zero() {
-            return Err(WorkerError::Config("poll interval must be more than zero"));
-        }
-        let subscription = if config.poll_only {
-            None
-        } else {
-            let target = match config.listen_options.clone() {
-                Some(options) => ListenTarget::Fixed(Box::new(options)),
-                // Wherever the pool goes, across a failover too.
-                None => ListenTarget::Pool(self.pool.clone()),
-            };
-            // A server not reachable yet is no error: the subscription keeps trying, and the
-            // worker's sweeps and polls find the jobs meanwhile.
-            let subscription = Subscription::connect_or_later(target, config.channels.jobs.clone())
-                .await
-                .map_err(|source| WorkerError::Listen {
-                    channel: config.channels.jobs.to_string(),
-                    source,
-                })?;
-            Some(subscription)
-        };
-
         let processor = Arc::new(Processor {
             pool: self.pool,
             wake: Notify::new(),
             config,
             handler: self.handler,
-            built_in: self.built_in,
         });
         let listener = subscription.map(|subscription| {
             tokio::spawn(
@@ -235,6 +223,28 @@ impl<H: Handler> Worker<H> {
         tracing::info!("worker stopped");
         Ok(())
     }
+}
+
+/// Refuses settings out of range before anything starts.
+fn check_config<H: Handler>(config: &WorkerConfig) -> Result<(), WorkerError> {
+    if config.concurrency == 0 {
+        return Err(WorkerError::Config("concurrency must be at least 1"));
+    }
+    if config.batch_size == 0 {
+        return Err(WorkerError::Config("batch size must be at least 1"));
+    }
+    if config.max_attempts == 0 {
+        return Err(WorkerError::Config("max attempts must be at least 1"));
+    }
+    if config.poll_interval.is_zero() {
+        return Err(WorkerError::Config("poll interval must be more than zero"));
+    }
+    if H::BATCHES == Batches::BuiltinStatement && H::SOURCE != JobSource::BuiltinSignup {
+        return Err(WorkerError::Config(
+            "the built-in batch statement serves only the built-in tables' signups: use Batches::OneJobPerSavepoint",
+        ));
+    }
+    Ok(())
 }
 
 fn spawn_loop<H: Handler>(

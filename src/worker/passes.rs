@@ -8,8 +8,8 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 use tracing::Instrument;
 
-use super::config::{LOCK_WAIT, WorkerConfig};
-use super::handler::{self, Created, Handler, Job, JobError};
+use super::config::WorkerConfig;
+use super::handler::{self, Batches, Created, Handler, Job, JobError};
 use crate::connect::Described;
 use crate::store::{self, ClaimedJob, DoneJob, Due, millis};
 use crate::telemetry;
@@ -32,8 +32,6 @@ pub(super) struct Processor<H> {
     pub(super) wake: Notify,
     pub(super) config: WorkerConfig,
     pub(super) handler: H,
-    /// Whether `handler` is the built-in one, which completes a batch in one statement.
-    pub(super) built_in: bool,
 }
 
 /// What one pass over the queue did.
@@ -89,7 +87,7 @@ impl<H: Handler> Processor<H> {
     ) -> Result<Lone, sqlx::Error> {
         let config = &self.config;
         // One statement in autocommit: the attempt is counted, and committed, before it is made.
-        let Some(job) = store::start_attempt(
+        let started = store::start_attempt(
             &mut *conn,
             due,
             config.max_attempts,
@@ -97,73 +95,77 @@ impl<H: Handler> Processor<H> {
             &config.channels.done,
             H::SOURCE,
         )
-        .await?
-        else {
-            return Ok(Lone::NoneDue);
+        .await?;
+        let (job, lease) = match started {
+            None => return Ok(Lone::NoneDue),
+            Some(store::Started::GaveUp { id, attempts, reason }) => {
+                ::metrics::counter!(telemetry::JOBS_FAILED).increment(1);
+                tracing::error!(job.id = %id, attempt = attempts, error = reason, "job failed");
+                return Ok(Lone::Taken { retry_at: None });
+            }
+            Some(store::Started::Running {
+                job,
+                lease,
+                abandoned_attempt,
+            }) => {
+                if let Some(abandoned) = abandoned_attempt {
+                    tracing::warn!(job.id = %job.id, attempt = abandoned, "job's last attempt ended with its session; retrying it alone");
+                }
+                (job, lease)
+            }
         };
-        if job.status != "started" {
-            // Its last attempt never recorded an outcome: it ended with its session.
-            ::metrics::counter!(telemetry::JOBS_FAILED).increment(1);
-            tracing::error!(job.id = %job.id, attempt = job.attempt, error = job.last_error, "job failed");
-            return Ok(Lone::Taken { retry_at: None });
-        }
-        let attempt = job.attempt;
-        if attempt > 1 && job.last_error.as_deref().is_some_and(ended_with_its_session) {
-            tracing::warn!(job.id = %job.id, attempt = attempt - 1, "job's last attempt ended with its session; retrying it alone");
-        }
-        let lease = Duration::from_millis(job.lease_ms.unwrap_or_default().unsigned_abs());
         *unfinished_due = Some(Instant::now() + lease);
         // A retry waited for its backoff, not for a worker: only a first attempt measures that.
-        if attempt == 1 {
+        if job.attempts == 1 {
             ::metrics::histogram!(telemetry::COMMIT_TO_CLAIM).record(job.waited_secs);
         }
-        let started = Instant::now();
-
-        let claimed = ClaimedJob {
-            id: job.id,
-            user_id: job.user_id,
-            display_name: job.display_name,
-            extra: job.extra,
-            attempts: attempt,
-            waited_secs: job.waited_secs,
-        };
-        let span = tracing::debug_span!("process_job", job.id = %job.id, attempt);
-        match self.make_attempt(conn, &claimed, started).instrument(span).await {
+        let span = tracing::debug_span!("process_job", job.id = %job.id, attempt = job.attempts);
+        match self
+            .make_attempt(conn, &job, Instant::now())
+            .instrument(span)
+            .await
+        {
             Ok(retry_at) => Ok(Lone::Taken { retry_at }),
-            // A lock held elsewhere is not the job's fault: the attempt is given back.
-            Err(err) if store::is_lock_timeout(&err) => {
-                // The same backoff give_back_attempt schedules, for the loop's next look.
-                let delay = config.backoff.delay(u32::try_from(attempt).unwrap_or(u32::MAX));
-                store::give_back_attempt(
-                    &mut *conn,
-                    job.id,
-                    attempt,
-                    &lock_wait_reason(attempt),
-                    &config.backoff,
-                )
-                .await?;
-                tracing::warn!(job.id = %job.id, attempt, retry_in_ms = millis(delay), "job waited for a lock; will retry");
-                Ok(Lone::Taken {
-                    retry_at: Some(Instant::now() + delay),
-                })
-            }
-            Err(err) => {
-                // The attempt stays counted. If the session survived (the handler's own
-                // connection elsewhere failed, say), say what ended it instead of "its session
-                // ended"; if not, this fails too and the provisional reason stands.
-                let reason = format!(
-                    "attempt {attempt} did not finish: {}",
-                    crate::describe_db_error(&err)
-                );
-                if store::note_unfinished_attempt(conn, job.id, attempt, &reason)
-                    .await
-                    .is_ok()
-                {
-                    tracing::warn!(job.id = %job.id, attempt, error = %Described(&err), "job's attempt did not finish");
-                }
-                Err(err)
-            }
+            Err(err) => self.end_unfinished_attempt(conn, &job, err).await,
         }
+    }
+
+    /// Ends a running attempt whose transaction failed. A lock wait that ran out is not the
+    /// job's fault: the attempt is given back. Otherwise the attempt stays counted and the job is
+    /// pending again with what ended it, if the session survived (the handler's own connection
+    /// elsewhere failed, say); if the session did not, the job stays running until its lease
+    /// ends, and whoever finds it then knows its attempt ended with its session.
+    async fn end_unfinished_attempt(
+        &self,
+        conn: &mut PgConnection,
+        job: &ClaimedJob,
+        err: sqlx::Error,
+    ) -> Result<Lone, sqlx::Error> {
+        let attempt = job.attempts;
+        if store::is_lock_timeout(&err) {
+            // The same backoff give_back_attempt schedules, for the loop's next look.
+            let delay = self
+                .config
+                .backoff
+                .delay(u32::try_from(attempt).unwrap_or(u32::MAX));
+            let reason = lock_wait_reason(attempt);
+            store::give_back_attempt(&mut *conn, job.id, attempt, &reason, &self.config.backoff).await?;
+            tracing::warn!(job.id = %job.id, attempt, retry_in_ms = millis(delay), "job waited for a lock; will retry");
+            return Ok(Lone::Taken {
+                retry_at: Some(Instant::now() + delay),
+            });
+        }
+        let reason = format!(
+            "attempt {attempt} did not finish: {}",
+            crate::describe_db_error(&err)
+        );
+        if store::note_unfinished_attempt(conn, job.id, attempt, &reason)
+            .await
+            .is_ok()
+        {
+            tracing::warn!(job.id = %job.id, attempt, error = %Described(&err), "job's attempt did not finish");
+        }
+        Err(err)
     }
 
     /// Makes attempt `job.attempts`, already counted, in a transaction of its own: completes the
@@ -208,9 +210,14 @@ impl<H: Handler> Processor<H> {
 
     async fn pass_on(&self, conn: &mut PgConnection) -> Result<Pass, sqlx::Error> {
         let limit = i32::from(self.config.batch_size);
-        if !self.built_in {
-            return self.pass_one_by_one(conn, limit).await;
+        match H::BATCHES {
+            Batches::OneJobPerSavepoint => self.pass_one_by_one(conn, limit).await,
+            Batches::BuiltinStatement => self.pass_in_one_statement(conn, limit).await,
         }
+    }
+
+    /// The built-in batch: claimed, created and completed in one statement.
+    async fn pass_in_one_statement(&self, conn: &mut PgConnection, limit: i32) -> Result<Pass, sqlx::Error> {
         let started = Instant::now();
         match store::complete_due_jobs(&mut *conn, limit, &self.config.channels.done).await {
             Ok(done) => {
@@ -419,8 +426,8 @@ enum Then {
 /// uncounted (by the lone path's own statements, or by a handler).
 fn lock_wait_reason(attempt: i32) -> String {
     format!(
-        "attempt {attempt} waited over {LOCK_WAIT} for a lock another session holds; it will be tried \
-         again, not counted"
+        "attempt {attempt} waited too long for a lock another session holds (the lock_timeout \
+         ackloop.limit_claim_session sets); it will be tried again, not counted"
     )
 }
 
@@ -428,12 +435,6 @@ fn lock_wait_reason(attempt: i32) -> String {
 /// rather than for anything in the job: then the pass is given up, not the job's attempt.
 fn is_not_the_jobs_fault(err: &sqlx::Error) -> bool {
     store::is_unavailable(err) || store::is_lock_timeout(err)
-}
-
-/// Whether a job's error is the one `ackloop.start_attempt` leaves while an attempt is under way
-/// (`ackloop.unfinished_attempt_error`): found again, that attempt ended with its session.
-fn ended_with_its_session(error: &str) -> bool {
-    error.contains(" did not finish: its database session ended")
 }
 
 /// A job its handler finished, as `mark_done` records it.

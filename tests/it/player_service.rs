@@ -381,7 +381,7 @@ async fn a_handler_waiting_on_a_lock_holds_up_neither_its_batch_nor_its_count(
         let (status, attempts, last_error) = job_row(&pool, blocked.job_id).await;
         status == "pending"
             && attempts == 0
-            && last_error.is_some_and(|error| error.contains("waited over 2s for a lock"))
+            && last_error.is_some_and(|error| error.contains("waited too long for a lock"))
     })
     .await;
     assert_eq!(player_row(&pool, blocked.user_id).await, None);

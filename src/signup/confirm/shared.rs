@@ -161,7 +161,7 @@ pub(super) fn count_confirmation(via: &'static str, row: &JobOutcomeRow) {
 /// The outcome of a finished job, or `None` while it is pending.
 pub(super) fn outcome_of(row: &JobOutcomeRow) -> Option<Outcome> {
     match row.status() {
-        Ok(JobStatus::Pending) => None,
+        Ok(JobStatus::Pending | JobStatus::Running) => None,
         Ok(JobStatus::Done) => Some(match (&row.player_id, &row.result) {
             (Some(player_id), Some(result)) => Outcome::Done(Confirmed {
                 job_id: row.id,

@@ -334,7 +334,7 @@ async fn a_long_lock_on_players_costs_jobs_no_attempts(options: PgPoolOptions, c
         || async {
             let ids = sqlx::query_scalar::<_, uuid::Uuid>(
                 "select id from ackloop.player_creation_jobs \
-                 where status = 'pending' and attempts = 0 and last_error like '%waited over 2s for a lock%'",
+                 where status = 'pending' and attempts = 0 and last_error like '%waited too long for a lock%'",
             )
             .fetch_all(&pool)
             .await

@@ -231,7 +231,7 @@ async fn jobs_retry_repair_touches_only_done_jobs_without_a_player(
     for (job_id, says) in [
         (healthy, "is done and its player exists"),
         (failed, "without --repair"),
-        (pending, "still pending"),
+        (pending, "not finished yet"),
     ] {
         let refused = run_ackloop(&url, &["jobs", "retry", "--repair", &job_id.to_string()]).await;
         assert_eq!(refused.status.code(), Some(10), "{}", stderr(&refused));

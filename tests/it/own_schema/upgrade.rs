@@ -178,12 +178,33 @@ async fn an_earlier_layout_upgrades_with_every_row_state_and_grant(
     assert_eq!(rows(&pool, "ackloop.builtin_players", "id").await, players);
     let moved = rows(&pool, "ackloop.player_creation_jobs", "id").await;
     assert_eq!(moved.len(), jobs.len());
+    let mut attempts_under_way = 0;
     for (before, after) in jobs.iter().zip(&moved) {
+        // An attempt under way (a job taken alone: its attempt counted before it was made, the
+        // error the provisional text for it) is `running` since then, with no error yet.
+        let under_way = before["last_error"].as_str().is_some_and(|error| {
+            error.starts_with("attempt 1 did not finish") && error.ends_with("unless it is running now")
+        });
+        if under_way {
+            attempts_under_way += 1;
+            assert_eq!(
+                (
+                    &after["status"],
+                    &after["last_error"],
+                    &after["attempt_started_at"]
+                ),
+                (&Value::from("running"), &Value::Null, &before["updated_at"]),
+                "the attempt under way of {before}"
+            );
+        } else {
+            for column in ["status", "last_error"] {
+                assert_eq!(before[column], after[column], "{column} of {before}");
+            }
+            assert_eq!(after["attempt_started_at"], Value::Null, "{after}");
+        }
         for column in [
             "id",
-            "status",
             "attempts",
-            "last_error",
             "run_after",
             "created_at",
             "updated_at",
@@ -207,6 +228,10 @@ async fn an_earlier_layout_upgrades_with_every_row_state_and_grant(
             ),
         }
     }
+    assert_eq!(
+        attempts_under_way, 1,
+        "the filled database had one attempt under way"
+    );
 
     // The grants: each side can still take its steps, the reporting role still reads the jobs,
     // and neither side can reach the tables past the functions.

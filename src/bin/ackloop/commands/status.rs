@@ -18,6 +18,7 @@ pub(super) async fn run(connection: &ConnectionArgs, json: bool) -> Result<(), F
         return Ok(());
     }
     println!("{:<8} {:>10}", "pending", report.pending);
+    println!("{:<8} {:>10}", "running", report.running);
     println!("{:<8} {:>10}", "done", report.done);
     println!("{:<8} {:>10}", "failed", report.failed);
     match report.oldest_pending_secs {
