@@ -143,3 +143,8 @@ lint: migrate ## rustfmt, clippy -D warnings, cargo doc -D warnings, and the .sq
 prepare: migrate ## Refresh the .sqlx offline query cache after changing a query
 	cargo sqlx database reset -y --database-url '$(PREPARE_URL)' >/dev/null
 	SQLX_OFFLINE=false DATABASE_URL='$(PREPARE_URL)' cargo sqlx prepare -- --all-targets $(FEATURES)
+
+.PHONY: schema
+schema: db ## Regenerate docs/schema.sql from the migrations
+	@# The test that compares docs/schema.sql with a freshly migrated database writes it instead.
+	ACKLOOP_BLESS_SCHEMA=1 cargo test $(FEATURES) --test it -- schema_dump

@@ -31,6 +31,7 @@ mod player_service;
 mod pooler;
 mod protocol;
 mod scans;
+mod schema_dump;
 mod several_hosts;
 mod signup;
 #[path = "../support/silent_proxy.rs"]
