@@ -44,7 +44,8 @@ const HEADER: &str = "\
 -- Left out, as they differ from one machine or run to another: OIDs, owners, rows (the rows of
 -- ackloop.applied_migrations too), sqlx's own record ackloop._sqlx_migrations (made by sqlx, not
 -- by the migrations), and grants to named roles: ackloop_auth and ackloop_worker are made by
--- sql/roles.sql, not by the migrations, and exist on one server and not on another. PUBLIC's
+-- sql/roles.sql, not by the migrations, and exist on one server and not on another (the
+-- migrations grant them `select` on ackloop.applied_migrations only where they exist). PUBLIC's
 -- privileges are listed at the end.
 --
 -- Function bodies are verbatim from the migrations (`prosrc`), except a body written the
