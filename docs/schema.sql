@@ -70,25 +70,48 @@ create table ackloop.player_creation_jobs (
     extra jsonb,
     player_id text,
     result jsonb,
+    attempt_started_at timestamp with time zone,
     constraint player_creation_jobs_pkey PRIMARY KEY (id),
     constraint player_creation_jobs_builtin_user_id_key UNIQUE (builtin_user_id),
     constraint player_creation_jobs_builtin_user_id_fkey FOREIGN KEY (builtin_user_id) REFERENCES ackloop.builtin_users(id) ON DELETE CASCADE,
     constraint player_creation_jobs_attempts_check CHECK ((attempts >= 0)),
     constraint player_creation_jobs_builtin_user_matches CHECK (((builtin_user_id IS NULL) OR (user_id = (builtin_user_id)::text))),
-    constraint player_creation_jobs_completed_at_check CHECK (((status = 'pending'::text) = (completed_at IS NULL))),
     constraint player_creation_jobs_done_has_player CHECK (((status = 'done'::text) = ((player_id IS NOT NULL) AND (result IS NOT NULL)))),
-    constraint player_creation_jobs_status_check CHECK ((status = ANY (ARRAY['pending'::text, 'done'::text, 'failed'::text])))
+    constraint player_creation_jobs_status_check CHECK ((status = ANY (ARRAY['pending'::text, 'running'::text, 'done'::text, 'failed'::text]))),
+    constraint player_creation_jobs_times_check CHECK ((((status = ANY (ARRAY['done'::text, 'failed'::text])) = (completed_at IS NOT NULL)) AND ((status = 'running'::text) = (attempt_started_at IS NOT NULL))))
 );
 
 CREATE INDEX player_creation_jobs_failed_idx ON ackloop.player_creation_jobs USING btree (completed_at) WHERE (status = 'failed'::text);
 
-CREATE INDEX player_creation_jobs_finished_idx ON ackloop.player_creation_jobs USING btree (completed_at) WHERE (status <> 'pending'::text);
+CREATE INDEX player_creation_jobs_finished_idx ON ackloop.player_creation_jobs USING btree (completed_at) WHERE (status = ANY (ARRAY['done'::text, 'failed'::text]));
 
-CREATE INDEX player_creation_jobs_pending_idx ON ackloop.player_creation_jobs USING btree (run_after, id) WHERE (status = 'pending'::text);
+CREATE INDEX player_creation_jobs_pending_idx ON ackloop.player_creation_jobs USING btree (run_after, id) WHERE (status = ANY (ARRAY['pending'::text, 'running'::text]));
 
-CREATE INDEX player_creation_jobs_retry_idx ON ackloop.player_creation_jobs USING btree (run_after, id) WHERE ((status = 'pending'::text) AND (attempts > 0));
+CREATE INDEX player_creation_jobs_retry_idx ON ackloop.player_creation_jobs USING btree (run_after, id) WHERE ((status = ANY (ARRAY['pending'::text, 'running'::text])) AND (attempts > 0));
 
 CREATE UNIQUE INDEX player_creation_jobs_user_id_key ON ackloop.player_creation_jobs USING btree (user_id) WHERE (builtin_user_id IS NULL);
+
+
+-- Views
+
+create view ackloop.due_jobs as
+ SELECT jobs.id,
+    jobs.builtin_user_id,
+    jobs.status,
+    jobs.attempts,
+    jobs.last_error,
+    jobs.run_after,
+    jobs.created_at,
+    jobs.updated_at,
+    jobs.completed_at,
+    jobs.user_id,
+    jobs.display_name,
+    jobs.extra,
+    jobs.player_id,
+    jobs.result,
+    jobs.attempt_started_at
+   FROM ackloop.player_creation_jobs jobs
+  WHERE (jobs.status = ANY (ARRAY['pending'::text, 'running'::text])) AND jobs.run_after <= now();
 
 
 -- Functions (by name)
@@ -199,10 +222,8 @@ begin
     return query
     with claimed as (
         select jobs.id, jobs.user_id, jobs.display_name, jobs.extra, jobs.attempts, jobs.created_at
-        from ackloop.player_creation_jobs as jobs
-        where jobs.status = 'pending'
-          and jobs.run_after <= now()
-          and jobs.attempts = 0
+        from ackloop.due_jobs as jobs
+        where jobs.attempts = 0
           and (jobs.builtin_user_id is not null) = builtin_signups
         order by jobs.run_after, jobs.id
         limit batch_size
@@ -235,14 +256,12 @@ language plpgsql volatile security definer parallel unsafe
 set search_path = pg_catalog, ackloop, pg_temp
 as $$
 begin
-    perform set_config('lock_timeout', '2s', true);
+    perform ackloop.limit_claim_session();
     return query
     with claimed as (
         select jobs.id, jobs.builtin_user_id, jobs.display_name
-        from ackloop.player_creation_jobs as jobs
-        where jobs.status = 'pending'
-          and jobs.run_after <= now()
-          and jobs.attempts = 0
+        from ackloop.due_jobs as jobs
+        where jobs.attempts = 0
           and jobs.builtin_user_id is not null
         order by jobs.run_after, jobs.id
         limit batch_size
@@ -340,14 +359,16 @@ set search_path = pg_catalog, ackloop, pg_temp
 as $$
 begin
     update ackloop.player_creation_jobs as jobs
-    set attempts = jobs.attempts - 1,
+    set status = 'pending',
+        attempts = jobs.attempts - 1,
+        attempt_started_at = null,
         last_error = left(error, 2000),
         run_after = now() + make_interval(
             secs => ackloop.backoff_ms(give_back_attempt.attempt, backoff_base_ms, backoff_max_ms) / 1000.0
         ),
         updated_at = now()
     where jobs.id = give_back_attempt.job_id
-      and jobs.status = 'pending'
+      and jobs.status = 'running'
       and jobs.attempts = give_back_attempt.attempt;
     return found;
 end
@@ -403,7 +424,7 @@ begin
     select
         jobs.id,
         jobs.user_id,
-        jobs.status,
+        case jobs.status when 'running' then 'pending' else jobs.status end,
         jobs.last_error,
         jobs.player_id,
         jobs.result,
@@ -446,7 +467,7 @@ begin
     perform
     from ackloop.player_creation_jobs as jobs
     where jobs.id = lock_attempt.job_id
-      and jobs.status = 'pending'
+      and jobs.status = 'running'
       and jobs.attempts = lock_attempt.attempt
     for update;
     if found then
@@ -512,13 +533,14 @@ begin
         set status = 'done',
             attempts = done.attempt,
             last_error = null,
+            attempt_started_at = null,
             updated_at = now(),
             completed_at = now(),
             player_id = done.player_id,
             result = coalesce(done.result, '{}'::jsonb)
         from unnest(job_ids, mark_done.attempts, player_ids, results) as done (id, attempt, player_id, result)
         where jobs.id = done.id
-          and jobs.status = 'pending'
+          and jobs.status in ('pending', 'running')
         returning jobs.id
     )
     select completed.id
@@ -534,7 +556,7 @@ set search_path = pg_catalog, ackloop, pg_temp
 as $$
     select extract(epoch from min(jobs.run_after) - now())::float8
     from ackloop.player_creation_jobs as jobs
-    where jobs.status = 'pending'
+    where jobs.status in ('pending', 'running')
       and jobs.attempts > 0
       and (jobs.builtin_user_id is not null) = builtin_signups
 $$;
@@ -546,10 +568,12 @@ set search_path = pg_catalog, ackloop, pg_temp
 as $$
 begin
     update ackloop.player_creation_jobs as jobs
-    set last_error = left(error, 2000),
+    set status = 'pending',
+        attempt_started_at = null,
+        last_error = left(error, 2000),
         updated_at = now()
     where jobs.id = note_unfinished_attempt.job_id
-      and jobs.status = 'pending'
+      and jobs.status = 'running'
       and jobs.attempts = note_unfinished_attempt.attempt;
     return found;
 end
@@ -562,7 +586,7 @@ set search_path = pg_catalog, ackloop, pg_temp
 as $$
     select count(*), extract(epoch from now() - min(jobs.created_at))::float8
     from ackloop.player_creation_jobs as jobs
-    where jobs.status = 'pending'
+    where jobs.status in ('pending', 'running')
 $$;
 
 create function ackloop.record_failure(
@@ -595,19 +619,19 @@ begin
     end if;
     if counted and (not retryable or attempt >= max_attempts) then
         update ackloop.player_creation_jobs
-        set status = 'failed', attempts = made, last_error = reason,
+        set status = 'failed', attempts = made, last_error = reason, attempt_started_at = null,
             updated_at = now(), completed_at = now()
-        where id = record_failure.job_id and status = 'pending';
+        where id = record_failure.job_id and status in ('pending', 'running');
         if found then
             perform pg_notify(done_channel, record_failure.job_id::text);
             return query select 'failed'::text, null::bigint;
         end if;
     else
         update ackloop.player_creation_jobs
-        set attempts = made, last_error = reason,
+        set status = 'pending', attempts = made, last_error = reason, attempt_started_at = null,
             run_after = now() + make_interval(secs => delay / 1000.0),
             updated_at = now()
-        where id = record_failure.job_id and status = 'pending';
+        where id = record_failure.job_id and status in ('pending', 'running');
         if found then
             return query select 'pending'::text, delay;
         end if;
@@ -802,7 +826,8 @@ returns table (
     attempt integer,
     waited_secs double precision,
     last_error text,
-    lease_ms bigint
+    lease_ms bigint,
+    abandoned_attempt integer
 )
 language plpgsql volatile security definer parallel unsafe
 set search_path = pg_catalog, ackloop, pg_temp
@@ -810,27 +835,26 @@ as $$
 #variable_conflict use_column
 declare
     job record;
-    reason text;
+    shown text;
     lease bigint;
 begin
-    perform set_config('lock_timeout', '2s', true);
+    perform ackloop.limit_claim_session();
     -- Two statements, so that looking for retries stays on their own small index.
     if any_job then
-        select jobs.id, jobs.user_id, jobs.display_name, jobs.extra, jobs.attempts, jobs.last_error,
-               extract(epoch from now() - jobs.created_at)::float8 as waited
+        select jobs.id, jobs.status, jobs.user_id, jobs.display_name, jobs.extra, jobs.attempts,
+               jobs.last_error, extract(epoch from now() - jobs.created_at)::float8 as waited
         into job
-        from ackloop.player_creation_jobs as jobs
-        where jobs.status = 'pending' and jobs.run_after <= now()
-          and (jobs.builtin_user_id is not null) = builtin_signups
+        from ackloop.due_jobs as jobs
+        where (jobs.builtin_user_id is not null) = builtin_signups
         order by jobs.run_after, jobs.id
         limit 1
         for update skip locked;
     else
-        select jobs.id, jobs.user_id, jobs.display_name, jobs.extra, jobs.attempts, jobs.last_error,
-               extract(epoch from now() - jobs.created_at)::float8 as waited
+        select jobs.id, jobs.status, jobs.user_id, jobs.display_name, jobs.extra, jobs.attempts,
+               jobs.last_error, extract(epoch from now() - jobs.created_at)::float8 as waited
         into job
-        from ackloop.player_creation_jobs as jobs
-        where jobs.status = 'pending' and jobs.attempts > 0 and jobs.run_after <= now()
+        from ackloop.due_jobs as jobs
+        where jobs.attempts > 0
           and (jobs.builtin_user_id is not null) = builtin_signups
         order by jobs.run_after, jobs.id
         limit 1
@@ -839,29 +863,32 @@ begin
     if not found then
         return;
     end if;
+    -- A running job past its lease: its attempt ended with its session.
+    shown := case when job.status = 'running' then ackloop.unfinished_attempt_error(job.attempts)
+                  else job.last_error end;
     if job.attempts >= max_attempts then
-        -- Its last attempt never recorded an outcome: it ended with its session.
-        reason := left(
-            'gave up after ' || job.attempts || ' attempts' || coalesce('; ' || job.last_error, ''),
-            2000
-        );
+        shown := left('gave up after ' || job.attempts || ' attempts' || coalesce('; ' || shown, ''), 2000);
         update ackloop.player_creation_jobs
-        set status = 'failed', last_error = reason, updated_at = now(), completed_at = now()
+        set status = 'failed', last_error = shown, attempt_started_at = null,
+            updated_at = now(), completed_at = now()
         where id = job.id;
         perform pg_notify(done_channel, job.id::text);
         return query select 'gave_up'::text, job.id, job.user_id, job.display_name, job.extra,
-            job.attempts, job.waited, reason, null::bigint;
+            job.attempts, job.waited, shown, null::bigint, null::integer;
         return;
     end if;
     lease := greatest(ackloop.backoff_ms(job.attempts + 1, backoff_base_ms, backoff_max_ms), 1000);
     update ackloop.player_creation_jobs
-    set attempts = job.attempts + 1,
-        last_error = ackloop.unfinished_attempt_error(job.attempts + 1),
+    set status = 'running',
+        attempts = job.attempts + 1,
+        attempt_started_at = now(),
+        last_error = shown,
         run_after = now() + make_interval(secs => lease / 1000.0),
         updated_at = now()
     where id = job.id;
     return query select 'started'::text, job.id, job.user_id, job.display_name, job.extra,
-        job.attempts + 1, job.waited, job.last_error, lease;
+        job.attempts + 1, job.waited, shown, lease,
+        case when job.status = 'running' then job.attempts end;
 end
 $$;
 
@@ -871,7 +898,7 @@ language sql immutable parallel safe
 set search_path = pg_catalog, ackloop, pg_temp
 as $$
     select 'attempt ' || attempt || ' did not finish: its database session ended (a crash or '
-        || 'terminated backend, an out-of-memory kill, or the worker stopped), unless it is running now'
+        || 'terminated backend, an out-of-memory kill, or the worker stopped)'
 $$;
 
 create function ackloop.user_id_problem(user_id text)
