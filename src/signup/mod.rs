@@ -3,26 +3,26 @@
 //!
 //! This file is the side's public face ([`Signups`], [`create_user`], [`SignupsConfig`],
 //! [`Signup`], and the re-exported error and input types) and the write-and-wait flow. How one
-//! signup's write is retried, and resolved when its answer is lost, is argued in `write.rs`. Its
+//! signup's write is retried, and resolved when its answer is lost, is argued in `attempts.rs`. Its
 //! children, with the arrows pointing down only:
 //!
 //! ```text
 //! signup/mod.rs ─┬─▶ error.rs    SignupError, the classifier  ─▶ input, job, store
-//!                ├─▶ write.rs    one signup's write, retried  ─▶ error, input, writer, job, store
-//!                ├─▶ writer/     grouped commits, each signup's turn ─▶ input, job, store, channel
+//!                ├─▶ attempts.rs one signup's write, retried  ─▶ error, input, grouping, job, store
+//!                ├─▶ grouping/   grouped commits, each signup's turn ─▶ input, job, store, channel
 //!                ├─▶ confirm/    waiters, the LISTEN on done, the last looks ─▶ input, job, store,
 //!                │                                               channel, listen, connect, telemetry
 //!                └─▶ input.rs    NewUser, Player, the rules   ─▶ job (the side's leaf)
 //! ```
 //!
-//! No child imports `signup` itself; the siblings children use (`input`, `error`, `writer`) use
+//! No child imports `signup` itself; the siblings children use (`input`, `error`, `grouping`) use
 //! no sibling but `input`.
 
+mod attempts;
 mod confirm;
 mod error;
+mod grouping;
 mod input;
-mod write;
-mod writer;
 
 use std::time::Duration;
 
@@ -31,14 +31,14 @@ use sqlx::postgres::PgConnectOptions;
 use sqlx::{PgConnection, PgPool};
 use tokio::time::Instant;
 
+use self::attempts::{Key, Written, write};
 use self::confirm::{Checked, Confirmations, Outcome, Source};
 pub use self::error::SignupError;
 use self::error::classify;
+use self::grouping::Writers;
 pub use self::input::{
     Confirmed, Field, InvalidInput, MAX_DISPLAY_NAME_CHARS, MAX_EMAIL_CHARS, NewJob, NewUser, Player, Rule,
 };
-use self::write::{Key, Written, write};
-use self::writer::Writers;
 use crate::channel::Channels;
 use crate::job::{ANSWER_MARGIN, JobId, UserId};
 use crate::listen::ListenTarget;

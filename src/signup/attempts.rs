@@ -1,7 +1,7 @@
-//! One signup's write, by its caller's deadline: tried again while the database is away (a
-//! restart, a failover), resolved by its job id when an answer is lost, and answered with the
-//! signup itself when its idempotency key is sent again. The grouped statements themselves are
-//! `writer.rs`'s.
+//! One signup's attempts at being written, until its caller's deadline: tried again while the
+//! database is away (a restart, a failover), resolved by its job id when an answer is lost, and
+//! answered with the signup itself when its idempotency key is sent again. How signups queued at
+//! the same moment share one commit is `grouping/`'s.
 
 use std::time::Duration;
 
@@ -9,8 +9,8 @@ use sqlx::PgPool;
 use tokio::time::Instant;
 
 use super::error::{SignupError, classify};
+use super::grouping::{self, Writers};
 use super::input::NewUser;
-use super::writer::{self, Writers};
 use crate::job::{JobId, UserId};
 use crate::store;
 
@@ -45,14 +45,14 @@ const WRITE_RETRY_BACKOFF: crate::job::Backoff = crate::job::Backoff {
 /// met the database away (`unreachable`, its last error) or not, and, after an attempt whose fate
 /// was unknown, perhaps committed (`uncertain_job`).
 fn unsent(
-    unsent: writer::Unsent,
+    unsent: grouping::Unsent,
     unreachable: Option<sqlx::Error>,
     uncertain_job: Option<JobId>,
     waited: Duration,
 ) -> SignupError {
     match (unsent, unreachable, uncertain_job) {
         // The database was fine and busy: not an outage, and certainly nothing written.
-        (writer::Unsent::Busy, None, None) => SignupError::NotWritten { waited },
+        (grouping::Unsent::Busy, None, None) => SignupError::NotWritten { waited },
         (_, unreachable, job_id) => SignupError::Unavailable {
             job_id,
             source: unreachable.unwrap_or_else(store::no_answer_in_time),
@@ -95,8 +95,8 @@ pub(super) async fn write(
                 // later (the server can run it after its client has gone); then `sign_up`,
                 // finding the email taken by this very job id, returns that signup, so it is
                 // neither doubled nor refused.
-                Ok(None) => writer::Attempt::NotCommitted(err),
-                Err(lookup) => writer::Attempt::Unknown(lookup),
+                Ok(None) => grouping::Attempt::NotCommitted(err),
+                Err(lookup) => grouping::Attempt::Unknown(lookup),
             }
         } else if alone {
             Box::pin(writers.write_alone(new_user, job_id, started, deadline)).await
@@ -107,34 +107,34 @@ pub(super) async fn write(
         // statement after its client has gone): every answer then keeps the job id.
         let uncertain_job = was_uncertain.then_some(job_id);
         let retry_after = match attempt {
-            writer::Attempt::Written(user_id) => return Ok((user_id, Written::Now)),
+            grouping::Attempt::Written(user_id) => return Ok((user_id, Written::Now)),
             // Only a caller's key can name a signup that an earlier call wrote.
-            writer::Attempt::Found(user_id) if key == Key::Caller => {
+            grouping::Attempt::Found(user_id) if key == Key::Caller => {
                 return Ok((user_id, Written::Earlier));
             }
-            writer::Attempt::Found(user_id) => return Ok((user_id, Written::Now)),
+            grouping::Attempt::Found(user_id) => return Ok((user_id, Written::Now)),
             // A batch skips a taken email without asking whose it is; alone, `sign_up` tells
             // this signup's own earlier write from someone else's.
-            writer::Attempt::EmailTaken if key == Key::Caller && !alone => {
+            grouping::Attempt::EmailTaken if key == Key::Caller && !alone => {
                 alone = true;
                 continue;
             }
-            writer::Attempt::KeyReused => return Err(SignupError::KeyReused(job_id)),
+            grouping::Attempt::KeyReused => return Err(SignupError::KeyReused(job_id)),
             // Written alone after an attempt whose fate was unknown, `sign_up` has already told
             // a taken email from this signup's own earlier write (by the job id).
-            writer::Attempt::EmailTaken => return Err(SignupError::EmailTaken),
-            writer::Attempt::WriteAlone => {
+            grouping::Attempt::EmailTaken => return Err(SignupError::EmailTaken),
+            grouping::Attempt::WriteAlone => {
                 alone = true;
                 continue;
             }
-            writer::Attempt::Unsent(reason) => {
+            grouping::Attempt::Unsent(reason) => {
                 return Err(unsent(reason, unreachable, uncertain_job, started.elapsed()));
             }
             // What waiting cannot change (a statement the server refused, or a connection it
             // refuses for good) is answered at once.
             // A lock wait given up, or a conflict the server rolled back (40001, 40P01: under
             // a serializable default isolation, say), is written again alone until the deadline.
-            writer::Attempt::NotCommitted(err)
+            grouping::Attempt::NotCommitted(err)
                 if store::is_refusal(&err)
                     || !(store::is_unavailable(&err)
                         || store::is_lock_timeout(&err)
@@ -142,11 +142,11 @@ pub(super) async fn write(
             {
                 return Err(classify(err, uncertain_job));
             }
-            writer::Attempt::NotCommitted(err) => {
+            grouping::Attempt::NotCommitted(err) => {
                 alone = true;
                 err
             }
-            writer::Attempt::Unknown(err) => {
+            grouping::Attempt::Unknown(err) => {
                 alone = true;
                 was_uncertain = true;
                 failures += 1;
