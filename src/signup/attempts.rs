@@ -9,7 +9,7 @@ use sqlx::PgPool;
 use tokio::time::Instant;
 
 use super::error::{SignupError, classify};
-use super::grouping::{self, Writers};
+use super::grouping::{Attempt, Unsent, Writers};
 use super::input::NewUser;
 use crate::job::{JobId, UserId};
 use crate::store;
@@ -41,25 +41,6 @@ const WRITE_RETRY_BACKOFF: crate::job::Backoff = crate::job::Backoff {
     max: Duration::from_secs(1),
 };
 
-/// The answer to a signup whose deadline came before it was sent (`unsent`), after this call
-/// met the database away (`unreachable`, its last error) or not, and, after an attempt whose fate
-/// was unknown, perhaps committed (`uncertain_job`).
-fn unsent(
-    unsent: grouping::Unsent,
-    unreachable: Option<sqlx::Error>,
-    uncertain_job: Option<JobId>,
-    waited: Duration,
-) -> SignupError {
-    match (unsent, unreachable, uncertain_job) {
-        // The database was fine and busy: not an outage, and certainly nothing written.
-        (grouping::Unsent::Busy, None, None) => SignupError::NotWritten { waited },
-        (_, unreachable, job_id) => SignupError::Unavailable {
-            job_id,
-            source: unreachable.unwrap_or_else(store::no_answer_in_time),
-        },
-    }
-}
-
 /// Writes the signup by `deadline`, trying again while the database is away (a restart, a
 /// failover) and resolving by its job id any attempt whose fate the connection took with it,
 /// so a signup is never written twice nor refused as a taken email because of itself.
@@ -78,130 +59,278 @@ pub(super) async fn write(
             waited: Duration::ZERO,
         });
     }
-    // The last error that said the database could not be reached, while retrying.
-    let mut unreachable: Option<sqlx::Error> = None;
-    // An attempt whose fate is unknown, still to be resolved by the job id.
-    let mut maybe_committed: Option<sqlx::Error> = None;
-    // Whether any attempt's fate was ever unknown: it may have committed, so every answer keeps
-    // the job id.
-    let mut was_uncertain = false;
-    let mut alone = false;
-    let mut failures = 0;
+    let writing = Writing {
+        writers,
+        pool,
+        new_user,
+        job_id,
+        started,
+        deadline,
+    };
+    let mut attempts = Attempts::new(job_id, key, started, deadline);
+    let mut step = Step::Grouped;
     loop {
-        let attempt = if let Some(err) = maybe_committed.take() {
-            match Box::pin(committed_user(pool, job_id, deadline)).await {
-                Ok(Some(user_id)) => return Ok((user_id, Written::Now)),
-                // Not there now: write it again, alone. The lost statement may still commit
-                // later (the server can run it after its client has gone); then `sign_up`,
-                // finding the email taken by this very job id, returns that signup, so it is
-                // neither doubled nor refused.
-                Ok(None) => grouping::Attempt::NotCommitted(err),
-                Err(lookup) => grouping::Attempt::Unknown(lookup),
-            }
-        } else if alone {
-            Box::pin(writers.write_alone(new_user, job_id, started, deadline)).await
-        } else {
-            writers.write(new_user, job_id, started, deadline).await
+        let then = match step {
+            Step::Grouped => attempts.after_grouped(writing.grouped().await),
+            Step::Alone => attempts.after(writing.alone().await),
+            Step::Resolving(lost) => attempts.after(writing.resolve(lost).await),
         };
-        // Once an attempt's fate was unknown, it may yet commit (the server can run a
-        // statement after its client has gone): every answer then keeps the job id.
-        let uncertain_job = was_uncertain.then_some(job_id);
-        let retry_after = match attempt {
-            grouping::Attempt::Written(user_id) => return Ok((user_id, Written::Now)),
-            // Only a caller's key can name a signup that an earlier call wrote.
-            grouping::Attempt::Found(user_id) if key == Key::Caller => {
-                return Ok((user_id, Written::Earlier));
+        step = match then {
+            Then::Answer(answer) => return answer,
+            Then::Attempt(next) => next,
+            Then::Wait(delay, next) => {
+                tokio::time::sleep(delay).await;
+                next
             }
-            grouping::Attempt::Found(user_id) => return Ok((user_id, Written::Now)),
+        };
+    }
+}
+
+/// Where a signup's write stands: the attempt it makes next. It starts `Grouped` and, once it
+/// leaves, never returns: every later attempt is the caller's own.
+#[derive(Debug)]
+enum Step {
+    /// Queued for the writer tasks, to share a commit with the signups queued beside it.
+    Grouped,
+    /// Written in a transaction of its own, from the caller's task, where `sign_up` tells this
+    /// signup's own earlier write (by its job id) from someone else's, and may wait for a lock
+    /// all the time left.
+    Alone,
+    /// An attempt's answer was lost (this error): its job id is looked up before anything is
+    /// written again. Only for a new job id: a caller's key may be someone else's job.
+    Resolving(sqlx::Error),
+}
+
+/// What follows an attempt.
+#[derive(Debug)]
+enum Then {
+    /// The caller's answer.
+    Answer(Result<(UserId, Written), SignupError>),
+    /// The next attempt, at once.
+    Attempt(Step),
+    /// The next attempt, after a wait.
+    Wait(Duration, Step),
+}
+
+/// Whether some attempt may have committed unseen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fate {
+    /// Every attempt so far was answered, or never sent.
+    Known,
+    /// An attempt was sent and its answer lost. It may yet commit (the server can run a statement
+    /// after its client has gone): every answer from then on keeps the job id.
+    Uncertain,
+}
+
+impl Fate {
+    /// The job an answer names as perhaps committed.
+    fn job_id(self, job_id: JobId) -> Option<JobId> {
+        match self {
+            Self::Known => None,
+            Self::Uncertain => Some(job_id),
+        }
+    }
+}
+
+/// What the retries have seen of the database.
+#[derive(Debug)]
+enum Reach {
+    /// No retry met it away (it answered, if only with errors).
+    Answering,
+    /// A retry met it away: the last error that said it could not be reached.
+    Away(sqlx::Error),
+}
+
+/// What makes a signup's attempts: the writer tasks, the pool, the signup and its time.
+struct Writing<'a> {
+    writers: &'a Writers,
+    pool: &'a PgPool,
+    new_user: &'a NewUser,
+    job_id: JobId,
+    started: Instant,
+    deadline: Instant,
+}
+
+impl Writing<'_> {
+    /// Hands the signup to the writer tasks, to be written with others queued at the moment.
+    async fn grouped(&self) -> Attempt {
+        self.writers
+            .write(self.new_user, self.job_id, self.started, self.deadline)
+            .await
+    }
+
+    /// Writes the signup in a transaction of its own.
+    async fn alone(&self) -> Attempt {
+        let write = self
+            .writers
+            .write_alone(self.new_user, self.job_id, self.started, self.deadline);
+        Box::pin(write).await
+    }
+
+    /// Looks up whether the attempt whose answer was `lost` committed after all.
+    async fn resolve(&self, lost: sqlx::Error) -> Attempt {
+        match Box::pin(committed_user(self.pool, self.job_id, self.deadline)).await {
+            Ok(Some(user_id)) => Attempt::Written(user_id),
+            // Not there now: write it again, alone. The lost statement may still commit later
+            // (the server can run it after its client has gone); then `sign_up`, finding the
+            // email taken by this very job id, returns that signup, so it is neither doubled nor
+            // refused.
+            Ok(None) => Attempt::NotCommitted(lost),
+            Err(lookup) => Attempt::Unknown(lookup),
+        }
+    }
+}
+
+/// One signup's attempts so far, and what they learned: each transition takes an attempt's
+/// result to the caller's answer or to the next step.
+#[derive(Debug)]
+struct Attempts {
+    job_id: JobId,
+    key: Key,
+    started: Instant,
+    deadline: Instant,
+    fate: Fate,
+    reach: Reach,
+    /// Failed attempts, which set the wait before the next.
+    failures: u32,
+}
+
+impl Attempts {
+    fn new(job_id: JobId, key: Key, started: Instant, deadline: Instant) -> Self {
+        Self {
+            job_id,
+            key,
+            started,
+            deadline,
+            fate: Fate::Known,
+            reach: Reach::Answering,
+            failures: 0,
+        }
+    }
+
+    /// After an attempt in a group.
+    fn after_grouped(&mut self, attempt: Attempt) -> Then {
+        match (self.key, attempt) {
             // A batch skips a taken email without asking whose it is; alone, `sign_up` tells
-            // this signup's own earlier write from someone else's.
-            grouping::Attempt::EmailTaken if key == Key::Caller && !alone => {
-                alone = true;
-                continue;
-            }
-            grouping::Attempt::KeyReused => return Err(SignupError::KeyReused(job_id)),
+            // this signup's own earlier write (under the caller's key) from someone else's.
+            (Key::Caller, Attempt::EmailTaken) => Then::Attempt(Step::Alone),
+            (_, attempt) => self.after(attempt),
+        }
+    }
+
+    /// After any attempt (a grouped one's taken email under a caller's key aside).
+    fn after(&mut self, attempt: Attempt) -> Then {
+        match attempt {
+            Attempt::Written(user_id) => Then::Answer(Ok((user_id, Written::Now))),
+            Attempt::Found(user_id) => Then::Answer(Ok((user_id, self.key.written_when_found()))),
+            Attempt::KeyReused => Then::Answer(Err(SignupError::KeyReused(self.job_id))),
             // Written alone after an attempt whose fate was unknown, `sign_up` has already told
             // a taken email from this signup's own earlier write (by the job id).
-            grouping::Attempt::EmailTaken => return Err(SignupError::EmailTaken),
-            grouping::Attempt::WriteAlone => {
-                alone = true;
-                continue;
+            Attempt::EmailTaken => Then::Answer(Err(SignupError::EmailTaken)),
+            Attempt::WriteAlone => Then::Attempt(Step::Alone),
+            Attempt::Unsent(reason) => Then::Answer(Err(self.unsent(reason))),
+            Attempt::NotCommitted(err) if !worth_retrying(&err) => {
+                Then::Answer(Err(classify(err, self.fate.job_id(self.job_id))))
             }
-            grouping::Attempt::Unsent(reason) => {
-                return Err(unsent(reason, unreachable, uncertain_job, started.elapsed()));
-            }
-            // What waiting cannot change (a statement the server refused, or a connection it
-            // refuses for good) is answered at once.
-            // A lock wait given up, or a conflict the server rolled back (40001, 40P01: under
-            // a serializable default isolation, say), is written again alone until the deadline.
-            grouping::Attempt::NotCommitted(err)
-                if store::is_refusal(&err)
-                    || !(store::is_unavailable(&err)
-                        || store::is_lock_timeout(&err)
-                        || store::is_transaction_conflict(&err)) =>
-            {
-                return Err(classify(err, uncertain_job));
-            }
-            grouping::Attempt::NotCommitted(err) => {
-                alone = true;
-                err
-            }
-            grouping::Attempt::Unknown(err) => {
-                alone = true;
-                was_uncertain = true;
-                failures += 1;
-                if key == Key::None {
-                    // Look the job id up at once if there is time (the look backs off if it
-                    // fails). A caller's key may be someone else's job, so a keyed signup is
-                    // resolved by writing it again alone, where `sign_up` compares email and
-                    // name: a write, which backs off as any write does.
-                    maybe_committed = Some(err);
-                    if Instant::now() < deadline {
-                        continue;
-                    }
-                    return Err(SignupError::Unavailable {
-                        job_id: Some(job_id),
-                        source: maybe_committed.take().expect("just set"),
-                    });
-                }
-                let delay = WRITE_RETRY_BACKOFF.delay(failures);
-                if Instant::now() + delay >= deadline {
-                    return Err(SignupError::Unavailable {
-                        job_id: Some(job_id),
-                        source: err,
-                    });
-                }
-                tokio::time::sleep(delay).await;
-                continue;
-            }
-        };
-        failures += 1;
-        let delay = WRITE_RETRY_BACKOFF.delay(failures);
-        if Instant::now() + delay >= deadline {
-            // Out of time. Certainly not written, and the database answered (a lock held on the
-            // email, a conflict it rolled back): not an outage.
-            let reached = !store::is_unavailable(&retry_after) && unreachable.is_none();
-            return Err(match uncertain_job {
-                None if reached => SignupError::NotWritten {
-                    waited: started.elapsed(),
-                },
-                job_id => SignupError::Unavailable {
-                    job_id,
-                    source: retry_after,
-                },
-            });
+            Attempt::NotCommitted(err) => self.retry_alone(err),
+            Attempt::Unknown(err) => self.answer_lost(err),
+        }
+    }
+
+    /// Certainly not committed, and worth trying again: written again alone after a backoff,
+    /// or, out of time, answered.
+    fn retry_alone(&mut self, err: sqlx::Error) -> Then {
+        self.failures += 1;
+        let delay = WRITE_RETRY_BACKOFF.delay(self.failures);
+        if Instant::now() + delay >= self.deadline {
+            return Then::Answer(Err(self.out_of_time(err)));
         }
         tracing::debug!(
-            job.id = %job_id,
-            error = %crate::connect::Described(&retry_after),
+            job.id = %self.job_id,
+            error = %crate::connect::Described(&err),
             retry_in_ms = delay.as_millis() as u64,
             "signup not written; retrying"
         );
-        if store::is_unavailable(&retry_after) {
-            unreachable = Some(retry_after);
+        if store::is_unavailable(&err) {
+            self.reach = Reach::Away(err);
         }
-        tokio::time::sleep(delay).await;
+        Then::Wait(delay, Step::Alone)
     }
+
+    /// An attempt sent and never answered: it may have committed. A new job id is looked up at
+    /// once if there is time (the look backs off if it fails). A caller's key may be someone
+    /// else's job, so a keyed signup is resolved by writing it again alone, where `sign_up`
+    /// compares email and name: a write, which backs off as any write does.
+    fn answer_lost(&mut self, err: sqlx::Error) -> Then {
+        self.fate = Fate::Uncertain;
+        self.failures += 1;
+        let job_id = Some(self.job_id);
+        let given_up = |source| Then::Answer(Err(SignupError::Unavailable { job_id, source }));
+        match self.key {
+            Key::None if Instant::now() < self.deadline => Then::Attempt(Step::Resolving(err)),
+            Key::None => given_up(err),
+            Key::Caller => {
+                let delay = WRITE_RETRY_BACKOFF.delay(self.failures);
+                if Instant::now() + delay >= self.deadline {
+                    return given_up(err);
+                }
+                Then::Wait(delay, Step::Alone)
+            }
+        }
+    }
+
+    /// The answer to a signup out of time before its next attempt, after `last` certainly did
+    /// not commit.
+    fn out_of_time(&self, last: sqlx::Error) -> SignupError {
+        // Certainly not written, and the database answered (a lock held on the email, a conflict
+        // it rolled back): not an outage.
+        let reached = !store::is_unavailable(&last) && matches!(self.reach, Reach::Answering);
+        match self.fate.job_id(self.job_id) {
+            None if reached => SignupError::NotWritten {
+                waited: self.started.elapsed(),
+            },
+            job_id => SignupError::Unavailable { job_id, source: last },
+        }
+    }
+
+    /// The answer to a signup whose deadline came before it was sent, for the reason given. It is
+    /// the last answer, so it takes the error that said the database was away.
+    fn unsent(&mut self, unsent: Unsent) -> SignupError {
+        let reach = std::mem::replace(&mut self.reach, Reach::Answering);
+        match (unsent, reach, self.fate.job_id(self.job_id)) {
+            // The database was fine and busy: not an outage, and certainly nothing written.
+            (Unsent::Busy, Reach::Answering, None) => SignupError::NotWritten {
+                waited: self.started.elapsed(),
+            },
+            (_, reach, job_id) => SignupError::Unavailable {
+                job_id,
+                source: match reach {
+                    Reach::Away(err) => err,
+                    Reach::Answering => store::no_answer_in_time(),
+                },
+            },
+        }
+    }
+}
+
+impl Key {
+    /// When a signup that `sign_up` found already written under this job id was written. Only a
+    /// caller's key can name a signup that an earlier call wrote.
+    fn written_when_found(self) -> Written {
+        match self {
+            Self::None => Written::Now,
+            Self::Caller => Written::Earlier,
+        }
+    }
+}
+
+/// Whether a statement that certainly did not commit may succeed if written again before the
+/// deadline: the database away, a lock wait given up, or a conflict the server rolled back
+/// (40001, 40P01: under a serializable default isolation, say). What waiting cannot change (a
+/// statement the server refused, or a connection it refuses for good) is answered at once.
+fn worth_retrying(err: &sqlx::Error) -> bool {
+    !store::is_refusal(err)
+        && (store::is_unavailable(err) || store::is_lock_timeout(err) || store::is_transaction_conflict(err))
 }
 
 /// The user of `job_id` if its signup committed; `None` if it certainly did not.
@@ -229,5 +358,126 @@ async fn committed_user(
             return Err(err);
         }
         tokio::time::sleep(delay).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn attempts(key: Key, time: Duration) -> Attempts {
+        let started = Instant::now();
+        Attempts::new(JobId::new(), key, started, started + time)
+    }
+
+    fn answer(then: Then) -> Result<(UserId, Written), SignupError> {
+        match then {
+            Then::Answer(answer) => answer,
+            other => panic!("expected an answer, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_taken_email_in_a_group_is_written_alone_only_under_a_callers_key() {
+        let mut keyed = attempts(Key::Caller, Duration::from_secs(5));
+        assert!(matches!(
+            keyed.after_grouped(Attempt::EmailTaken),
+            Then::Attempt(Step::Alone)
+        ));
+        // Alone, `sign_up` has told whose the email is.
+        assert!(matches!(
+            answer(keyed.after(Attempt::EmailTaken)),
+            Err(SignupError::EmailTaken)
+        ));
+        let mut new = attempts(Key::None, Duration::from_secs(5));
+        assert!(matches!(
+            answer(new.after_grouped(Attempt::EmailTaken)),
+            Err(SignupError::EmailTaken)
+        ));
+    }
+
+    #[test]
+    fn a_found_signup_was_written_earlier_only_under_a_callers_key() {
+        let user = UserId::from(7);
+        let mut keyed = attempts(Key::Caller, Duration::from_secs(5));
+        assert!(matches!(
+            answer(keyed.after(Attempt::Found(user))),
+            Ok((_, Written::Earlier))
+        ));
+        let mut new = attempts(Key::None, Duration::from_secs(5));
+        assert!(matches!(
+            answer(new.after(Attempt::Found(user))),
+            Ok((_, Written::Now))
+        ));
+    }
+
+    #[test]
+    fn a_lost_answer_is_looked_up_for_a_new_job_id_and_written_again_under_a_key() {
+        let mut new = attempts(Key::None, Duration::from_secs(5));
+        let then = new.after(Attempt::Unknown(sqlx::Error::PoolClosed));
+        assert!(matches!(then, Then::Attempt(Step::Resolving(_))), "{then:?}");
+        let mut keyed = attempts(Key::Caller, Duration::from_secs(5));
+        let then = keyed.after(Attempt::Unknown(sqlx::Error::PoolClosed));
+        assert!(matches!(then, Then::Wait(_, Step::Alone)), "{then:?}");
+        // Out of time: the job id is kept, since the lost attempt may have committed.
+        let mut late = attempts(Key::None, Duration::ZERO);
+        let job_id = late.job_id;
+        let then = answer(late.after(Attempt::Unknown(sqlx::Error::PoolClosed)));
+        assert!(matches!(then, Err(SignupError::Unavailable { job_id: Some(id), .. }) if id == job_id));
+    }
+
+    #[test]
+    fn after_a_lost_answer_every_answer_keeps_the_job_id() {
+        let mut new = attempts(Key::None, Duration::from_secs(5));
+        let job_id = new.job_id;
+        new.after(Attempt::Unknown(sqlx::Error::PoolClosed));
+        let then = answer(new.after(Attempt::Unsent(Unsent::Busy)));
+        assert!(matches!(then, Err(SignupError::Unavailable { job_id: Some(id), .. }) if id == job_id));
+    }
+
+    #[test]
+    fn an_unsent_signup_is_an_outage_only_if_the_database_was_met_away() {
+        let mut busy = attempts(Key::None, Duration::from_secs(5));
+        assert!(matches!(
+            answer(busy.after(Attempt::Unsent(Unsent::Busy))),
+            Err(SignupError::NotWritten { .. })
+        ));
+        let mut silent = attempts(Key::None, Duration::from_secs(5));
+        let then = answer(silent.after(Attempt::Unsent(Unsent::NoAnswer)));
+        assert!(
+            matches!(then, Err(SignupError::Unavailable { job_id: None, .. })),
+            "{then:?}"
+        );
+        let mut away = attempts(Key::None, Duration::from_secs(5));
+        let then = away.after(Attempt::NotCommitted(sqlx::Error::PoolTimedOut));
+        assert!(matches!(then, Then::Wait(delay, Step::Alone) if delay == WRITE_RETRY_BACKOFF.base));
+        let then = answer(away.after(Attempt::Unsent(Unsent::Busy)));
+        assert!(
+            matches!(
+                then,
+                Err(SignupError::Unavailable {
+                    job_id: None,
+                    source: sqlx::Error::PoolTimedOut
+                })
+            ),
+            "{then:?}"
+        );
+    }
+
+    #[test]
+    fn what_waiting_cannot_change_is_answered_at_once() {
+        let mut new = attempts(Key::None, Duration::from_secs(5));
+        let then = answer(new.after(Attempt::NotCommitted(sqlx::Error::RowNotFound)));
+        assert!(
+            matches!(then, Err(SignupError::Database(sqlx::Error::RowNotFound))),
+            "{then:?}"
+        );
+        // Worth retrying, but no time for the wait: certainly not written, and unreachable.
+        let mut late = attempts(Key::None, Duration::from_millis(10));
+        let then = answer(late.after(Attempt::NotCommitted(sqlx::Error::PoolTimedOut)));
+        assert!(
+            matches!(then, Err(SignupError::Unavailable { job_id: None, .. })),
+            "{then:?}"
+        );
     }
 }
