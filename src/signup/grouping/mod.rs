@@ -15,6 +15,11 @@
 //! deadline is never written; a batch may wait for row locks only briefly (`lock_timeout`); a
 //! statement that outlives every deadline in it (a connection that stopped answering) is given
 //! up and its connection closed.
+//!
+//! Here: the queue, the writer tasks and a batch's steps (`write_together`). Beside it,
+//! `statement.rs`: the one-signup statement and what an attempt came to ([`Attempt`]);
+//! `turn.rs`: a queued signup's turn, and how a busy moment is told from a silent database. What
+//! a caller does with each attempt's answer (retrying, resolving a lost one) is `attempts.rs`'s.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,13 +31,16 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use uuid::Uuid;
 
+mod statement;
 mod turn;
 
+pub(crate) use self::statement::Attempt;
+use self::statement::write_one;
 pub(crate) use self::turn::Unsent;
 use self::turn::{LastAnswer, SharedTurn, Turn};
 use super::input::NewUser;
 use crate::channel::Channels;
-use crate::job::{ANSWER_MARGIN, JobId, UserId};
+use crate::job::{ANSWER_MARGIN, JobId};
 use crate::store;
 
 /// Signups waiting for a writer, at most: past this, callers wait (within their deadlines) for
@@ -43,35 +51,15 @@ const QUEUE_CAPACITY: usize = 1024;
 /// others hold; a wait means one signup in the batch collides with someone's open transaction,
 /// so the batch gives up quickly and its signups are written alone, the blocked one waiting on
 /// its own time.
+///
+/// Not shortened for a signup near its deadline: its caller waits for a sent statement up to
+/// `ANSWER_MARGIN` past it, longer than this wait. (A wait of a millisecond fails the whole
+/// batch on any lock, the commit's turn at the notify lock included.)
 const BATCH_LOCK_WAIT: Duration = Duration::from_millis(50);
 
 /// How long past the last deadline in it a statement may run before its connection is deemed
 /// dead and closed: its callers have all been answered by then.
 const STATEMENT_GRACE: Duration = Duration::from_millis(500);
-
-/// What one attempt at writing a signup came to.
-#[derive(Debug)]
-pub(crate) enum Attempt {
-    /// Committed: the user exists and the job will be done.
-    Written(UserId),
-    /// Written by `sign_up`, which answers a job id sent again (with the same email and display
-    /// name) with the signup written before: committed now, or earlier.
-    Found(UserId),
-    /// The email belongs to someone (maybe to this very signup, if an earlier attempt's fate was
-    /// unknown, or if its job id is a key sent again: the caller checks).
-    EmailTaken,
-    /// The job id belongs to a signup with another email or display name.
-    KeyReused,
-    /// The statement failed in a batch for a reason that may be one signup's: write it alone.
-    WriteAlone,
-    /// Certainly not committed (the server answered with an error, or nothing was sent): the
-    /// caller may try again while it has time.
-    NotCommitted(sqlx::Error),
-    /// The statement was sent and its answer never came: it may have committed.
-    Unknown(sqlx::Error),
-    /// The deadline passed before the signup was sent: it will never be written.
-    Unsent(Unsent),
-}
 
 /// A signup waiting for a writer.
 struct Queued {
@@ -225,58 +213,6 @@ impl Writers {
     }
 }
 
-/// Writes one signup on `conn` in its own transaction, waiting at most `lock_wait` for row locks
-/// and giving the statement up (closing its connection) at `give_up`.
-#[allow(clippy::too_many_arguments)]
-async fn write_one(
-    mut conn: PoolConnection<Postgres>,
-    channels: &Channels,
-    answered: &LastAnswer,
-    new_user: &NewUser,
-    job_id: JobId,
-    lock_wait: Duration,
-    give_up: Instant,
-) -> Attempt {
-    let statement = store::insert_user_and_job(
-        &mut *conn,
-        new_user.email(),
-        new_user.display_name(),
-        job_id,
-        &channels.jobs,
-        Some(lock_wait),
-    );
-    let answer = tokio::time::timeout_at(give_up, statement).await;
-    if let Ok(answer) = &answer {
-        answered.record_if_reached(answer);
-    }
-    match answer {
-        Ok(Ok(user_id)) => Attempt::Found(user_id),
-        Ok(Err(err)) => attempt_failed(err),
-        Err(_) => {
-            conn.close_on_drop();
-            Attempt::Unknown(sqlx::Error::Io(std::io::ErrorKind::TimedOut.into()))
-        }
-    }
-}
-
-/// Sorts a failed statement: a server's error means its transaction did not commit.
-fn attempt_failed(err: sqlx::Error) -> Attempt {
-    match &err {
-        sqlx::Error::Database(db_err)
-            if db_err.is_unique_violation() && db_err.constraint() == Some("builtin_users_email_key") =>
-        {
-            Attempt::EmailTaken
-        }
-        sqlx::Error::Database(db_err)
-            if db_err.is_unique_violation() && db_err.constraint() == Some("player_creation_jobs_pkey") =>
-        {
-            Attempt::KeyReused
-        }
-        sqlx::Error::Database(_) => Attempt::NotCommitted(err),
-        _ => Attempt::Unknown(err),
-    }
-}
-
 /// One writer: take everything queued (up to `max_batch`), write it, repeat. While one writer
 /// waits for its commit, the next takes what queued up meanwhile.
 async fn write_batches(
@@ -316,10 +252,34 @@ async fn write_batches(
     }
 }
 
+/// Writes a batch taken from the queue as one statement, one commit for all of it, and tells
+/// each caller what came of its signup.
 async fn write_together(pool: &PgPool, channels: &Channels, answered: &LastAnswer, batch: Vec<Queued>) {
-    // A job id already in the batch is a caller's key sent twice at once: the grouped statement
-    // answers by job id alone, so it would tell both that the one written is theirs, whatever
-    // their email and name. All but the first are written alone, where `sign_up` compares them.
+    let batch = set_aside_repeated_keys(batch);
+    let Some((conn, batch)) = connect(pool, answered, batch).await else {
+        return;
+    };
+    // Callers that gave up while the connection came are not sent (they answered themselves),
+    // nor are signups whose deadline passed meanwhile (their callers are told so here).
+    let mut batch: Vec<Queued> = batch
+        .into_iter()
+        .filter_map(|queued| queued.send(answered))
+        .collect();
+    match batch.len() {
+        0 => {}
+        1 => {
+            let queued = batch.pop().expect("one signup");
+            write_lone(conn, channels, answered, queued).await;
+        }
+        _ => write_many(conn, channels, answered, batch).await,
+    }
+}
+
+/// The batch without the signups whose job id came earlier in it, which are sent back to be
+/// written alone. A job id already in the batch is a caller's key sent twice at once: the grouped
+/// statement answers by job id alone, so it would tell both that the one written is theirs,
+/// whatever their email and name. Alone, `sign_up` compares them.
+fn set_aside_repeated_keys(batch: Vec<Queued>) -> Vec<Queued> {
     let mut ids = std::collections::HashSet::with_capacity(batch.len());
     let (batch, repeated): (Vec<Queued>, Vec<Queued>) =
         batch.into_iter().partition(|queued| ids.insert(queued.job_id));
@@ -327,26 +287,29 @@ async fn write_together(pool: &PgPool, channels: &Channels, answered: &LastAnswe
         tracing::debug!(job.id = %queued.job_id, "a job id twice in one batch; the second is written alone");
         let _ = queued.written.send(Attempt::WriteAlone);
     }
-    let Some(latest) = batch.iter().map(|q| q.deadline).max() else {
-        return;
-    };
-    let answer_all = |batch: Vec<Queued>, attempt: &dyn Fn() -> Attempt| {
-        for queued in batch {
-            let _ = queued.written.send(attempt());
-        }
-    };
-    let mut conn = match tokio::time::timeout_at(latest, pool.acquire()).await {
-        Ok(Ok(conn)) => conn,
+    batch
+}
+
+/// A connection for the batch, waiting at most until its latest deadline. Without one, every
+/// caller in it is answered here, and `None` returned.
+async fn connect(
+    pool: &PgPool,
+    answered: &LastAnswer,
+    batch: Vec<Queued>,
+) -> Option<(PoolConnection<Postgres>, Vec<Queued>)> {
+    let latest = batch.iter().map(|q| q.deadline).max()?;
+    match tokio::time::timeout_at(latest, pool.acquire()).await {
+        Ok(Ok(conn)) => return Some((conn, batch)),
         // A refusal (a wrong password, an unknown database) will not pass by waiting: each
         // caller meets it again on a connection of its own, and is answered with the server's
         // error, its SQLSTATE kept, at once. (`sqlx::Error` cannot be cloned for every caller.)
         Ok(Err(err)) if store::is_refusal(&err) || !store::is_unavailable(&err) => {
             tracing::debug!(error = %crate::connect::Described(&err), "cannot connect; each signup tries alone");
-            return answer_all(batch, &|| Attempt::WriteAlone);
+            answer_all(batch, || Attempt::WriteAlone);
         }
         Ok(Err(err)) => {
             let message = err.to_string();
-            return answer_all(batch, &|| {
+            answer_all(batch, || {
                 Attempt::NotCommitted(sqlx::Error::Io(std::io::Error::other(message.clone())))
             });
         }
@@ -356,69 +319,67 @@ async fn write_together(pool: &PgPool, channels: &Channels, answered: &LastAnswe
                 let unsent = answered.unsent_since(queued.since);
                 let _ = queued.written.send(Attempt::Unsent(unsent));
             }
-            return;
         }
+    }
+    None
+}
+
+/// Writes a batch of one signup with the single-signup statement.
+async fn write_lone(
+    conn: PoolConnection<Postgres>,
+    channels: &Channels,
+    answered: &LastAnswer,
+    queued: Queued,
+) {
+    let attempt = match write_one(
+        conn,
+        channels,
+        answered,
+        &queued.new_user,
+        queued.job_id,
+        BATCH_LOCK_WAIT,
+        queued.deadline + STATEMENT_GRACE,
+    )
+    .await
+    {
+        // A lone signup that met a lock writes itself again, waiting with its whole time.
+        Attempt::NotCommitted(err) if store::is_lock_timeout(&err) => Attempt::WriteAlone,
+        attempt => attempt,
     };
-    // Callers that gave up while the connection came are not sent (they answered themselves),
-    // nor are signups whose deadline passed meanwhile (their callers are told so here).
-    let batch: Vec<Queued> = batch
-        .into_iter()
-        .filter_map(|queued| queued.send(answered))
-        .collect();
+    let _ = queued.written.send(attempt);
+}
+
+/// Writes two or more signups in one statement, given up (its connection closed) past the
+/// latest deadline in it.
+async fn write_many(
+    mut conn: PoolConnection<Postgres>,
+    channels: &Channels,
+    answered: &LastAnswer,
+    batch: Vec<Queued>,
+) {
     let Some(latest) = batch.iter().map(|q| q.deadline).max() else {
         return;
     };
-    // Not shortened for a signup near its deadline: its caller waits for a sent statement up to
-    // `ANSWER_MARGIN` past it, longer than this wait. (A wait of a millisecond fails the whole
-    // batch on any lock, the commit's turn at the notify lock included.)
-    let lock_wait = BATCH_LOCK_WAIT;
-    if batch.len() == 1 {
-        let queued = batch.into_iter().next().expect("one signup");
-        let attempt = match write_one(
-            conn,
-            channels,
-            answered,
-            &queued.new_user,
-            queued.job_id,
-            lock_wait,
-            queued.deadline + STATEMENT_GRACE,
-        )
-        .await
-        {
-            // A lone signup that met a lock writes itself again, waiting with its whole time.
-            Attempt::NotCommitted(err) if store::is_lock_timeout(&err) => Attempt::WriteAlone,
-            attempt => attempt,
-        };
-        let _ = queued.written.send(attempt);
-        return;
-    }
     let emails: Vec<String> = batch.iter().map(|q| q.new_user.email().to_owned()).collect();
     let names: Vec<String> = batch
         .iter()
         .map(|q| q.new_user.display_name().to_owned())
         .collect();
     let job_ids: Vec<Uuid> = batch.iter().map(|q| q.job_id.as_uuid()).collect();
-    let statement =
-        store::insert_users_and_jobs(&mut *conn, &emails, &names, &job_ids, &channels.jobs, lock_wait);
+    let statement = store::insert_users_and_jobs(
+        &mut *conn,
+        &emails,
+        &names,
+        &job_ids,
+        &channels.jobs,
+        BATCH_LOCK_WAIT,
+    );
     let answer = tokio::time::timeout_at(latest + STATEMENT_GRACE, statement).await;
     if let Ok(answer) = &answer {
         answered.record_if_reached(answer);
     }
     match answer {
-        Ok(Ok(written)) => {
-            tracing::debug!(
-                batch.size = batch.len(),
-                written = written.len(),
-                "signups written"
-            );
-            for queued in batch {
-                let attempt = written
-                    .iter()
-                    .find(|w| w.job_id == queued.job_id)
-                    .map_or(Attempt::EmailTaken, |w| Attempt::Written(w.user_id));
-                let _ = queued.written.send(attempt);
-            }
-        }
+        Ok(Ok(written)) => answer_written(batch, &written),
         // The server refused the statement, so nothing was written: each caller writes its own
         // signup alone, so that whatever failed the batch fails only its signup.
         Ok(Err(err @ sqlx::Error::Database(_))) => {
@@ -427,22 +388,47 @@ async fn write_together(pool: &PgPool, channels: &Channels, answered: &LastAnswe
                 batch.size = batch.len(),
                 "batch failed; each signup is written alone"
             );
-            answer_all(batch, &|| Attempt::WriteAlone);
+            answer_all(batch, || Attempt::WriteAlone);
         }
         // The connection broke or stopped answering mid-statement: the commit may or may not
         // have happened. Writing again could sign someone up twice or report their own signup as
         // a taken email; each caller resolves its signup by its job id.
         Ok(Err(err)) => {
             let message = err.to_string();
-            answer_all(batch, &|| {
+            answer_all(batch, || {
                 Attempt::Unknown(sqlx::Error::Io(std::io::Error::other(message.clone())))
             });
         }
         Err(_) => {
             conn.close_on_drop();
-            answer_all(batch, &|| {
+            answer_all(batch, || {
                 Attempt::Unknown(sqlx::Error::Io(std::io::ErrorKind::TimedOut.into()))
             });
         }
+    }
+}
+
+/// Tells each caller of a committed batch its user, or that its email was taken (the statement
+/// skips a taken email, writing the others).
+fn answer_written(batch: Vec<Queued>, written: &[store::WrittenSignup]) {
+    tracing::debug!(
+        batch.size = batch.len(),
+        written = written.len(),
+        "signups written"
+    );
+    for queued in batch {
+        let attempt = written
+            .iter()
+            .find(|w| w.job_id == queued.job_id)
+            .map_or(Attempt::EmailTaken, |w| Attempt::Written(w.user_id));
+        let _ = queued.written.send(attempt);
+    }
+}
+
+/// Gives every caller in `batch` the same answer (`sqlx::Error` cannot be cloned, so each gets
+/// its own, made by `attempt`).
+fn answer_all(batch: Vec<Queued>, attempt: impl Fn() -> Attempt) {
+    for queued in batch {
+        let _ = queued.written.send(attempt());
     }
 }
