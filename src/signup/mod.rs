@@ -3,12 +3,12 @@
 //!
 //! This file is the side's public face ([`Signups`], [`create_user`], [`SignupsConfig`],
 //! [`Signup`], and the re-exported error and input types) and the write-and-wait flow. How one
-//! signup's write is retried, and resolved when its answer is lost, is argued in `attempts.rs`. Its
+//! signup's write is retried, and resolved when its answer is lost, is argued in `attempts/`. Its
 //! children, with the arrows pointing down only:
 //!
 //! ```text
 //! signup/mod.rs ─┬─▶ error.rs    SignupError, the classifier  ─▶ input, job, store
-//!                ├─▶ attempts.rs one signup's write, retried  ─▶ error, input, grouping, job, store
+//!                ├─▶ attempts/   one signup's write, retried  ─▶ error, input, grouping, job, store
 //!                ├─▶ grouping/   grouped commits, each signup's turn ─▶ input, job, store, channel
 //!                ├─▶ confirm/    waiters, the LISTEN on done, the last looks ─▶ input, job, store,
 //!                │                                               channel, listen, connect, telemetry

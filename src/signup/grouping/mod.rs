@@ -19,7 +19,7 @@
 //! Here: the queue, the writer tasks and a batch's steps (`write_together`). Beside it,
 //! `statement.rs`: the one-signup statement and what an attempt came to ([`Attempt`]);
 //! `turn.rs`: a queued signup's turn, and how a busy moment is told from a silent database. What
-//! a caller does with each attempt's answer (retrying, resolving a lost one) is `attempts.rs`'s.
+//! a caller does with each attempt's answer (retrying, resolving a lost one) is `attempts/`'s.
 
 use std::sync::Arc;
 use std::time::Duration;
