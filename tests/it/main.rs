@@ -21,6 +21,7 @@ mod hostile_input;
 mod idempotency;
 mod idempotency_cuts;
 mod idempotency_races;
+mod job_lifecycle;
 mod json_logs;
 mod last_looks;
 mod layout;

@@ -4,6 +4,7 @@
 mod cheaper_checks;
 mod locale_and_claims;
 mod privileges;
+mod running_attempts;
 mod search_path;
 mod services;
 mod upgrade;
