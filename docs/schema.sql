@@ -83,7 +83,7 @@ create table ackloop.player_creation_jobs (
 
 CREATE INDEX player_creation_jobs_failed_idx ON ackloop.player_creation_jobs USING btree (completed_at) WHERE (status = 'failed'::text);
 
-CREATE INDEX player_creation_jobs_finished_idx ON ackloop.player_creation_jobs USING btree (completed_at) WHERE (status = ANY (ARRAY['done'::text, 'failed'::text]));
+CREATE INDEX player_creation_jobs_finished_idx ON ackloop.player_creation_jobs USING btree (completed_at) WHERE (status <> 'pending'::text);
 
 CREATE INDEX player_creation_jobs_pending_idx ON ackloop.player_creation_jobs USING btree (run_after, id) WHERE (status = ANY (ARRAY['pending'::text, 'running'::text]));
 
@@ -358,6 +358,7 @@ language plpgsql volatile security definer parallel unsafe
 set search_path = pg_catalog, ackloop, pg_temp
 as $$
 begin
+    perform ackloop.limit_claim_session();
     update ackloop.player_creation_jobs as jobs
     set status = 'pending',
         attempts = jobs.attempts - 1,
@@ -551,14 +552,19 @@ $$;
 
 create function ackloop.next_retry_due_in_secs(builtin_signups boolean DEFAULT false)
 returns double precision
-language sql stable security definer parallel unsafe
+language plpgsql volatile security definer parallel unsafe
 set search_path = pg_catalog, ackloop, pg_temp
 as $$
-    select extract(epoch from min(jobs.run_after) - now())::float8
-    from ackloop.player_creation_jobs as jobs
-    where jobs.status in ('pending', 'running')
-      and jobs.attempts > 0
-      and (jobs.builtin_user_id is not null) = builtin_signups
+begin
+    perform ackloop.limit_claim_session();
+    return (
+        select extract(epoch from min(jobs.run_after) - now())::float8
+        from ackloop.player_creation_jobs as jobs
+        where jobs.status in ('pending', 'running')
+          and jobs.attempts > 0
+          and (jobs.builtin_user_id is not null) = builtin_signups
+    );
+end
 $$;
 
 create function ackloop.note_unfinished_attempt(job_id uuid, attempt integer, error text)
@@ -567,6 +573,7 @@ language plpgsql volatile security definer parallel unsafe
 set search_path = pg_catalog, ackloop, pg_temp
 as $$
 begin
+    perform ackloop.limit_claim_session();
     update ackloop.player_creation_jobs as jobs
     set status = 'pending',
         attempt_started_at = null,
@@ -581,12 +588,16 @@ $$;
 
 create function ackloop.pending_jobs()
 returns table (pending bigint, oldest_pending_secs double precision)
-language sql stable security definer parallel unsafe
+language plpgsql volatile security definer parallel unsafe
 set search_path = pg_catalog, ackloop, pg_temp
 as $$
+begin
+    perform ackloop.limit_claim_session();
+    return query
     select count(*), extract(epoch from now() - min(jobs.created_at))::float8
     from ackloop.player_creation_jobs as jobs
-    where jobs.status in ('pending', 'running')
+    where jobs.status in ('pending', 'running');
+end
 $$;
 
 create function ackloop.record_failure(

@@ -22,8 +22,14 @@
 --
 -- Every row keeps its state: a job that the earlier functions left mid-attempt (pending, its
 -- error the provisional text for its latest attempt) becomes `running`, started when that text
--- was written. The pending and finished indexes are built again for the new predicates: on a
--- table of millions, apply this when signups are quiet.
+-- was written. The two indexes of unfinished jobs are built again for the new predicates, which
+-- reads the whole table while it is locked: on a table of millions, apply this when signups
+-- are quiet. Stop the workers while it runs, too: a worker's call to the functions replaced here
+-- that waits behind this step's lock runs the earlier body when it resumes, which can cost the
+-- job taken alone at that moment one attempt (counted, then taken as ended with its session).
+--
+-- Taking the table's lock waits behind a long transaction (a worker's claim, a prune) and holds
+-- every signup up meanwhile: give up after 5 s instead; run `ackloop migrate` again.
 set local lock_timeout = '5s';
 
 alter table ackloop.player_creation_jobs
@@ -67,26 +73,27 @@ drop index ackloop.player_creation_jobs_retry_idx;
 create index player_creation_jobs_retry_idx
     on ackloop.player_creation_jobs (run_after, id)
     where status in ('pending', 'running') and attempts > 0;
--- `jobs prune` and the dashboard read finished jobs oldest or newest first.
-drop index ackloop.player_creation_jobs_finished_idx;
-create index player_creation_jobs_finished_idx
-    on ackloop.player_creation_jobs (completed_at)
-    where status in ('done', 'failed');
+-- The finished jobs' index (`status <> 'pending'`) stays as it is, the largest of the table: it
+-- now holds the few running jobs too (their `completed_at` is null), and the readers' predicate,
+-- `status in ('done', 'failed')`, implies its own, so they still use it.
 
 -- The jobs a worker may take now, written once: waiting ones whose time has come, and running
 -- ones whose lease ran out (`run_after` of a running job is when its attempt is taken as ended
 -- with its session). Every claim reads through it, adding which jobs it takes (`attempts = 0`
--- for a batch, `attempts > 0` for retries, the source) and `for update skip locked`.
+-- for a batch, `attempts > 0` for retries, the source) and `for update skip locked`. (`*` is
+-- expanded when the view is made: a later step that changes the table's columns makes it again.)
 create view ackloop.due_jobs as
 select jobs.*
 from ackloop.player_creation_jobs as jobs
 where jobs.status in ('pending', 'running')
   and jobs.run_after <= now();
 
--- The limits a claiming transaction runs under, set once here and called by every function that
--- claims (complete_jobs, claim_jobs, start_attempt, lock_attempt): idle in the transaction for
--- over 10 s loses the session (and its locks), a client gone while a statement runs is noticed
--- within 1 s, and a lock wait over 2 s fails a statement (55P03), which no job is blamed for.
+-- The limits a worker's transaction runs under, set once here and called by every worker function
+-- that reads or writes the job table (complete_jobs, claim_jobs, start_attempt, lock_attempt,
+-- give_back_attempt, note_unfinished_attempt, next_retry_due_in_secs, pending_jobs): idle in the
+-- transaction for over 10 s loses the session (and its locks), a client gone while a statement
+-- runs is noticed within 1 s, and a lock wait over 2 s fails a statement (55P03), which no job
+-- is blamed for.
 create or replace function ackloop.limit_claim_session() returns void
 language sql volatile
 set search_path = pg_catalog, ackloop, pg_temp
@@ -378,6 +385,7 @@ language plpgsql volatile security definer
 set search_path = pg_catalog, ackloop, pg_temp
 as $$
 begin
+    perform ackloop.limit_claim_session();
     update ackloop.player_creation_jobs as jobs
     set status = 'pending',
         attempts = jobs.attempts - 1,
@@ -404,6 +412,7 @@ language plpgsql volatile security definer
 set search_path = pg_catalog, ackloop, pg_temp
 as $$
 begin
+    perform ackloop.limit_claim_session();
     update ackloop.player_creation_jobs as jobs
     set status = 'pending',
         attempt_started_at = null,
@@ -549,16 +558,22 @@ $$;
 -- Seconds until the next job tried before (of the kind claim_jobs' `builtin_signups` names) is
 -- due, a running one's when its lease ends (negative if one is due now but held by another
 -- worker), or null when there is none: how long a worker that takes such jobs alone may sleep.
+-- (Volatile now: it sets limit_claim_session's limits.)
 create or replace function ackloop.next_retry_due_in_secs(builtin_signups boolean default false)
 returns double precision
-language sql stable security definer
+language plpgsql volatile security definer
 set search_path = pg_catalog, ackloop, pg_temp
 as $$
-    select extract(epoch from min(jobs.run_after) - now())::float8
-    from ackloop.player_creation_jobs as jobs
-    where jobs.status in ('pending', 'running')
-      and jobs.attempts > 0
-      and (jobs.builtin_user_id is not null) = builtin_signups
+begin
+    perform ackloop.limit_claim_session();
+    return (
+        select extract(epoch from min(jobs.run_after) - now())::float8
+        from ackloop.player_creation_jobs as jobs
+        where jobs.status in ('pending', 'running')
+          and jobs.attempts > 0
+          and (jobs.builtin_user_id is not null) = builtin_signups
+    );
+end
 $$;
 
 -- How many jobs are not finished (pending or running) and how long the oldest has waited, for
@@ -567,12 +582,16 @@ $$;
 -- must not grow with the finished jobs kept.
 create or replace function ackloop.pending_jobs()
 returns table (pending bigint, oldest_pending_secs double precision)
-language sql stable security definer
+language plpgsql volatile security definer
 set search_path = pg_catalog, ackloop, pg_temp
 as $$
+begin
+    perform ackloop.limit_claim_session();
+    return query
     select count(*), extract(epoch from now() - min(jobs.created_at))::float8
     from ackloop.player_creation_jobs as jobs
-    where jobs.status in ('pending', 'running')
+    where jobs.status in ('pending', 'running');
+end
 $$;
 
 -- Each of `job_ids` that exists, as a caller needs it: `status` is `pending` until the job is

@@ -226,8 +226,8 @@ async function main() {
     } catch (err) {
       console.error(`jobs: ${err.message}`);
       // A lost session took its transaction with it; any other failure is rolled back. Either
-      // way the jobs it held are pending again, their attempts uncounted (unless start_attempt
-      // counted one).
+      // way the jobs it held are pending again, their attempts uncounted, except a job
+      // start_attempt counted: it stays running until its lease ends, then is tried again.
       if (!lost(err)) await db.query('rollback').catch(() => {});
       else {
         db?.end().catch(() => {});

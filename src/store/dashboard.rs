@@ -59,7 +59,7 @@ pub(crate) struct FinishedSecond {
 }
 
 /// Jobs finished per second over the last `window_secs`, and over the whole window, in one
-/// pass through the index on finished jobs (`status in ('done', 'failed')` is its predicate).
+/// pass through the index on finished jobs (`status in ('done', 'failed')` implies its predicate, `status <> 'pending'`).
 pub(crate) async fn finished_per_second(
     executor: impl PgExecutor<'_>,
     window_secs: f64,

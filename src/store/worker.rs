@@ -23,7 +23,7 @@ pub(crate) struct CompletedJob {
 /// Any failure fails the whole batch and leaves every job as it was, its attempt uncounted; the
 /// worker then falls back to [`claim_due_jobs`] and one savepoint per job to find the culprit,
 /// or, when the session died, to one job at a time with each attempt counted first. A job tried
-/// before is always retried alone ([`lock_next_due_job`]): it may be the one that kills sessions.
+/// before is always retried alone ([`start_attempt`]): it may be the one that kills sessions.
 pub(crate) async fn complete_due_jobs(
     executor: impl PgExecutor<'_>,
     limit: i32,
@@ -59,7 +59,7 @@ pub(crate) struct ClaimedJob {
 /// Locks up to `limit` due jobs never tried before for this transaction (skipping any another
 /// worker holds): a custom handler's batch, or the jobs of a built-in batch that failed. The
 /// attempt is counted by the statement that records its outcome ([`mark_jobs_done`],
-/// [`schedule_retry`], [`mark_job_failed`]) in the same transaction, so each job gets one new
+/// [`record_failure`]) in the same transaction, so each job gets one new
 /// row version, not two: the attempt is committed, or uncounted, with the transaction. The lock
 /// lasts until the transaction ends; if it rolls back, or the connection dies, the jobs are
 /// pending again with their attempt uncounted.

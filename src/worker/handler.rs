@@ -291,10 +291,6 @@ pub trait Handler: Send + Sync + 'static {
     /// added with [`add_job`](crate::add_job) (the default), or the built-in tables' signups.
     const SOURCE: JobSource = JobSource::AddJob;
 
-    /// How the worker completes a batch of this handler's new jobs: one job per savepoint,
-    /// calling [`Handler::handle`] for each (the default, and any handler's way).
-    const BATCHES: Batches = Batches::OneJobPerSavepoint;
-
     /// Does `job`'s work through `conn`, the connection of the claim's transaction, and says
     /// what it made.
     fn handle(
@@ -304,20 +300,33 @@ pub trait Handler: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Created, JobError>> + Send;
 }
 
-/// How a worker completes a batch of new jobs (jobs taken alone always go through
+/// How a worker completes a batch of new jobs (a job taken alone always goes through
 /// [`Handler::handle`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum Batches {
+pub(crate) enum Batches {
     /// Claim the batch (`ackloop.claim_jobs`), run [`Handler::handle`] on each job in a
     /// savepoint of its own, and mark the jobs it finished done, in one transaction: a job that
     /// fails is rolled back to its savepoint and recorded without taking the others with it.
     OneJobPerSavepoint,
     /// Claim, create and complete the whole batch in one statement (`ackloop.complete_jobs`),
-    /// which does in SQL what [`InsertPlayer`] does: the built-in tables' batches
-    /// ([`JobSource::BuiltinSignup`] only). If the statement fails, the batch is taken again one
-    /// job per savepoint, to find the job at fault.
+    /// which does in SQL exactly what [`InsertPlayer`] does. If the statement fails, the batch is
+    /// taken again one job per savepoint, to find the job at fault.
     BuiltinStatement,
+}
+
+impl Batches {
+    /// How `H`'s batches go: in one statement for the built-in [`InsertPlayer`] however the
+    /// worker was given it ([`Worker::new`](crate::Worker::new) or
+    /// [`Worker::with_handler`](crate::Worker::with_handler)), since that statement is its
+    /// effect written in SQL; one job per savepoint for any other handler, whose effect only its
+    /// own `handle` knows.
+    pub(crate) fn of<H: Handler>() -> Self {
+        if std::any::TypeId::of::<H>() == std::any::TypeId::of::<InsertPlayer>() {
+            Self::BuiltinStatement
+        } else {
+            Self::OneJobPerSavepoint
+        }
+    }
 }
 
 /// The built-in player service's handler: creates the player of a job signed up on the
@@ -330,7 +339,6 @@ pub struct InsertPlayer;
 
 impl Handler for InsertPlayer {
     const SOURCE: JobSource = JobSource::BuiltinSignup;
-    const BATCHES: Batches = Batches::BuiltinStatement;
 
     async fn handle(&self, job: &Job, conn: &mut PgConnection) -> Result<Created, JobError> {
         let player = store::insert_builtin_player(conn, job.id).await?;

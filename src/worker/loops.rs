@@ -1,5 +1,21 @@
 //! One processing loop: drain the queue pass after pass, take jobs alone when a session may
 //! have died of one, and wait for a wake-up, a retry coming due or the poll tick.
+//!
+//! Why a job that kills its session (a crashing extension, an out-of-memory kill of its backend)
+//! cannot stall the queue, in three rules the SQL keeps:
+//! - A batch takes only jobs never tried (`attempts = 0`: `ackloop.claim_jobs`,
+//!   `ackloop.complete_jobs`), and counts their attempts in the transaction that records the
+//!   outcome. A batch that dies with its session leaves its jobs `pending`, uncounted.
+//! - So after a session died (and when a loop starts: the last process may have died of a job),
+//!   the loop is in [`Mode::Alone`]: its next `batch_size` jobs are taken one at a time by
+//!   `ackloop.start_attempt`, which marks the job `running`, counts the attempt and commits
+//!   before the attempt is made, with a lease (`run_after`: the backoff after this attempt).
+//!   The job at fault is among them: the dying backend may still hold its row for a moment, so
+//!   an empty look is repeated for [`ALONE_AT_LEAST`] before batches resume.
+//! - A job tried before never goes back into a batch. Found `running` past its lease, its attempt
+//!   ended with its session: `start_attempt` counts another, or, its `max_attempts` used up,
+//!   fails it. So the job ends at most `max_attempts` sessions (plus one per loop that met it in
+//!   a batch first) and is failed, while every other job flows in batches.
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -17,7 +17,6 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::channel::{IgnoredPayloads, parse_job_id};
-use crate::job::JobSource;
 use crate::listen::{Event, ListenTarget, Subscription};
 
 mod config;
@@ -26,7 +25,7 @@ mod loops;
 mod passes;
 
 pub use config::{WorkerConfig, worker_session_options};
-pub use handler::{Batches, Created, Handler, InsertPlayer, Job, JobError, JobResultExt};
+pub use handler::{Created, Handler, InsertPlayer, Job, JobError, JobResultExt};
 use passes::Processor;
 
 /// What stops a worker from running. A failing *job* is not one of these: it is recorded in its
@@ -166,7 +165,7 @@ impl<H: Handler> Worker<H> {
     /// # Ok(()) }
     /// ```
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), WorkerError> {
-        check_config::<H>(&self.config)?;
+        check_config(&self.config)?;
         let subscription = self.subscribe().await?;
         let config = self.config;
         let processor = Arc::new(Processor {
@@ -226,7 +225,7 @@ impl<H: Handler> Worker<H> {
 }
 
 /// Refuses settings out of range before anything starts.
-fn check_config<H: Handler>(config: &WorkerConfig) -> Result<(), WorkerError> {
+fn check_config(config: &WorkerConfig) -> Result<(), WorkerError> {
     if config.concurrency == 0 {
         return Err(WorkerError::Config("concurrency must be at least 1"));
     }
@@ -238,11 +237,6 @@ fn check_config<H: Handler>(config: &WorkerConfig) -> Result<(), WorkerError> {
     }
     if config.poll_interval.is_zero() {
         return Err(WorkerError::Config("poll interval must be more than zero"));
-    }
-    if H::BATCHES == Batches::BuiltinStatement && H::SOURCE != JobSource::BuiltinSignup {
-        return Err(WorkerError::Config(
-            "the built-in batch statement serves only the built-in tables' signups: use Batches::OneJobPerSavepoint",
-        ));
     }
     Ok(())
 }

@@ -210,7 +210,7 @@ impl<H: Handler> Processor<H> {
 
     async fn pass_on(&self, conn: &mut PgConnection) -> Result<Pass, sqlx::Error> {
         let limit = i32::from(self.config.batch_size);
-        match H::BATCHES {
+        match Batches::of::<H>() {
             Batches::OneJobPerSavepoint => self.pass_one_by_one(conn, limit).await,
             Batches::BuiltinStatement => self.pass_in_one_statement(conn, limit).await,
         }

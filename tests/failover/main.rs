@@ -290,11 +290,12 @@ async fn failover() -> ExitCode {
         .expect("connect to a");
     let drain_deadline = Instant::now() + PHASE_DEADLINE;
     loop {
-        let pending: i64 =
-            sqlx::query_scalar("select count(*) from ackloop.player_creation_jobs where status = 'pending'")
-                .fetch_one(&mut last)
-                .await
-                .unwrap();
+        let pending: i64 = sqlx::query_scalar(
+            "select count(*) from ackloop.player_creation_jobs where status in ('pending', 'running')",
+        )
+        .fetch_one(&mut last)
+        .await
+        .unwrap();
         if pending == 0 {
             break;
         }

@@ -114,13 +114,13 @@ async fn a_handler_error_leaves_none_of_its_writes_and_the_job_retries(
         panic!("expected a timeout, got {err:?}");
     };
     let user_id = user_id.expect("a timed-out signup was written: its user id is known");
-    // A retry's attempt is counted (with a provisional error) before it is made: wait for one
-    // that finished with the handler's reason.
+    // A retry's attempt is counted (the job running) before it is made: wait for one that
+    // finished with the handler's reason, the job pending again.
     wait_until(
         "the job is tried three times, each ending with the handler's reason",
         || async {
-            let (_, attempts, last_error) = job_row(&pool, job_id).await;
-            attempts >= 3 && last_error.as_deref() == Some(NO_STARTER_ITEMS)
+            let (status, attempts, last_error) = job_row(&pool, job_id).await;
+            status == "pending" && attempts >= 3 && last_error.as_deref() == Some(NO_STARTER_ITEMS)
         },
     )
     .await;

@@ -41,13 +41,18 @@ async fn the_gauges_and_prune_do_not_scan_the_finished_jobs(
     }
     execute(&pool, "analyze ackloop.player_creation_jobs").await;
 
-    // store::pending_jobs calls ackloop.pending_jobs(): its body is what runs.
+    // store::pending_jobs calls ackloop.pending_jobs(): the query its body returns is what runs.
     let body: String =
         sqlx::query_scalar("select prosrc from pg_proc where oid = 'ackloop.pending_jobs()'::regprocedure")
             .fetch_one(&pool)
             .await
             .unwrap();
-    let sql = format!("explain (format json) {body}");
+    let query = body
+        .split("return query")
+        .nth(1)
+        .and_then(|rest| rest.split(';').next())
+        .unwrap_or_else(|| panic!("pending_jobs returns one query: {body}"));
+    let sql = format!("explain (format json) {query}");
     let gauges: serde_json::Value = sqlx::query_scalar(sqlx::AssertSqlSafe(sql.as_str()))
         .fetch_one(&pool)
         .await

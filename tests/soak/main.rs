@@ -192,8 +192,10 @@ async fn soak() -> ExitCode {
     let mut drained = false;
     while drain_started.elapsed() < Duration::from_secs(120) {
         let pending: i64 = patiently(|| {
-            sqlx::query_scalar("select count(*) from ackloop.player_creation_jobs where status = 'pending'")
-                .fetch_one(&pool)
+            sqlx::query_scalar(
+                "select count(*) from ackloop.player_creation_jobs where status in ('pending', 'running')",
+            )
+            .fetch_one(&pool)
         })
         .await;
         if pending == 0 {

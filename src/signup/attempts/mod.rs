@@ -73,7 +73,10 @@ pub(super) async fn write(
         let then = match step {
             Step::Grouped => attempts.after_grouped(writing.grouped().await),
             Step::Alone => attempts.after(writing.alone().await),
-            Step::Resolving(lost) => attempts.after(writing.resolve(lost).await),
+            Step::Resolving(lost) => match writing.resolve(lost).await {
+                Ok(attempt) => attempts.after(attempt),
+                Err(lookup) => attempts.lookup_failed(lookup),
+            },
         };
         step = match then {
             Then::Answer(answer) => return answer,
@@ -167,17 +170,19 @@ impl Writing<'_> {
         Box::pin(write).await
     }
 
-    /// Looks up whether the attempt whose answer was `lost` committed after all.
-    async fn resolve(&self, lost: sqlx::Error) -> Attempt {
-        match Box::pin(committed_user(self.pool, self.job_id, self.deadline)).await {
-            Ok(Some(user_id)) => Attempt::Written(user_id),
-            // Not there now: write it again, alone. The lost statement may still commit later
-            // (the server can run it after its client has gone); then `sign_up`, finding the
-            // email taken by this very job id, returns that signup, so it is neither doubled nor
-            // refused.
-            Ok(None) => Attempt::NotCommitted(lost),
-            Err(lookup) => Attempt::Unknown(lookup),
-        }
+    /// Looks up whether the attempt whose answer was `lost` committed after all. An error: the
+    /// lookups failed until the deadline.
+    async fn resolve(&self, lost: sqlx::Error) -> Result<Attempt, sqlx::Error> {
+        Ok(
+            match Box::pin(committed_user(self.pool, self.job_id, self.deadline)).await? {
+                Some(user_id) => Attempt::Written(user_id),
+                // Not there now: write it again, alone. The lost statement may still commit later
+                // (the server can run it after its client has gone); then `sign_up`, finding the
+                // email taken by this very job id, returns that signup, so it is neither doubled nor
+                // refused.
+                None => Attempt::NotCommitted(lost),
+            },
+        )
     }
 }
 
@@ -279,6 +284,16 @@ impl Attempts {
         }
     }
 
+    /// The lookups of a lost answer failed, backing off, until the deadline: the signup may have
+    /// committed (its job id goes with the answer).
+    fn lookup_failed(&mut self, lookup: sqlx::Error) -> Then {
+        self.fate = Fate::Uncertain;
+        Then::Answer(Err(SignupError::Unavailable {
+            job_id: Some(self.job_id),
+            source: lookup,
+        }))
+    }
+
     /// The answer to a signup out of time before its next attempt, after `last` certainly did
     /// not commit.
     fn out_of_time(&self, last: sqlx::Error) -> SignupError {
@@ -353,13 +368,18 @@ async fn committed_user(
             Err(err) => err,
         };
         failures += 1;
-        let delay = WRITE_RETRY_BACKOFF.delay(failures);
-        if Instant::now() + delay >= deadline {
+        // Backing off, and closer together as the deadline nears, so the last look comes just
+        // before it: an unanswered signup may have committed, and its caller would rather know.
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left < LAST_LOOK {
             return Err(err);
         }
-        tokio::time::sleep(delay).await;
+        tokio::time::sleep(WRITE_RETRY_BACKOFF.delay(failures).min(left / 2)).await;
     }
 }
+
+/// Too little time left for another look at a lost answer's job.
+const LAST_LOOK: Duration = Duration::from_millis(5);
 
 #[cfg(test)]
 mod tests;

@@ -141,10 +141,11 @@ pub(super) async fn drain(
     let workers = Workers::start(pool, options, config, per_process)?;
     let mut conn = PgConnection::connect_with(options).await?;
     loop {
-        let pending: i64 =
-            sqlx::query_scalar("select count(*) from ackloop.player_creation_jobs where status = 'pending'")
-                .fetch_one(&mut conn)
-                .await?;
+        let pending: i64 = sqlx::query_scalar(
+            "select count(*) from ackloop.player_creation_jobs where status in ('pending', 'running')",
+        )
+        .fetch_one(&mut conn)
+        .await?;
         if pending == 0 {
             break;
         }
