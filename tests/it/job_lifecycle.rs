@@ -189,83 +189,98 @@ async fn a_batch_completes_fails_or_retries_its_jobs_in_one_transaction(pool: Pg
     assert_eq!(of(&row(&pool, job).await), state("pending", 0, None));
 }
 
+/// How a lone attempt ends, in the transition test.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum End {
+    Complete,
+    Fail,
+    Retry,
+    GiveBack,
+    Unfinished,
+}
+
+/// `running ──give back──▶ pending`: whether the attempt was given back.
+async fn give_back(pool: &PgPool, job: Uuid, attempt: i32) -> bool {
+    sqlx::query_scalar("select ackloop.give_back_attempt($1, $2, 'waited for a lock')")
+        .bind(job)
+        .bind(attempt)
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
+/// `running ──end──▶ pending`: whether the attempt was ended.
+async fn note_unfinished(pool: &PgPool, job: Uuid, attempt: i32) -> bool {
+    sqlx::query_scalar("select ackloop.note_unfinished_attempt($1, $2, 'lost')")
+        .bind(job)
+        .bind(attempt)
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
 /// The lone path's transitions: `pending ──start──▶ running`, then `──complete──▶ done`,
 /// `──fail──▶ failed`, `──retry──▶ pending`, `──give back──▶ pending` (uncounted) and
-/// `──end──▶ pending` (counted); an attempt no longer running cannot be locked or completed.
+/// `──end──▶ pending` (counted); an attempt no longer running cannot be locked or ended again.
 #[sqlx::test]
 async fn a_job_taken_alone_runs_its_counted_attempt_to_each_end(pool: PgPool) {
     let mut conn = pool.acquire().await.unwrap();
-    let ends = ["complete", "fail", "retry", "give back", "end"];
-    for end in ends {
-        let job = add(&pool, end).await;
+    for end in [
+        End::Complete,
+        End::Fail,
+        End::Retry,
+        End::GiveBack,
+        End::Unfinished,
+    ] {
+        let job = add(&pool, &format!("{end:?}")).await;
         let attempt = start_alone(&pool, job, 0).await;
         match end {
-            "give back" => {
-                let given: bool =
-                    sqlx::query_scalar("select ackloop.give_back_attempt($1, $2, 'waited for a lock')")
-                        .bind(job)
-                        .bind(attempt)
-                        .fetch_one(&pool)
-                        .await
-                        .unwrap();
-                assert!(given);
-            }
-            "end" => {
-                let ended: bool =
-                    sqlx::query_scalar("select ackloop.note_unfinished_attempt($1, $2, 'lost')")
-                        .bind(job)
-                        .bind(attempt)
-                        .fetch_one(&pool)
-                        .await
-                        .unwrap();
-                assert!(ended);
-            }
-            _ => {
+            End::GiveBack => assert!(give_back(&pool, job, attempt).await),
+            End::Unfinished => assert!(note_unfinished(&pool, job, attempt).await),
+            End::Complete | End::Fail | End::Retry => {
                 let mut tx = conn.begin().await.unwrap();
                 assert!(lock_attempt(&mut tx, job, attempt).await);
-                match end {
-                    "complete" => assert!(mark_done(&mut tx, job, attempt).await),
-                    "fail" => assert_eq!(
-                        record_failure(&mut tx, job, attempt, false).await.as_deref(),
-                        Some("failed")
-                    ),
-                    _ => assert_eq!(
-                        record_failure(&mut tx, job, attempt, true).await.as_deref(),
-                        Some("pending")
-                    ),
-                }
+                let recorded = match end {
+                    End::Complete => mark_done(&mut tx, job, attempt).await.then(|| "done".to_owned()),
+                    _ => record_failure(&mut tx, job, attempt, end == End::Retry).await,
+                };
+                let expected = match end {
+                    End::Complete => "done",
+                    End::Fail => "failed",
+                    _ => "pending",
+                };
+                assert_eq!(recorded.as_deref(), Some(expected), "{end:?}");
                 tx.commit().await.unwrap();
             }
         }
         let after = row(&pool, job).await;
         let expected = match end {
-            "complete" => state("done", 1, None),
-            "fail" => state("failed", 1, Some("it broke")),
-            "retry" => state("pending", 1, Some("it broke")),
-            "give back" => state("pending", 0, Some("waited for a lock")),
-            _ => state("pending", 1, Some("lost")),
+            End::Complete => state("done", 1, None),
+            End::Fail => state("failed", 1, Some("it broke")),
+            End::Retry => state("pending", 1, Some("it broke")),
+            End::GiveBack => state("pending", 0, Some("waited for a lock")),
+            End::Unfinished => state("pending", 1, Some("lost")),
         };
-        assert_eq!(of(&after), expected, "{end}");
+        assert_eq!(of(&after), expected, "{end:?}");
         assert!(!after.started, "only a running job has its start: {after:?}");
         assert_eq!(
             after.completed,
-            matches!(end, "complete" | "fail"),
-            "{end}: {after:?}"
+            matches!(end, End::Complete | End::Fail),
+            "{end:?}: {after:?}"
         );
         // Its attempt is over: it cannot be locked, given back or ended again.
         let mut tx = conn.begin().await.unwrap();
-        assert!(!lock_attempt(&mut tx, job, attempt).await, "{end}");
+        assert!(!lock_attempt(&mut tx, job, attempt).await, "{end:?}");
         tx.rollback().await.unwrap();
-        let again: bool = sqlx::query_scalar("select ackloop.note_unfinished_attempt($1, $2, 'again')")
-            .bind(job)
-            .bind(attempt)
-            .fetch_one(&pool)
-            .await
-            .unwrap();
-        assert!(!again, "{end}");
-        if matches!(end, "retry" | "give back" | "end") {
+        assert!(!give_back(&pool, job, attempt).await, "{end:?}");
+        assert!(!note_unfinished(&pool, job, attempt).await, "{end:?}");
+        if matches!(end, End::Retry | End::GiveBack | End::Unfinished) {
             // Out of the way of the next round's start.
-            execute_owned(&pool, format!("update ackloop.player_creation_jobs set run_after = now() + interval '1 hour' where id = '{job}'")).await;
+            execute_owned(
+                &pool,
+                format!("update ackloop.player_creation_jobs set run_after = now() + interval '1 hour' where id = '{job}'"),
+            )
+            .await;
         }
     }
 }
@@ -310,13 +325,7 @@ async fn a_running_job_past_its_lease_is_restarted_then_given_up(pool: PgPool) {
     // survived): given up when it is next due.
     let job = add(&pool, "tired").await;
     let attempt = start_alone(&pool, job, 0).await;
-    let ended: bool = sqlx::query_scalar("select ackloop.note_unfinished_attempt($1, $2, 'lost')")
-        .bind(job)
-        .bind(attempt)
-        .fetch_one(&pool)
-        .await
-        .unwrap();
-    assert!(ended);
+    assert!(note_unfinished(&pool, job, attempt).await);
     let (status, given_up, _, _) = start_after_lease(&pool, 1).await;
     assert_eq!((status.as_str(), given_up), ("gave_up", job));
     assert_eq!(
