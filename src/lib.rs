@@ -127,7 +127,7 @@ pub mod metric_names {
     };
 }
 pub use worker::{
-    Created, Handler, InsertPlayer, Job, JobError, JobResultExt, Worker, WorkerConfig, WorkerError,
+    Batch, Created, Handler, InsertPlayer, Job, JobError, JobResultExt, Worker, WorkerConfig, WorkerError,
     worker_session_options,
 };
 

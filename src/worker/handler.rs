@@ -298,19 +298,45 @@ pub trait Handler: Send + Sync + 'static {
         job: &Job,
         conn: &mut PgConnection,
     ) -> impl Future<Output = Result<Created, JobError>> + Send;
+
+    /// Does a whole batch's work at once, through `conn`, the claim's transaction (one
+    /// statement for every job, say), and answers with [`Batch::Done`]: one [`Created`] per job,
+    /// in the order of `jobs`. Any error, or an answer of the wrong length, and ackloop undoes
+    /// what this call wrote and runs [`Handler::handle`] on each of the same jobs, still locked,
+    /// in a savepoint of its own: one bad job fails alone and the rest complete. The default
+    /// answers [`Batch::OneAtATime`]: `handle` for each job. A job tried before is always
+    /// handed to `handle`, alone.
+    fn handle_batch(
+        &self,
+        jobs: &[Job],
+        conn: &mut PgConnection,
+    ) -> impl Future<Output = Result<Batch, JobError>> + Send {
+        let _ = (jobs, conn);
+        std::future::ready(Ok(Batch::OneAtATime))
+    }
+}
+
+/// What [`Handler::handle_batch`] made of a batch.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Batch {
+    /// Every job's work is done: the answers, one per job, in the order the jobs were given.
+    Done(Vec<Created>),
+    /// Nothing was done: run [`Handler::handle`] on each job, in a savepoint of its own.
+    OneAtATime,
 }
 
 /// How a worker completes a batch of new jobs (a job taken alone always goes through
 /// [`Handler::handle`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Batches {
-    /// Claim the batch (`ackloop.claim_jobs`), run [`Handler::handle`] on each job in a
-    /// savepoint of its own, and mark the jobs it finished done, in one transaction: a job that
-    /// fails is rolled back to its savepoint and recorded without taking the others with it.
-    OneJobPerSavepoint,
+    /// Claim the batch (`ackloop.claim_jobs`) and hand it to the handler
+    /// ([`Handler::handle_batch`], else [`Handler::handle`] for each job in a savepoint of its
+    /// own), then mark the jobs it finished done, in one transaction.
+    ThroughTheHandler,
     /// Claim, create and complete the whole batch in one statement (`ackloop.complete_jobs`),
     /// which does in SQL exactly what [`InsertPlayer`] does. If the statement fails, the batch is
-    /// taken again one job per savepoint, to find the job at fault.
+    /// taken again through the handler, one job per savepoint, to find the job at fault.
     BuiltinStatement,
 }
 
@@ -319,12 +345,12 @@ impl Batches {
     /// worker was given it ([`Worker::new`](crate::Worker::new) or
     /// [`Worker::with_handler`](crate::Worker::with_handler)), since that statement is its
     /// effect written in SQL; one job per savepoint for any other handler, whose effect only its
-    /// own `handle` knows.
+    /// own handler knows.
     pub(crate) fn of<H: Handler>() -> Self {
         if std::any::TypeId::of::<H>() == std::any::TypeId::of::<InsertPlayer>() {
             Self::BuiltinStatement
         } else {
-            Self::OneJobPerSavepoint
+            Self::ThroughTheHandler
         }
     }
 }
@@ -350,16 +376,14 @@ impl Handler for InsertPlayer {
     }
 }
 
-/// Runs `handler` on `job`, turning a panic into a failed attempt with the panic's message.
-pub(crate) async fn run_caught<H: Handler>(
-    handler: &H,
-    job: &Job,
-    conn: &mut PgConnection,
-) -> Result<Created, JobError> {
+/// Runs the handler's future that `start` makes, turning a panic (in making it, or while it
+/// runs) into a failed attempt with the panic's message.
+pub(crate) async fn caught<T, F>(start: impl FnOnce() -> F) -> Result<T, JobError>
+where
+    F: Future<Output = Result<T, JobError>>,
+{
     // A handler written without `async fn` may panic before it returns its future.
-    let mut conn = Some(conn);
-    let start = AssertUnwindSafe(|| handler.handle(job, conn.take().expect("called once")));
-    let work = match std::panic::catch_unwind(start) {
+    let work = match std::panic::catch_unwind(AssertUnwindSafe(start)) {
         Ok(work) => work,
         Err(panic) => return Err(panicked(&*panic)),
     };

@@ -19,13 +19,14 @@ use tracing::Instrument;
 use crate::channel::{IgnoredPayloads, parse_job_id};
 use crate::listen::{Event, ListenTarget, Subscription};
 
+mod batch;
 mod config;
 mod handler;
 mod loops;
 mod passes;
 
 pub use config::{WorkerConfig, worker_session_options};
-pub use handler::{Created, Handler, InsertPlayer, Job, JobError, JobResultExt};
+pub use handler::{Batch, Created, Handler, InsertPlayer, Job, JobError, JobResultExt};
 use passes::Processor;
 
 /// What stops a worker from running. A failing *job* is not one of these: it is recorded in its

@@ -24,7 +24,7 @@ pub(super) const ALONE_AT_LEAST: Duration = Duration::from_secs(1);
 /// that dropped it) would otherwise hold the loop until TCP gives up, minutes later. A pass takes
 /// milliseconds; lock waits end sooner, at the session's `lock_timeout` (see
 /// [`worker_session_options`](super::config::worker_session_options)), as an error that costs no attempt.
-const PASS_LIMIT: Duration = Duration::from_secs(10);
+pub(super) const PASS_LIMIT: Duration = Duration::from_secs(10);
 
 /// What the processing loops share: the pool, the wake-up, the settings and the handler.
 pub(super) struct Processor<H> {
@@ -211,7 +211,7 @@ impl<H: Handler> Processor<H> {
     async fn pass_on(&self, conn: &mut PgConnection) -> Result<Pass, sqlx::Error> {
         let limit = i32::from(self.config.batch_size);
         match Batches::of::<H>() {
-            Batches::OneJobPerSavepoint => self.pass_one_by_one(conn, limit).await,
+            Batches::ThroughTheHandler => self.pass_handled(conn, limit).await,
             Batches::BuiltinStatement => self.pass_in_one_statement(conn, limit).await,
         }
     }
@@ -243,71 +243,9 @@ impl<H: Handler> Processor<H> {
             // command waits for the abort.
             Err(err) => {
                 tracing::debug!(error = %Described(&err), "batch failed; completing its jobs one at a time");
-                self.pass_one_by_one(conn, limit).await
+                self.pass_handled(conn, limit).await
             }
         }
-    }
-
-    /// Claims a batch and runs the handler on each job in a savepoint of its own, then marks the
-    /// jobs it finished done, in one transaction. Between two jobs, one round trip releases the
-    /// last job's savepoint and sets the next one's: what a handler costs beyond its own
-    /// statements.
-    async fn pass_one_by_one(&self, conn: &mut PgConnection, limit: i32) -> Result<Pass, sqlx::Error> {
-        let started = Instant::now();
-        let mut tx = conn.begin().await?;
-        let jobs = store::claim_due_jobs(&mut tx, limit, H::SOURCE).await?;
-        let mut done = Vec::with_capacity(jobs.len());
-        let mut retry_at = None;
-        if !jobs.is_empty() {
-            store::job_savepoint(&mut tx).await?;
-        }
-        for (index, job) in jobs.iter().enumerate() {
-            if started.elapsed() >= PASS_LIMIT / 2 {
-                // Slow handlers: commit what is done before the pass limit gives it all up. The
-                // jobs not reached were only locked: the commit releases them, uncounted.
-                tracing::warn!(
-                    batch.size = jobs.len(),
-                    left = jobs.len() - index,
-                    "handlers are slow; leaving the rest of the batch for the next pass"
-                );
-                break;
-            }
-            let more = index + 1 < jobs.len();
-            let then = if more { Then::Renew } else { Then::Release };
-            let span = tracing::debug_span!("process_job", job.id = %job.id, attempt = job.attempts);
-            match self.attempt(&mut tx, job, then).instrument(span).await? {
-                Ok(created) => done.push(done_job(job, created)),
-                Err(err) => {
-                    retry_at = earliest(retry_at, self.record_failure(&mut tx, job, &err).await?);
-                    // The record is kept (released into the transaction) before the next job
-                    // starts, so that job's rollback cannot undo it.
-                    if more {
-                        store::renew_job_savepoint(&mut tx).await?;
-                    }
-                }
-            }
-        }
-        if !done.is_empty() {
-            store::mark_jobs_done(&mut tx, &done, &self.config.channels.done).await?;
-        }
-        tx.commit().await?;
-        if !jobs.is_empty() {
-            tracing::debug!(batch.size = jobs.len(), done = done.len(), "batch done");
-        }
-        let took = started.elapsed().as_secs_f64();
-        for job in jobs
-            .iter()
-            .filter(|job| done.iter().any(|done| done.id == job.id))
-        {
-            tracing::debug!(job.id = %job.id, attempt = job.attempts, waited_secs = job.waited_secs, "job done");
-            ::metrics::histogram!(telemetry::COMMIT_TO_CLAIM).record(job.waited_secs);
-            ::metrics::histogram!(telemetry::CLAIM_TO_DONE).record(took);
-        }
-        ::metrics::counter!(telemetry::JOBS_DONE).increment(done.len() as u64);
-        Ok(Pass {
-            claimed: jobs.len(),
-            retry_at,
-        })
     }
 
     /// Runs the handler on `job` in the savepoint set for it: on success the savepoint is released
@@ -316,20 +254,14 @@ impl<H: Handler> Processor<H> {
     /// error is the job's (to be recorded); the outer one is the pass's (the database could not
     /// be reached, or a lock wait ran out), for which the whole transaction is given up and no
     /// attempt counted.
-    async fn attempt(
+    pub(super) async fn attempt(
         &self,
         conn: &mut PgConnection,
         job: &ClaimedJob,
         then: Then,
     ) -> Result<Result<Created, JobError>, sqlx::Error> {
-        let handed = Job {
-            id: job.id,
-            user_id: job.user_id.clone(),
-            display_name: job.display_name.clone(),
-            extra: job.extra.clone(),
-            attempt: u32::try_from(job.attempts).unwrap_or(u32::MAX),
-        };
-        let error = match handler::run_caught(&self.handler, &handed, conn).await {
+        let handed = handed(job);
+        let error = match handler::caught(|| self.handler.handle(&handed, conn)).await {
             Ok(created) => {
                 let kept = match then {
                     Then::Renew => store::renew_job_savepoint(conn).await,
@@ -360,7 +292,7 @@ impl<H: Handler> Processor<H> {
     /// a retry, decided by `ackloop.record_failure`. A lock wait that ran out (a `lock_timeout`)
     /// is given back uncounted: a lock another session holds is the database's state, not the
     /// job's fault. Returns when the retry is due.
-    async fn record_failure(
+    pub(super) async fn record_failure(
         &self,
         conn: &mut PgConnection,
         job: &ClaimedJob,
@@ -415,7 +347,7 @@ impl<H: Handler> Processor<H> {
 
 /// What to do with a job's savepoint once its handler succeeded.
 #[derive(Debug, Clone, Copy)]
-enum Then {
+pub(super) enum Then {
     /// Release it and set the next job's, in one round trip.
     Renew,
     /// Release it: no job follows.
@@ -433,12 +365,23 @@ fn lock_wait_reason(attempt: i32) -> String {
 
 /// Whether a statement failed for want of the database (or of a lock another session holds)
 /// rather than for anything in the job: then the pass is given up, not the job's attempt.
-fn is_not_the_jobs_fault(err: &sqlx::Error) -> bool {
+pub(super) fn is_not_the_jobs_fault(err: &sqlx::Error) -> bool {
     store::is_unavailable(err) || store::is_lock_timeout(err)
 }
 
+/// A claimed job as its handler sees it.
+pub(super) fn handed(job: &ClaimedJob) -> Job {
+    Job {
+        id: job.id,
+        user_id: job.user_id.clone(),
+        display_name: job.display_name.clone(),
+        extra: job.extra.clone(),
+        attempt: u32::try_from(job.attempts).unwrap_or(u32::MAX),
+    }
+}
+
 /// A job its handler finished, as `mark_done` records it.
-fn done_job(job: &ClaimedJob, created: Created) -> DoneJob {
+pub(super) fn done_job(job: &ClaimedJob, created: Created) -> DoneJob {
     let (player_id, result) = created.into_parts();
     DoneJob {
         id: job.id,

@@ -3,6 +3,7 @@
 //! notifications (which are per database) cannot cross between them.
 
 mod bad_day;
+mod batch_handler;
 mod bench;
 mod channels;
 mod cli;

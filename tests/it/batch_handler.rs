@@ -1,0 +1,240 @@
+//! A handler's batch form (`Handler::handle_batch`): a whole claimed batch in one call and one
+//! statement, and when that fails (an error, a panic, an answer that does not fit), the same
+//! locked jobs one savepoint each, so one bad job fails alone and the rest complete.
+
+use std::sync::{Arc, Mutex};
+
+use ackloop::{Batch, Created, Handler, Job, JobError, NewJob, add_job};
+use sqlx::PgConnection;
+use sqlx::PgPool;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+
+use crate::common::*;
+
+const GAME: &str = "create schema game;
+    create table game.players (
+        user_id text primary key,
+        name text not null,
+        -- A name the game refuses: the batch's one statement fails with it.
+        constraint players_name_allowed check (name <> 'Bad')
+    );";
+
+/// How the handler's batch form misbehaves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Misbehaviour {
+    None,
+    /// Answers for one job fewer than it was given.
+    ShortAnswer,
+    Panics,
+}
+
+/// A player service's handler with a batch form; counts what the worker called.
+#[derive(Clone)]
+struct Players {
+    misbehaviour: Misbehaviour,
+    /// The size of each batch handed to `handle_batch`.
+    batches: Arc<Mutex<Vec<usize>>>,
+    /// Jobs handed to `handle`.
+    one_by_one: Arc<Mutex<usize>>,
+}
+
+impl Players {
+    fn new(misbehaviour: Misbehaviour) -> Self {
+        Self {
+            misbehaviour,
+            batches: Arc::default(),
+            one_by_one: Arc::default(),
+        }
+    }
+}
+
+impl Handler for Players {
+    async fn handle(&self, job: &Job, conn: &mut PgConnection) -> Result<Created, JobError> {
+        *self.one_by_one.lock().unwrap() += 1;
+        sqlx::query("insert into game.players (user_id, name) values ($1, $2)")
+            .bind(job.user_id.as_str())
+            .bind(&job.display_name)
+            .execute(&mut *conn)
+            .await?;
+        Ok(Created::new(job.user_id.clone()))
+    }
+
+    async fn handle_batch(&self, jobs: &[Job], conn: &mut PgConnection) -> Result<Batch, JobError> {
+        self.batches.lock().unwrap().push(jobs.len());
+        let users: Vec<&str> = jobs.iter().map(|job| job.user_id.as_str()).collect();
+        let names: Vec<&str> = jobs.iter().map(|job| job.display_name.as_str()).collect();
+        sqlx::query("insert into game.players (user_id, name) select * from unnest($1::text[], $2::text[])")
+            .bind(&users)
+            .bind(&names)
+            .execute(&mut *conn)
+            .await?;
+        let mut created: Vec<Created> = jobs.iter().map(|job| Created::new(job.user_id.clone())).collect();
+        match self.misbehaviour {
+            Misbehaviour::None => {}
+            Misbehaviour::ShortAnswer => {
+                created.pop();
+            }
+            Misbehaviour::Panics => panic!("the batch form broke"),
+        }
+        Ok(Batch::Done(created))
+    }
+}
+
+/// Starts a worker with `handler` on an empty queue, and waits until a first job has gone
+/// through it: the worker is past its start (where it takes jobs alone) and claims batches.
+/// The handler's counts start from there.
+async fn started_worker(pool: &PgPool, handler: Players) -> RunningWorker {
+    let counts = handler.clone();
+    // One processing loop: two would split a batch between them now and then.
+    let config = ackloop::WorkerConfig {
+        concurrency: 1,
+        ..worker_config()
+    };
+    let worker = run_in_background(ackloop::Worker::new(pool.clone(), config).with_handler(handler));
+    add_jobs(pool, 0, &["First"]).await;
+    wait_until("the first job is done", || async {
+        count_jobs_with_status(pool, "done").await == 1
+    })
+    .await;
+    // The first job went alone (a starting worker takes its first jobs one at a time) or in a
+    // batch of one, as the worker's start happened to meet it.
+    counts.batches.lock().unwrap().clear();
+    *counts.one_by_one.lock().unwrap() = 0;
+    worker
+}
+
+/// Adds a job for each name (its user the name's place after `first`), all in one transaction,
+/// so that one batch claims them together.
+async fn add_jobs(pool: &PgPool, first: i64, names: &[&str]) {
+    let mut tx = pool.begin().await.unwrap();
+    for (user, name) in (first..).zip(names) {
+        let job = NewJob::new(user, *name).unwrap();
+        add_job(&mut tx, &ackloop::Channels::default(), &job)
+            .await
+            .unwrap();
+    }
+    tx.commit().await.unwrap();
+}
+
+const TEN: [&str; 10] = ["A", "B", "C", "D", "E", "F", "G", "H", "I", "J"];
+
+#[sqlx::test]
+async fn a_batch_handler_completes_a_whole_batch_in_one_call(
+    options: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let pool = pool(options, connect, 6).await;
+    execute(&pool, GAME).await;
+    let handler = Players::new(Misbehaviour::None);
+    let worker = started_worker(&pool, handler.clone()).await;
+    add_jobs(&pool, 1, &TEN).await;
+    wait_until("every job is done", || async {
+        count_jobs_with_status(&pool, "done").await == 11
+    })
+    .await;
+    worker.stop().await;
+    assert!(
+        handler.batches.lock().unwrap().contains(&10),
+        "the ten jobs committed together went to the batch form together: {:?}",
+        handler.batches.lock().unwrap()
+    );
+    assert_eq!(
+        *handler.one_by_one.lock().unwrap(),
+        0,
+        "no job went one at a time"
+    );
+    assert_eq!(count_of(&pool, "select count(*) from game.players").await, 11);
+    // Each job's answer is its own player.
+    assert_eq!(
+        count_of(
+            &pool,
+            "select count(*) from ackloop.player_creation_jobs where player_id <> user_id"
+        )
+        .await,
+        0
+    );
+}
+
+#[sqlx::test]
+async fn one_bad_job_fails_alone_and_the_rest_of_its_batch_completes(
+    options: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let pool = pool(options, connect, 6).await;
+    execute(&pool, GAME).await;
+    let handler = Players::new(Misbehaviour::None);
+    let worker = started_worker(&pool, handler.clone()).await;
+    let mut names = TEN.to_vec();
+    names[4] = "Bad";
+    add_jobs(&pool, 1, &names).await;
+    wait_until("the good jobs are done and the bad one failed", || async {
+        count_jobs_with_status(&pool, "done").await == 10
+            && count_jobs_with_status(&pool, "failed").await == 1
+    })
+    .await;
+    worker.stop().await;
+    let error: String =
+        sqlx::query_scalar("select last_error from ackloop.player_creation_jobs where status = 'failed'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert!(error.contains("players_name_allowed"), "{error}");
+    // The batch's statement was undone; each good job's player was made once, by `handle`.
+    assert_eq!(count_of(&pool, "select count(*) from game.players").await, 10);
+    assert_eq!(
+        count_of(&pool, "select count(*) from game.players where name = 'Bad'").await,
+        0
+    );
+    assert_eq!(
+        *handler.one_by_one.lock().unwrap(),
+        10,
+        "the batch's ten jobs, one at a time"
+    );
+}
+
+#[sqlx::test]
+async fn a_batch_form_that_panics_or_answers_short_is_undone_and_its_jobs_go_one_at_a_time(
+    options: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    for misbehaviour in [Misbehaviour::ShortAnswer, Misbehaviour::Panics] {
+        let pool = pool(options.clone(), connect.clone(), 6).await;
+        execute(&pool, "drop schema if exists game cascade").await;
+        execute(&pool, "delete from ackloop.player_creation_jobs").await;
+        execute(&pool, GAME).await;
+        let handler = Players::new(misbehaviour);
+        let worker = started_worker(&pool, handler.clone()).await;
+        add_jobs(&pool, 1, &TEN).await;
+        wait_until("every job is done", || async {
+            count_jobs_with_status(&pool, "done").await == 11
+        })
+        .await;
+        worker.stop().await;
+        assert!(
+            handler.batches.lock().unwrap().contains(&10),
+            "{misbehaviour:?}: the ten went to the batch form: {:?}",
+            handler.batches.lock().unwrap()
+        );
+        // Nothing the batch form wrote was kept: one player each, made by `handle`.
+        assert_eq!(
+            count_of(&pool, "select count(*) from game.players").await,
+            11,
+            "{misbehaviour:?}"
+        );
+        assert_eq!(
+            *handler.one_by_one.lock().unwrap(),
+            10,
+            "{misbehaviour:?}: every job one at a time after the batch form failed"
+        );
+        assert_eq!(
+            count_of(
+                &pool,
+                "select count(*) from ackloop.player_creation_jobs where attempts <> 1"
+            )
+            .await,
+            0,
+            "{misbehaviour:?}: the failed batch form cost no attempt"
+        );
+        pool.close().await;
+    }
+}
