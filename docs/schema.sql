@@ -407,6 +407,42 @@ begin
 end
 $$;
 
+create function ackloop.insert_builtin_players(job_ids uuid[])
+returns table (job_id uuid, player_id bigint, display_name text, created_at timestamp with time zone)
+language plpgsql volatile security definer parallel unsafe
+set search_path = pg_catalog, ackloop, pg_temp
+as $$
+#variable_conflict use_column
+declare
+    stranger uuid;
+begin
+    select given.id
+    into stranger
+    from unnest(job_ids) as given (id)
+    left join ackloop.player_creation_jobs as jobs on jobs.id = given.id
+    where jobs.builtin_user_id is null
+    limit 1;
+    if found then
+        raise exception 'job % is not a signup on the built-in tables (added by a service, or unknown)', stranger
+            using errcode = 'invalid_parameter_value',
+                  hint = 'run a worker with that service''s own handler';
+    end if;
+    insert into ackloop.builtin_players (user_id, display_name)
+    select jobs.builtin_user_id, jobs.display_name
+    from ackloop.player_creation_jobs as jobs
+    where jobs.id = any(job_ids)
+    -- The same order in every worker, so that two batches never wait on each other's users.
+    order by jobs.builtin_user_id
+    on conflict (user_id) do nothing;
+    return query
+    select jobs.id, players.id, players.display_name, players.created_at
+    from unnest(job_ids) with ordinality as given (id, position)
+    join ackloop.player_creation_jobs as jobs on jobs.id = given.id
+    join ackloop.builtin_players as players on players.user_id = jobs.builtin_user_id
+    order by given.position;
+end
+$$;
+
 create function ackloop.job_outcomes(job_ids uuid[])
 returns table (
     job_id uuid,

@@ -44,6 +44,7 @@ grant execute on function
     ackloop.complete_jobs(integer, text),
     ackloop.claim_jobs(integer, boolean),
     ackloop.insert_builtin_player(uuid),
+    ackloop.insert_builtin_players(uuid[]),
     ackloop.mark_done(uuid[], integer[], text[], jsonb[], text),
     ackloop.backoff_ms(integer, bigint, bigint),
     ackloop.record_failure(uuid, integer, text, boolean, text, integer, bigint, bigint, boolean),

@@ -305,6 +305,26 @@ pub(crate) async fn insert_builtin_player(
     .await
 }
 
+/// The built-in player service's batch form: creates the players of claimed jobs' built-in users
+/// in one statement (`ackloop.insert_builtin_players`), keeping any that exist, and returns them
+/// in the order of `job_ids`. A job that is not a built-in signup: an error of class 22.
+pub(crate) async fn insert_builtin_players(
+    conn: &mut PgConnection,
+    job_ids: &[JobId],
+) -> Result<Vec<BuiltinPlayer>, sqlx::Error> {
+    let ids: Vec<Uuid> = job_ids.iter().map(|id| id.as_uuid()).collect();
+    sqlx::query_as!(
+        BuiltinPlayer,
+        r#"
+        select player_id as "id!", display_name as "display_name!", created_at as "created_at!"
+        from ackloop.insert_builtin_players($1)
+        "#,
+        &ids,
+    )
+    .fetch_all(conn)
+    .await
+}
+
 /// A job finished by its handler, to mark done with [`mark_jobs_done`].
 #[derive(Debug)]
 pub(crate) struct DoneJob {

@@ -374,6 +374,17 @@ impl Handler for InsertPlayer {
             player.created_at,
         ))
     }
+
+    async fn handle_batch(&self, jobs: &[Job], conn: &mut PgConnection) -> Result<Batch, JobError> {
+        let ids: Vec<JobId> = jobs.iter().map(|job| job.id).collect();
+        let players = store::insert_builtin_players(conn, &ids).await?;
+        Ok(Batch::Done(
+            players
+                .into_iter()
+                .map(|player| Created::builtin_player(player.id, player.display_name, player.created_at))
+                .collect(),
+        ))
+    }
 }
 
 /// Runs the handler's future that `start` makes, turning a panic (in making it, or while it

@@ -238,3 +238,71 @@ async fn a_batch_form_that_panics_or_answers_short_is_undone_and_its_jobs_go_one
         pool.close().await;
     }
 }
+
+/// The built-in player service's batch form (`ackloop.insert_builtin_players`): one row per job in
+/// the order given, a player that exists kept; a job that is not a built-in signup refuses the
+/// whole call (22023) and writes nothing.
+#[sqlx::test]
+async fn the_built_in_batch_form_answers_in_order_and_refuses_a_services_job(pool: PgPool) {
+    for n in 1..=3 {
+        execute_owned(
+            &pool,
+            format!("select * from ackloop.sign_up('u{n}@example.com', 'User {n}')"),
+        )
+        .await;
+    }
+    execute(&pool, "insert into ackloop.builtin_players (user_id, display_name) select id, 'Made by hand' from ackloop.builtin_users where email = 'u2@example.com'").await;
+    let service_job: uuid::Uuid = sqlx::query_scalar("select ackloop.add_job('svc-1', 'Svc')")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    let mut jobs: Vec<(uuid::Uuid, String)> = sqlx::query_as(
+        "select jobs.id, users.email from ackloop.player_creation_jobs as jobs
+         join ackloop.builtin_users as users on users.id = jobs.builtin_user_id",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    jobs.sort_by(|a, b| b.1.cmp(&a.1));
+    let ids: Vec<uuid::Uuid> = jobs.iter().map(|(id, _)| *id).collect();
+
+    let refused = sqlx::query("select * from ackloop.insert_builtin_players($1)")
+        .bind([ids.clone(), vec![service_job]].concat())
+        .execute(&pool)
+        .await
+        .expect_err("a service's job is not the built-in player's");
+    assert_eq!(
+        refused.as_database_error().and_then(|err| err.code()).as_deref(),
+        Some("22023")
+    );
+    assert_eq!(
+        count_of(&pool, "select count(*) from ackloop.builtin_players").await,
+        1,
+        "nothing written"
+    );
+
+    let answered: Vec<(uuid::Uuid, String)> =
+        sqlx::query_as("select job_id, display_name from ackloop.insert_builtin_players($1)")
+            .bind(&ids)
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    let expected: Vec<(uuid::Uuid, String)> = jobs
+        .iter()
+        .map(|(id, email)| {
+            let name = match email.as_str() {
+                "u2@example.com" => "Made by hand".to_owned(),
+                other => format!("User {}", &other[1..2]),
+            };
+            (*id, name)
+        })
+        .collect();
+    assert_eq!(
+        answered, expected,
+        "one row per job, in the order given, the existing player kept"
+    );
+    assert_eq!(
+        count_of(&pool, "select count(*) from ackloop.builtin_players").await,
+        3
+    );
+}

@@ -13,11 +13,12 @@ const AUTH_CALLS: [&str; 4] = [
     "select * from ackloop.sign_up_many(array['b@example.com'], array['B'], array[null::uuid])",
     "select * from ackloop.job_outcomes(array[gen_random_uuid()])",
 ];
-const WORKER_CALLS: [&str; 11] = [
+const WORKER_CALLS: [&str; 12] = [
     "select * from ackloop.pending_jobs()",
     "select * from ackloop.complete_jobs()",
     "select * from ackloop.claim_jobs()",
     "select * from ackloop.insert_builtin_player(gen_random_uuid())",
+    "select * from ackloop.insert_builtin_players(array[]::uuid[])",
     "select * from ackloop.mark_done(array[]::uuid[], array[]::int[], array[]::text[], array[]::jsonb[])",
     "select * from ackloop.record_failure(gen_random_uuid(), 1, 'x')",
     "select ackloop.next_retry_due_in_secs()",
