@@ -1,6 +1,6 @@
 //! A handler's batch, in one transaction: claimed, handed whole to the handler's batch form
-//! ([`Handler::handle_batch`]), and, when that is not written or fails, run one job per
-//! savepoint so that a bad job fails alone; then the finished jobs marked done and committed.
+//! ([`Handler::handle_batch`]) and marked done; when that is not written, or fails (then after
+//! a rollback and the same claim again), one job per savepoint so that a bad job fails alone.
 
 use sqlx::{Acquire, PgConnection};
 use tokio::time::Instant;
@@ -11,83 +11,122 @@ use super::passes::{PASS_LIMIT, Pass, Processor, Then, done_job, earliest, hande
 use crate::store::{self, ClaimedJob, DoneJob};
 use crate::telemetry;
 
-/// What the jobs of a batch came to.
+/// What the jobs of a batch handled one at a time came to.
 struct Outcomes {
     done: Vec<DoneJob>,
     /// The earliest retry scheduled.
     retry_at: Option<Instant>,
 }
 
+/// How a pass hands its batch to the handler.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Form {
+    /// Whole, to [`Handler::handle_batch`], with no savepoint: one round trip fewer each way.
+    Together,
+    /// One job per savepoint, to [`Handler::handle`].
+    OneAtATime,
+}
+
+/// What handing the whole batch came to.
+enum Together {
+    /// Every job done and marked done in the transaction, which is still to commit.
+    Done(Vec<DoneJob>),
+    /// The handler takes jobs one at a time, and wrote nothing.
+    OneAtATime,
+    /// The batch form failed: the transaction must be rolled back, and the jobs taken again one
+    /// at a time.
+    Failed,
+}
+
 impl<H: Handler> Processor<H> {
-    /// Claims a batch of new jobs and completes it in one transaction: through the handler's batch
-    /// form if it has one and it succeeds, else one job per savepoint.
+    /// Claims a batch of new jobs and completes it in one transaction: whole, through the
+    /// handler's batch form if it has one; if that fails, the transaction is rolled back and the
+    /// batch claimed again (on the same connection, which gets the same jobs: see
+    /// [`Self::pass`]) and handled one job per savepoint, so that a bad job fails alone.
     pub(super) async fn pass_handled(
         &self,
         conn: &mut PgConnection,
         limit: i32,
     ) -> Result<Pass, sqlx::Error> {
-        let started = Instant::now();
-        let mut tx = conn.begin().await?;
-        let jobs = store::claim_due_jobs(&mut tx, limit, H::SOURCE).await?;
-        if jobs.is_empty() {
+        let mut form = Form::Together;
+        loop {
+            let started = Instant::now();
+            let mut tx = conn.begin().await?;
+            let jobs = store::claim_due_jobs(&mut tx, limit, H::SOURCE).await?;
+            if jobs.is_empty() {
+                tx.commit().await?;
+                return Ok(Pass {
+                    claimed: 0,
+                    retry_at: None,
+                });
+            }
+            if form == Form::Together {
+                match self.handle_together(&mut tx, &jobs).await? {
+                    Together::Done(done) => {
+                        tx.commit().await?;
+                        record_done(&jobs, &done, started);
+                        return Ok(Pass {
+                            claimed: jobs.len(),
+                            retry_at: None,
+                        });
+                    }
+                    Together::OneAtATime => {}
+                    Together::Failed => {
+                        tx.rollback().await?;
+                        form = Form::OneAtATime;
+                        continue;
+                    }
+                }
+            }
+            store::job_savepoint(&mut tx).await?;
+            let outcomes = self.handle_one_by_one(&mut tx, &jobs, started).await?;
+            if !outcomes.done.is_empty() {
+                store::mark_jobs_done(&mut tx, &outcomes.done, &self.config.channels.done).await?;
+            }
             tx.commit().await?;
+            record_done(&jobs, &outcomes.done, started);
             return Ok(Pass {
-                claimed: 0,
-                retry_at: None,
+                claimed: jobs.len(),
+                retry_at: outcomes.retry_at,
             });
         }
-        store::job_savepoint(&mut tx).await?;
-        let outcomes = match self.handle_together(&mut tx, &jobs).await? {
-            Some(done) => Outcomes { done, retry_at: None },
-            None => self.handle_one_by_one(&mut tx, &jobs, started).await?,
-        };
-        if !outcomes.done.is_empty() {
-            store::mark_jobs_done(&mut tx, &outcomes.done, &self.config.channels.done).await?;
-        }
-        tx.commit().await?;
-        record_done(&jobs, &outcomes.done, started);
-        Ok(Pass {
-            claimed: jobs.len(),
-            retry_at: outcomes.retry_at,
-        })
     }
 
-    /// Hands the whole batch to [`Handler::handle_batch`] in the savepoint set for it. `Some`:
-    /// every job done, the savepoint released. `None`: the handler takes jobs one at a time, or
-    /// its batch failed (its writes undone, the savepoint still set for the first job). An
-    /// error: the pass is given up (the database could not be reached).
+    /// Hands the whole batch to [`Handler::handle_batch`] and marks the jobs done with its
+    /// answers. An error: the pass is given up (the database could not be reached, or a lock
+    /// wait ran out: not the jobs' fault).
     async fn handle_together(
         &self,
         conn: &mut PgConnection,
         jobs: &[ClaimedJob],
-    ) -> Result<Option<Vec<DoneJob>>, sqlx::Error> {
+    ) -> Result<Together, sqlx::Error> {
         let handed: Vec<_> = jobs.iter().map(handed).collect();
         let span = tracing::debug_span!("process_batch", batch.size = jobs.len());
         let answer = handler::caught(|| self.handler.handle_batch(&handed, conn))
             .instrument(span)
             .await;
         let failure = match answer {
-            Ok(Batch::OneAtATime) => return Ok(None),
+            Ok(Batch::OneAtATime) => return Ok(Together::OneAtATime),
             Ok(Batch::Done(created)) if created.len() == jobs.len() => {
-                match store::release_job_savepoint(conn).await {
-                    Ok(()) => return Ok(Some(done_jobs(jobs, created))),
+                let done = done_jobs(jobs, created);
+                match store::mark_jobs_done(conn, &done, &self.config.channels.done).await {
+                    Ok(()) => return Ok(Together::Done(done)),
                     Err(err) if is_not_the_jobs_fault(&err) => return Err(err),
-                    // One of its statements failed and it answered anyway: nothing it wrote
-                    // can be kept.
-                    Err(_) => "the batch handler answered after one of its statements failed".to_owned(),
+                    // A statement of the handler's failed and it answered anyway, or an answer
+                    // is not valid: nothing it wrote can be kept.
+                    Err(err) => format!(
+                        "its answers could not be recorded: {}",
+                        crate::describe_db_error(&err)
+                    ),
                 }
             }
-            Ok(Batch::Done(created)) => format!(
-                "the batch handler answered for {} of {} jobs",
-                created.len(),
-                jobs.len()
-            ),
+            Ok(Batch::Done(created)) => format!("it answered for {} of {} jobs", created.len(), jobs.len()),
+            // A lock wait that ran out is one job's to record, uncounted, one at a time.
             Err(JobError::Database(err)) if store::is_unavailable(&err) => return Err(err),
             Err(err) => err.to_string(),
         };
         tracing::debug!(batch.size = jobs.len(), error = %failure, "batch handler failed; handling its jobs one at a time");
-        store::rollback_to_job_savepoint(conn).await?;
-        Ok(None)
+        Ok(Together::Failed)
     }
 
     /// Runs the handler on each job in a savepoint of its own (set for the first already), and

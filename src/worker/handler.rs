@@ -301,11 +301,14 @@ pub trait Handler: Send + Sync + 'static {
 
     /// Does a whole batch's work at once, through `conn`, the claim's transaction (one
     /// statement for every job, say), and answers with [`Batch::Done`]: one [`Created`] per job,
-    /// in the order of `jobs`. Any error, or an answer of the wrong length, and ackloop undoes
-    /// what this call wrote and runs [`Handler::handle`] on each of the same jobs, still locked,
-    /// in a savepoint of its own: one bad job fails alone and the rest complete. The default
-    /// answers [`Batch::OneAtATime`]: `handle` for each job. A job tried before is always
-    /// handed to `handle`, alone.
+    /// in the order of `jobs`. Any error (a panic included), an answer of the wrong length or
+    /// one that cannot be stored, and ackloop rolls the transaction back, claims the batch again
+    /// on the same connection (the same jobs, unless another worker took some meanwhile) and
+    /// runs [`Handler::handle`] on each job in a savepoint of its own: one bad job fails alone
+    /// and the rest complete. So the batch form may run again for jobs it already saw. Return
+    /// [`Batch::OneAtATime`] only having written nothing. The default answers
+    /// [`Batch::OneAtATime`]: `handle` for each job. A job tried before is always handed to
+    /// `handle`, alone.
     fn handle_batch(
         &self,
         jobs: &[Job],
