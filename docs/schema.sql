@@ -431,7 +431,8 @@ begin
     select jobs.builtin_user_id, jobs.display_name
     from ackloop.player_creation_jobs as jobs
     where jobs.id = any(job_ids)
-    -- The same order in every worker, so that two batches never wait on each other's users.
+    -- In the users' order, as complete_jobs' claim order would give them; two batches never
+    -- share a user (one job each, and the jobs are locked), so no order can deadlock them.
     order by jobs.builtin_user_id
     on conflict (user_id) do nothing;
     return query

@@ -127,8 +127,8 @@ pub mod metric_names {
     };
 }
 pub use worker::{
-    Batch, Created, Handler, InsertPlayer, Job, JobError, JobResultExt, Worker, WorkerConfig, WorkerError,
-    worker_session_options,
+    BatchForm, Created, Handler, InsertPlayer, Job, JobError, JobResultExt, Worker, WorkerConfig,
+    WorkerError, worker_session_options,
 };
 
 /// The schema migrations, embedded: `MIGRATOR.run(&pool)` applies those not yet applied.

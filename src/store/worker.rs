@@ -313,16 +313,34 @@ pub(crate) async fn insert_builtin_players(
     job_ids: &[JobId],
 ) -> Result<Vec<BuiltinPlayer>, sqlx::Error> {
     let ids: Vec<Uuid> = job_ids.iter().map(|id| id.as_uuid()).collect();
-    sqlx::query_as!(
-        BuiltinPlayer,
+    let rows = sqlx::query!(
         r#"
-        select player_id as "id!", display_name as "display_name!", created_at as "created_at!"
+        select
+            job_id as "job_id!: JobId",
+            player_id as "id!",
+            display_name as "display_name!",
+            created_at as "created_at!"
         from ackloop.insert_builtin_players($1)
         "#,
         &ids,
     )
     .fetch_all(conn)
-    .await
+    .await?;
+    // One row per job, in the order asked: checked, not trusted, since answers are matched to
+    // jobs by position.
+    if !rows.iter().map(|row| row.job_id).eq(job_ids.iter().copied()) {
+        return Err(sqlx::Error::Protocol(
+            "ackloop.insert_builtin_players answered for other jobs than it was given".into(),
+        ));
+    }
+    Ok(rows
+        .into_iter()
+        .map(|row| BuiltinPlayer {
+            id: row.id,
+            display_name: row.display_name,
+            created_at: row.created_at,
+        })
+        .collect())
 }
 
 /// A job finished by its handler, to mark done with [`mark_jobs_done`].

@@ -1,137 +1,117 @@
 //! A handler's batch, in one transaction: claimed, handed whole to the handler's batch form
-//! ([`Handler::handle_batch`]) and marked done; when that is not written, or fails (then after
-//! a rollback and the same claim again), one job per savepoint so that a bad job fails alone.
+//! ([`Handler::handle_batch`]) in a savepoint and marked done there; when the handler has no
+//! batch form, or it fails (rolled back to the savepoint, the jobs still locked), one job per
+//! savepoint so that a bad job fails alone.
 
 use sqlx::{Acquire, PgConnection};
 use tokio::time::Instant;
 use tracing::Instrument;
 
-use super::handler::{self, Batch, Created, Handler, JobError};
+use super::handler::{self, BatchForm, Created, Handler, JobError};
 use super::passes::{PASS_LIMIT, Pass, Processor, Then, done_job, earliest, handed, is_not_the_jobs_fault};
 use crate::store::{self, ClaimedJob, DoneJob};
 use crate::telemetry;
 
-/// What the jobs of a batch handled one at a time came to.
+/// What the jobs of a batch came to.
 struct Outcomes {
+    /// Marked done in the transaction already.
     done: Vec<DoneJob>,
     /// The earliest retry scheduled.
     retry_at: Option<Instant>,
 }
 
-/// How a pass hands its batch to the handler.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Form {
-    /// Whole, to [`Handler::handle_batch`], with no savepoint: one round trip fewer each way.
-    Together,
-    /// One job per savepoint, to [`Handler::handle`].
-    OneAtATime,
-}
-
-/// What handing the whole batch came to.
-enum Together {
-    /// Every job done and marked done in the transaction, which is still to commit.
-    Done(Vec<DoneJob>),
-    /// The handler takes jobs one at a time, and wrote nothing.
-    OneAtATime,
-    /// The batch form failed: the transaction must be rolled back, and the jobs taken again one
-    /// at a time.
-    Failed,
-}
-
 impl<H: Handler> Processor<H> {
-    /// Claims a batch of new jobs and completes it in one transaction: whole, through the
-    /// handler's batch form if it has one; if that fails, the transaction is rolled back and the
-    /// batch claimed again (on the same connection, which gets the same jobs: see
-    /// [`Self::pass`]) and handled one job per savepoint, so that a bad job fails alone.
+    /// Claims a batch of new jobs and completes it in one transaction, in `form`: whole, through
+    /// the handler's batch form, falling back to one job per savepoint on the same locked jobs.
     pub(super) async fn pass_handled(
         &self,
         conn: &mut PgConnection,
         limit: i32,
+        form: BatchForm,
     ) -> Result<Pass, sqlx::Error> {
-        let mut form = Form::Together;
-        loop {
-            let started = Instant::now();
-            let mut tx = conn.begin().await?;
-            let jobs = store::claim_due_jobs(&mut tx, limit, H::SOURCE).await?;
-            if jobs.is_empty() {
-                tx.commit().await?;
-                return Ok(Pass {
-                    claimed: 0,
-                    retry_at: None,
-                });
-            }
-            if form == Form::Together {
-                match self.handle_together(&mut tx, &jobs).await? {
-                    Together::Done(done) => {
-                        tx.commit().await?;
-                        record_done(&jobs, &done, started);
-                        return Ok(Pass {
-                            claimed: jobs.len(),
-                            retry_at: None,
-                        });
-                    }
-                    Together::OneAtATime => {}
-                    Together::Failed => {
-                        tx.rollback().await?;
-                        form = Form::OneAtATime;
-                        continue;
-                    }
-                }
-            }
-            store::job_savepoint(&mut tx).await?;
-            let outcomes = self.handle_one_by_one(&mut tx, &jobs, started).await?;
-            if !outcomes.done.is_empty() {
-                store::mark_jobs_done(&mut tx, &outcomes.done, &self.config.channels.done).await?;
-            }
+        let started = Instant::now();
+        let mut tx = conn.begin().await?;
+        let jobs = store::claim_due_jobs(&mut tx, limit, H::SOURCE).await?;
+        if jobs.is_empty() {
             tx.commit().await?;
-            record_done(&jobs, &outcomes.done, started);
             return Ok(Pass {
-                claimed: jobs.len(),
-                retry_at: outcomes.retry_at,
+                claimed: 0,
+                retry_at: None,
             });
         }
+        store::job_savepoint(&mut tx).await?;
+        let together = match form {
+            BatchForm::Together => self.handle_together(&mut tx, &jobs).await?,
+            BatchForm::OneAtATime => None,
+        };
+        let outcomes = match together {
+            Some(done) => Outcomes { done, retry_at: None },
+            None => self.handle_one_by_one(&mut tx, &jobs, started).await?,
+        };
+        tx.commit().await?;
+        record_done(&jobs, &outcomes.done, started);
+        Ok(Pass {
+            claimed: jobs.len(),
+            retry_at: outcomes.retry_at,
+        })
     }
 
-    /// Hands the whole batch to [`Handler::handle_batch`] and marks the jobs done with its
-    /// answers. An error: the pass is given up (the database could not be reached, or a lock
-    /// wait ran out: not the jobs' fault).
+    /// Hands the whole batch to [`Handler::handle_batch`] in the savepoint set for it, and marks
+    /// the jobs done with its answers. `Some`: all done, the savepoint released. `None`: the
+    /// batch form failed; everything it wrote is undone and the savepoint is still set, for the
+    /// first job taken one at a time. An error: the pass is given up (the database could not be
+    /// reached; or a lock wait ran out marking them done, which no job is blamed for).
     async fn handle_together(
         &self,
         conn: &mut PgConnection,
         jobs: &[ClaimedJob],
-    ) -> Result<Together, sqlx::Error> {
+    ) -> Result<Option<Vec<DoneJob>>, sqlx::Error> {
         let handed: Vec<_> = jobs.iter().map(handed).collect();
         let span = tracing::debug_span!("process_batch", batch.size = jobs.len());
         let answer = handler::caught(|| self.handler.handle_batch(&handed, conn))
             .instrument(span)
             .await;
         let failure = match answer {
-            Ok(Batch::OneAtATime) => return Ok(Together::OneAtATime),
-            Ok(Batch::Done(created)) if created.len() == jobs.len() => {
+            Ok(created) if created.len() == jobs.len() => {
                 let done = done_jobs(jobs, created);
-                match store::mark_jobs_done(conn, &done, &self.config.channels.done).await {
-                    Ok(()) => return Ok(Together::Done(done)),
+                match self.mark_done_and_release(conn, &done).await {
+                    Ok(()) => return Ok(Some(done)),
                     Err(err) if is_not_the_jobs_fault(&err) => return Err(err),
                     // A statement of the handler's failed and it answered anyway, or an answer
-                    // is not valid: nothing it wrote can be kept.
+                    // cannot be stored: nothing it wrote can be kept.
                     Err(err) => format!(
                         "its answers could not be recorded: {}",
                         crate::describe_db_error(&err)
                     ),
                 }
             }
-            Ok(Batch::Done(created)) => format!("it answered for {} of {} jobs", created.len(), jobs.len()),
+            Ok(created) => format!("it answered for {} of {} jobs", created.len(), jobs.len()),
             // A lock wait that ran out is one job's to record, uncounted, one at a time.
             Err(JobError::Database(err)) if store::is_unavailable(&err) => return Err(err),
+            Err(JobError::Database(err)) => crate::describe_db_error(&err),
             Err(err) => err.to_string(),
         };
-        tracing::debug!(batch.size = jobs.len(), error = %failure, "batch handler failed; handling its jobs one at a time");
-        Ok(Together::Failed)
+        tracing::warn!(batch.size = jobs.len(), error = %failure, "the handler's batch form failed; handling each of the batch's jobs alone");
+        store::rollback_to_job_savepoint(conn).await?;
+        Ok(None)
     }
 
-    /// Runs the handler on each job in a savepoint of its own (set for the first already), and
-    /// records each failure. Between two jobs, one round trip releases the last job's savepoint
-    /// and sets the next one's: what a handler costs beyond its own statements.
+    /// Marks a batch form's jobs done and keeps it (the savepoint released).
+    async fn mark_done_and_release(
+        &self,
+        conn: &mut PgConnection,
+        done: &[DoneJob],
+    ) -> Result<(), sqlx::Error> {
+        store::mark_jobs_done(&mut *conn, done, &self.config.channels.done).await?;
+        store::release_job_savepoint(conn).await
+    }
+
+    /// Runs the handler on each job in a savepoint of its own (set for the first already),
+    /// records each failure, and marks the finished jobs done. Between two jobs, one round trip
+    /// releases the last job's savepoint and sets the next one's: what a handler costs beyond
+    /// its own statements. After half the pass limit (counted from the pass's start, so a slow
+    /// batch form's time too), the jobs not reached are left for the next pass; the first is
+    /// always taken, so every pass makes progress.
     async fn handle_one_by_one(
         &self,
         conn: &mut PgConnection,
@@ -143,7 +123,7 @@ impl<H: Handler> Processor<H> {
             retry_at: None,
         };
         for (index, job) in jobs.iter().enumerate() {
-            if started.elapsed() >= PASS_LIMIT / 2 {
+            if index > 0 && started.elapsed() >= PASS_LIMIT / 2 {
                 // Slow handlers: commit what is done before the pass limit gives it all up. The
                 // jobs not reached were only locked: the commit releases them, uncounted.
                 tracing::warn!(
@@ -168,6 +148,9 @@ impl<H: Handler> Processor<H> {
                     }
                 }
             }
+        }
+        if !outcomes.done.is_empty() {
+            store::mark_jobs_done(conn, &outcomes.done, &self.config.channels.done).await?;
         }
         Ok(outcomes)
     }

@@ -260,6 +260,11 @@ fn reason_of(err: &dyn std::error::Error) -> String {
 /// - A panic is caught only with unwinding (`panic = "unwind"`, Rust's default). State the
 ///   handler shares between jobs (a `std::sync::Mutex` poisoned by a panic) is its own concern.
 ///
+/// A handler may also write a whole batch at once ([`Handler::BATCH_FORM`],
+/// [`Handler::handle_batch`]): one statement per batch instead of one per job and a savepoint
+/// each, the same rules applying to the batch as to a job. Its time counts toward the pass's
+/// 5 s; the jobs it leaves after a failure are taken one at a time in what is left (at least one).
+///
 /// Implement it with `async fn`; the future must be `Send`:
 ///
 /// ```no_run
@@ -299,56 +304,59 @@ pub trait Handler: Send + Sync + 'static {
         conn: &mut PgConnection,
     ) -> impl Future<Output = Result<Created, JobError>> + Send;
 
-    /// Does a whole batch's work at once, through `conn`, the claim's transaction (one
-    /// statement for every job, say), and answers with [`Batch::Done`]: one [`Created`] per job,
-    /// in the order of `jobs`. Any error (a panic included), an answer of the wrong length or
-    /// one that cannot be stored, and ackloop rolls the transaction back, claims the batch again
-    /// on the same connection (the same jobs, unless another worker took some meanwhile) and
-    /// runs [`Handler::handle`] on each job in a savepoint of its own: one bad job fails alone
-    /// and the rest complete. So the batch form may run again for jobs it already saw. Return
-    /// [`Batch::OneAtATime`] only having written nothing. The default answers
-    /// [`Batch::OneAtATime`]: `handle` for each job. A job tried before is always handed to
-    /// `handle`, alone.
+    /// Whether the worker hands a claimed batch of new jobs to [`Handler::handle_batch`]
+    /// ([`BatchForm::Together`]) or each job to [`Handler::handle`] in a savepoint of its own
+    /// (the default).
+    const BATCH_FORM: BatchForm = BatchForm::OneAtATime;
+
+    /// With [`Handler::BATCH_FORM`] `Together`: does a whole batch's work at once, through
+    /// `conn`, the claim's transaction (one statement for every job, say), and answers one
+    /// [`Created`] per job, in the order of `jobs`. It runs in a savepoint: on any error (a panic
+    /// included), an answer of the wrong length or one that cannot be stored, ackloop rolls back
+    /// to it, undoing everything this call wrote, and runs [`Handler::handle`] on each of the
+    /// same jobs, still locked, in a savepoint of its own, so one bad job fails alone and the
+    /// rest complete. A job tried before is always handed to `handle`, alone. The default
+    /// refuses: write it when you set `BATCH_FORM`.
     fn handle_batch(
         &self,
         jobs: &[Job],
         conn: &mut PgConnection,
-    ) -> impl Future<Output = Result<Batch, JobError>> + Send {
+    ) -> impl Future<Output = Result<Vec<Created>, JobError>> + Send {
         let _ = (jobs, conn);
-        std::future::ready(Ok(Batch::OneAtATime))
+        std::future::ready(Err(JobError::retry_later(
+            "BATCH_FORM is Together but handle_batch is not written",
+        )))
     }
 }
 
-/// What [`Handler::handle_batch`] made of a batch.
-#[derive(Debug)]
+/// How a worker hands a [`Handler`] its batches of new jobs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
-pub enum Batch {
-    /// Every job's work is done: the answers, one per job, in the order the jobs were given.
-    Done(Vec<Created>),
-    /// Nothing was done: run [`Handler::handle`] on each job, in a savepoint of its own.
+pub enum BatchForm {
+    /// Each job to [`Handler::handle`], in a savepoint of its own: a statement (or more) and a
+    /// round trip for the savepoint per job.
     OneAtATime,
+    /// The whole batch to [`Handler::handle_batch`], falling back to one at a time when it fails.
+    Together,
 }
 
-/// How a worker completes a batch of new jobs (a job taken alone always goes through
-/// [`Handler::handle`]).
+/// The way a worker's passes complete a batch of new jobs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Batches {
-    /// Claim the batch (`ackloop.claim_jobs`) and hand it to the handler
-    /// ([`Handler::handle_batch`], else [`Handler::handle`] for each job in a savepoint of its
-    /// own), then mark the jobs it finished done, in one transaction.
+pub(crate) enum PassPath {
+    /// Claim the batch (`ackloop.claim_jobs`) and hand it to the handler (as its
+    /// [`BatchForm`] says), then mark the jobs it finished done, in one transaction.
     ThroughTheHandler,
     /// Claim, create and complete the whole batch in one statement (`ackloop.complete_jobs`),
     /// which does in SQL exactly what [`InsertPlayer`] does. If the statement fails, the batch is
-    /// taken again through the handler, one job per savepoint, to find the job at fault.
+    /// taken again through the handler, to find the job at fault.
     BuiltinStatement,
 }
 
-impl Batches {
+impl PassPath {
     /// How `H`'s batches go: in one statement for the built-in [`InsertPlayer`] however the
     /// worker was given it ([`Worker::new`](crate::Worker::new) or
     /// [`Worker::with_handler`](crate::Worker::with_handler)), since that statement is its
-    /// effect written in SQL; one job per savepoint for any other handler, whose effect only its
-    /// own handler knows.
+    /// effect written in SQL; through the handler for any other, whose effect only it knows.
     pub(crate) fn of<H: Handler>() -> Self {
         if std::any::TypeId::of::<H>() == std::any::TypeId::of::<InsertPlayer>() {
             Self::BuiltinStatement
@@ -368,6 +376,8 @@ pub struct InsertPlayer;
 
 impl Handler for InsertPlayer {
     const SOURCE: JobSource = JobSource::BuiltinSignup;
+    // Used after the one-statement batch failed: a player made by hand is answered with at once.
+    const BATCH_FORM: BatchForm = BatchForm::Together;
 
     async fn handle(&self, job: &Job, conn: &mut PgConnection) -> Result<Created, JobError> {
         let player = store::insert_builtin_player(conn, job.id).await?;
@@ -378,15 +388,13 @@ impl Handler for InsertPlayer {
         ))
     }
 
-    async fn handle_batch(&self, jobs: &[Job], conn: &mut PgConnection) -> Result<Batch, JobError> {
+    async fn handle_batch(&self, jobs: &[Job], conn: &mut PgConnection) -> Result<Vec<Created>, JobError> {
         let ids: Vec<JobId> = jobs.iter().map(|job| job.id).collect();
         let players = store::insert_builtin_players(conn, &ids).await?;
-        Ok(Batch::Done(
-            players
-                .into_iter()
-                .map(|player| Created::builtin_player(player.id, player.display_name, player.created_at))
-                .collect(),
-        ))
+        Ok(players
+            .into_iter()
+            .map(|player| Created::builtin_player(player.id, player.display_name, player.created_at))
+            .collect())
     }
 }
 

@@ -26,7 +26,7 @@ mod loops;
 mod passes;
 
 pub use config::{WorkerConfig, worker_session_options};
-pub use handler::{Batch, Created, Handler, InsertPlayer, Job, JobError, JobResultExt};
+pub use handler::{BatchForm, Created, Handler, InsertPlayer, Job, JobError, JobResultExt};
 use passes::Processor;
 
 /// What stops a worker from running. A failing *job* is not one of these: it is recorded in its

@@ -9,7 +9,7 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 use super::config::WorkerConfig;
-use super::handler::{self, Batches, Created, Handler, Job, JobError};
+use super::handler::{self, Created, Handler, Job, JobError, PassPath};
 use crate::connect::Described;
 use crate::store::{self, ClaimedJob, DoneJob, Due, millis};
 use crate::telemetry;
@@ -210,9 +210,9 @@ impl<H: Handler> Processor<H> {
 
     async fn pass_on(&self, conn: &mut PgConnection) -> Result<Pass, sqlx::Error> {
         let limit = i32::from(self.config.batch_size);
-        match Batches::of::<H>() {
-            Batches::ThroughTheHandler => self.pass_handled(conn, limit).await,
-            Batches::BuiltinStatement => self.pass_in_one_statement(conn, limit).await,
+        match PassPath::of::<H>() {
+            PassPath::ThroughTheHandler => self.pass_handled(conn, limit, H::BATCH_FORM).await,
+            PassPath::BuiltinStatement => self.pass_in_one_statement(conn, limit).await,
         }
     }
 
@@ -243,7 +243,7 @@ impl<H: Handler> Processor<H> {
             // command waits for the abort.
             Err(err) => {
                 tracing::debug!(error = %Described(&err), "batch failed; completing its jobs one at a time");
-                self.pass_handled(conn, limit).await
+                self.pass_handled(conn, limit, H::BATCH_FORM).await
             }
         }
     }

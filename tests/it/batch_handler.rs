@@ -4,7 +4,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use ackloop::{Batch, Created, Handler, Job, JobError, NewJob, add_job};
+use ackloop::{BatchForm, Created, Handler, Job, JobError, NewJob, add_job};
 use sqlx::PgConnection;
 use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
@@ -49,6 +49,8 @@ impl Players {
 }
 
 impl Handler for Players {
+    const BATCH_FORM: BatchForm = BatchForm::Together;
+
     async fn handle(&self, job: &Job, conn: &mut PgConnection) -> Result<Created, JobError> {
         *self.one_by_one.lock().unwrap() += 1;
         sqlx::query("insert into game.players (user_id, name) values ($1, $2)")
@@ -59,7 +61,7 @@ impl Handler for Players {
         Ok(Created::new(job.user_id.clone()))
     }
 
-    async fn handle_batch(&self, jobs: &[Job], conn: &mut PgConnection) -> Result<Batch, JobError> {
+    async fn handle_batch(&self, jobs: &[Job], conn: &mut PgConnection) -> Result<Vec<Created>, JobError> {
         self.batches.lock().unwrap().push(jobs.len());
         let users: Vec<&str> = jobs.iter().map(|job| job.user_id.as_str()).collect();
         let names: Vec<&str> = jobs.iter().map(|job| job.display_name.as_str()).collect();
@@ -76,14 +78,14 @@ impl Handler for Players {
             }
             Misbehaviour::Panics => panic!("the batch form broke"),
         }
-        Ok(Batch::Done(created))
+        Ok(created)
     }
 }
 
-/// Starts a worker with `handler` on an empty queue, and waits until a first job has gone
-/// through it: the worker is past its start (where it takes jobs alone) and claims batches.
-/// The handler's counts start from there.
-async fn started_worker(pool: &PgPool, handler: Players) -> RunningWorker {
+/// Starts a worker with `handler` on an empty queue, and adds jobs one by one until one has gone
+/// through the batch form: the worker is past its start (where it takes jobs alone) and claims
+/// batches. The handler's counts start from there; the jobs added are counted in the return.
+async fn started_worker(pool: &PgPool, handler: Players) -> (RunningWorker, i64) {
     let counts = handler.clone();
     // One processing loop: two would split a batch between them now and then.
     let config = ackloop::WorkerConfig {
@@ -91,16 +93,19 @@ async fn started_worker(pool: &PgPool, handler: Players) -> RunningWorker {
         ..worker_config()
     };
     let worker = run_in_background(ackloop::Worker::new(pool.clone(), config).with_handler(handler));
-    add_jobs(pool, 0, &["First"]).await;
-    wait_until("the first job is done", || async {
-        count_jobs_with_status(pool, "done").await == 1
-    })
-    .await;
-    // The first job went alone (a starting worker takes its first jobs one at a time) or in a
-    // batch of one, as the worker's start happened to meet it.
+    let mut added = 0;
+    while counts.batches.lock().unwrap().is_empty() {
+        add_jobs(pool, 100 + added, &["Early"]).await;
+        added += 1;
+        wait_until("the early job is done", || async {
+            count_jobs_with_status(pool, "done").await == added
+        })
+        .await;
+        assert!(added < 50, "the worker never took a batch");
+    }
     counts.batches.lock().unwrap().clear();
     *counts.one_by_one.lock().unwrap() = 0;
-    worker
+    (worker, added)
 }
 
 /// Adds a job for each name (its user the name's place after `first`), all in one transaction,
@@ -126,10 +131,10 @@ async fn a_batch_handler_completes_a_whole_batch_in_one_call(
     let pool = pool(options, connect, 6).await;
     execute(&pool, GAME).await;
     let handler = Players::new(Misbehaviour::None);
-    let worker = started_worker(&pool, handler.clone()).await;
+    let (worker, early) = started_worker(&pool, handler.clone()).await;
     add_jobs(&pool, 1, &TEN).await;
     wait_until("every job is done", || async {
-        count_jobs_with_status(&pool, "done").await == 11
+        count_jobs_with_status(&pool, "done").await == early + 10
     })
     .await;
     worker.stop().await;
@@ -143,7 +148,10 @@ async fn a_batch_handler_completes_a_whole_batch_in_one_call(
         0,
         "no job went one at a time"
     );
-    assert_eq!(count_of(&pool, "select count(*) from game.players").await, 11);
+    assert_eq!(
+        count_of(&pool, "select count(*) from game.players").await,
+        early + 10
+    );
     // Each job's answer is its own player.
     assert_eq!(
         count_of(
@@ -163,16 +171,21 @@ async fn one_bad_job_fails_alone_and_the_rest_of_its_batch_completes(
     let pool = pool(options, connect, 6).await;
     execute(&pool, GAME).await;
     let handler = Players::new(Misbehaviour::None);
-    let worker = started_worker(&pool, handler.clone()).await;
+    let (worker, early) = started_worker(&pool, handler.clone()).await;
     let mut names = TEN.to_vec();
     names[4] = "Bad";
     add_jobs(&pool, 1, &names).await;
     wait_until("the good jobs are done and the bad one failed", || async {
-        count_jobs_with_status(&pool, "done").await == 10
+        count_jobs_with_status(&pool, "done").await == early + 9
             && count_jobs_with_status(&pool, "failed").await == 1
     })
     .await;
     worker.stop().await;
+    assert!(
+        handler.batches.lock().unwrap().contains(&10),
+        "the ten went to the batch form first: {:?}",
+        handler.batches.lock().unwrap()
+    );
     let error: String =
         sqlx::query_scalar("select last_error from ackloop.player_creation_jobs where status = 'failed'")
             .fetch_one(&pool)
@@ -180,7 +193,10 @@ async fn one_bad_job_fails_alone_and_the_rest_of_its_batch_completes(
             .unwrap();
     assert!(error.contains("players_name_allowed"), "{error}");
     // The batch's statement was undone; each good job's player was made once, by `handle`.
-    assert_eq!(count_of(&pool, "select count(*) from game.players").await, 10);
+    assert_eq!(
+        count_of(&pool, "select count(*) from game.players").await,
+        early + 9
+    );
     assert_eq!(
         count_of(&pool, "select count(*) from game.players where name = 'Bad'").await,
         0
@@ -203,10 +219,10 @@ async fn a_batch_form_that_panics_or_answers_short_is_undone_and_its_jobs_go_one
         execute(&pool, "delete from ackloop.player_creation_jobs").await;
         execute(&pool, GAME).await;
         let handler = Players::new(misbehaviour);
-        let worker = started_worker(&pool, handler.clone()).await;
+        let (worker, early) = started_worker(&pool, handler.clone()).await;
         add_jobs(&pool, 1, &TEN).await;
         wait_until("every job is done", || async {
-            count_jobs_with_status(&pool, "done").await == 11
+            count_jobs_with_status(&pool, "done").await == early + 10
         })
         .await;
         worker.stop().await;
@@ -218,7 +234,7 @@ async fn a_batch_form_that_panics_or_answers_short_is_undone_and_its_jobs_go_one
         // Nothing the batch form wrote was kept: one player each, made by `handle`.
         assert_eq!(
             count_of(&pool, "select count(*) from game.players").await,
-            11,
+            early + 10,
             "{misbehaviour:?}"
         );
         assert_eq!(

@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 
-use ackloop::{Batch, Created, Handler, Job, JobError, JobSource};
+use ackloop::{BatchForm, Created, Handler, Job, JobError, JobSource};
 use sqlx::PgConnection;
 
 /// Inserts the job's player with a statement of its own, and answers as the built-in does (so
@@ -14,6 +14,7 @@ pub struct InsertPlayerAsUser;
 
 impl Handler for InsertPlayerAsUser {
     const SOURCE: JobSource = JobSource::BuiltinSignup;
+    const BATCH_FORM: BatchForm = BatchForm::Together;
 
     async fn handle(&self, job: &Job, conn: &mut PgConnection) -> Result<Created, JobError> {
         let user_id = job
@@ -39,7 +40,7 @@ impl Handler for InsertPlayerAsUser {
         ))
     }
 
-    async fn handle_batch(&self, jobs: &[Job], conn: &mut PgConnection) -> Result<Batch, JobError> {
+    async fn handle_batch(&self, jobs: &[Job], conn: &mut PgConnection) -> Result<Vec<Created>, JobError> {
         let user_ids = jobs
             .iter()
             .map(|job| job.user_id.to_i64())
@@ -65,11 +66,10 @@ impl Handler for InsertPlayerAsUser {
                 (player.user_id, created)
             })
             .collect();
-        let created = user_ids
+        user_ids
             .iter()
             .map(|user_id| by_user.remove(user_id))
             .collect::<Option<Vec<_>>>()
-            .ok_or_else(|| JobError::retry_later("a user of the batch got no player"))?;
-        Ok(Batch::Done(created))
+            .ok_or_else(|| JobError::retry_later("a user of the batch got no player"))
     }
 }
