@@ -294,7 +294,26 @@ begin
     )
     select completed.id, completed.waited_secs
     from completed
-    cross join lateral pg_notify(done_channel, completed.id::text) as notified;
+    -- No wake-ups with a null channel: the caller sends them after the commit
+    -- (complete_jobs_then_notify).
+    cross join lateral ackloop.notify_job(done_channel, completed.id) as notified;
+end
+$$;
+
+create procedure ackloop.complete_jobs_then_notify(
+    IN batch_size integer,
+    IN done_channel text,
+    OUT job_ids uuid[],
+    OUT waited_secs double precision[]
+)
+language plpgsql
+as $$
+begin
+    select coalesce(pg_catalog.array_agg(done.job_id), '{}'), coalesce(pg_catalog.array_agg(done.waited_secs), '{}')
+    into complete_jobs_then_notify.job_ids, complete_jobs_then_notify.waited_secs
+    from ackloop.complete_jobs(batch_size, null) as done;
+    commit;
+    perform ackloop.notify_jobs(done_channel, complete_jobs_then_notify.job_ids);
 end
 $$;
 
@@ -583,7 +602,8 @@ begin
     )
     select completed.id
     from completed
-    cross join lateral pg_notify(done_channel, completed.id::text) as notified;
+    -- No wake-ups with a null channel: the caller sends them after its commit (notify_jobs).
+    cross join lateral ackloop.notify_job(done_channel, completed.id) as notified;
 end
 $$;
 
@@ -620,6 +640,35 @@ begin
       and jobs.status = 'running'
       and jobs.attempts = note_unfinished_attempt.attempt;
     return found;
+end
+$$;
+
+create function ackloop.notify_job(channel text, job_id uuid)
+returns void
+language plpgsql volatile strict parallel unsafe
+as $$
+begin
+    perform pg_catalog.pg_notify(channel, job_id::pg_catalog.text);
+end
+$$;
+
+create function ackloop.notify_jobs(channel text, job_ids uuid[])
+returns integer
+language plpgsql volatile parallel unsafe
+set search_path = pg_catalog, ackloop, pg_temp
+as $$
+begin
+    if channel is null or coalesce(cardinality(job_ids), 0) = 0 then
+        return 0;
+    end if;
+    if pg_notification_queue_usage() > 0.5 then
+        raise warning 'notification queue % full: % wake-ups on "%" skipped (the jobs are committed; they are found by polling)',
+            to_char(pg_notification_queue_usage() * 100, 'FM990') || '%', cardinality(job_ids), channel
+            using hint = 'a session LISTENs without reading its notifications: find it in pg_stat_activity and end it';
+        return 0;
+    end if;
+    perform pg_notify(channel, job_id::text) from unnest(job_ids) as job_id;
+    return cardinality(job_ids);
 end
 $$;
 
@@ -746,7 +795,8 @@ begin
     )
     select new_job.id, new_job.builtin_user_id
     from new_job
-    cross join lateral pg_notify(jobs_channel, new_job.id::text) as notified;
+    -- No wake-up with a null channel: the caller sends it after the commit (sign_up_then_notify).
+    cross join lateral ackloop.notify_job(jobs_channel, new_job.id) as notified;
     if found then
         return;
     end if;
@@ -853,7 +903,50 @@ begin
     select new_jobs.id, new_jobs.builtin_user_id, new_users.email
     from new_jobs
     join new_users on new_users.id = new_jobs.builtin_user_id
-    cross join lateral pg_notify(jobs_channel, new_jobs.id::text) as notified;
+    -- No wake-ups with a null channel: the caller sends them after the commit
+    -- (sign_up_many_then_notify).
+    cross join lateral ackloop.notify_job(jobs_channel, new_jobs.id) as notified;
+end
+$$;
+
+create procedure ackloop.sign_up_many_then_notify(
+    IN emails text[],
+    IN display_names text[],
+    IN new_job_ids uuid[],
+    IN jobs_channel text,
+    IN lock_wait_ms integer,
+    OUT job_ids uuid[],
+    OUT user_ids bigint[]
+)
+language plpgsql
+as $$
+begin
+    -- Two aggregates over the same rows keep them in the same order.
+    select coalesce(pg_catalog.array_agg(written.job_id), '{}'), coalesce(pg_catalog.array_agg(written.user_id), '{}')
+    into sign_up_many_then_notify.job_ids, sign_up_many_then_notify.user_ids
+    from ackloop.sign_up_many(emails, display_names, new_job_ids, null, lock_wait_ms) as written;
+    commit;
+    perform ackloop.notify_jobs(jobs_channel, sign_up_many_then_notify.job_ids);
+end
+$$;
+
+create procedure ackloop.sign_up_then_notify(
+    IN email text,
+    IN display_name text,
+    IN new_job_id uuid,
+    IN jobs_channel text,
+    IN lock_wait_ms integer,
+    OUT job_id uuid,
+    OUT user_id bigint
+)
+language plpgsql
+as $$
+begin
+    select signed.job_id, signed.user_id
+    into sign_up_then_notify.job_id, sign_up_then_notify.user_id
+    from ackloop.sign_up(email, display_name, new_job_id, null, lock_wait_ms) as signed;
+    commit;
+    perform ackloop.notify_jobs(jobs_channel, array[sign_up_then_notify.job_id]);
 end
 $$;
 

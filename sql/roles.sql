@@ -24,7 +24,7 @@ $$;
 -- Both sides check the schema version before they start.
 grant usage on schema ackloop to ackloop_auth, ackloop_worker;
 grant select on ackloop.applied_migrations to ackloop_auth, ackloop_worker;
-revoke execute on all functions in schema ackloop from public;
+revoke execute on all routines in schema ackloop from public;
 grant execute on function
     ackloop.uuid_v7(), ackloop.email_problem(text), ackloop.display_name_problem(text),
     ackloop.user_id_problem(text), ackloop.json_object_problem(jsonb)
@@ -62,6 +62,21 @@ do $$
 begin
     if to_regprocedure('ackloop.insert_builtin_players(uuid[])') is not null then
         grant execute on function ackloop.insert_builtin_players(uuid[]) to ackloop_worker;
+    end if;
+end
+$$;
+
+-- The wake-ups after the commit (migration 08; skipped on a schema from before it). The
+-- procedures run as their caller and call the functions above, so each side needs both.
+do $$
+begin
+    if to_regprocedure('ackloop.notify_jobs(text, uuid[])') is not null then
+        grant execute on function ackloop.notify_jobs(text, uuid[]) to ackloop_auth, ackloop_worker;
+        grant execute on procedure
+            ackloop.sign_up_then_notify(text, text, uuid, text, integer),
+            ackloop.sign_up_many_then_notify(text[], text[], uuid[], text, integer)
+            to ackloop_auth;
+        grant execute on procedure ackloop.complete_jobs_then_notify(integer, text) to ackloop_worker;
     end if;
 end
 $$;

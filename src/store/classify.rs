@@ -81,3 +81,13 @@ pub(crate) fn is_permanent(err: &sqlx::Error) -> bool {
         .and_then(|db_err| db_err.code())
         .is_some_and(|code| code.starts_with("22") || code.starts_with("23"))
 }
+
+/// Whether an error from one of the contract's procedures that commit their write and then send
+/// its wake-ups (`ackloop.*_then_notify`) may have come after the commit, so the write may stand:
+/// a cancel (`statement_timeout`, 57014) or a lack of resources (class 53, 54000) can strike the
+/// wake-ups' transaction as well. Every other error the server answers comes before the commit.
+pub(crate) fn may_have_committed(err: &sqlx::Error) -> bool {
+    err.as_database_error()
+        .and_then(|db_err| db_err.code())
+        .is_some_and(|code| code == "57014" || code == "54000" || code.starts_with("53"))
+}

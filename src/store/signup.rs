@@ -78,6 +78,40 @@ fn lock_wait_ms(wait: std::time::Duration) -> i32 {
     i32::try_from(wait.as_millis().max(1)).unwrap_or(i32::MAX)
 }
 
+/// Writes one signup in its own transaction and sends its wake-up after the commit, in one round
+/// trip (`ackloop.sign_up_then_notify`): the notifying transaction is a tiny one of its own, so
+/// the write's commit does not hold PostgreSQL's notify lock through its flush and shares
+/// flushes with other sessions' commits. On a plain connection only: a procedure that commits is
+/// refused inside a transaction block. `lock_wait` as in [`insert_user_and_job`].
+pub(crate) async fn write_user_and_job(
+    executor: impl PgExecutor<'_>,
+    email: &str,
+    display_name: &str,
+    job_id: JobId,
+    jobs_channel: &ChannelName,
+    lock_wait: std::time::Duration,
+) -> Result<UserId, sqlx::Error> {
+    let written = sqlx::query!(
+        r#"call ackloop.sign_up_then_notify($1, $2, $3, $4, $5, null, null)"#,
+        email,
+        display_name,
+        job_id.as_uuid(),
+        jobs_channel.as_str(),
+        lock_wait_ms(lock_wait),
+    )
+    .fetch_one(executor)
+    .await?;
+    written
+        .user_id
+        .map(UserId::from)
+        .ok_or_else(|| missing_out("user_id"))
+}
+
+/// A procedure's OUT parameter that came back null, which the contract never does.
+fn missing_out(name: &str) -> sqlx::Error {
+    sqlx::Error::Protocol(format!("the contract's procedure returned no {name}"))
+}
+
 /// A signup that [`insert_users_and_jobs`] wrote.
 #[derive(Debug)]
 pub(crate) struct WrittenSignup {
@@ -85,11 +119,12 @@ pub(crate) struct WrittenSignup {
     pub(crate) user_id: UserId,
 }
 
-/// Writes many signups in one statement (one commit, one fsync, one hold of Postgres' notify
-/// lock), each with its user, its job and its wake-up, exactly as [`insert_user_and_job`] would.
-/// A signup whose email is taken (by an existing user, or earlier in the same batch, ignoring
-/// case) is skipped: it is the one signup missing from the result. Any other error fails the
-/// whole statement and writes nothing.
+/// Writes many signups in one transaction (one commit, one flush), each with its user and its
+/// job exactly as [`insert_user_and_job`] would, and sends their wake-ups after the commit, in one
+/// round trip (`ackloop.sign_up_many_then_notify`, on a plain connection as
+/// [`write_user_and_job`]). A signup whose email is taken (by an existing user, or earlier in
+/// the same batch, ignoring case) is skipped: it is the one signup missing from the result. Any
+/// other error fails the whole write and writes nothing.
 /// `lock_wait` bounds lock waits as in [`insert_user_and_job`].
 pub(crate) async fn insert_users_and_jobs(
     executor: impl PgExecutor<'_>,
@@ -99,20 +134,26 @@ pub(crate) async fn insert_users_and_jobs(
     jobs_channel: &ChannelName,
     lock_wait: std::time::Duration,
 ) -> Result<Vec<WrittenSignup>, sqlx::Error> {
-    sqlx::query_as!(
-        WrittenSignup,
-        r#"
-        select job_id as "job_id!: JobId", user_id as "user_id!: UserId"
-        from ackloop.sign_up_many($1, $2, $3, $4, $5)
-        "#,
+    let written = sqlx::query!(
+        r#"call ackloop.sign_up_many_then_notify($1, $2, $3, $4, $5, null, null)"#,
         emails,
         display_names,
         job_ids,
         jobs_channel.as_str(),
         lock_wait_ms(lock_wait),
     )
-    .fetch_all(executor)
-    .await
+    .fetch_one(executor)
+    .await?;
+    let job_ids = written.job_ids.ok_or_else(|| missing_out("job_ids"))?;
+    let user_ids = written.user_ids.ok_or_else(|| missing_out("user_ids"))?;
+    Ok(job_ids
+        .into_iter()
+        .zip(user_ids)
+        .map(|(job_id, user_id)| WrittenSignup {
+            job_id: JobId::from(job_id),
+            user_id: UserId::from(user_id),
+        })
+        .collect())
 }
 
 /// A job's state as ackloop's job table tells it, with the player service's answer when done.

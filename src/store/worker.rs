@@ -16,30 +16,41 @@ pub(crate) struct CompletedJob {
     pub(crate) waited_secs: f64,
 }
 
-/// Claims up to `limit` due jobs never tried before, creates their players, marks them done and
-/// notifies each id on the done channel, in one statement. Returns the ids completed; fewer than
-/// `limit` means the queue had no more such jobs that nobody else holds.
+/// Claims up to `limit` due jobs never tried before, creates their players and marks them done
+/// in one statement, commits, and then notifies each id on the done channel in a transaction of
+/// its own (`ackloop.complete_jobs_then_notify`, one round trip; on a plain connection, as a
+/// procedure that commits is refused in a transaction block). Returns the ids completed; fewer
+/// than `limit` means the queue had no more such jobs that nobody else holds.
 ///
-/// Any failure fails the whole batch and leaves every job as it was, its attempt uncounted; the
-/// worker then falls back to [`claim_due_jobs`] and one savepoint per job to find the culprit,
-/// or, when the session died, to one job at a time with each attempt counted first. A job tried
-/// before is always retried alone ([`start_attempt`]): it may be the one that kills sessions.
+/// Any failure before the commit fails the whole batch and leaves every job as it was, its
+/// attempt uncounted; the worker then falls back to [`claim_due_jobs`] and one savepoint per job
+/// to find the culprit, or, when the session died, to one job at a time with each attempt counted
+/// first. A job tried before is always retried alone ([`start_attempt`]): it may be the one that
+/// kills sessions. (A cancel after the commit fails the call with the jobs done: the fallback then
+/// finds them done and claims others.)
 pub(crate) async fn complete_due_jobs(
     executor: impl PgExecutor<'_>,
     limit: i32,
     done_channel: &ChannelName,
 ) -> Result<Vec<CompletedJob>, sqlx::Error> {
-    sqlx::query_as!(
-        CompletedJob,
-        r#"
-        select job_id as "id!: JobId", waited_secs as "waited_secs!"
-        from ackloop.complete_jobs($1, $2)
-        "#,
+    let completed = sqlx::query!(
+        r#"call ackloop.complete_jobs_then_notify($1, $2, null, null)"#,
         limit,
         done_channel.as_str(),
     )
-    .fetch_all(executor)
-    .await
+    .fetch_one(executor)
+    .await?;
+    let missing = || sqlx::Error::Protocol("the contract's procedure returned no completed jobs".into());
+    let ids = completed.job_ids.ok_or_else(missing)?;
+    let waited = completed.waited_secs.ok_or_else(missing)?;
+    Ok(ids
+        .into_iter()
+        .zip(waited)
+        .map(|(id, waited_secs)| CompletedJob {
+            id: JobId::from(id),
+            waited_secs,
+        })
+        .collect())
 }
 
 /// A job locked by the current transaction for an attempt, with the data a handler needs. The
@@ -84,196 +95,6 @@ pub(crate) async fn claim_due_jobs(
         source == JobSource::BuiltinSignup,
     )
     .fetch_all(conn)
-    .await
-}
-
-/// The row `ackloop.start_attempt` answers with.
-struct StartAttemptRow {
-    status: String,
-    id: JobId,
-    user_id: ExternalId,
-    display_name: String,
-    extra: Option<serde_json::Value>,
-    attempt: i32,
-    waited_secs: f64,
-    last_error: Option<String>,
-    lease_ms: Option<i64>,
-    abandoned_attempt: Option<i32>,
-}
-
-/// What [`start_attempt`] did with the next due job.
-#[derive(Debug)]
-pub(crate) enum Started {
-    /// The job is `running` attempt `job.attempts`, counted and committed.
-    Running {
-        job: ClaimedJob,
-        /// How long the job stays not due should this attempt never finish: its lease.
-        lease: std::time::Duration,
-        /// The attempt before this one, if it was found running past its lease: it ended with
-        /// its session (a crash, a killed backend, a job that kills sessions).
-        abandoned_attempt: Option<i32>,
-    },
-    /// Its attempts were used up, so it was failed (and its caller told) instead.
-    GaveUp {
-        id: JobId,
-        attempts: i32,
-        reason: String,
-    },
-}
-
-/// Which due jobs a lone attempt takes.
-#[derive(Debug, Clone, Copy)]
-pub(crate) enum Due {
-    /// Any, new or retried: after a start or a session death.
-    Any,
-    /// Only jobs tried before (never taken in a batch), on their own small index.
-    Retries,
-}
-
-/// Counts an attempt of the next due job of the kind asked for and commits it before the attempt
-/// is made (`ackloop.start_attempt`, in autocommit), so the count survives a job that kills its
-/// session; or fails a job whose attempts are used up. `None`: nothing is due.
-pub(crate) async fn start_attempt(
-    executor: impl PgExecutor<'_>,
-    due: Due,
-    max_attempts: u32,
-    backoff: &Backoff,
-    done_channel: &ChannelName,
-    source: JobSource,
-) -> Result<Option<Started>, sqlx::Error> {
-    let row = sqlx::query_as!(
-        StartAttemptRow,
-        r#"
-        select
-            status as "status!",
-            job_id as "id!: JobId",
-            user_id as "user_id!: ExternalId",
-            display_name as "display_name!",
-            extra,
-            attempt as "attempt!",
-            waited_secs as "waited_secs!",
-            last_error,
-            lease_ms,
-            abandoned_attempt
-        from ackloop.start_attempt(
-            max_attempts => $1,
-            backoff_base_ms => $2,
-            backoff_max_ms => $3,
-            done_channel => $4,
-            any_job => $5,
-            builtin_signups => $6
-        )
-        "#,
-        i32::try_from(max_attempts).unwrap_or(i32::MAX),
-        millis(backoff.base),
-        millis(backoff.max),
-        done_channel.as_str(),
-        matches!(due, Due::Any),
-        source == JobSource::BuiltinSignup,
-    )
-    .fetch_optional(executor)
-    .await?;
-    let Some(row) = row else {
-        return Ok(None);
-    };
-    let started = match row.status.as_str() {
-        "gave_up" => Started::GaveUp {
-            id: row.id,
-            attempts: row.attempt,
-            reason: row.last_error.unwrap_or_default(),
-        },
-        "started" => Started::Running {
-            lease: std::time::Duration::from_millis(row.lease_ms.unwrap_or_default().unsigned_abs()),
-            abandoned_attempt: row.abandoned_attempt,
-            job: ClaimedJob {
-                id: row.id,
-                user_id: row.user_id,
-                display_name: row.display_name,
-                extra: row.extra,
-                attempts: row.attempt,
-                waited_secs: row.waited_secs,
-            },
-        },
-        other => {
-            return Err(sqlx::Error::Decode(
-                format!("ackloop.start_attempt answered with an unknown status {other:?}").into(),
-            ));
-        }
-    };
-    Ok(Some(started))
-}
-
-/// Seconds until the next job tried before is due (negative if one is due now, but held), or
-/// `None` if no such job is pending.
-pub(crate) async fn next_retry_due_in(
-    executor: impl PgExecutor<'_>,
-    source: JobSource,
-) -> Result<Option<f64>, sqlx::Error> {
-    sqlx::query_scalar!(
-        r#"select ackloop.next_retry_due_in_secs($1) as "due_in_secs?""#,
-        source == JobSource::BuiltinSignup,
-    )
-    .fetch_one(executor)
-    .await
-}
-
-/// Ends attempt `attempt`, which [`start_attempt`] started, with what ended it, when that was an
-/// error its session survived (`ackloop.note_unfinished_attempt`): the job is pending again, the
-/// attempt counted; only if the job is still running that attempt.
-pub(crate) async fn note_unfinished_attempt(
-    executor: impl PgExecutor<'_>,
-    job_id: JobId,
-    attempt: i32,
-    error: &str,
-) -> Result<(), sqlx::Error> {
-    sqlx::query_scalar!(
-        r#"select ackloop.note_unfinished_attempt($1, $2, $3) as "noted!""#,
-        job_id.as_uuid(),
-        attempt,
-        error,
-    )
-    .fetch_one(executor)
-    .await?;
-    Ok(())
-}
-
-/// Takes back attempt `attempt` of a job (it never ran: it waited for a lock another session
-/// holds): the job is pending again, showing `error`, due after the backoff for `attempt`
-/// (`ackloop.give_back_attempt`); only if the job is still running that attempt.
-pub(crate) async fn give_back_attempt(
-    executor: impl PgExecutor<'_>,
-    job_id: JobId,
-    attempt: i32,
-    error: &str,
-    backoff: &Backoff,
-) -> Result<(), sqlx::Error> {
-    sqlx::query_scalar!(
-        r#"select ackloop.give_back_attempt($1, $2, $3, $4, $5) as "given_back!""#,
-        job_id.as_uuid(),
-        attempt,
-        error,
-        millis(backoff.base),
-        millis(backoff.max),
-    )
-    .fetch_one(executor)
-    .await?;
-    Ok(())
-}
-
-/// Locks a job for the attempt [`start_attempt`] counted (`ackloop.lock_attempt`); false when
-/// the job has changed since (an operator finished or retried it, or its lease ran out and
-/// another worker took it).
-pub(crate) async fn lock_started_attempt(
-    conn: &mut PgConnection,
-    job_id: JobId,
-    attempt: i32,
-) -> Result<bool, sqlx::Error> {
-    sqlx::query_scalar!(
-        r#"select ackloop.lock_attempt($1, $2) as "locked!""#,
-        job_id.as_uuid(),
-        attempt,
-    )
-    .fetch_one(conn)
     .await
 }
 
@@ -355,12 +176,9 @@ pub(crate) struct DoneJob {
 }
 
 /// Marks claimed jobs done, each with the attempt that did it (the number of attempts it took)
-/// and the handler's answer, and notifies each id on the done channel (delivered at commit).
-pub(crate) async fn mark_jobs_done(
-    conn: &mut PgConnection,
-    jobs: &[DoneJob],
-    done_channel: &ChannelName,
-) -> Result<(), sqlx::Error> {
+/// and the handler's answer. Nothing is notified: after the commit, [`notify_jobs`] wakes their
+/// callers (a wake-up sent inside would hold the server's notify lock through the commit).
+pub(crate) async fn mark_jobs_done(conn: &mut PgConnection, jobs: &[DoneJob]) -> Result<(), sqlx::Error> {
     let ids: Vec<Uuid> = jobs.iter().map(|job| job.id.as_uuid()).collect();
     let attempts: Vec<i32> = jobs.iter().map(|job| job.attempt).collect();
     let player_ids: Vec<String> = jobs.iter().map(|job| job.player_id.as_str().to_owned()).collect();
@@ -368,17 +186,33 @@ pub(crate) async fn mark_jobs_done(
     sqlx::query!(
         r#"
         select id as "id!"
-        from ackloop.mark_done($1, $2, $3, $4, $5) as id
+        from ackloop.mark_done($1, $2, $3, $4, null) as id
         "#,
         &ids,
         &attempts,
         &player_ids,
         &results,
-        done_channel.as_str(),
     )
     .fetch_all(conn)
     .await?;
     Ok(())
+}
+
+/// Sends each job's wake-up on `channel` in a transaction of its own (`ackloop.notify_jobs`):
+/// after the commit that finished them, so that commit did not hold the notify lock. Returns how
+/// many were sent (none past a half-full notification queue, with the server's warning).
+pub(crate) async fn notify_jobs(
+    conn: &mut PgConnection,
+    channel: &ChannelName,
+    ids: &[Uuid],
+) -> Result<i32, sqlx::Error> {
+    sqlx::query_scalar!(
+        r#"select ackloop.notify_jobs($1, $2) as "sent!""#,
+        channel.as_str(),
+        ids,
+    )
+    .fetch_one(conn)
+    .await
 }
 
 /// Sets the point one job's work can be undone to, inside the current transaction: a

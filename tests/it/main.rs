@@ -38,4 +38,5 @@ mod several_hosts;
 mod signup;
 #[path = "../support/silent_proxy.rs"]
 mod silent_proxy;
+mod wake_ups;
 mod worker;

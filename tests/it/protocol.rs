@@ -15,9 +15,11 @@ use std::path::Path;
 /// contract function each runs: the Rust side has no second copy of the contract's SQL.
 const STEPS: &[(&str, &str)] = &[
     ("insert_user_and_job", "sign_up"),
-    ("insert_users_and_jobs", "sign_up_many"),
+    ("write_user_and_job", "sign_up_then_notify"),
+    ("insert_users_and_jobs", "sign_up_many_then_notify"),
     ("job_outcomes", "job_outcomes"),
-    ("complete_due_jobs", "complete_jobs"),
+    ("complete_due_jobs", "complete_jobs_then_notify"),
+    ("notify_jobs", "notify_jobs"),
     ("claim_due_jobs", "claim_jobs"),
     ("mark_jobs_done", "mark_done"),
     ("record_failure", "record_failure"),
@@ -35,7 +37,12 @@ fn read(path: &str) -> String {
 /// The first SQL string of each `pub(crate) async fn` in the store's files.
 pub(crate) fn code_statements() -> BTreeMap<String, String> {
     let mut statements = BTreeMap::new();
-    for file in ["src/store/signup.rs", "src/store/worker.rs", "src/store/admin.rs"] {
+    for file in [
+        "src/store/signup.rs",
+        "src/store/worker.rs",
+        "src/store/attempts.rs",
+        "src/store/admin.rs",
+    ] {
         let source = read(file);
         for chunk in source.split("pub(crate) async fn ").skip(1) {
             let name: String = chunk
@@ -82,13 +89,17 @@ fn normalise(sql: &str) -> String {
     collapsed.trim_end_matches(';').trim().to_owned()
 }
 
-/// The names of the contract's functions, as the migrations create them.
+/// The names of the contract's functions and procedures, as the migrations create them.
 fn contract_functions() -> Vec<String> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations");
     let mut names = Vec::new();
     for entry in std::fs::read_dir(&dir).expect("migrations/") {
         let sql = std::fs::read_to_string(entry.expect("a migration").path()).expect("read a migration");
-        for chunk in sql.split("create function ackloop.").skip(1) {
+        for chunk in sql
+            .split("create function ackloop.")
+            .skip(1)
+            .chain(sql.split("create procedure ackloop.").skip(1))
+        {
             names.push(
                 chunk
                     .chars()

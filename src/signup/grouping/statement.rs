@@ -49,13 +49,13 @@ pub(super) async fn write_one(
     lock_wait: Duration,
     give_up: Instant,
 ) -> Attempt {
-    let statement = store::insert_user_and_job(
+    let statement = store::write_user_and_job(
         &mut *conn,
         new_user.email(),
         new_user.display_name(),
         job_id,
         &channels.jobs,
-        Some(lock_wait),
+        lock_wait,
     );
     let answer = tokio::time::timeout_at(give_up, statement).await;
     if let Ok(answer) = &answer {
@@ -71,7 +71,8 @@ pub(super) async fn write_one(
     }
 }
 
-/// Sorts a failed statement: a server's error means its transaction did not commit.
+/// Sorts a failed statement: a server's error means its write did not commit, unless it is one
+/// that may come after the commit ([`store::may_have_committed`]).
 fn attempt_failed(err: sqlx::Error) -> Attempt {
     match &err {
         sqlx::Error::Database(db_err)
@@ -84,6 +85,8 @@ fn attempt_failed(err: sqlx::Error) -> Attempt {
         {
             Attempt::KeyReused
         }
+        // A cancel or a lack of resources may also strike the wake-up after the commit.
+        sqlx::Error::Database(_) if store::may_have_committed(&err) => Attempt::Unknown(err),
         sqlx::Error::Database(_) => Attempt::NotCommitted(err),
         _ => Attempt::Unknown(err),
     }

@@ -8,3 +8,4 @@ mod running_attempts;
 mod search_path;
 mod services;
 mod upgrade;
+mod wake_ups_after_commit;

@@ -1,0 +1,458 @@
+-- Wake-ups after the commit (issue 24). A transaction that calls pg_notify holds PostgreSQL's
+-- cluster-wide notify lock from just before its commit until the commit is flushed, so notifying
+-- writes never share a flush (no group commit): across processes they commit one at a time. Here
+-- the writing steps take a null channel to send nothing, and three procedures commit the write
+-- first and then send its wake-ups in a transaction of their own, which writes no WAL of its own
+-- and so holds the lock for microseconds: one CALL, one round trip, as before. Called with a
+-- channel, the functions notify inside the transaction as they always did (a service adding a job
+-- inside its own transaction needs that: its commit is the service's).
+set local lock_timeout = '5s';
+
+-- Sends one job's wake-up on `channel`, or nothing for a null channel (strict: not called at
+-- all). For the writing steps' own statements, inside their transaction; qualified, as it runs
+-- unpinned (a pinned helper pays for its search_path on every call).
+create function ackloop.notify_job(channel text, job_id uuid)
+returns void
+language plpgsql volatile strict
+as $$
+begin
+    perform pg_catalog.pg_notify(channel, job_id::pg_catalog.text);
+end
+$$;
+
+-- Sends each job's wake-up on `channel`, in the current transaction: for a transaction of its
+-- own after the write committed (the procedures below; a worker with its own handler after its
+-- batch commits). Returns how many were sent. A notification queue more than half full means a
+-- listener stopped reading it; PostgreSQL refuses a notifying commit once it is full, which here
+-- would fail a statement whose write already committed, so past half the wake-ups are skipped
+-- with a warning: the work is committed, and workers' and callers' periodic looks find it.
+create function ackloop.notify_jobs(channel text, job_ids uuid[])
+returns integer
+language plpgsql volatile
+set search_path = pg_catalog, ackloop, pg_temp
+as $$
+begin
+    if channel is null or coalesce(cardinality(job_ids), 0) = 0 then
+        return 0;
+    end if;
+    if pg_notification_queue_usage() > 0.5 then
+        raise warning 'notification queue % full: % wake-ups on "%" skipped (the jobs are committed; they are found by polling)',
+            to_char(pg_notification_queue_usage() * 100, 'FM990') || '%', cardinality(job_ids), channel
+            using hint = 'a session LISTENs without reading its notifications: find it in pg_stat_activity and end it';
+        return 0;
+    end if;
+    perform pg_notify(channel, job_id::text) from unnest(job_ids) as job_id;
+    return cardinality(job_ids);
+end
+$$;
+
+-- The writing steps: a null channel sends no wake-up (each body as before otherwise).
+
+create or replace function ackloop.sign_up(
+    email text,
+    display_name text,
+    new_job_id uuid DEFAULT NULL::uuid,
+    jobs_channel text DEFAULT 'player_jobs'::text,
+    lock_wait_ms integer DEFAULT NULL::integer
+)
+returns table (job_id uuid, user_id bigint)
+language plpgsql volatile security definer parallel unsafe
+set search_path = pg_catalog, ackloop, pg_temp
+as $$
+#variable_conflict use_column
+declare
+    problem text;
+    earlier record;
+begin
+    problem := ackloop.email_problem(sign_up.email);
+    if problem is not null then
+        raise exception 'invalid email: %', problem
+            using errcode = 'check_violation', constraint = 'builtin_users_email_valid', column = 'email',
+                  table = 'builtin_users', schema = 'ackloop';
+    end if;
+    problem := ackloop.display_name_problem(sign_up.display_name);
+    if problem is not null then
+        raise exception 'invalid display name: %', problem
+            using errcode = 'check_violation', constraint = 'builtin_users_display_name_valid',
+                  column = 'display_name', table = 'builtin_users', schema = 'ackloop';
+    end if;
+    -- One statement on the way that writes: each statement a function runs costs about as much
+    -- as the rules above.
+    return query
+    with limits as (
+        select set_config(
+            'lock_timeout',
+            -- greatest() skips nulls: test for null first, or no limit would become 1 ms.
+            case when lock_wait_ms is null then current_setting('lock_timeout') else greatest(lock_wait_ms, 1) || 'ms' end,
+            true
+        )
+    ),
+    new_user as (
+        -- A taken email inserts nothing (after waiting, within the lock limit, for a signup of
+        -- the same email still in flight): then the job id tells whose it is, below.
+        insert into ackloop.builtin_users (email, display_name)
+        select sign_up.email, sign_up.display_name
+        from limits
+        on conflict ((ackloop.fold_email(email))) do nothing
+        returning builtin_users.id
+    ),
+    new_job as (
+        -- Stamped now, not at the transaction's start (the column's default): in autocommit the
+        -- commit follows at once, so the wait a worker measures starts near the commit.
+        insert into ackloop.player_creation_jobs (id, builtin_user_id, user_id, display_name, created_at)
+        select coalesce(new_job_id, ackloop.uuid_v7()), new_user.id, new_user.id::text,
+               sign_up.display_name, clock_timestamp()
+        from new_user
+        returning player_creation_jobs.id, player_creation_jobs.builtin_user_id
+    )
+    select new_job.id, new_job.builtin_user_id
+    from new_job
+    -- No wake-up with a null channel: the caller sends it after the commit (sign_up_then_notify).
+    cross join lateral ackloop.notify_job(jobs_channel, new_job.id) as notified;
+    if found then
+        return;
+    end if;
+    -- The email is taken. By this very signup, if its job id was given and is there: a new
+    -- statement, so it sees a signup that committed while the insert waited for it.
+    if new_job_id is not null then
+        select jobs.id, jobs.builtin_user_id, users.email, users.display_name
+        into earlier
+        from ackloop.player_creation_jobs as jobs
+        join ackloop.builtin_users as users on users.id = jobs.builtin_user_id
+        where jobs.id = new_job_id;
+    end if;
+    if earlier is null then
+        raise exception 'duplicate key value violates unique constraint "builtin_users_email_key"'
+            using errcode = 'unique_violation', constraint = 'builtin_users_email_key',
+                  table = 'builtin_users', schema = 'ackloop';
+    end if;
+    if earlier.email is distinct from sign_up.email
+        or earlier.display_name is distinct from sign_up.display_name then
+        raise exception 'job id % belongs to a signup with another email or display name', new_job_id
+            using errcode = 'unique_violation', constraint = 'player_creation_jobs_pkey',
+                  table = 'player_creation_jobs', schema = 'ackloop';
+    end if;
+    -- This very signup, written before: its job, as it was returned then (nothing is notified
+    -- again; a worker has it or will find it).
+    return query select earlier.id, earlier.builtin_user_id;
+end
+$$;
+
+create or replace function ackloop.sign_up_many(
+    emails text[],
+    display_names text[],
+    job_ids uuid[],
+    jobs_channel text DEFAULT 'player_jobs'::text,
+    lock_wait_ms integer DEFAULT NULL::integer
+)
+returns table (job_id uuid, user_id bigint, email text)
+language plpgsql volatile security definer parallel unsafe
+set search_path = pg_catalog, ackloop, pg_temp
+as $$
+#variable_conflict use_column
+declare
+    refused record;
+begin
+    if cardinality(emails) is distinct from cardinality(display_names)
+        or cardinality(emails) is distinct from cardinality(job_ids) then
+        raise exception 'sign_up_many needs as many display names and job ids as emails'
+            using errcode = 'invalid_parameter_value';
+    end if;
+    -- The first entry that breaks a rule refuses the whole call, as sign_up would refuse it.
+    select input.position, input.email_problem, input.display_name_problem
+    into refused
+    from (
+        select given.position,
+               ackloop.email_problem(given.email) as email_problem,
+               ackloop.display_name_problem(given.display_name) as display_name_problem
+        from unnest(emails, display_names) with ordinality as given (email, display_name, position)
+    ) as input
+    where input.email_problem is not null or input.display_name_problem is not null
+    order by input.position
+    limit 1;
+    if refused.email_problem is not null then
+        raise exception 'invalid email: %', refused.email_problem
+            using detail = format('entry %s of the call', refused.position), errcode = 'check_violation', constraint = 'builtin_users_email_valid', column = 'email',
+                  table = 'builtin_users', schema = 'ackloop';
+    elsif refused.display_name_problem is not null then
+        raise exception 'invalid display name: %', refused.display_name_problem
+            using detail = format('entry %s of the call', refused.position), errcode = 'check_violation', constraint = 'builtin_users_display_name_valid',
+                  column = 'display_name', table = 'builtin_users', schema = 'ackloop';
+    end if;
+    return query
+    with limits as (
+        select set_config(
+            'lock_timeout',
+            -- greatest() skips nulls: test for null first, or no limit would become 1 ms.
+            case when lock_wait_ms is null then current_setting('lock_timeout') else greatest(lock_wait_ms, 1) || 'ms' end,
+            true
+        )
+    ),
+    input as (
+        select *
+        from unnest(emails, display_names, job_ids)
+            with ordinality as input (email, display_name, job_id, position)
+    ),
+    new_users as (
+        insert into ackloop.builtin_users (email, display_name)
+        select input.email, input.display_name
+        from input, limits
+        order by input.position
+        on conflict ((ackloop.fold_email(email))) do nothing
+        returning builtin_users.id, builtin_users.email, builtin_users.display_name
+    ),
+    new_jobs as (
+        insert into ackloop.player_creation_jobs (id, builtin_user_id, user_id, display_name, created_at)
+        -- Identical emails in one call: the first was inserted, the rest skipped.
+        select distinct on (new_users.id)
+            coalesce(input.job_id, ackloop.uuid_v7()), new_users.id, new_users.id::text,
+            new_users.display_name, clock_timestamp()
+        from new_users
+        join input on input.email = new_users.email
+        order by new_users.id, input.position
+        returning player_creation_jobs.id, player_creation_jobs.builtin_user_id
+    )
+    select new_jobs.id, new_jobs.builtin_user_id, new_users.email
+    from new_jobs
+    join new_users on new_users.id = new_jobs.builtin_user_id
+    -- No wake-ups with a null channel: the caller sends them after the commit
+    -- (sign_up_many_then_notify).
+    cross join lateral ackloop.notify_job(jobs_channel, new_jobs.id) as notified;
+end
+$$;
+
+create or replace function ackloop.complete_jobs(batch_size integer DEFAULT 32, done_channel text DEFAULT 'player_jobs_done'::text)
+returns table (job_id uuid, waited_secs double precision)
+language plpgsql volatile security definer parallel unsafe
+set search_path = pg_catalog, ackloop, pg_temp
+as $$
+begin
+    perform ackloop.limit_claim_session();
+    return query
+    with claimed as (
+        select jobs.id, jobs.builtin_user_id, jobs.display_name
+        from ackloop.due_jobs as jobs
+        where jobs.attempts = 0
+          and jobs.builtin_user_id is not null
+        order by jobs.run_after, jobs.id
+        limit batch_size
+        for update skip locked
+    ),
+    new_players as (
+        insert into ackloop.builtin_players (user_id, display_name)
+        select claimed.builtin_user_id, claimed.display_name
+        from claimed
+        on conflict (user_id) do nothing
+        returning builtin_players.id, builtin_players.user_id, builtin_players.display_name,
+                  builtin_players.created_at
+    ),
+    completed as (
+        update ackloop.player_creation_jobs as jobs
+        set status = 'done',
+            attempts = jobs.attempts + 1,
+            last_error = null,
+            updated_at = now(),
+            completed_at = now(),
+            -- A job whose user has a player already (made by hand) gets none here: null, which
+            -- the table's check refuses, failing the batch; one at a time,
+            -- insert_builtin_player answers with the player that exists.
+            player_id = new_players.id::text,
+            result = jsonb_build_object('display_name', new_players.display_name, 'created_at', new_players.created_at)
+        from claimed
+        left join new_players on new_players.user_id = claimed.builtin_user_id
+        where jobs.id = claimed.id
+        returning jobs.id, extract(epoch from now() - jobs.created_at)::float8 as waited_secs
+    )
+    select completed.id, completed.waited_secs
+    from completed
+    -- No wake-ups with a null channel: the caller sends them after the commit
+    -- (complete_jobs_then_notify).
+    cross join lateral ackloop.notify_job(done_channel, completed.id) as notified;
+end
+$$;
+
+create or replace function ackloop.mark_done(
+    job_ids uuid[],
+    attempts integer[],
+    player_ids text[],
+    results jsonb[],
+    done_channel text DEFAULT 'player_jobs_done'::text
+)
+returns SETOF uuid
+language plpgsql volatile security definer parallel unsafe
+set search_path = pg_catalog, ackloop, pg_temp
+as $$
+declare
+    missing uuid;
+    problem text;
+    -- The jobs this transaction claimed (claim_jobs, lock_attempt: `ackloop.claimed_jobs`).
+    claimed uuid[] := coalesce(
+        string_to_array(nullif(current_setting('ackloop.claimed_jobs', true), ''), ',')::uuid[], '{}'
+    );
+begin
+    if cardinality(job_ids) is distinct from cardinality(mark_done.attempts)
+        or cardinality(job_ids) is distinct from cardinality(player_ids)
+        or cardinality(job_ids) is distinct from cardinality(results) then
+        raise exception 'mark_done needs one attempt, player id and result per job id'
+            using errcode = 'invalid_parameter_value';
+    end if;
+    select given.id
+    into missing
+    from unnest(job_ids) as given (id)
+    where given.id <> all (claimed)
+    limit 1;
+    if found then
+        raise exception 'job % was not claimed in this transaction', missing
+            using errcode = 'object_not_in_prerequisite_state',
+                  hint = 'claim jobs in the transaction that completes them: ackloop.claim_jobs, or ackloop.lock_attempt after ackloop.start_attempt';
+    end if;
+    select done.id, coalesce(ackloop.user_id_problem(done.player_id), ackloop.json_object_problem(done.result))
+    into missing, problem
+    from unnest(job_ids, player_ids, results) as done (id, player_id, result)
+    where ackloop.user_id_problem(done.player_id) is not null
+       or ackloop.json_object_problem(done.result) is not null
+    limit 1;
+    if found then
+        raise exception 'the answer for job % is not valid: player id or result %', missing, problem
+            using errcode = 'check_violation', constraint = 'player_creation_jobs_done_has_player',
+                  table = 'player_creation_jobs', schema = 'ackloop';
+    end if;
+    return query
+    with completed as (
+        update ackloop.player_creation_jobs as jobs
+        set status = 'done',
+            attempts = done.attempt,
+            last_error = null,
+            attempt_started_at = null,
+            updated_at = now(),
+            completed_at = now(),
+            player_id = done.player_id,
+            result = coalesce(done.result, '{}'::jsonb)
+        from unnest(job_ids, mark_done.attempts, player_ids, results) as done (id, attempt, player_id, result)
+        where jobs.id = done.id
+          and jobs.status in ('pending', 'running')
+        returning jobs.id
+    )
+    select completed.id
+    from completed
+    -- No wake-ups with a null channel: the caller sends them after its commit (notify_jobs).
+    cross join lateral ackloop.notify_job(done_channel, completed.id) as notified;
+end
+$$;
+
+
+-- The procedures: the write, its commit, then its wake-ups in a transaction of their own (which
+-- takes the notify lock without a flush). Call them outside a transaction block (autocommit):
+-- transaction control is refused inside one (SQLSTATE 2D000), where the functions above with a
+-- channel are the way. They run as the caller (a procedure that commits cannot be a security
+-- definer), calling the contract's functions, so a role needs EXECUTE on both (sql/roles.sql).
+-- Everything is qualified: they have no pinned search_path either.
+--
+-- An error from the CALL before its commit wrote nothing; after it, only the connection's end
+-- or a cancel can fail the wake-ups (the queue is checked), and the write stands: a caller that
+-- gets no answer looks its job up by id, as after any lost answer.
+
+-- sign_up, then its wake-up.
+create procedure ackloop.sign_up_then_notify(
+    email text,
+    display_name text,
+    new_job_id uuid,
+    jobs_channel text,
+    lock_wait_ms integer,
+    out job_id uuid,
+    out user_id bigint
+)
+language plpgsql
+as $$
+begin
+    select signed.job_id, signed.user_id
+    into sign_up_then_notify.job_id, sign_up_then_notify.user_id
+    from ackloop.sign_up(email, display_name, new_job_id, null, lock_wait_ms) as signed;
+    commit;
+    perform ackloop.notify_jobs(jobs_channel, array[sign_up_then_notify.job_id]);
+end
+$$;
+
+-- sign_up_many, then the wake-ups of the signups it wrote; job_ids[i] and user_ids[i] are one
+-- written signup (a taken email's is absent, as in sign_up_many's rows).
+create procedure ackloop.sign_up_many_then_notify(
+    emails text[],
+    display_names text[],
+    new_job_ids uuid[],
+    jobs_channel text,
+    lock_wait_ms integer,
+    out job_ids uuid[],
+    out user_ids bigint[]
+)
+language plpgsql
+as $$
+begin
+    -- Two aggregates over the same rows keep them in the same order.
+    select coalesce(pg_catalog.array_agg(written.job_id), '{}'), coalesce(pg_catalog.array_agg(written.user_id), '{}')
+    into sign_up_many_then_notify.job_ids, sign_up_many_then_notify.user_ids
+    from ackloop.sign_up_many(emails, display_names, new_job_ids, null, lock_wait_ms) as written;
+    commit;
+    perform ackloop.notify_jobs(jobs_channel, sign_up_many_then_notify.job_ids);
+end
+$$;
+
+-- complete_jobs, then the done wake-ups of the jobs it completed.
+create procedure ackloop.complete_jobs_then_notify(
+    batch_size integer,
+    done_channel text,
+    out job_ids uuid[],
+    out waited_secs double precision[]
+)
+language plpgsql
+as $$
+begin
+    select coalesce(pg_catalog.array_agg(done.job_id), '{}'), coalesce(pg_catalog.array_agg(done.waited_secs), '{}')
+    into complete_jobs_then_notify.job_ids, complete_jobs_then_notify.waited_secs
+    from ackloop.complete_jobs(batch_size, null) as done;
+    commit;
+    perform ackloop.notify_jobs(done_channel, complete_jobs_then_notify.job_ids);
+end
+$$;
+
+-- Closed to PUBLIC (a routine a migration makes is executable by PUBLIC unless revoked), and
+-- open to whoever may call the function each one goes with; notify_jobs to both sides.
+revoke execute on function ackloop.notify_job(text, uuid), ackloop.notify_jobs(text, uuid[]) from public;
+revoke execute on procedure
+    ackloop.sign_up_then_notify(text, text, uuid, text, integer),
+    ackloop.sign_up_many_then_notify(text[], text[], uuid[], text, integer),
+    ackloop.complete_jobs_then_notify(integer, text)
+    from public;
+do $$
+declare
+    pair record;
+    kept record;
+begin
+    for pair in
+        select *
+        from (values
+            ('ackloop.sign_up(text, text, uuid, text, integer)', 'procedure ackloop.sign_up_then_notify(text, text, uuid, text, integer)'),
+            ('ackloop.sign_up_many(text[], text[], uuid[], text, integer)', 'procedure ackloop.sign_up_many_then_notify(text[], text[], uuid[], text, integer)'),
+            ('ackloop.complete_jobs(integer, text)', 'procedure ackloop.complete_jobs_then_notify(integer, text)'),
+            ('ackloop.sign_up(text, text, uuid, text, integer)', 'function ackloop.notify_jobs(text, uuid[])'),
+            ('ackloop.sign_up_many(text[], text[], uuid[], text, integer)', 'function ackloop.notify_jobs(text, uuid[])'),
+            ('ackloop.complete_jobs(integer, text)', 'function ackloop.notify_jobs(text, uuid[])'),
+            ('ackloop.mark_done(uuid[], integer[], text[], jsonb[], text)', 'function ackloop.notify_jobs(text, uuid[])')
+        ) as pairs (existing, added)
+    loop
+        for kept in
+            select distinct grants.grantee::regrole::text as grantee
+            from pg_proc as procs
+            cross join lateral aclexplode(procs.proacl) as grants
+            where procs.oid = pair.existing::regprocedure
+              and grants.privilege_type = 'EXECUTE'
+              and grants.grantee <> 0
+              and grants.grantee <> procs.proowner
+        loop
+            execute format('grant execute on %s to %s', pair.added, kept.grantee);
+        end loop;
+    end loop;
+end
+$$;
+
+insert into ackloop.applied_migrations (version, description)
+values (20261207000008, 'wake-ups after the commit');

@@ -1,0 +1,106 @@
+//! Migration `…08_wake_ups_after_commit` on a database filled before it: every row and grant
+//! kept, and the new procedures and `notify_jobs` open to exactly the roles that could call the
+//! functions they go with (sql/roles.sql applied before the step, as an operator's database has
+//! it), and to nobody else.
+
+use sqlx::PgPool;
+
+use super::cheaper_checks::{fill, grants, migrate_through, rows};
+use super::privileges::apply_roles;
+use crate::common::*;
+
+/// Runs `statement` as `role` on a connection of its own, outside any transaction (a procedure
+/// that commits is refused inside one): the SQLSTATE it failed with, or `None` when it ran.
+async fn call_as(pool: &PgPool, role: &str, statement: &str) -> Option<String> {
+    let mut conn = pool.acquire().await.unwrap();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("set role {role}")))
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    let result = sqlx::raw_sql(sqlx::AssertSqlSafe(statement.to_owned()))
+        .execute(&mut *conn)
+        .await;
+    // Never back into the pool as another role.
+    conn.close_on_drop();
+    result.err().map(|err| {
+        err.as_database_error()
+            .and_then(|db_err| db_err.code())
+            .map_or_else(|| err.to_string(), |code| code.into_owned())
+    })
+}
+
+const SIGN_UP: &str =
+    "call ackloop.sign_up_then_notify('after@example.com', 'After', null, 'player_jobs', 1000, null, null)";
+const SIGN_UP_MANY: &str = "call ackloop.sign_up_many_then_notify(array['many@example.com'], array['Many'], array[null::uuid], 'player_jobs', 1000, null, null)";
+const COMPLETE: &str = "call ackloop.complete_jobs_then_notify(32, 'player_jobs_done', null, null)";
+const NOTIFY: &str = "select ackloop.notify_jobs('player_jobs_done', array[ackloop.uuid_v7()])";
+
+#[sqlx::test(migrations = false)]
+async fn a_database_filled_before_the_step_keeps_every_row_and_grant(pool: PgPool) {
+    migrate_through(&pool, 20261207000007).await;
+    apply_roles(&pool).await;
+    fill(&pool).await;
+    let users = rows(&pool, "ackloop.builtin_users").await;
+    let players = rows(&pool, "ackloop.builtin_players").await;
+    let jobs = rows(&pool, "ackloop.player_creation_jobs").await;
+    let grants_before = grants(&pool).await;
+
+    migrate_through(&pool, 20261207000008).await;
+
+    assert_eq!(rows(&pool, "ackloop.builtin_users").await, users);
+    assert_eq!(rows(&pool, "ackloop.builtin_players").await, players);
+    assert_eq!(rows(&pool, "ackloop.player_creation_jobs").await, jobs);
+    // Every routine and table that was there keeps its grants (sign_up, sign_up_many,
+    // complete_jobs and mark_done were replaced in place).
+    let grants_after = grants(&pool).await;
+    for grant in &grants_before {
+        assert!(grants_after.contains(grant), "{grant:?} kept");
+    }
+
+    // Each side calls its new routines; the other side and PUBLIC cannot.
+    assert_eq!(call_as(&pool, "ackloop_auth", SIGN_UP).await, None);
+    assert_eq!(call_as(&pool, "ackloop_auth", SIGN_UP_MANY).await, None);
+    assert_eq!(call_as(&pool, "ackloop_auth", NOTIFY).await, None);
+    assert_eq!(call_as(&pool, "ackloop_worker", COMPLETE).await, None);
+    assert_eq!(call_as(&pool, "ackloop_worker", NOTIFY).await, None);
+    assert_eq!(
+        call_as(&pool, "ackloop_auth", COMPLETE).await.as_deref(),
+        Some("42501")
+    );
+    assert_eq!(
+        call_as(&pool, "ackloop_worker", SIGN_UP).await.as_deref(),
+        Some("42501")
+    );
+    // A role with the schema's usage and nothing else: what PUBLIC may do.
+    execute(
+        &pool,
+        "drop role if exists wake_ups_nobody; create role wake_ups_nobody;
+         grant usage on schema ackloop to wake_ups_nobody",
+    )
+    .await;
+    for statement in [SIGN_UP, SIGN_UP_MANY, COMPLETE, NOTIFY] {
+        assert_eq!(
+            call_as(&pool, "wake_ups_nobody", statement).await.as_deref(),
+            Some("42501"),
+            "{statement} is closed to PUBLIC"
+        );
+    }
+    execute(&pool, "drop owned by wake_ups_nobody; drop role wake_ups_nobody").await;
+    // The two signups and every job due were written and completed through the new path.
+    assert_eq!(
+        count_of(
+            &pool,
+            "select count(*) from ackloop.builtin_users where email in ('after@example.com', 'many@example.com')"
+        )
+        .await,
+        2
+    );
+    assert_eq!(
+        count_of(
+            &pool,
+            "select count(*) from ackloop.player_creation_jobs where builtin_user_id is not null and status = 'pending'"
+        )
+        .await,
+        0
+    );
+}

@@ -1,0 +1,248 @@
+//! Wake-ups after the commit (migration 08): the contract's `*_then_notify` procedures commit the
+//! write, then notify exactly the ids written; the functions given a null channel notify nothing
+//! inside the write; and a wake-up that never comes, because its sender died between its commit
+//! and its notification, costs latency only: the worker's poll finds the job, the caller's
+//! periodic look finds its answer.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use ackloop::{Channels, WorkerConfig};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{Connection, PgConnection};
+use uuid::Uuid;
+
+use crate::common::*;
+
+/// The ids of the next `n` notifications on `listener`.
+async fn next_payloads(listener: &mut sqlx::postgres::PgListener, n: usize) -> BTreeSet<String> {
+    let mut payloads = BTreeSet::new();
+    for _ in 0..n {
+        payloads.insert(next_notification(listener).await.payload().to_owned());
+    }
+    payloads
+}
+
+#[sqlx::test]
+async fn the_procedures_notify_exactly_the_jobs_they_committed(
+    options: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let pool = pool(options, connect, 4).await;
+    let mut jobs = listen_on(&pool, "player_jobs").await;
+
+    let (job, user): (Uuid, i64) = sqlx::query_as(
+        "call ackloop.sign_up_then_notify('ada@example.com', 'Ada', null, 'player_jobs', null, null, null)",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(next_notification(&mut jobs).await.payload(), job.to_string());
+    assert_eq!(
+        count_of(&pool, "select count(*) from ackloop.builtin_users").await,
+        1,
+        "user {user} written"
+    );
+
+    // Three entries, one of them Ada's taken email: two written, two wake-ups, nothing else.
+    let (written, users): (Vec<Uuid>, Vec<i64>) = sqlx::query_as(
+        "call ackloop.sign_up_many_then_notify(
+             array['bo@example.com', 'ADA@example.com', 'cy@example.com'], array['Bo', 'Ada', 'Cy'],
+             array[gen_random_uuid(), gen_random_uuid(), gen_random_uuid()], 'player_jobs', 1000, null, null)",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!((written.len(), users.len()), (2, 2), "the taken email is skipped");
+    let expected: BTreeSet<String> = written.iter().map(Uuid::to_string).collect();
+    assert_eq!(next_payloads(&mut jobs, 2).await, expected);
+    assert_nothing_sent_before_marker(&pool, &mut jobs, "player_jobs").await;
+
+    // The worker's: the four jobs done, four done wake-ups after the commit.
+    let mut done = listen_on(&pool, "player_jobs_done").await;
+    let (completed, waited): (Vec<Uuid>, Vec<f64>) =
+        sqlx::query_as("call ackloop.complete_jobs_then_notify(32, 'player_jobs_done', null, null)")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!((completed.len(), waited.len()), (3, 3));
+    let expected: BTreeSet<String> = completed.iter().map(Uuid::to_string).collect();
+    assert_eq!(next_payloads(&mut done, 3).await, expected);
+    assert_eq!(count_jobs_with_status(&pool, "done").await, 3);
+    assert_nothing_sent_before_marker(&pool, &mut done, "player_jobs_done").await;
+}
+
+#[sqlx::test]
+async fn a_procedure_called_inside_a_transaction_is_refused_and_writes_nothing(
+    options: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let pool = pool(options, connect, 2).await;
+    let mut tx = pool.begin().await.unwrap();
+    let err = sqlx::query(
+        "call ackloop.sign_up_then_notify('ada@example.com', 'Ada', null, 'player_jobs', null, null, null)",
+    )
+    .execute(&mut *tx)
+    .await
+    .expect_err("a procedure that commits is refused in a transaction block");
+    assert_eq!(
+        err.as_database_error().and_then(|e| e.code()).as_deref(),
+        Some("2D000"),
+        "{err}"
+    );
+    tx.rollback().await.unwrap();
+    assert_eq!(counts(&pool).await, NOTHING);
+}
+
+#[sqlx::test]
+async fn the_writing_functions_with_a_null_channel_notify_nothing(
+    options: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let pool = pool(options, connect, 4).await;
+    let mut jobs = listen_on(&pool, "player_jobs").await;
+    let mut done = listen_on(&pool, "player_jobs_done").await;
+
+    execute(
+        &pool,
+        "select * from ackloop.sign_up('ada@example.com', 'Ada', null, null)",
+    )
+    .await;
+    execute(
+        &pool,
+        "select * from ackloop.sign_up_many(array['bo@example.com'], array['Bo'], array[null::uuid], null)",
+    )
+    .await;
+    execute(&pool, "select ackloop.add_job('svc-1', 'Svc')").await;
+    assert_eq!(
+        count_of(&pool, "select count(*) from ackloop.complete_jobs(32, null)").await,
+        2
+    );
+    // A service's job, marked done with a null channel in its claiming transaction.
+    let mut conn = pool.acquire().await.unwrap();
+    let mut tx = conn.begin().await.unwrap();
+    let (job, attempt): (Uuid, i32) = sqlx::query_as("select job_id, attempt from ackloop.claim_jobs(1)")
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
+    sqlx::query(
+        "select * from ackloop.mark_done(array[$1], array[$2], array['p-1'], array['{}'::jsonb], null)",
+    )
+    .bind(job)
+    .bind(attempt)
+    .execute(&mut *tx)
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(count_jobs_with_status(&pool, "done").await, 3);
+
+    // add_job's own wake-up (its channel given) came; nothing else on either channel.
+    assert_eq!(next_notification(&mut jobs).await.payload(), job.to_string());
+    assert_nothing_sent_before_marker(&pool, &mut jobs, "player_jobs").await;
+    assert_nothing_sent_before_marker(&pool, &mut done, "player_jobs_done").await;
+}
+
+#[sqlx::test]
+async fn notify_jobs_sends_each_id_and_nothing_for_a_null_channel(
+    options: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let pool = pool(options, connect, 3).await;
+    let mut done = listen_on(&pool, "player_jobs_done").await;
+    let ids = [Uuid::now_v7(), Uuid::now_v7()];
+    let sent: i32 = sqlx::query_scalar("select ackloop.notify_jobs(null, $1)")
+        .bind(&ids[..])
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(sent, 0);
+    let sent: i32 = sqlx::query_scalar("select ackloop.notify_jobs('player_jobs_done', $1)")
+        .bind(&ids[..])
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(sent, 2);
+    let expected: BTreeSet<String> = ids.iter().map(Uuid::to_string).collect();
+    assert_eq!(next_payloads(&mut done, 2).await, expected);
+    assert_nothing_sent_before_marker(&pool, &mut done, "player_jobs_done").await;
+}
+
+/// A sender killed between its commit and its wake-up: the state it leaves is a committed job
+/// and no notification, made here by the procedure's first half (`sign_up` with no channel, in
+/// autocommit) on a connection that is then terminated. A listening worker that has already
+/// made its start-up sweep finds the job by its poll.
+#[sqlx::test]
+async fn a_job_whose_sender_died_before_its_wake_up_is_found_by_the_workers_poll(
+    options: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let pool = pool(options, connect.clone(), 8).await;
+    let config = WorkerConfig {
+        poll_interval: Duration::from_secs(1),
+        ..worker_config()
+    };
+    let worker = spawn_worker(&pool, config);
+    // The worker is up and past its start-up sweep once it has done a job it was woken for.
+    let signups = signups(&pool).await;
+    within(
+        "a first signup confirmed",
+        signups.create_user_and_await_player(&user(1), DEADLINE),
+    )
+    .await
+    .expect("first signup");
+
+    let mut jobs = listen_on(&pool, "player_jobs").await;
+    let mut sender = PgConnection::connect_with(&connect).await.unwrap();
+    let sender_pid: i32 = sqlx::query_scalar("select pg_backend_pid()")
+        .fetch_one(&mut sender)
+        .await
+        .unwrap();
+    let job: Uuid =
+        sqlx::query_scalar("select job_id from ackloop.sign_up('late@example.com', 'Late', null, null)")
+            .fetch_one(&mut sender)
+            .await
+            .unwrap();
+    let killed: bool = sqlx::query_scalar("select pg_terminate_backend($1)")
+        .bind(sender_pid)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert!(killed);
+    assert_nothing_sent_before_marker(&pool, &mut jobs, "player_jobs").await;
+
+    wait_until("the job without a wake-up is done", || async {
+        sqlx::query_scalar::<_, String>("select status from ackloop.player_creation_jobs where id = $1")
+            .bind(job)
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+            == "done"
+    })
+    .await;
+    worker.stop().await;
+}
+
+/// A worker whose done wake-ups go where the caller does not listen (as if each was lost with
+/// its sender): the caller, which registered before its signup was written and so makes no
+/// first look, gets its player from its periodic look of the job table.
+#[sqlx::test]
+async fn a_caller_whose_done_wake_up_never_comes_gets_its_answer_from_the_table(
+    options: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let pool = pool(options, connect, 8).await;
+    let config = WorkerConfig {
+        channels: Channels::new("player_jobs", "nobody_listens_done").unwrap(),
+        ..worker_config()
+    };
+    let worker = spawn_worker(&pool, config);
+    let signups = signups(&pool).await;
+    let player = within(
+        "the signup confirmed without its wake-up",
+        signups.create_user_and_await_player(&user(1), Duration::from_secs(20)),
+    )
+    .await
+    .expect("confirmed by the periodic look");
+    assert_eq!(player.display_name, "Player 1");
+    worker.stop().await;
+}
