@@ -205,6 +205,19 @@ as $$
     )::bigint
 $$;
 
+create function ackloop.check_wake_up_channel(channel text)
+returns void
+language plpgsql immutable parallel unsafe
+set search_path = pg_catalog, ackloop, pg_temp
+as $$
+begin
+    if channel = '' or octet_length(channel) > 63 then
+        raise exception 'invalid wake-up channel "%": 1 to 63 bytes, or null for no wake-up', channel
+            using errcode = 'invalid_parameter_value';
+    end if;
+end
+$$;
+
 create function ackloop.claim_jobs(batch_size integer DEFAULT 32, builtin_signups boolean DEFAULT false)
 returns table (
     job_id uuid,
@@ -294,26 +307,7 @@ begin
     )
     select completed.id, completed.waited_secs
     from completed
-    -- No wake-ups with a null channel: the caller sends them after the commit
-    -- (complete_jobs_then_notify).
-    cross join lateral ackloop.notify_job(done_channel, completed.id) as notified;
-end
-$$;
-
-create procedure ackloop.complete_jobs_then_notify(
-    IN batch_size integer,
-    IN done_channel text,
-    OUT job_ids uuid[],
-    OUT waited_secs double precision[]
-)
-language plpgsql
-as $$
-begin
-    select coalesce(pg_catalog.array_agg(done.job_id), '{}'), coalesce(pg_catalog.array_agg(done.waited_secs), '{}')
-    into complete_jobs_then_notify.job_ids, complete_jobs_then_notify.waited_secs
-    from ackloop.complete_jobs(batch_size, null) as done;
-    commit;
-    perform ackloop.notify_jobs(done_channel, complete_jobs_then_notify.job_ids);
+    cross join lateral pg_notify(done_channel, completed.id::text) as notified;
 end
 $$;
 
@@ -602,8 +596,7 @@ begin
     )
     select completed.id
     from completed
-    -- No wake-ups with a null channel: the caller sends them after its commit (notify_jobs).
-    cross join lateral ackloop.notify_job(done_channel, completed.id) as notified;
+    cross join lateral pg_notify(done_channel, completed.id::text) as notified;
 end
 $$;
 
@@ -667,6 +660,7 @@ begin
             using hint = 'a session LISTENs without reading its notifications: find it in pg_stat_activity and end it';
         return 0;
     end if;
+    perform set_config('lock_timeout', '0', true);
     perform pg_notify(channel, job_id::text) from unnest(job_ids) as job_id;
     return cardinality(job_ids);
 end
@@ -921,6 +915,7 @@ create procedure ackloop.sign_up_many_then_notify(
 language plpgsql
 as $$
 begin
+    perform ackloop.check_wake_up_channel(jobs_channel);
     -- Two aggregates over the same rows keep them in the same order.
     select coalesce(pg_catalog.array_agg(written.job_id), '{}'), coalesce(pg_catalog.array_agg(written.user_id), '{}')
     into sign_up_many_then_notify.job_ids, sign_up_many_then_notify.user_ids
@@ -942,6 +937,7 @@ create procedure ackloop.sign_up_then_notify(
 language plpgsql
 as $$
 begin
+    perform ackloop.check_wake_up_channel(jobs_channel);
     select signed.job_id, signed.user_id
     into sign_up_then_notify.job_id, sign_up_then_notify.user_id
     from ackloop.sign_up(email, display_name, new_job_id, null, lock_wait_ms) as signed;

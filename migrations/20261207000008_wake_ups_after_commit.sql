@@ -1,11 +1,15 @@
--- Wake-ups after the commit (issue 24). A transaction that calls pg_notify holds PostgreSQL's
--- cluster-wide notify lock from just before its commit until the commit is flushed, so notifying
--- writes never share a flush (no group commit): across processes they commit one at a time. Here
--- the writing steps take a null channel to send nothing, and three procedures commit the write
--- first and then send its wake-ups in a transaction of their own, which writes no WAL of its own
--- and so holds the lock for microseconds: one CALL, one round trip, as before. Called with a
--- channel, the functions notify inside the transaction as they always did (a service adding a job
--- inside its own transaction needs that: its commit is the service's).
+-- Signups' wake-ups after the commit (issue 24). A transaction that calls pg_notify holds
+-- PostgreSQL's cluster-wide notify lock from just before its commit until the commit is flushed,
+-- so notifying writes never share a flush (no group commit): across processes they commit one at
+-- a time. Here sign_up and sign_up_many take a null channel to send nothing, and two procedures
+-- commit the write first and then send its wake-ups in a transaction of their own, which writes
+-- no WAL of its own and so holds the lock for microseconds: one CALL, one round trip, as before.
+-- Called with a channel, the functions notify inside the transaction as they always did (a
+-- service adding a job inside its own transaction needs that: its commit is the service's).
+--
+-- The worker's done wake-ups stay inside its commits: delivered in commit order, they let a
+-- waiting process answer every caller due at one moment with one marker notified behind them
+-- (docs/protocol.md, "Your deadline"), which a wake-up sent after its commit could overtake.
 set local lock_timeout = '5s';
 
 -- Sends one job's wake-up on `channel`, or nothing for a null channel (strict: not called at
@@ -20,12 +24,30 @@ begin
 end
 $$;
 
+-- Refuses a channel pg_notify would refuse (empty, or over 63 bytes) with 22023; null (no
+-- wake-up) passes. The procedures check before they write: pg_notify's own refusal would come
+-- after their commit, with the write standing.
+create function ackloop.check_wake_up_channel(channel text)
+returns void
+language plpgsql immutable
+set search_path = pg_catalog, ackloop, pg_temp
+as $$
+begin
+    if channel = '' or octet_length(channel) > 63 then
+        raise exception 'invalid wake-up channel "%": 1 to 63 bytes, or null for no wake-up', channel
+            using errcode = 'invalid_parameter_value';
+    end if;
+end
+$$;
+
 -- Sends each job's wake-up on `channel`, in the current transaction: for a transaction of its
--- own after the write committed (the procedures below; a worker with its own handler after its
--- batch commits). Returns how many were sent. A notification queue more than half full means a
--- listener stopped reading it; PostgreSQL refuses a notifying commit once it is full, which here
--- would fail a statement whose write already committed, so past half the wake-ups are skipped
--- with a warning: the work is committed, and workers' and callers' periodic looks find it.
+-- own after the write committed (the procedures below). Returns how many were sent. A
+-- notification queue more than half full means a listener stopped reading it; PostgreSQL
+-- refuses a notifying commit once it is full, which here would fail a call whose write already
+-- committed, so past half the wake-ups are skipped with a warning: the work is committed, and
+-- workers' polls find it. The commit's wait for the notify lock gets no lock_timeout (a role's
+-- or session's would fail the call after its write) and is short: the lock's holders flush
+-- nothing while they hold it, or flush their own commit.
 create function ackloop.notify_jobs(channel text, job_ids uuid[])
 returns integer
 language plpgsql volatile
@@ -41,6 +63,7 @@ begin
             using hint = 'a session LISTENs without reading its notifications: find it in pg_stat_activity and end it';
         return 0;
     end if;
+    perform set_config('lock_timeout', '0', true);
     perform pg_notify(channel, job_id::text) from unnest(job_ids) as job_id;
     return cardinality(job_ids);
 end
@@ -221,126 +244,6 @@ begin
 end
 $$;
 
-create or replace function ackloop.complete_jobs(batch_size integer DEFAULT 32, done_channel text DEFAULT 'player_jobs_done'::text)
-returns table (job_id uuid, waited_secs double precision)
-language plpgsql volatile security definer parallel unsafe
-set search_path = pg_catalog, ackloop, pg_temp
-as $$
-begin
-    perform ackloop.limit_claim_session();
-    return query
-    with claimed as (
-        select jobs.id, jobs.builtin_user_id, jobs.display_name
-        from ackloop.due_jobs as jobs
-        where jobs.attempts = 0
-          and jobs.builtin_user_id is not null
-        order by jobs.run_after, jobs.id
-        limit batch_size
-        for update skip locked
-    ),
-    new_players as (
-        insert into ackloop.builtin_players (user_id, display_name)
-        select claimed.builtin_user_id, claimed.display_name
-        from claimed
-        on conflict (user_id) do nothing
-        returning builtin_players.id, builtin_players.user_id, builtin_players.display_name,
-                  builtin_players.created_at
-    ),
-    completed as (
-        update ackloop.player_creation_jobs as jobs
-        set status = 'done',
-            attempts = jobs.attempts + 1,
-            last_error = null,
-            updated_at = now(),
-            completed_at = now(),
-            -- A job whose user has a player already (made by hand) gets none here: null, which
-            -- the table's check refuses, failing the batch; one at a time,
-            -- insert_builtin_player answers with the player that exists.
-            player_id = new_players.id::text,
-            result = jsonb_build_object('display_name', new_players.display_name, 'created_at', new_players.created_at)
-        from claimed
-        left join new_players on new_players.user_id = claimed.builtin_user_id
-        where jobs.id = claimed.id
-        returning jobs.id, extract(epoch from now() - jobs.created_at)::float8 as waited_secs
-    )
-    select completed.id, completed.waited_secs
-    from completed
-    -- No wake-ups with a null channel: the caller sends them after the commit
-    -- (complete_jobs_then_notify).
-    cross join lateral ackloop.notify_job(done_channel, completed.id) as notified;
-end
-$$;
-
-create or replace function ackloop.mark_done(
-    job_ids uuid[],
-    attempts integer[],
-    player_ids text[],
-    results jsonb[],
-    done_channel text DEFAULT 'player_jobs_done'::text
-)
-returns SETOF uuid
-language plpgsql volatile security definer parallel unsafe
-set search_path = pg_catalog, ackloop, pg_temp
-as $$
-declare
-    missing uuid;
-    problem text;
-    -- The jobs this transaction claimed (claim_jobs, lock_attempt: `ackloop.claimed_jobs`).
-    claimed uuid[] := coalesce(
-        string_to_array(nullif(current_setting('ackloop.claimed_jobs', true), ''), ',')::uuid[], '{}'
-    );
-begin
-    if cardinality(job_ids) is distinct from cardinality(mark_done.attempts)
-        or cardinality(job_ids) is distinct from cardinality(player_ids)
-        or cardinality(job_ids) is distinct from cardinality(results) then
-        raise exception 'mark_done needs one attempt, player id and result per job id'
-            using errcode = 'invalid_parameter_value';
-    end if;
-    select given.id
-    into missing
-    from unnest(job_ids) as given (id)
-    where given.id <> all (claimed)
-    limit 1;
-    if found then
-        raise exception 'job % was not claimed in this transaction', missing
-            using errcode = 'object_not_in_prerequisite_state',
-                  hint = 'claim jobs in the transaction that completes them: ackloop.claim_jobs, or ackloop.lock_attempt after ackloop.start_attempt';
-    end if;
-    select done.id, coalesce(ackloop.user_id_problem(done.player_id), ackloop.json_object_problem(done.result))
-    into missing, problem
-    from unnest(job_ids, player_ids, results) as done (id, player_id, result)
-    where ackloop.user_id_problem(done.player_id) is not null
-       or ackloop.json_object_problem(done.result) is not null
-    limit 1;
-    if found then
-        raise exception 'the answer for job % is not valid: player id or result %', missing, problem
-            using errcode = 'check_violation', constraint = 'player_creation_jobs_done_has_player',
-                  table = 'player_creation_jobs', schema = 'ackloop';
-    end if;
-    return query
-    with completed as (
-        update ackloop.player_creation_jobs as jobs
-        set status = 'done',
-            attempts = done.attempt,
-            last_error = null,
-            attempt_started_at = null,
-            updated_at = now(),
-            completed_at = now(),
-            player_id = done.player_id,
-            result = coalesce(done.result, '{}'::jsonb)
-        from unnest(job_ids, mark_done.attempts, player_ids, results) as done (id, attempt, player_id, result)
-        where jobs.id = done.id
-          and jobs.status in ('pending', 'running')
-        returning jobs.id
-    )
-    select completed.id
-    from completed
-    -- No wake-ups with a null channel: the caller sends them after its commit (notify_jobs).
-    cross join lateral ackloop.notify_job(done_channel, completed.id) as notified;
-end
-$$;
-
-
 -- The procedures: the write, its commit, then its wake-ups in a transaction of their own (which
 -- takes the notify lock without a flush). Call them outside a transaction block (autocommit):
 -- transaction control is refused inside one (SQLSTATE 2D000), where the functions above with a
@@ -348,9 +251,11 @@ $$;
 -- definer), calling the contract's functions, so a role needs EXECUTE on both (sql/roles.sql).
 -- Everything is qualified: they have no pinned search_path either.
 --
--- An error from the CALL before its commit wrote nothing; after it, only the connection's end
--- or a cancel can fail the wake-ups (the queue is checked), and the write stands: a caller that
--- gets no answer looks its job up by id, as after any lost answer.
+-- An error from the CALL before its commit wrote nothing. After it (the channel and the queue
+-- are checked, the lock wait unbounded), only the session's end, a cancel or the server running
+-- out of resources can fail the wake-up, and the write stands: a caller told so, or given no
+-- answer, looks its job up by id (or calls again with the same job id), as after any lost answer.
+-- A signup sent again with its job id is notified again: a wake-up for a committed job, harmless.
 
 -- sign_up, then its wake-up.
 create procedure ackloop.sign_up_then_notify(
@@ -365,6 +270,7 @@ create procedure ackloop.sign_up_then_notify(
 language plpgsql
 as $$
 begin
+    perform ackloop.check_wake_up_channel(jobs_channel);
     select signed.job_id, signed.user_id
     into sign_up_then_notify.job_id, sign_up_then_notify.user_id
     from ackloop.sign_up(email, display_name, new_job_id, null, lock_wait_ms) as signed;
@@ -387,6 +293,7 @@ create procedure ackloop.sign_up_many_then_notify(
 language plpgsql
 as $$
 begin
+    perform ackloop.check_wake_up_channel(jobs_channel);
     -- Two aggregates over the same rows keep them in the same order.
     select coalesce(pg_catalog.array_agg(written.job_id), '{}'), coalesce(pg_catalog.array_agg(written.user_id), '{}')
     into sign_up_many_then_notify.job_ids, sign_up_many_then_notify.user_ids
@@ -396,31 +303,17 @@ begin
 end
 $$;
 
--- complete_jobs, then the done wake-ups of the jobs it completed.
-create procedure ackloop.complete_jobs_then_notify(
-    batch_size integer,
-    done_channel text,
-    out job_ids uuid[],
-    out waited_secs double precision[]
-)
-language plpgsql
-as $$
-begin
-    select coalesce(pg_catalog.array_agg(done.job_id), '{}'), coalesce(pg_catalog.array_agg(done.waited_secs), '{}')
-    into complete_jobs_then_notify.job_ids, complete_jobs_then_notify.waited_secs
-    from ackloop.complete_jobs(batch_size, null) as done;
-    commit;
-    perform ackloop.notify_jobs(done_channel, complete_jobs_then_notify.job_ids);
-end
-$$;
-
 -- Closed to PUBLIC (a routine a migration makes is executable by PUBLIC unless revoked), and
--- open to whoever may call the function each one goes with; notify_jobs to both sides.
-revoke execute on function ackloop.notify_job(text, uuid), ackloop.notify_jobs(text, uuid[]) from public;
+-- open to whoever may call the function each one goes with (a procedure runs as its caller, so
+-- its caller needs the functions it calls too).
+revoke execute on function
+    ackloop.notify_job(text, uuid),
+    ackloop.notify_jobs(text, uuid[]),
+    ackloop.check_wake_up_channel(text)
+    from public;
 revoke execute on procedure
     ackloop.sign_up_then_notify(text, text, uuid, text, integer),
-    ackloop.sign_up_many_then_notify(text[], text[], uuid[], text, integer),
-    ackloop.complete_jobs_then_notify(integer, text)
+    ackloop.sign_up_many_then_notify(text[], text[], uuid[], text, integer)
     from public;
 do $$
 declare
@@ -432,11 +325,10 @@ begin
         from (values
             ('ackloop.sign_up(text, text, uuid, text, integer)', 'procedure ackloop.sign_up_then_notify(text, text, uuid, text, integer)'),
             ('ackloop.sign_up_many(text[], text[], uuid[], text, integer)', 'procedure ackloop.sign_up_many_then_notify(text[], text[], uuid[], text, integer)'),
-            ('ackloop.complete_jobs(integer, text)', 'procedure ackloop.complete_jobs_then_notify(integer, text)'),
             ('ackloop.sign_up(text, text, uuid, text, integer)', 'function ackloop.notify_jobs(text, uuid[])'),
             ('ackloop.sign_up_many(text[], text[], uuid[], text, integer)', 'function ackloop.notify_jobs(text, uuid[])'),
-            ('ackloop.complete_jobs(integer, text)', 'function ackloop.notify_jobs(text, uuid[])'),
-            ('ackloop.mark_done(uuid[], integer[], text[], jsonb[], text)', 'function ackloop.notify_jobs(text, uuid[])')
+            ('ackloop.sign_up(text, text, uuid, text, integer)', 'function ackloop.check_wake_up_channel(text)'),
+            ('ackloop.sign_up_many(text[], text[], uuid[], text, integer)', 'function ackloop.check_wake_up_channel(text)')
         ) as pairs (existing, added)
     loop
         for kept in

@@ -66,17 +66,19 @@ begin
 end
 $$;
 
--- The wake-ups after the commit (migration 08; skipped on a schema from before it). The
--- procedures run as their caller and call the functions above, so each side needs both.
+-- Signups' wake-ups after the commit (migration 08; skipped on a schema from before it). The
+-- procedures run as their caller and call the functions named here, so the auth side needs both.
 do $$
 begin
     if to_regprocedure('ackloop.notify_jobs(text, uuid[])') is not null then
-        grant execute on function ackloop.notify_jobs(text, uuid[]) to ackloop_auth, ackloop_worker;
+        grant execute on function
+            ackloop.notify_jobs(text, uuid[]),
+            ackloop.check_wake_up_channel(text)
+            to ackloop_auth;
         grant execute on procedure
             ackloop.sign_up_then_notify(text, text, uuid, text, integer),
             ackloop.sign_up_many_then_notify(text[], text[], uuid[], text, integer)
             to ackloop_auth;
-        grant execute on procedure ackloop.complete_jobs_then_notify(integer, text) to ackloop_worker;
     end if;
 end
 $$;

@@ -26,8 +26,10 @@
 //! [`Signups::create_user_and_await_player`] and the built-in worker use.
 //!
 //! # Guarantees
-//! - **Commit means everything or nothing.** The user, the job and the wake-up are one
-//!   transaction: after an error nothing was written and no worker was woken.
+//! - **Commit means everything or nothing.** The user and the job are one transaction, and the
+//!   wake-up follows its commit: after an error raised before the commit nothing was written
+//!   and no worker was woken (an error that may follow it, [`SignupError::Unavailable`], carries
+//!   the job id).
 //! - **A committed job is completed**, by whichever worker gets to it, whenever one runs:
 //!   notifications only save time; workers also look at the table on start, after every
 //!   reconnect and on a poll.

@@ -275,9 +275,9 @@ impl Signups {
 
     /// Signs a user up and returns their player once a worker has created it.
     ///
-    /// The user, the job and the workers' wake-up commit together or not at all (in one
-    /// transaction, which concurrent signups from this handle may share; see
-    /// [`SignupsConfig::writers`]). Then the call waits, up to `timeout`, for the worker's
+    /// The user and the job commit together or not at all (in one transaction, which
+    /// concurrent signups from this handle may share; see [`SignupsConfig::writers`]), and the
+    /// workers' wake-up follows the commit, in the same round trip. Then the call waits, up to `timeout`, for the worker's
     /// confirmation, which it checks against the tables.
     ///
     /// # Errors

@@ -82,12 +82,77 @@ pub(crate) fn is_permanent(err: &sqlx::Error) -> bool {
         .is_some_and(|code| code.starts_with("22") || code.starts_with("23"))
 }
 
-/// Whether an error from one of the contract's procedures that commit their write and then send
-/// its wake-ups (`ackloop.*_then_notify`) may have come after the commit, so the write may stand:
-/// a cancel (`statement_timeout`, 57014) or a lack of resources (class 53, 54000) can strike the
-/// wake-ups' transaction as well. Every other error the server answers comes before the commit.
-pub(crate) fn may_have_committed(err: &sqlx::Error) -> bool {
+/// Whether a server's error from one of the contract's procedures that commit a signup and then
+/// send its wake-up (`ackloop.sign_up_then_notify`, `sign_up_many_then_notify`) certainly came
+/// before the commit, so nothing was written: refused input or data (classes 22, 23), a call
+/// the server would not run at all (class 42: a missing grant or routine; 2D000 inside a
+/// transaction block), a conflict rolled back (40001, 40P01) or a lock wait given up (55P03: the
+/// wake-up's own lock wait has no limit). Any other error may come after the commit (the session
+/// ended, a cancel, the server out of resources while it notified): the write may stand.
+pub(crate) fn came_before_the_commit(err: &sqlx::Error) -> bool {
     err.as_database_error()
         .and_then(|db_err| db_err.code())
-        .is_some_and(|code| code == "57014" || code == "54000" || code.starts_with("53"))
+        .is_some_and(|code| {
+            code.starts_with("22")
+                || code.starts_with("23")
+                || code.starts_with("42")
+                || matches!(&*code, "2D000" | "40001" | "40P01" | "55P03")
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A server's error with SQLSTATE `code`, as sqlx hands it over.
+    #[derive(Debug)]
+    struct ServerError(String);
+
+    impl std::fmt::Display for ServerError {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "error {}", self.0)
+        }
+    }
+
+    impl std::error::Error for ServerError {}
+
+    impl sqlx::error::DatabaseError for ServerError {
+        fn message(&self) -> &str {
+            "test"
+        }
+        fn code(&self) -> Option<std::borrow::Cow<'_, str>> {
+            Some(self.0.as_str().into())
+        }
+        fn as_error(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
+            self
+        }
+        fn as_error_mut(&mut self) -> &mut (dyn std::error::Error + Send + Sync + 'static) {
+            self
+        }
+        fn into_error(self: Box<Self>) -> Box<dyn std::error::Error + Send + Sync + 'static> {
+            self
+        }
+        fn kind(&self) -> sqlx::error::ErrorKind {
+            sqlx::error::ErrorKind::Other
+        }
+    }
+
+    fn db_error(code: &str) -> sqlx::Error {
+        sqlx::Error::Database(Box::new(ServerError(code.to_owned())))
+    }
+
+    #[test]
+    fn only_errors_raised_before_the_commit_count_as_nothing_written() {
+        for code in [
+            "23505", "23514", "22023", "42501", "42883", "2D000", "40001", "40P01", "55P03",
+        ] {
+            assert!(came_before_the_commit(&db_error(code)), "{code}");
+        }
+        // The session ended (in-band FATAL), a cancel, out of resources, an internal error, and
+        // anything that is not the server's answer at all.
+        for code in ["57P01", "57014", "53100", "54000", "58030", "XX000"] {
+            assert!(!came_before_the_commit(&db_error(code)), "{code}");
+        }
+        assert!(!came_before_the_commit(&sqlx::Error::PoolTimedOut));
+    }
 }

@@ -16,41 +16,34 @@ pub(crate) struct CompletedJob {
     pub(crate) waited_secs: f64,
 }
 
-/// Claims up to `limit` due jobs never tried before, creates their players and marks them done
-/// in one statement, commits, and then notifies each id on the done channel in a transaction of
-/// its own (`ackloop.complete_jobs_then_notify`, one round trip; on a plain connection, as a
-/// procedure that commits is refused in a transaction block). Returns the ids completed; fewer
+/// Claims up to `limit` due jobs never tried before, creates their players, marks them done
+/// and notifies each id on the done channel, in one statement. Returns the ids completed; fewer
 /// than `limit` means the queue had no more such jobs that nobody else holds.
 ///
-/// Any failure before the commit fails the whole batch and leaves every job as it was, its
-/// attempt uncounted; the worker then falls back to [`claim_due_jobs`] and one savepoint per job
-/// to find the culprit, or, when the session died, to one job at a time with each attempt counted
-/// first. A job tried before is always retried alone ([`start_attempt`]): it may be the one that
-/// kills sessions. (A cancel after the commit fails the call with the jobs done: the fallback then
-/// finds them done and claims others.)
+/// The done wake-ups stay inside the transaction, unlike a signup's: delivered in commit order,
+/// they let a waiting process answer every caller due at one moment with one marker
+/// (`signup/confirm/look.rs`), which a wake-up sent after its commit could overtake.
+///
+/// Any failure fails the whole batch and leaves every job as it was, its attempt uncounted; the
+/// worker then falls back to [`claim_due_jobs`] and one savepoint per job to find the culprit,
+/// or, when the session died, to one job at a time with each attempt counted first. A job tried
+/// before is always retried alone ([`start_attempt`]): it may be the one that kills sessions.
 pub(crate) async fn complete_due_jobs(
     executor: impl PgExecutor<'_>,
     limit: i32,
     done_channel: &ChannelName,
 ) -> Result<Vec<CompletedJob>, sqlx::Error> {
-    let completed = sqlx::query!(
-        r#"call ackloop.complete_jobs_then_notify($1, $2, null, null)"#,
+    sqlx::query_as!(
+        CompletedJob,
+        r#"
+        select job_id as "id!: JobId", waited_secs as "waited_secs!"
+        from ackloop.complete_jobs($1, $2)
+        "#,
         limit,
         done_channel.as_str(),
     )
-    .fetch_one(executor)
-    .await?;
-    let missing = || sqlx::Error::Protocol("the contract's procedure returned no completed jobs".into());
-    let ids = completed.job_ids.ok_or_else(missing)?;
-    let waited = completed.waited_secs.ok_or_else(missing)?;
-    Ok(ids
-        .into_iter()
-        .zip(waited)
-        .map(|(id, waited_secs)| CompletedJob {
-            id: JobId::from(id),
-            waited_secs,
-        })
-        .collect())
+    .fetch_all(executor)
+    .await
 }
 
 /// A job locked by the current transaction for an attempt, with the data a handler needs. The
@@ -176,9 +169,13 @@ pub(crate) struct DoneJob {
 }
 
 /// Marks claimed jobs done, each with the attempt that did it (the number of attempts it took)
-/// and the handler's answer. Nothing is notified: after the commit, [`notify_jobs`] wakes their
-/// callers (a wake-up sent inside would hold the server's notify lock through the commit).
-pub(crate) async fn mark_jobs_done(conn: &mut PgConnection, jobs: &[DoneJob]) -> Result<(), sqlx::Error> {
+/// and the handler's answer, and notifies each id on the done channel (delivered at commit, in
+/// commit order: see [`complete_due_jobs`]).
+pub(crate) async fn mark_jobs_done(
+    conn: &mut PgConnection,
+    jobs: &[DoneJob],
+    done_channel: &ChannelName,
+) -> Result<(), sqlx::Error> {
     let ids: Vec<Uuid> = jobs.iter().map(|job| job.id.as_uuid()).collect();
     let attempts: Vec<i32> = jobs.iter().map(|job| job.attempt).collect();
     let player_ids: Vec<String> = jobs.iter().map(|job| job.player_id.as_str().to_owned()).collect();
@@ -186,33 +183,17 @@ pub(crate) async fn mark_jobs_done(conn: &mut PgConnection, jobs: &[DoneJob]) ->
     sqlx::query!(
         r#"
         select id as "id!"
-        from ackloop.mark_done($1, $2, $3, $4, null) as id
+        from ackloop.mark_done($1, $2, $3, $4, $5) as id
         "#,
         &ids,
         &attempts,
         &player_ids,
         &results,
+        done_channel.as_str(),
     )
     .fetch_all(conn)
     .await?;
     Ok(())
-}
-
-/// Sends each job's wake-up on `channel` in a transaction of its own (`ackloop.notify_jobs`):
-/// after the commit that finished them, so that commit did not hold the notify lock. Returns how
-/// many were sent (none past a half-full notification queue, with the server's warning).
-pub(crate) async fn notify_jobs(
-    conn: &mut PgConnection,
-    channel: &ChannelName,
-    ids: &[Uuid],
-) -> Result<i32, sqlx::Error> {
-    sqlx::query_scalar!(
-        r#"select ackloop.notify_jobs($1, $2) as "sent!""#,
-        channel.as_str(),
-        ids,
-    )
-    .fetch_one(conn)
-    .await
 }
 
 /// Sets the point one job's work can be undone to, inside the current transaction: a

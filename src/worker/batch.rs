@@ -49,7 +49,6 @@ impl<H: Handler> Processor<H> {
             None => self.handle_one_by_one(&mut tx, &jobs, started).await?,
         };
         tx.commit().await?;
-        self.wake_callers(conn, &outcomes.done).await;
         record_done(&jobs, &outcomes.done, started);
         Ok(Pass {
             claimed: jobs.len(),
@@ -103,7 +102,7 @@ impl<H: Handler> Processor<H> {
         conn: &mut PgConnection,
         done: &[DoneJob],
     ) -> Result<(), sqlx::Error> {
-        store::mark_jobs_done(&mut *conn, done).await?;
+        store::mark_jobs_done(&mut *conn, done, &self.config.channels.done).await?;
         store::release_job_savepoint(conn).await
     }
 
@@ -151,7 +150,7 @@ impl<H: Handler> Processor<H> {
             }
         }
         if !outcomes.done.is_empty() {
-            store::mark_jobs_done(conn, &outcomes.done).await?;
+            store::mark_jobs_done(conn, &outcomes.done, &self.config.channels.done).await?;
         }
         Ok(outcomes)
     }

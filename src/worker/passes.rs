@@ -185,10 +185,8 @@ impl<H: Handler> Processor<H> {
         store::job_savepoint(&mut tx).await?;
         match self.attempt(&mut tx, job, Then::Release).await? {
             Ok(created) => {
-                let done = [done_job(job, created)];
-                store::mark_jobs_done(&mut tx, &done).await?;
+                store::mark_jobs_done(&mut tx, &[done_job(job, created)], &self.config.channels.done).await?;
                 tx.commit().await?;
-                self.wake_callers(conn, &done).await;
                 tracing::debug!(job.id = %job.id, attempt = job.attempts, "job done");
                 ::metrics::counter!(telemetry::JOBS_DONE).increment(1);
                 ::metrics::histogram!(telemetry::CLAIM_TO_DONE).record(claimed_at.elapsed().as_secs_f64());
@@ -199,24 +197,6 @@ impl<H: Handler> Processor<H> {
                 tx.commit().await?;
                 Ok(retry_at)
             }
-        }
-    }
-
-    /// Sends the done wake-ups of jobs just committed, in a transaction of their own (inside the
-    /// commit's transaction they would hold the server's notify lock through its flush). One
-    /// that fails is logged, not retried: the jobs are done, and their callers find them by
-    /// their own look within a second (docs/guarantees.md).
-    pub(super) async fn wake_callers(&self, conn: &mut PgConnection, done: &[DoneJob]) {
-        if done.is_empty() {
-            return;
-        }
-        let ids: Vec<uuid::Uuid> = done.iter().map(|job| job.id.as_uuid()).collect();
-        if let Err(err) = store::notify_jobs(conn, &self.config.channels.done, &ids).await {
-            tracing::warn!(
-                jobs = ids.len(),
-                error = %Described(&err),
-                "done jobs' wake-ups not sent; their callers find them by their periodic look"
-            );
         }
     }
 

@@ -1,13 +1,13 @@
-//! Wake-ups after the commit (migration 08): the contract's `*_then_notify` procedures commit the
-//! write, then notify exactly the ids written; the functions given a null channel notify nothing
-//! inside the write; and a wake-up that never comes, because its sender died between its commit
-//! and its notification, costs latency only: the worker's poll finds the job, the caller's
-//! periodic look finds its answer.
+//! Signups' wake-ups after the commit (migration 08): the contract's `*_then_notify` procedures
+//! commit the signups, then notify exactly the ids written; `sign_up` and `sign_up_many` given a
+//! null channel notify nothing inside the write; a bad channel is refused before anything is
+//! written; and a wake-up that never comes, because its sender died between its commit and its
+//! notification, costs latency only: the worker's poll finds the job.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use ackloop::{Channels, WorkerConfig};
+use ackloop::WorkerConfig;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{Connection, PgConnection};
 use uuid::Uuid;
@@ -58,18 +58,21 @@ async fn the_procedures_notify_exactly_the_jobs_they_committed(
     assert_eq!(next_payloads(&mut jobs, 2).await, expected);
     assert_nothing_sent_before_marker(&pool, &mut jobs, "player_jobs").await;
 
-    // The worker's: the four jobs done, four done wake-ups after the commit.
-    let mut done = listen_on(&pool, "player_jobs_done").await;
-    let (completed, waited): (Vec<Uuid>, Vec<f64>) =
-        sqlx::query_as("call ackloop.complete_jobs_then_notify(32, 'player_jobs_done', null, null)")
-            .fetch_one(&pool)
-            .await
-            .unwrap();
-    assert_eq!((completed.len(), waited.len()), (3, 3));
-    let expected: BTreeSet<String> = completed.iter().map(Uuid::to_string).collect();
-    assert_eq!(next_payloads(&mut done, 3).await, expected);
-    assert_eq!(count_jobs_with_status(&pool, "done").await, 3);
-    assert_nothing_sent_before_marker(&pool, &mut done, "player_jobs_done").await;
+    // Ada's signup sent again with its job id: written before, so nothing new, and notified
+    // again (a wake-up for a committed job).
+    let (again, same_user): (Uuid, i64) = sqlx::query_as(
+        "call ackloop.sign_up_then_notify('ada@example.com', 'Ada', $1, 'player_jobs', null, null, null)",
+    )
+    .bind(job)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!((again, same_user), (job, user));
+    assert_eq!(next_notification(&mut jobs).await.payload(), job.to_string());
+    assert_eq!(
+        count_of(&pool, "select count(*) from ackloop.builtin_users").await,
+        3
+    );
 }
 
 #[sqlx::test]
@@ -95,13 +98,12 @@ async fn a_procedure_called_inside_a_transaction_is_refused_and_writes_nothing(
 }
 
 #[sqlx::test]
-async fn the_writing_functions_with_a_null_channel_notify_nothing(
+async fn the_signup_functions_with_a_null_channel_notify_nothing(
     options: PgPoolOptions,
     connect: PgConnectOptions,
 ) {
     let pool = pool(options, connect, 4).await;
     let mut jobs = listen_on(&pool, "player_jobs").await;
-    let mut done = listen_on(&pool, "player_jobs_done").await;
 
     execute(
         &pool,
@@ -114,32 +116,45 @@ async fn the_writing_functions_with_a_null_channel_notify_nothing(
     )
     .await;
     execute(&pool, "select ackloop.add_job('svc-1', 'Svc')").await;
-    assert_eq!(
-        count_of(&pool, "select count(*) from ackloop.complete_jobs(32, null)").await,
-        2
-    );
-    // A service's job, marked done with a null channel in its claiming transaction.
-    let mut conn = pool.acquire().await.unwrap();
-    let mut tx = conn.begin().await.unwrap();
-    let (job, attempt): (Uuid, i32) = sqlx::query_as("select job_id, attempt from ackloop.claim_jobs(1)")
-        .fetch_one(&mut *tx)
+    let job: Uuid = sqlx::query_scalar("select id from ackloop.player_creation_jobs where user_id = 'svc-1'")
+        .fetch_one(&pool)
         .await
         .unwrap();
-    sqlx::query(
-        "select * from ackloop.mark_done(array[$1], array[$2], array['p-1'], array['{}'::jsonb], null)",
-    )
-    .bind(job)
-    .bind(attempt)
-    .execute(&mut *tx)
-    .await
-    .unwrap();
-    tx.commit().await.unwrap();
-    assert_eq!(count_jobs_with_status(&pool, "done").await, 3);
+    assert_eq!(
+        count_of(&pool, "select count(*) from ackloop.player_creation_jobs").await,
+        3
+    );
 
-    // add_job's own wake-up (its channel given) came; nothing else on either channel.
+    // add_job's own wake-up (its channel given) came; nothing else.
     assert_eq!(next_notification(&mut jobs).await.payload(), job.to_string());
     assert_nothing_sent_before_marker(&pool, &mut jobs, "player_jobs").await;
-    assert_nothing_sent_before_marker(&pool, &mut done, "player_jobs_done").await;
+}
+
+#[sqlx::test]
+async fn a_channel_pg_notify_would_refuse_is_refused_before_anything_is_written(
+    options: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let pool = pool(options, connect, 2).await;
+    let too_long = "c".repeat(64);
+    for channel in ["", too_long.as_str()] {
+        for call in [
+            "call ackloop.sign_up_then_notify('ada@example.com', 'Ada', null, $1, null, null, null)",
+            "call ackloop.sign_up_many_then_notify(array['ada@example.com'], array['Ada'], array[null::uuid], $1, null, null, null)",
+        ] {
+            let err = sqlx::query(call)
+                .bind(channel)
+                .execute(&pool)
+                .await
+                .expect_err("a bad channel is refused");
+            assert_eq!(
+                err.as_database_error().and_then(|e| e.code()).as_deref(),
+                Some("22023"),
+                "{call} with {channel:?}: {err}"
+            );
+        }
+    }
+    assert_eq!(counts(&pool).await, NOTHING);
 }
 
 #[sqlx::test]
@@ -219,30 +234,5 @@ async fn a_job_whose_sender_died_before_its_wake_up_is_found_by_the_workers_poll
             == "done"
     })
     .await;
-    worker.stop().await;
-}
-
-/// A worker whose done wake-ups go where the caller does not listen (as if each was lost with
-/// its sender): the caller, which registered before its signup was written and so makes no
-/// first look, gets its player from its periodic look of the job table.
-#[sqlx::test]
-async fn a_caller_whose_done_wake_up_never_comes_gets_its_answer_from_the_table(
-    options: PgPoolOptions,
-    connect: PgConnectOptions,
-) {
-    let pool = pool(options, connect, 8).await;
-    let config = WorkerConfig {
-        channels: Channels::new("player_jobs", "nobody_listens_done").unwrap(),
-        ..worker_config()
-    };
-    let worker = spawn_worker(&pool, config);
-    let signups = signups(&pool).await;
-    let player = within(
-        "the signup confirmed without its wake-up",
-        signups.create_user_and_await_player(&user(1), Duration::from_secs(20)),
-    )
-    .await
-    .expect("confirmed by the periodic look");
-    assert_eq!(player.display_name, "Player 1");
     worker.stop().await;
 }

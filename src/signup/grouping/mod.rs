@@ -1,15 +1,17 @@
 //! Groups concurrent signups into one transaction, each within its caller's deadline.
 //!
-//! Postgres serialises every commit that has notified, fsync included, behind one cluster-wide
-//! lock; that lock, not the CPU, caps a loop with one notifying commit per signup (about 2,000 to
-//! 4,000 a second on small machines, whatever the client count). So the callers of one
+//! Every commit costs a flush of the server's log, shared only by commits that happen at the
+//! same moment; a commit that has notified holds a cluster-wide lock through its flush, so those
+//! never share one (docs/protocol.md, "When a wake-up is sent"). So the callers of one
 //! [`Signups`](crate::Signups) hand their signups to a few writer tasks, which write whatever is
-//! queued as one statement: one commit for many signups.
+//! queued in one call (`ackloop.sign_up_many_then_notify`): one commit for many signups, then
+//! their wake-ups in a transaction of their own, after the commit.
 //!
-//! Each signup keeps its guarantee: its user, its job and its wake-up commit together in one
-//! transaction or not at all. A taken email skips only its own signup. Any other error in a batch
-//! writes nothing; each of its callers then writes its signup alone, from its own task, so one
-//! signup blocked on a lock or breaking a rule holds up no writer and fails alone.
+//! Each signup keeps its guarantee: its user and its job commit together in one transaction or
+//! not at all, and its wake-up follows the commit, never precedes it. A taken email skips only its
+//! own signup. Any other error raised before the commit writes nothing; each of its callers then
+//! writes its signup alone, from its own task, so one signup blocked on a lock or breaking a rule
+//! holds up no writer and fails alone.
 //!
 //! Every step is bounded by the deadlines of the signups in it: a signup still queued at its
 //! deadline is never written; a batch may wait for row locks only briefly (`lock_timeout`); a
@@ -380,9 +382,9 @@ async fn write_many(
     }
     match answer {
         Ok(Ok(written)) => answer_written(batch, &written),
-        // The server refused the statement, so nothing was written: each caller writes its own
-        // signup alone, so that whatever failed the batch fails only its signup.
-        Ok(Err(err @ sqlx::Error::Database(_))) => {
+        // The server refused the call before its commit, so nothing was written: each caller
+        // writes its own signup alone, so that whatever failed the batch fails only its signup.
+        Ok(Err(err)) if store::came_before_the_commit(&err) => {
             tracing::debug!(
                 error = %crate::connect::Described(&err),
                 batch.size = batch.len(),
@@ -390,9 +392,10 @@ async fn write_many(
             );
             answer_all(batch, || Attempt::WriteAlone);
         }
-        // The connection broke or stopped answering mid-statement: the commit may or may not
-        // have happened. Writing again could sign someone up twice or report their own signup as
-        // a taken email; each caller resolves its signup by its job id.
+        // The connection broke or stopped answering mid-call, or an error came that may follow
+        // the commit (the session ended while the wake-ups were sent): the commit may or may not
+        // have happened. Writing again could report someone's own signup as a taken email; each
+        // caller resolves its signup by its job id.
         Ok(Err(err)) => {
             let message = err.to_string();
             answer_all(batch, || {

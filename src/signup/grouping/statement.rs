@@ -71,8 +71,8 @@ pub(super) async fn write_one(
     }
 }
 
-/// Sorts a failed statement: a server's error means its write did not commit, unless it is one
-/// that may come after the commit ([`store::may_have_committed`]).
+/// Sorts a failed statement: only a server's error that comes before the commit
+/// ([`store::came_before_the_commit`]) means its write did not commit.
 fn attempt_failed(err: sqlx::Error) -> Attempt {
     match &err {
         sqlx::Error::Database(db_err)
@@ -85,9 +85,9 @@ fn attempt_failed(err: sqlx::Error) -> Attempt {
         {
             Attempt::KeyReused
         }
-        // A cancel or a lack of resources may also strike the wake-up after the commit.
-        sqlx::Error::Database(_) if store::may_have_committed(&err) => Attempt::Unknown(err),
-        sqlx::Error::Database(_) => Attempt::NotCommitted(err),
+        sqlx::Error::Database(_) if store::came_before_the_commit(&err) => Attempt::NotCommitted(err),
+        // Anything else may have struck the wake-up after the commit (the session ended, a
+        // cancel): the signup may be written.
         _ => Attempt::Unknown(err),
     }
 }

@@ -7,11 +7,15 @@ use crate::common::*;
 
 /// The auth side's steps and the worker's, as a role would call them (arguments that parse;
 /// what they would do does not matter: the call is refused before it runs).
-const AUTH_CALLS: [&str; 4] = [
+/// (The auth side's procedures, which commit, are called outside a transaction in
+/// `wake_ups_after_commit`.)
+const AUTH_CALLS: [&str; 6] = [
     "select ackloop.add_job('u-1', 'Ada')",
     "select * from ackloop.sign_up('ada@example.com', 'Ada')",
     "select * from ackloop.sign_up_many(array['b@example.com'], array['B'], array[null::uuid])",
     "select * from ackloop.job_outcomes(array[gen_random_uuid()])",
+    "select ackloop.notify_jobs('player_jobs', array[gen_random_uuid()])",
+    "select ackloop.check_wake_up_channel('player_jobs')",
 ];
 const WORKER_CALLS: [&str; 12] = [
     "select * from ackloop.pending_jobs()",

@@ -222,7 +222,6 @@ async fn every_function_of_the_contract_pins_its_search_path(pool: PgPool) {
         "notify_job",
         "sign_up_then_notify",
         "sign_up_many_then_notify",
-        "complete_jobs_then_notify",
     ] {
         expected.push((name.to_owned(), false));
     }

@@ -32,8 +32,7 @@ async fn call_as(pool: &PgPool, role: &str, statement: &str) -> Option<String> {
 const SIGN_UP: &str =
     "call ackloop.sign_up_then_notify('after@example.com', 'After', null, 'player_jobs', 1000, null, null)";
 const SIGN_UP_MANY: &str = "call ackloop.sign_up_many_then_notify(array['many@example.com'], array['Many'], array[null::uuid], 'player_jobs', 1000, null, null)";
-const COMPLETE: &str = "call ackloop.complete_jobs_then_notify(32, 'player_jobs_done', null, null)";
-const NOTIFY: &str = "select ackloop.notify_jobs('player_jobs_done', array[ackloop.uuid_v7()])";
+const NOTIFY: &str = "select ackloop.notify_jobs('player_jobs', array[ackloop.uuid_v7()])";
 
 #[sqlx::test(migrations = false)]
 async fn a_database_filled_before_the_step_keeps_every_row_and_grant(pool: PgPool) {
@@ -50,27 +49,24 @@ async fn a_database_filled_before_the_step_keeps_every_row_and_grant(pool: PgPoo
     assert_eq!(rows(&pool, "ackloop.builtin_users").await, users);
     assert_eq!(rows(&pool, "ackloop.builtin_players").await, players);
     assert_eq!(rows(&pool, "ackloop.player_creation_jobs").await, jobs);
-    // Every routine and table that was there keeps its grants (sign_up, sign_up_many,
-    // complete_jobs and mark_done were replaced in place).
+    // Every routine and table that was there keeps its grants (sign_up and sign_up_many were
+    // replaced in place).
     let grants_after = grants(&pool).await;
     for grant in &grants_before {
         assert!(grants_after.contains(grant), "{grant:?} kept");
     }
 
-    // Each side calls its new routines; the other side and PUBLIC cannot.
+    // The auth side calls its new routines; the worker and PUBLIC cannot.
     assert_eq!(call_as(&pool, "ackloop_auth", SIGN_UP).await, None);
     assert_eq!(call_as(&pool, "ackloop_auth", SIGN_UP_MANY).await, None);
     assert_eq!(call_as(&pool, "ackloop_auth", NOTIFY).await, None);
-    assert_eq!(call_as(&pool, "ackloop_worker", COMPLETE).await, None);
-    assert_eq!(call_as(&pool, "ackloop_worker", NOTIFY).await, None);
-    assert_eq!(
-        call_as(&pool, "ackloop_auth", COMPLETE).await.as_deref(),
-        Some("42501")
-    );
-    assert_eq!(
-        call_as(&pool, "ackloop_worker", SIGN_UP).await.as_deref(),
-        Some("42501")
-    );
+    for statement in [SIGN_UP, SIGN_UP_MANY, NOTIFY] {
+        assert_eq!(
+            call_as(&pool, "ackloop_worker", statement).await.as_deref(),
+            Some("42501"),
+            "{statement} is the auth side's"
+        );
+    }
     // A role with the schema's usage and nothing else: what PUBLIC may do.
     execute(
         &pool,
@@ -78,7 +74,7 @@ async fn a_database_filled_before_the_step_keeps_every_row_and_grant(pool: PgPoo
          grant usage on schema ackloop to wake_ups_nobody",
     )
     .await;
-    for statement in [SIGN_UP, SIGN_UP_MANY, COMPLETE, NOTIFY] {
+    for statement in [SIGN_UP, SIGN_UP_MANY, NOTIFY] {
         assert_eq!(
             call_as(&pool, "wake_ups_nobody", statement).await.as_deref(),
             Some("42501"),
@@ -86,7 +82,7 @@ async fn a_database_filled_before_the_step_keeps_every_row_and_grant(pool: PgPoo
         );
     }
     execute(&pool, "drop owned by wake_ups_nobody; drop role wake_ups_nobody").await;
-    // The two signups and every job due were written and completed through the new path.
+    // The two signups were written through the new path.
     assert_eq!(
         count_of(
             &pool,
@@ -94,13 +90,5 @@ async fn a_database_filled_before_the_step_keeps_every_row_and_grant(pool: PgPoo
         )
         .await,
         2
-    );
-    assert_eq!(
-        count_of(
-            &pool,
-            "select count(*) from ackloop.player_creation_jobs where builtin_user_id is not null and status = 'pending'"
-        )
-        .await,
-        0
     );
 }
