@@ -921,7 +921,15 @@ begin
     into sign_up_many_then_notify.job_ids, sign_up_many_then_notify.user_ids
     from ackloop.sign_up_many(emails, display_names, new_job_ids, null, lock_wait_ms) as written;
     commit;
-    perform ackloop.notify_jobs(jobs_channel, sign_up_many_then_notify.job_ids);
+    -- One wake-up per batch's worth of jobs (a worker's default batch is 32), naming the first
+    -- job of each: every listening worker process is woken by each, and one claim takes them.
+    perform ackloop.notify_jobs(
+        jobs_channel,
+        array(
+            select sign_up_many_then_notify.job_ids[position]
+            from pg_catalog.generate_series(1, pg_catalog.cardinality(sign_up_many_then_notify.job_ids), 32) as position
+        )
+    );
 end
 $$;
 

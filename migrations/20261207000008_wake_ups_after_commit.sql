@@ -279,8 +279,8 @@ begin
 end
 $$;
 
--- sign_up_many, then the wake-ups of the signups it wrote; job_ids[i] and user_ids[i] are one
--- written signup (a taken email's is absent, as in sign_up_many's rows).
+-- sign_up_many, then the wake-ups of the signups it wrote, one per 32; job_ids[i] and
+-- user_ids[i] are one written signup (a taken email's is absent, as in sign_up_many's rows).
 create procedure ackloop.sign_up_many_then_notify(
     emails text[],
     display_names text[],
@@ -299,7 +299,15 @@ begin
     into sign_up_many_then_notify.job_ids, sign_up_many_then_notify.user_ids
     from ackloop.sign_up_many(emails, display_names, new_job_ids, null, lock_wait_ms) as written;
     commit;
-    perform ackloop.notify_jobs(jobs_channel, sign_up_many_then_notify.job_ids);
+    -- One wake-up per batch's worth of jobs (a worker's default batch is 32), naming the first
+    -- job of each: every listening worker process is woken by each, and one claim takes them.
+    perform ackloop.notify_jobs(
+        jobs_channel,
+        array(
+            select sign_up_many_then_notify.job_ids[position]
+            from pg_catalog.generate_series(1, pg_catalog.cardinality(sign_up_many_then_notify.job_ids), 32) as position
+        )
+    );
 end
 $$;
 

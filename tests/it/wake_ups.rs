@@ -1,5 +1,5 @@
 //! Signups' wake-ups after the commit (migration 08): the contract's `*_then_notify` procedures
-//! commit the signups, then notify exactly the ids written; `sign_up` and `sign_up_many` given a
+//! commit the signups, then notify ids written (one per 32); `sign_up` and `sign_up_many` given a
 //! null channel notify nothing inside the write; a bad channel is refused before anything is
 //! written; and a wake-up that never comes, because its sender died between its commit and its
 //! notification, costs latency only: the worker's poll finds the job.
@@ -24,7 +24,7 @@ async fn next_payloads(listener: &mut sqlx::postgres::PgListener, n: usize) -> B
 }
 
 #[sqlx::test]
-async fn the_procedures_notify_exactly_the_jobs_they_committed(
+async fn the_procedures_notify_committed_jobs_one_wake_up_per_32(
     options: PgPoolOptions,
     connect: PgConnectOptions,
 ) {
@@ -54,8 +54,27 @@ async fn the_procedures_notify_exactly_the_jobs_they_committed(
     .await
     .unwrap();
     assert_eq!((written.len(), users.len()), (2, 2), "the taken email is skipped");
-    let expected: BTreeSet<String> = written.iter().map(Uuid::to_string).collect();
-    assert_eq!(next_payloads(&mut jobs, 2).await, expected);
+    // One wake-up per 32 jobs written, naming the first of them.
+    assert_eq!(
+        next_notification(&mut jobs).await.payload(),
+        written[0].to_string()
+    );
+    assert_nothing_sent_before_marker(&pool, &mut jobs, "player_jobs").await;
+
+    // 70 signups in one call: three wake-ups, for the 1st, 33rd and 65th jobs written.
+    let emails: Vec<String> = (0..70).map(|n| format!("many{n}@example.com")).collect();
+    let names: Vec<String> = (0..70).map(|n| format!("Many {n}")).collect();
+    let (written, _): (Vec<Uuid>, Vec<i64>) = sqlx::query_as(
+        "call ackloop.sign_up_many_then_notify($1, $2, array_fill(null::uuid, array[70]), 'player_jobs', 1000, null, null)",
+    )
+    .bind(&emails)
+    .bind(&names)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(written.len(), 70);
+    let expected: BTreeSet<String> = [0, 32, 64].iter().map(|&i| written[i].to_string()).collect();
+    assert_eq!(next_payloads(&mut jobs, 3).await, expected);
     assert_nothing_sent_before_marker(&pool, &mut jobs, "player_jobs").await;
 
     // Ada's signup sent again with its job id: written before, so nothing new, and notified
@@ -71,7 +90,7 @@ async fn the_procedures_notify_exactly_the_jobs_they_committed(
     assert_eq!(next_notification(&mut jobs).await.payload(), job.to_string());
     assert_eq!(
         count_of(&pool, "select count(*) from ackloop.builtin_users").await,
-        3
+        73
     );
 }
 
