@@ -207,13 +207,20 @@ $$;
 
 create function ackloop.check_wake_up_channel(channel text)
 returns void
-language plpgsql immutable parallel unsafe
+language plpgsql stable parallel unsafe
 set search_path = pg_catalog, ackloop, pg_temp
 as $$
 begin
     if channel = '' or octet_length(channel) > 63 then
         raise exception 'invalid wake-up channel "%": 1 to 63 bytes, or null for no wake-up', channel
             using errcode = 'invalid_parameter_value';
+    end if;
+    -- The wake-up runs as the caller, after the commit: a role that could not send it would be
+    -- refused with its signups already written.
+    if not has_function_privilege('ackloop.notify_jobs(text, uuid[])', 'execute') then
+        raise exception 'permission denied for function notify_jobs'
+            using errcode = 'insufficient_privilege',
+                  hint = 'grant execute on function ackloop.notify_jobs(text, uuid[]) to the role that signs users up (sql/roles.sql does)';
     end if;
 end
 $$;
@@ -661,8 +668,8 @@ begin
         return 0;
     end if;
     perform set_config('lock_timeout', '0', true);
-    perform pg_notify(channel, job_id::text) from unnest(job_ids) as job_id;
-    return cardinality(job_ids);
+    perform pg_notify(channel, job_id::text) from unnest(job_ids) as job_id where job_id is not null;
+    return cardinality(array_remove(job_ids, null));
 end
 $$;
 
@@ -923,13 +930,18 @@ begin
     commit;
     -- One wake-up per batch's worth of jobs (a worker's default batch is 32), naming the first
     -- job of each: every listening worker process is woken by each, and one claim takes them.
-    perform ackloop.notify_jobs(
-        jobs_channel,
-        array(
-            select sign_up_many_then_notify.job_ids[position]
-            from pg_catalog.generate_series(1, pg_catalog.cardinality(sign_up_many_then_notify.job_ids), 32) as position
-        )
-    );
+    begin
+        perform ackloop.notify_jobs(
+            jobs_channel,
+            array(
+                select sign_up_many_then_notify.job_ids[position]
+                from pg_catalog.generate_series(1, pg_catalog.cardinality(sign_up_many_then_notify.job_ids), 32) as position
+            )
+        );
+    exception when others then
+        -- The signups stand; a worker's poll finds their jobs.
+        raise warning 'the wake-ups for % signups were not sent: %', pg_catalog.cardinality(sign_up_many_then_notify.job_ids), sqlerrm;
+    end;
 end
 $$;
 
@@ -950,7 +962,12 @@ begin
     into sign_up_then_notify.job_id, sign_up_then_notify.user_id
     from ackloop.sign_up(email, display_name, new_job_id, null, lock_wait_ms) as signed;
     commit;
-    perform ackloop.notify_jobs(jobs_channel, array[sign_up_then_notify.job_id]);
+    begin
+        perform ackloop.notify_jobs(jobs_channel, array[sign_up_then_notify.job_id]);
+    exception when others then
+        -- The signup stands; a worker's poll finds its job.
+        raise warning 'the wake-up for job % was not sent: %', sign_up_then_notify.job_id, sqlerrm;
+    end;
 end
 $$;
 

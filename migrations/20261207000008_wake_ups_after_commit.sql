@@ -24,12 +24,13 @@ begin
 end
 $$;
 
--- Refuses a channel pg_notify would refuse (empty, or over 63 bytes) with 22023; null (no
--- wake-up) passes. The procedures check before they write: pg_notify's own refusal would come
--- after their commit, with the write standing.
+-- Refuses a channel pg_notify would refuse (empty, or over 63 bytes) with 22023 (null, no
+-- wake-up, passes), and a caller who may not run notify_jobs with 42501. The procedures check
+-- before they write: those refusals would otherwise come after their commit, with the write
+-- standing.
 create function ackloop.check_wake_up_channel(channel text)
 returns void
-language plpgsql immutable
+language plpgsql stable
 set search_path = pg_catalog, ackloop, pg_temp
 as $$
 begin
@@ -37,11 +38,19 @@ begin
         raise exception 'invalid wake-up channel "%": 1 to 63 bytes, or null for no wake-up', channel
             using errcode = 'invalid_parameter_value';
     end if;
+    -- The wake-up runs as the caller, after the commit: a role that could not send it would be
+    -- refused with its signups already written.
+    if not has_function_privilege('ackloop.notify_jobs(text, uuid[])', 'execute') then
+        raise exception 'permission denied for function notify_jobs'
+            using errcode = 'insufficient_privilege',
+                  hint = 'grant execute on function ackloop.notify_jobs(text, uuid[]) to the role that signs users up (sql/roles.sql does)';
+    end if;
 end
 $$;
 
--- Sends each job's wake-up on `channel`, in the current transaction: for a transaction of its
--- own after the write committed (the procedures below). Returns how many were sent. A
+-- Sends each job's wake-up on `channel` (null ids skipped), in the current transaction: for a
+-- transaction of its own after the write committed (the procedures below; in autocommit, as it
+-- lifts lock_timeout for the rest of its transaction). Returns how many were sent. A
 -- notification queue more than half full means a listener stopped reading it; PostgreSQL
 -- refuses a notifying commit once it is full, which here would fail a call whose write already
 -- committed, so past half the wake-ups are skipped with a warning: the work is committed, and
@@ -64,8 +73,8 @@ begin
         return 0;
     end if;
     perform set_config('lock_timeout', '0', true);
-    perform pg_notify(channel, job_id::text) from unnest(job_ids) as job_id;
-    return cardinality(job_ids);
+    perform pg_notify(channel, job_id::text) from unnest(job_ids) as job_id where job_id is not null;
+    return cardinality(array_remove(job_ids, null));
 end
 $$;
 
@@ -251,9 +260,10 @@ $$;
 -- definer), calling the contract's functions, so a role needs EXECUTE on both (sql/roles.sql).
 -- Everything is qualified: they have no pinned search_path either.
 --
--- An error from the CALL before its commit wrote nothing. After it (the channel and the queue
--- are checked, the lock wait unbounded), only the session's end, a cancel or the server running
--- out of resources can fail the wake-up, and the write stands: a caller told so, or given no
+-- An error from the CALL before its commit wrote nothing. After it (the channel, the caller's
+-- right to notify and the queue checked, the lock wait unbounded, any error of the wake-up turned
+-- into a warning), only the session's end, a cancel or the server running out of resources at
+-- the final commit can fail the call, and the write stands: a caller told so, or given no
 -- answer, looks its job up by id (or calls again with the same job id), as after any lost answer.
 -- A signup sent again with its job id is notified again: a wake-up for a committed job, harmless.
 
@@ -275,7 +285,12 @@ begin
     into sign_up_then_notify.job_id, sign_up_then_notify.user_id
     from ackloop.sign_up(email, display_name, new_job_id, null, lock_wait_ms) as signed;
     commit;
-    perform ackloop.notify_jobs(jobs_channel, array[sign_up_then_notify.job_id]);
+    begin
+        perform ackloop.notify_jobs(jobs_channel, array[sign_up_then_notify.job_id]);
+    exception when others then
+        -- The signup stands; a worker's poll finds its job.
+        raise warning 'the wake-up for job % was not sent: %', sign_up_then_notify.job_id, sqlerrm;
+    end;
 end
 $$;
 
@@ -301,13 +316,18 @@ begin
     commit;
     -- One wake-up per batch's worth of jobs (a worker's default batch is 32), naming the first
     -- job of each: every listening worker process is woken by each, and one claim takes them.
-    perform ackloop.notify_jobs(
-        jobs_channel,
-        array(
-            select sign_up_many_then_notify.job_ids[position]
-            from pg_catalog.generate_series(1, pg_catalog.cardinality(sign_up_many_then_notify.job_ids), 32) as position
-        )
-    );
+    begin
+        perform ackloop.notify_jobs(
+            jobs_channel,
+            array(
+                select sign_up_many_then_notify.job_ids[position]
+                from pg_catalog.generate_series(1, pg_catalog.cardinality(sign_up_many_then_notify.job_ids), 32) as position
+            )
+        );
+    exception when others then
+        -- The signups stand; a worker's poll finds their jobs.
+        raise warning 'the wake-ups for % signups were not sent: %', pg_catalog.cardinality(sign_up_many_then_notify.job_ids), sqlerrm;
+    end;
 end
 $$;
 

@@ -32,6 +32,7 @@ impl<H: Handler> Processor<H> {
         let started = Instant::now();
         let mut tx = conn.begin().await?;
         let jobs = store::claim_due_jobs(&mut tx, limit, H::SOURCE).await?;
+        self.claimed(jobs.len(), limit);
         if jobs.is_empty() {
             tx.commit().await?;
             return Ok(Pass {

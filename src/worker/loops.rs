@@ -215,12 +215,7 @@ impl<H: Handler> Processor<H> {
         let pass = self.pass().await?;
         state.unavailable = 0;
         state.next_retry = earliest(state.next_retry, pass.retry_at);
-        let full = pass.claimed == usize::from(self.config.batch_size);
-        if full {
-            // More may be queued than one loop drains quickly: bring in another.
-            self.wake.notify_one();
-        }
-        Ok(full)
+        Ok(pass.claimed == usize::from(self.config.batch_size))
     }
 
     /// Takes the next due job of the kind asked for, alone: counts the attempt and

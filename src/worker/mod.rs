@@ -276,11 +276,8 @@ async fn wake_on_notifications<H: Handler>(
                 while let Some(next) = subscription.next_buffered() {
                     jobs += usize::from(is_job_id(next.payload(), &mut ignored));
                 }
-                // One loop per batch's worth: one claim takes up to a batch of them, and a loop
-                // that claims a full batch brings in another (`drain_step`). Every worker
-                // process is woken by each wake-up, so a loop more per process is a claim more
-                // per process that finds nothing.
-                jobs.div_ceil(usize::from(processor.config.batch_size)).min(loops)
+                // A grouped signup sends one wake-up per 32 jobs, so each may stand for a batch.
+                jobs.min(loops)
             }
             // Jobs committed while we were away sent their notifications to nobody.
             Event::Resubscribed => loops,

@@ -200,6 +200,15 @@ impl<H: Handler> Processor<H> {
         }
     }
 
+    /// After a claim: a full batch means more may be queued than this loop takes quickly (a
+    /// wake-up stands for up to a batch of jobs), so another loop is brought in at once, before
+    /// this batch's work is done.
+    pub(super) fn claimed(&self, jobs: usize, limit: i32) {
+        if i32::try_from(jobs).is_ok_and(|jobs| jobs == limit) {
+            self.wake.notify_one();
+        }
+    }
+
     /// Claims and completes one batch in one statement. If that fails, something in the batch is
     /// bad: go through a batch again one job per savepoint, to complete the good jobs and record
     /// the bad one's error.
@@ -221,6 +230,7 @@ impl<H: Handler> Processor<H> {
         let started = Instant::now();
         match store::complete_due_jobs(&mut *conn, limit, &self.config.channels.done).await {
             Ok(done) => {
+                self.claimed(done.len(), limit);
                 if !done.is_empty() {
                     tracing::debug!(batch.size = done.len(), "batch done");
                     let took = started.elapsed().as_secs_f64();

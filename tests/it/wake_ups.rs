@@ -201,6 +201,46 @@ async fn notify_jobs_sends_each_id_and_nothing_for_a_null_channel(
     assert_nothing_sent_before_marker(&pool, &mut done, "player_jobs_done").await;
 }
 
+/// 70 signups in one call send three wake-ups; workers whose batch is 4 jobs, with no poll to
+/// fall back on, still do all 70: a loop that claims a full batch brings in another and goes on
+/// while its batches come back full.
+#[sqlx::test]
+async fn three_wake_ups_for_seventy_jobs_are_enough_for_small_batches(
+    options: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let pool = pool(options, connect, 8).await;
+    let config = WorkerConfig {
+        batch_size: 4,
+        concurrency: 2,
+        ..worker_config()
+    };
+    let worker = spawn_worker(&pool, config);
+    // Up and past its start-up look once it has done a job it was woken for.
+    let signups = signups(&pool).await;
+    within(
+        "a first signup confirmed",
+        signups.create_user_and_await_player(&user(1), DEADLINE),
+    )
+    .await
+    .expect("first signup");
+    let emails: Vec<String> = (0..70).map(|n| format!("small{n}@example.com")).collect();
+    let names: Vec<String> = (0..70).map(|n| format!("Small {n}")).collect();
+    sqlx::query(
+        "call ackloop.sign_up_many_then_notify($1, $2, array_fill(null::uuid, array[70]), 'player_jobs', 1000, null, null)",
+    )
+    .bind(&emails)
+    .bind(&names)
+    .execute(&pool)
+    .await
+    .unwrap();
+    wait_until("all 71 jobs are done without a poll", || async {
+        count_jobs_with_status(&pool, "done").await == 71
+    })
+    .await;
+    worker.stop().await;
+}
+
 /// A sender killed between its commit and its wake-up: the state it leaves is a committed job
 /// and no notification, made here by the procedure's first half (`sign_up` with no channel, in
 /// autocommit) on a connection that is then terminated. A listening worker that has already

@@ -19,6 +19,7 @@
 //! up and its connection closed.
 //!
 //! Here: the queue, the writer tasks and a batch's steps (`write_together`). Beside it,
+//! `gather.rs`: taking a batch from the queue (gathering while another statement is in flight);
 //! `statement.rs`: the one-signup statement and what an attempt came to ([`Attempt`]);
 //! `turn.rs`: a queued signup's turn, and how a busy moment is told from a silent database. What
 //! a caller does with each attempt's answer (retrying, resolving a lost one) is `attempts/`'s.
@@ -28,14 +29,17 @@ use std::time::Duration;
 
 use sqlx::pool::PoolConnection;
 use sqlx::{PgPool, Postgres};
+
 use tokio::sync::{Mutex, mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use uuid::Uuid;
 
+mod gather;
 mod statement;
 mod turn;
 
+use self::gather::{InFlight, Queued, Writing, take_batch};
 pub(crate) use self::statement::Attempt;
 use self::statement::write_one;
 pub(crate) use self::turn::Unsent;
@@ -56,44 +60,12 @@ const QUEUE_CAPACITY: usize = 1024;
 ///
 /// Not shortened for a signup near its deadline: its caller waits for a sent statement up to
 /// `ANSWER_MARGIN` past it, longer than this wait. (A wait of a millisecond fails the whole
-/// batch on any lock, the commit's turn at the notify lock included.)
+/// batch on any lock.)
 const BATCH_LOCK_WAIT: Duration = Duration::from_millis(50);
 
 /// How long past the last deadline in it a statement may run before its connection is deemed
 /// dead and closed: its callers have all been answered by then.
 const STATEMENT_GRACE: Duration = Duration::from_millis(500);
-
-/// A signup waiting for a writer.
-struct Queued {
-    new_user: NewUser,
-    job_id: JobId,
-    /// When its caller queued it.
-    since: Instant,
-    deadline: Instant,
-    turn: Arc<SharedTurn>,
-    written: oneshot::Sender<Attempt>,
-}
-
-impl Queued {
-    /// Claims the signup for writing; false if its caller withdrew it or its deadline passed.
-    fn take(&self) -> bool {
-        Instant::now() < self.deadline && self.turn.take()
-    }
-
-    /// Marks a taken signup as sent, unless its caller withdrew it, or its deadline passed (then
-    /// the writer withdraws it and tells its caller).
-    fn send(self, answered: &LastAnswer) -> Option<Self> {
-        if Instant::now() >= self.deadline {
-            if self.turn.withdraw() {
-                let _ = self
-                    .written
-                    .send(Attempt::Unsent(answered.unsent_since(self.since)));
-            }
-            return None;
-        }
-        self.turn.send().then_some(self)
-    }
-}
 
 /// The writer tasks of one `Signups`. Dropping it stops them.
 pub(crate) struct Writers {
@@ -117,6 +89,7 @@ impl Writers {
         let (queue, receiver) = mpsc::channel(QUEUE_CAPACITY);
         let receiver = Arc::new(Mutex::new(receiver));
         let answered = Arc::new(LastAnswer::new());
+        let in_flight = Arc::new(InFlight::default());
         let tasks = (0..writers.max(1))
             .map(|_| {
                 tokio::spawn(write_batches(
@@ -124,6 +97,7 @@ impl Writers {
                     channels.clone(),
                     Arc::clone(&receiver),
                     Arc::clone(&answered),
+                    Arc::clone(&in_flight),
                     max_batch.max(1),
                 ))
             })
@@ -216,39 +190,22 @@ impl Writers {
 }
 
 /// One writer: take everything queued (up to `max_batch`), write it, repeat. While one writer
-/// waits for its commit, the next takes what queued up meanwhile.
+/// waits for its commit, the next takes what queued up meanwhile, and keeps taking, up to
+/// [`GATHER_WHILE_BUSY`], until that statement ends.
 async fn write_batches(
     pool: PgPool,
     channels: Channels,
     receiver: Arc<Mutex<mpsc::Receiver<Queued>>>,
     answered: Arc<LastAnswer>,
+    in_flight: Arc<InFlight>,
     max_batch: usize,
 ) {
     loop {
-        let batch = {
-            let mut receiver = receiver.lock().await;
-            let Some(first) = receiver.recv().await else {
-                return;
-            };
-            let mut batch = Vec::with_capacity(max_batch);
-            let mut next = Some(first);
-            while let Some(queued) = next {
-                // Signups whose callers gave up, or whose deadline passed, are never written.
-                if queued.take() {
-                    batch.push(queued);
-                } else {
-                    let _ = queued
-                        .written
-                        .send(Attempt::Unsent(answered.unsent_since(queued.since)));
-                }
-                if batch.len() >= max_batch {
-                    break;
-                }
-                next = receiver.try_recv().ok();
-            }
-            batch
+        let Some(batch) = take_batch(&receiver, &answered, &in_flight, max_batch).await else {
+            return;
         };
         if !batch.is_empty() {
+            let _writing = Writing::start(&in_flight);
             write_together(&pool, &channels, &answered, batch).await;
         }
     }

@@ -21,6 +21,9 @@ const DECOYS: &str = r#"
     create function {schema}.email_problem(text) returns text language plpgsql as $$ begin raise exception 'decoy email_problem called'; end $$;
     create function {schema}.display_name_problem(text) returns text language plpgsql as $$ begin raise exception 'decoy display_name_problem called'; end $$;
     create function {schema}.backoff_ms(integer, bigint, bigint) returns bigint language plpgsql as $$ begin raise exception 'decoy backoff_ms called'; end $$;
+    create function {schema}.generate_series(integer, integer, integer) returns setof integer language plpgsql as $$ begin raise exception 'decoy generate_series called'; end $$;
+    create function {schema}.cardinality(anyarray) returns integer language plpgsql as $$ begin raise exception 'decoy cardinality called'; end $$;
+    create function {schema}.notify_jobs(text, uuid[]) returns integer language plpgsql as $$ begin raise exception 'decoy notify_jobs called'; end $$;
 "#;
 
 fn decoys(schema: &str) -> String {

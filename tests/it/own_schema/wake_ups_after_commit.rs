@@ -32,7 +32,7 @@ async fn call_as(pool: &PgPool, role: &str, statement: &str) -> Option<String> {
 const SIGN_UP: &str =
     "call ackloop.sign_up_then_notify('after@example.com', 'After', null, 'player_jobs', 1000, null, null)";
 const SIGN_UP_MANY: &str = "call ackloop.sign_up_many_then_notify(array['many@example.com'], array['Many'], array[null::uuid], 'player_jobs', 1000, null, null)";
-const NOTIFY: &str = "select ackloop.notify_jobs('player_jobs', array[ackloop.uuid_v7()])";
+const NOTIFY: &str = "select ackloop.notify_jobs('player_jobs', array[gen_random_uuid()])";
 
 #[sqlx::test(migrations = false)]
 async fn a_database_filled_before_the_step_keeps_every_row_and_grant(pool: PgPool) {
@@ -82,6 +82,36 @@ async fn a_database_filled_before_the_step_keeps_every_row_and_grant(pool: PgPoo
         );
     }
     execute(&pool, "drop owned by wake_ups_nobody; drop role wake_ups_nobody").await;
+    // A role granted the procedure and what it calls before its commit, but not the wake-up it
+    // sends after: refused before anything is written, rather than after.
+    execute(
+        &pool,
+        "drop role if exists wake_ups_half; create role wake_ups_half;
+         grant usage on schema ackloop to wake_ups_half;
+         grant execute on function ackloop.sign_up(text, text, uuid, text, integer),
+             ackloop.check_wake_up_channel(text) to wake_ups_half;
+         grant execute on procedure ackloop.sign_up_then_notify(text, text, uuid, text, integer) to wake_ups_half",
+    )
+    .await;
+    assert_eq!(
+        call_as(
+            &pool,
+            "wake_ups_half",
+            "call ackloop.sign_up_then_notify('half@example.com', 'Half', null, 'player_jobs', 1000, null, null)"
+        )
+        .await
+        .as_deref(),
+        Some("42501")
+    );
+    assert_eq!(
+        count_of(
+            &pool,
+            "select count(*) from ackloop.builtin_users where email = 'half@example.com'"
+        )
+        .await,
+        0
+    );
+    execute(&pool, "drop owned by wake_ups_half; drop role wake_ups_half").await;
     // The two signups were written through the new path.
     assert_eq!(
         count_of(
