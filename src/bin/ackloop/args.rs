@@ -355,8 +355,8 @@ pub struct BenchConfig {
     #[arg(long)]
     pub keep: bool,
     /// What the workers run for each job: the built-in player insert (one statement per batch),
-    /// or a trivial custom handler doing the same insert through the handler API (a savepoint
-    /// per job); in-process workers only
+    /// or a trivial custom handler doing the same insert through the handler API (its batch
+    /// form: one statement per claimed batch, in a savepoint); in-process workers only
     #[arg(long, value_enum, default_value_t = BenchHandler::BuiltIn)]
     pub handler: BenchHandler,
     /// The --log-format of the `ackloop worker` processes (--worker-processes): this
