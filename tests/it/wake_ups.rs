@@ -201,6 +201,21 @@ async fn notify_jobs_sends_each_id_and_nothing_for_a_null_channel(
     assert_nothing_sent_before_marker(&pool, &mut done, "player_jobs_done").await;
 }
 
+/// A worker that is up and past its start-up look (which finds every job due without a wake-up):
+/// it has done a signup's job it was woken for.
+async fn worker_past_its_start(pool: &sqlx::PgPool, config: WorkerConfig) -> RunningWorker {
+    let worker = spawn_worker(pool, config);
+    within(
+        "a first signup confirmed",
+        signups(pool)
+            .await
+            .create_user_and_await_player(&user(1), DEADLINE),
+    )
+    .await
+    .expect("first signup");
+    worker
+}
+
 /// 70 signups in one call send three wake-ups; workers whose batch is 4 jobs, with no poll to
 /// fall back on, still do all 70: a loop that claims a full batch brings in another and goes on
 /// while its batches come back full.
@@ -215,15 +230,7 @@ async fn three_wake_ups_for_seventy_jobs_are_enough_for_small_batches(
         concurrency: 2,
         ..worker_config()
     };
-    let worker = spawn_worker(&pool, config);
-    // Up and past its start-up look once it has done a job it was woken for.
-    let signups = signups(&pool).await;
-    within(
-        "a first signup confirmed",
-        signups.create_user_and_await_player(&user(1), DEADLINE),
-    )
-    .await
-    .expect("first signup");
+    let worker = worker_past_its_start(&pool, config).await;
     let emails: Vec<String> = (0..70).map(|n| format!("small{n}@example.com")).collect();
     let names: Vec<String> = (0..70).map(|n| format!("Small {n}")).collect();
     sqlx::query(
@@ -255,15 +262,7 @@ async fn a_job_whose_sender_died_before_its_wake_up_is_found_by_the_workers_poll
         poll_interval: Duration::from_secs(1),
         ..worker_config()
     };
-    let worker = spawn_worker(&pool, config);
-    // The worker is up and past its start-up sweep once it has done a job it was woken for.
-    let signups = signups(&pool).await;
-    within(
-        "a first signup confirmed",
-        signups.create_user_and_await_player(&user(1), DEADLINE),
-    )
-    .await
-    .expect("first signup");
+    let worker = worker_past_its_start(&pool, config).await;
 
     let mut jobs = listen_on(&pool, "player_jobs").await;
     let mut sender = PgConnection::connect_with(&connect).await.unwrap();
