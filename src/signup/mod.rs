@@ -156,8 +156,9 @@ pub struct SignupsConfig {
     /// Tasks writing signups, each with at most one statement in flight (and so one pool
     /// connection). Concurrent signups queued at the same moment share one transaction: fewer
     /// commits, which is what bounds throughput. Two let one batch form while another commits:
-    /// while a statement is in flight, the next writer keeps gathering signups (up to 2 ms)
-    /// until it ends; with none in flight, a signup is written at once.
+    /// while a statement is in flight, the next writer keeps gathering signups (up to 2 ms, and
+    /// never closer than 1 ms to a deadline) until it ends; with none in flight (or one writer),
+    /// a signup is written at once.
     pub writers: usize,
     /// The most signups written in one transaction.
     pub max_batch: usize,

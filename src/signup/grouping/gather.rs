@@ -14,6 +14,9 @@ use super::turn::{LastAnswer, SharedTurn};
 use crate::job::JobId;
 use crate::signup::input::NewUser;
 
+/// How long before the earliest deadline in a batch the gathering stops.
+const DEADLINE_SPARE: Duration = Duration::from_millis(1);
+
 /// A signup waiting for a writer.
 pub(super) struct Queued {
     pub(super) new_user: NewUser,
@@ -78,15 +81,16 @@ impl Drop for Writing<'_> {
 }
 
 /// Takes the next batch: waits for a first signup, adds everything queued behind it (up to
-/// `max_batch`), then gathers while another writer's statement is in flight. `None` once the
+/// `max_batch`), then gathers while another writer's statement is in flight; returns it counted
+/// in flight until the [`Writing`] is dropped. `None` once the
 /// queue is closed. Signups whose callers gave up, or whose deadline passed, are answered here
 /// and left out (the batch may come back empty).
-pub(super) async fn take_batch(
+pub(super) async fn take_batch<'a>(
     receiver: &Mutex<mpsc::Receiver<Queued>>,
     answered: &LastAnswer,
-    in_flight: &InFlight,
+    in_flight: &'a InFlight,
     max_batch: usize,
-) -> Option<Vec<Queued>> {
+) -> Option<(Vec<Queued>, Writing<'a>)> {
     let mut receiver = receiver.lock().await;
     let first = receiver.recv().await?;
     let mut batch = Vec::with_capacity(max_batch);
@@ -99,7 +103,9 @@ pub(super) async fn take_batch(
         next = receiver.try_recv().ok();
     }
     gather_while_busy(&mut receiver, &mut batch, answered, in_flight, max_batch).await;
-    Some(batch)
+    // Counted in flight before the queue is let go, so the next writer gathers behind it.
+    let writing = Writing::start(in_flight);
+    Some((batch, writing))
 }
 
 /// Adds a queued signup to the batch, or, if its caller gave up or its deadline passed, tells
@@ -115,8 +121,8 @@ fn add_unless_gone(batch: &mut Vec<Queued>, queued: Queued, answered: &LastAnswe
 }
 
 /// While another writer's statement is in flight and the batch has room, takes more signups as
-/// they come, until that statement ends or [`GATHER_WHILE_BUSY`] has passed: one commit for
-/// them instead of one each.
+/// they come, until a statement ends, [`GATHER_WHILE_BUSY`] has passed, or the earliest deadline
+/// in the batch is a millisecond away: one commit for them instead of one each.
 async fn gather_while_busy(
     receiver: &mut mpsc::Receiver<Queued>,
     batch: &mut Vec<Queued>,
@@ -124,21 +130,24 @@ async fn gather_while_busy(
     in_flight: &InFlight,
     max_batch: usize,
 ) {
-    let until = Instant::now() + GATHER_WHILE_BUSY;
+    let mut until = Instant::now() + GATHER_WHILE_BUSY;
     while batch.len() < max_batch {
+        // Created before the count is read: `notify_waiters` wakes every `Notified` made before
+        // it, so an end in between is not missed.
         let ended = in_flight.ended.notified();
-        tokio::pin!(ended);
-        // Registered before the count is read, so an end in between is not missed.
-        ended.as_mut().enable();
         if batch.is_empty() || in_flight.statements.load(Ordering::SeqCst) == 0 {
             return;
+        }
+        // A signup is sent before its deadline, never held up past it.
+        if let Some(earliest) = batch.iter().map(|queued| queued.deadline).min() {
+            until = until.min(earliest.checked_sub(DEADLINE_SPARE).unwrap_or(earliest));
         }
         tokio::select! {
             queued = receiver.recv() => match queued {
                 Some(queued) => add_unless_gone(batch, queued, answered),
                 None => return,
             },
-            () = &mut ended => {}
+            () = ended => return,
             () = tokio::time::sleep_until(until) => return,
         }
     }

@@ -39,7 +39,7 @@ mod gather;
 mod statement;
 mod turn;
 
-use self::gather::{InFlight, Queued, Writing, take_batch};
+use self::gather::{InFlight, Queued, take_batch};
 pub(crate) use self::statement::Attempt;
 use self::statement::write_one;
 pub(crate) use self::turn::Unsent;
@@ -201,11 +201,10 @@ async fn write_batches(
     max_batch: usize,
 ) {
     loop {
-        let Some(batch) = take_batch(&receiver, &answered, &in_flight, max_batch).await else {
+        let Some((batch, _writing)) = take_batch(&receiver, &answered, &in_flight, max_batch).await else {
             return;
         };
         if !batch.is_empty() {
-            let _writing = Writing::start(&in_flight);
             write_together(&pool, &channels, &answered, batch).await;
         }
     }
