@@ -123,6 +123,20 @@ async fn add_jobs(pool: &PgPool, first: i64, names: &[&str]) {
 
 const TEN: [&str; 10] = ["A", "B", "C", "D", "E", "F", "G", "H", "I", "J"];
 
+/// Runs ten jobs committed together through a worker with a handler that misbehaves as asked,
+/// until all ten are done; returns the handler (what it saw) and the jobs done before the ten.
+async fn ten_jobs_through(pool: &PgPool, misbehaviour: Misbehaviour) -> (Players, i64) {
+    let handler = Players::new(misbehaviour);
+    let (worker, early) = started_worker(pool, handler.clone()).await;
+    add_jobs(pool, 1, &TEN).await;
+    wait_until("every job is done", || async {
+        count_jobs_with_status(pool, "done").await == early + 10
+    })
+    .await;
+    worker.stop().await;
+    (handler, early)
+}
+
 #[sqlx::test]
 async fn a_batch_handler_completes_a_whole_batch_in_one_call(
     options: PgPoolOptions,
@@ -130,14 +144,7 @@ async fn a_batch_handler_completes_a_whole_batch_in_one_call(
 ) {
     let pool = pool(options, connect, 6).await;
     execute(&pool, GAME).await;
-    let handler = Players::new(Misbehaviour::None);
-    let (worker, early) = started_worker(&pool, handler.clone()).await;
-    add_jobs(&pool, 1, &TEN).await;
-    wait_until("every job is done", || async {
-        count_jobs_with_status(&pool, "done").await == early + 10
-    })
-    .await;
-    worker.stop().await;
+    let (handler, early) = ten_jobs_through(&pool, Misbehaviour::None).await;
     assert!(
         handler.batches.lock().unwrap().contains(&10),
         "the ten jobs committed together went to the batch form together: {:?}",
@@ -218,14 +225,7 @@ async fn a_batch_form_that_panics_or_answers_short_is_undone_and_its_jobs_go_one
         execute(&pool, "drop schema if exists game cascade").await;
         execute(&pool, "delete from ackloop.player_creation_jobs").await;
         execute(&pool, GAME).await;
-        let handler = Players::new(misbehaviour);
-        let (worker, early) = started_worker(&pool, handler.clone()).await;
-        add_jobs(&pool, 1, &TEN).await;
-        wait_until("every job is done", || async {
-            count_jobs_with_status(&pool, "done").await == early + 10
-        })
-        .await;
-        worker.stop().await;
+        let (handler, early) = ten_jobs_through(&pool, misbehaviour).await;
         assert!(
             handler.batches.lock().unwrap().contains(&10),
             "{misbehaviour:?}: the ten went to the batch form: {:?}",
